@@ -1,0 +1,1 @@
+"""orca2.eval: benchmarks as data, answer scoring, strategy-usage analysis, reports."""

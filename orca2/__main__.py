@@ -1,0 +1,3 @@
+from orca2.cli import main
+
+main()

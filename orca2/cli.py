@@ -1,0 +1,195 @@
+"""The `orca2` command: one thin click command per stage (parse → load config → stage.run).
+
+Heavy imports (torch, transformers, deepspeed, openai) happen inside the command that needs them,
+so `orca2 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from orca2 import __version__
+from orca2.errors import Orca2Error
+
+log = logging.getLogger("orca2")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that mean the same in every command: --config, --set, --seed, --log-level, --debug."""
+
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config; its keys are this command's options.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set n=50.")
+    @click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")
+    @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+    @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, log_level: str, debug: bool, **kwargs: Any) -> Any:
+        _setup_logging(log_level)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _parse_columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    columns = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise Orca2Error(f"--columns {text!r}: expected KEY=COLUMN pairs, e.g. prompt=question,answer=answer")
+        columns[key.strip()] = value.strip()
+    return columns
+
+
+def _not_yet(stage: str, issue: int) -> None:
+    raise Orca2Error(f"the '{stage}' stage is not implemented yet (tracked in issue #{issue})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="orca2")
+def cli() -> None:
+    """orca2: teach small language models how to reason.
+
+    A teacher answers tasks under strategy-specific system prompts, prompt erasure swaps those
+    prompts for one generic prompt, and the student is fine-tuned on the erased traces.
+    Every stage reads and writes the same JSONL record format:
+
+      tasks → select → generate → erase → train → eval
+    """
+
+
+@cli.command()
+@click.argument("sources", nargs=-1)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output tasks file (.jsonl or .jsonl.gz).")
+@click.option("--n", type=int, default=None, help="Synthetic items per kind (default 100).")
+@click.option("--split", default=None, help="Synthetic split name; each split draws its own items (default train).")
+@click.option("--limit", type=int, default=None, help="Keep at most this many records per source.")
+@click.option("--columns", default=None, metavar="KEY=COL,...", help="Row mapping for jsonl:/hf: sources (prompt, answer, id, task).")
+@click.option("--task", default=None, help="Task name for jsonl:/hf: rows without a task column.")
+@click.option("--skip-invalid", is_flag=True, default=None, help="Send bad rows to <output>.rejects.jsonl and go on.")
+@common_options
+def tasks(sources: tuple[str, ...], output: str | None, n: int | None, split: str | None, limit: int | None,
+          columns: str | None, task: str | None, skip_invalid: bool | None, config_path: str | None,
+          overrides: tuple[str, ...], seed: int | None) -> None:
+    """Build task records from SOURCES (gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME, synthetic[:KIND,...])."""
+    from orca2 import tasks as stage
+    from orca2.config import load_config
+
+    flags = {"sources": sources, "output": output, "n": n, "split": split, "limit": limit,
+             "columns": _parse_columns(columns), "task": task, "skip_invalid": skip_invalid, "seed": seed}
+    cfg = load_config(stage.TasksConfig, config_path, overrides, flags)
+    summary = stage.run(cfg)
+    for spec, tally in summary["sources"].items():
+        click.echo(f"{spec}: {tally['kept']} kept, {tally['rejected']} rejected of {tally['read']} read")
+    click.echo(f"wrote {summary['total']['kept']} task records to {summary['output']}")
+    if "rejects" in summary:
+        click.echo(f"rejected rows listed in {summary['rejects']}")
+
+
+@cli.group()
+def strategies() -> None:
+    """Browse the strategy library (reasoning strategies as system prompts)."""
+
+
+@strategies.command("list")
+@click.option("--strategies", "user_paths", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder.")
+def strategies_list(user_paths: tuple[str, ...]) -> None:
+    """List the strategies with their descriptions."""
+    from orca2.strategies import Library
+
+    for strategy in Library.load(user_paths):
+        click.echo(f"{strategy.name:<24} {strategy.description}")
+
+
+@strategies.command("show")
+@click.argument("name")
+@click.option("--strategies", "user_paths", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder.")
+def strategies_show(name: str, user_paths: tuple[str, ...]) -> None:
+    """Print a strategy's full system prompt."""
+    from orca2.strategies import Library
+
+    strategy = Library.load(user_paths).get(name)
+    click.echo(f"# {strategy.name}  ({strategy.source})\n# {strategy.description}\n")
+    click.echo(strategy.system_text())
+
+
+@cli.command()
+@common_options
+def select(**_: Any) -> None:
+    """Pick the best strategy per task by scoring the teacher on a dev slice (writes an assignment)."""
+    _not_yet("select", 3)
+
+
+@cli.command()
+@common_options
+def generate(**_: Any) -> None:
+    """Send tasks to the teacher under their strategy prompts (writes traces)."""
+    _not_yet("generate", 3)
+
+
+@cli.command()
+@common_options
+def erase(**_: Any) -> None:
+    """Replace strategy prompts by one generic prompt and curate the traces (writes SFT data)."""
+    _not_yet("erase", 4)
+
+
+@cli.command()
+@common_options
+def train(**_: Any) -> None:
+    """Fine-tune the student on erased traces with DeepSpeed (loss on assistant tokens only)."""
+    _not_yet("train", 5)
+
+
+@cli.command("eval")
+@common_options
+def eval_(**_: Any) -> None:
+    """Evaluate a model on benchmarks under empty, cautious and strategy system prompts."""
+    _not_yet("eval", 7)
+
+
+@cli.command()
+@common_options
+def run(**_: Any) -> None:
+    """Run the whole chain from one pipeline config, skipping stages whose inputs are unchanged."""
+    _not_yet("run", 8)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one clear line and a non-zero exit on errors; the traceback only with --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="orca2", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Orca2Error as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into a line
+        if debug:
+            raise
+        click.echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        sys.exit(1)

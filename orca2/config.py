@@ -1,0 +1,233 @@
+"""Frozen-dataclass configs from YAML with strict keys, `--set a.b=c` overrides, and a saved resolved copy.
+
+Each stage declares one frozen dataclass; its field names are exactly the YAML keys. Unknown keys,
+wrong types and bad overrides raise Orca2Error naming the file, line and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from orca2.errors import Orca2Error
+
+T = TypeVar("T")
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key, keyed by its dotted path."""
+
+
+def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise Orca2Error(f"{source}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    if node is not None:
+        walk(node, "")
+    return yaml.load(text, Loader=_LineLoader), lines
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """Parse a YAML file; return (data, {dotted key: line number})."""
+    path = Path(path)
+    if not path.exists():
+        raise Orca2Error(f"{path}: no such file")
+    return _load_yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
+
+
+class _Loc(typing.NamedTuple):
+    source: str
+    lines: dict[str, int]
+
+    def at(self, dotted: str) -> str:
+        line = self.lines.get(dotted)
+        return f"{self.source}:{line}: key '{dotted}'" if line else f"{self.source}: key '{dotted}'"
+
+
+def _coerce(value: Any, tp: Any, loc: _Loc, dotted: str) -> Any:
+    """Check `value` against a field type, converting where YAML is looser than Python (int → float, list → tuple)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, loc, dotted)
+            except Orca2Error as exc:
+                errors.append(str(exc))
+        raise Orca2Error(errors[0] if errors else f"{loc.at(dotted)}: must be null")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise Orca2Error(f"{loc.at(dotted)}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise Orca2Error(f"{loc.at(dotted)}: must be a mapping")
+        return _build(tp, value, loc, dotted + ".")
+    if origin in (tuple, list):
+        if isinstance(value, dict):
+            raise Orca2Error(f"{loc.at(dotted)}: must be a list")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, loc, dotted) for v in items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise Orca2Error(f"{loc.at(dotted)}: must be a mapping")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, loc, dotted): _coerce(v, val_tp, loc, f"{dotted}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            raise Orca2Error(f"{loc.at(dotted)}: must be {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], loc: _Loc, prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise Orca2Error(f"{loc.at(dotted)}: unknown key (valid: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(value, hints[key], loc, dotted)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise Orca2Error(f"{loc.source}: missing required key '{prefix}{missing[0]}'")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split 'a.b=value' into ('a.b', value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise Orca2Error(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=2e-5")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise Orca2Error(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)
+    return key.strip(), value
+
+
+def _looks_like_float(raw: str) -> bool:
+    # YAML 1.1 reads '2e-5' as a string; users mean a number.
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return any(c.isdigit() for c in raw)
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    flags: dict[str, Any] | None = None,
+) -> T:
+    """Build `cls` from the YAML at `path`, then command-line `flags` (None = not given), then `--set` overrides."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "<command line>"
+    if path is not None:
+        loaded, lines = read_yaml(path)
+        source = str(path)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise Orca2Error(f"{path}:1: the config must be a mapping of keys to values")
+        _deep_update(data, loaded)
+    for key, value in (flags or {}).items():
+        if value is not None and value != ():
+            data[key] = value
+            lines.pop(key, None)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+        lines.pop(key, None)
+    try:
+        return _build(cls, data, _Loc(source, lines), "")
+    except (TypeError, ValueError) as exc:  # a config's own __post_init__ checks
+        if isinstance(exc, Orca2Error):
+            raise
+        raise Orca2Error(f"{source}: {exc}") from None
+
+
+def _deep_update(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config dataclass (tuples as lists), ready for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Save the resolved config beside a stage's output, so the run can be repeated exactly."""
+    from orca2.io import atomic_text
+
+    with atomic_text(path) as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,231 @@
+"""Streaming JSONL I/O for records: .jsonl and .jsonl.gz, append-and-flush writers, atomic finals, HF datasets."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+import orjson
+
+from orca2.errors import Orca2Error
+from orca2.records import Record, validate_record
+
+
+def _open_text(path: Path, mode: str) -> IO[str]:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")  # type: ignore[arg-type]
+    return open(path, mode, encoding="utf-8")
+
+
+def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, decoded value) for each non-blank line; a malformed line raises Orca2Error."""
+    path = Path(path)
+    if not path.exists():
+        raise Orca2Error(f"{path}: no such file")
+    with _open_text(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
+
+
+def read_records(
+    path: str | os.PathLike[str], *, on_invalid: Callable[[int, str, Orca2Error], None] | None = None
+) -> Iterator[Record]:
+    """Stream validated records (constant memory).
+
+    A bad line raises Orca2Error naming file, line and field; with `on_invalid(lineno, raw_line, error)`
+    the line is handed to the callback instead and reading goes on.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise Orca2Error(f"{path}: no such file")
+    with _open_text(path, "rt") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
+                yield validate_record(obj, f"{path}:{lineno}")
+            except Orca2Error as exc:
+                if on_invalid is None:
+                    raise
+                on_invalid(lineno, line, exc)
+
+
+def dumps(record: Any) -> bytes:
+    """One JSONL line (bytes, newline included)."""
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+
+class AppendWriter:
+    """Appends records and flushes each one, so a killed run loses at most the record in flight."""
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.suffix == ".gz":
+            raise Orca2Error(f"{self.path}: incremental outputs are plain .jsonl (gzip cannot be appended safely)")
+        self._repair_tail()
+        self._file = open(self.path, "ab")
+        self._fsync = fsync
+
+    def _repair_tail(self) -> None:
+        # A kill -9 mid-write can leave a partial last line: cut it so appends start on a clean line.
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            pos = size
+            while pos > 0:
+                step = min(65536, pos)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                idx = chunk.rfind(b"\n")
+                if idx >= 0:
+                    end = pos - step + idx + 1
+                    break
+                pos -= step
+            else:
+                end = 0
+            if end != size:
+                f.truncate(end)
+
+    def write(self, record: Any) -> None:
+        self._file.write(dumps(record))
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "AppendWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _RecordSink:
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.count = 0
+
+    def write(self, record: Any) -> None:
+        self._f.write(dumps(record))
+        self.count += 1
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[_RecordSink]:
+    """Write a finished output to a temp file beside `path` and rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            f: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb") if path.suffix == ".gz" else raw  # type: ignore[assignment]
+            sink = _RecordSink(f)
+            yield sink
+            if f is not raw:
+                f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_records(path: str | os.PathLike[str], records: Any) -> int:
+    """Write an iterable of records atomically; return how many were written."""
+    with atomic_writer(path) as sink:
+        for record in records:
+            sink.write(record)
+    return sink.count
+
+
+@contextlib.contextmanager
+def atomic_text(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
+    """Write a text file (report, config) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --- HF datasets -----------------------------------------------------------------------------------
+# `meta` holds free-form values, which Arrow cannot type across rows; it travels as a JSON string.
+
+
+def to_hf_dataset(records: Any) -> Any:
+    """Convert records to a `datasets.Dataset` (meta serialised as a JSON string column `meta_json`)."""
+    import datasets
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for r in records:
+            yield {
+                "id": r["id"],
+                "task": r["task"],
+                "messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]],
+                "answer": r.get("answer"),
+                "meta_json": orjson.dumps(r.get("meta", {})).decode(),
+                "error": r.get("error"),
+            }
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "task": datasets.Value("string"),
+            "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+            "answer": datasets.Value("string"),
+            "meta_json": datasets.Value("string"),
+            "error": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_generator(rows, features=features)
+
+
+def from_hf_dataset(dataset: Any, *, source: str = "dataset") -> Iterator[Record]:
+    """Yield validated records from a Dataset written by `to_hf_dataset`."""
+    for i, row in enumerate(dataset):
+        record: dict[str, Any] = {
+            "id": row["id"],
+            "task": row["task"],
+            "messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]],
+            "answer": row.get("answer"),
+            "meta": orjson.loads(row["meta_json"]) if row.get("meta_json") else {},
+        }
+        if row.get("error") is not None:
+            record["error"] = row["error"]
+        yield validate_record(record, f"{source}[{i}]")
+
+
+def sidecar(output: str | os.PathLike[str], suffix: str) -> Path:
+    """A file beside a stage output sharing its stem: sidecar('out/sft.jsonl', 'config.yaml') → out/sft.config.yaml."""
+    path = Path(output)
+    name = path.name
+    for ext in (".jsonl.gz", ".jsonl", ".json"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return path.with_name(f"{name}.{suffix}")

@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+from orca2 import __version__
+
+
+def test_help_and_version(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("tasks", "select", "generate", "erase", "train", "eval", "run", "strategies"):
+        assert command in result.stdout
+        assert run_cli(command, "--help").returncode == 0
+    assert __version__ in run_cli("--version").stdout
+
+
+def test_light_imports():
+    code = ("import sys; import orca2.strategies, orca2.prompts, orca2.cli; from orca2.cli import cli; "
+            "from click.testing import CliRunner; r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0; "
+            "r = CliRunner().invoke(cli, ['strategies', 'list']); assert r.exit_code == 0, r.output; "
+            "print([m for m in ('torch', 'transformers', 'openai', 'deepspeed', 'datasets') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_strategies_commands(run_cli):
+    listed = run_cli("strategies", "list")
+    assert listed.returncode == 0 and "step-by-step" in listed.stdout and "recall-reason-generate" in listed.stdout
+    shown = run_cli("strategies", "show", "step-by-step")
+    assert shown.returncode == 0 and "The answer is:" in shown.stdout
+
+
+def test_tasks_command_with_config_and_override(tmp_path, run_cli):
+    config = tmp_path / "tasks.yaml"
+    config.write_text("sources: [synthetic]\nn: 4\nseed: 1\n")
+    out = tmp_path / "t.jsonl"
+    result = run_cli("tasks", "--config", str(config), "--set", "n=2", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 * 6 and json.loads(lines[0])["id"] == "synthetic/arithmetic/train/1/0"
+    assert "seed: 1" in (tmp_path / "t.config.yaml").read_text()
+
+
+def test_errors_are_one_line_and_debug_shows_traceback(tmp_path, run_cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: [synthetic]\nbogus: 1\n")
+    result = run_cli("tasks", "--config", str(bad), "-o", str(tmp_path / "o.jsonl"))
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0
+    assert f"{bad}:2: key 'bogus': unknown key" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+    debug = run_cli("tasks", "--config", str(bad), "-o", str(tmp_path / "o.jsonl"), "--debug")
+    assert "Traceback" in debug.stderr
+    assert run_cli("strategies", "show", "nope").stderr.startswith("error: unknown strategy 'nope' (valid: ")
+
+
+def test_bad_record_file_error(tmp_path, run_cli):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "task": "t", "messages": [{"role": "robot", "content": "x"}]}\n')
+    result = run_cli("tasks", f"jsonl:{src}", "-o", str(tmp_path / "o.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {src}:1: field 'messages[0].role' must be one of system, user, assistant, got 'robot'"
+
+
+def test_later_stages_exist_and_say_so(run_cli):
+    result = run_cli("train")
+    assert result.returncode != 0 and "issue #5" in result.stderr
+
+
+def test_package_data_in_wheel(tmp_path, repo):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
+                   check=True, capture_output=True)
+    import zipfile
+
+    names = zipfile.ZipFile(next(tmp_path.glob("orca2-*.whl"))).namelist()
+    assert "orca2/strategies/step-by-step.yaml" in names
+    assert "orca2/prompts/generic/cautious.txt" in names
+    assert "orca2/cli.py" in names and "orca2/train/__init__.py" in names and "orca2/eval/__init__.py" in names

@@ -1,0 +1,1 @@
+"""orca2.train: tokenisation with assistant-only loss masks, packing, the DeepSpeed SFT loop, the fused loss."""
