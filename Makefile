@@ -26,7 +26,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/orca2 strategies list
-	$(BIN)/orca2 tasks synthetic --n 200 --seed 0 -o $(DEMO)/tasks.jsonl
+	$(BIN)/orca2 tasks synthetic --per-kind 200 --seed 0 -o $(DEMO)/tasks.jsonl
 	$(BIN)/orca2 strategies show step-by-step
 
 test: setup

@@ -22,13 +22,16 @@ log = logging.getLogger("orca2")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # One line per HTTP request is noise at info level (and 2,000 lines in a run of 2,000 requests).
+    for name in ("httpx", "httpx2", "openai", "urllib3", "datasets", "filelock"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
 
 
 def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options that mean the same in every command: --config, --set, --seed, --log-level, --debug."""
 
     @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config; its keys are this command's options.")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set n=50.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set client.concurrency=64.")
     @click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
@@ -72,21 +75,21 @@ def cli() -> None:
 @cli.command()
 @click.argument("sources", nargs=-1)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output tasks file (.jsonl or .jsonl.gz).")
-@click.option("--n", type=int, default=None, help="Synthetic items per kind (default 100).")
+@click.option("--per-kind", type=int, default=None, help="Synthetic items per kind (default 100).")
 @click.option("--split", default=None, help="Synthetic split name; each split draws its own items (default train).")
 @click.option("--limit", type=int, default=None, help="Keep at most this many records per source.")
 @click.option("--columns", default=None, metavar="KEY=COL,...", help="Row mapping for jsonl:/hf: sources (prompt, answer, id, task).")
 @click.option("--task", default=None, help="Task name for jsonl:/hf: rows without a task column.")
 @click.option("--skip-invalid", is_flag=True, default=None, help="Send bad rows to <output>.rejects.jsonl and go on.")
 @common_options
-def tasks(sources: tuple[str, ...], output: str | None, n: int | None, split: str | None, limit: int | None,
+def tasks(sources: tuple[str, ...], output: str | None, per_kind: int | None, split: str | None, limit: int | None,
           columns: str | None, task: str | None, skip_invalid: bool | None, config_path: str | None,
           overrides: tuple[str, ...], seed: int | None) -> None:
     """Build task records from SOURCES (gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME, synthetic[:KIND,...])."""
     from orca2 import tasks as stage
     from orca2.config import load_config
 
-    flags = {"sources": sources, "output": output, "n": n, "split": split, "limit": limit,
+    flags = {"sources": sources, "output": output, "per_kind": per_kind, "split": split, "limit": limit,
              "columns": _parse_columns(columns), "task": task, "skip_invalid": skip_invalid, "seed": seed}
     cfg = load_config(stage.TasksConfig, config_path, overrides, flags)
     summary = stage.run(cfg)
@@ -131,11 +134,77 @@ def select(**_: Any) -> None:
     _not_yet("select", 3)
 
 
+def teacher_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Teacher, client and sampling options shared by select, generate and eval (same names, same meaning)."""
+    options = [
+        click.option("--teacher", default=None, help="openai:<model> | local:<folder|file.gguf|default>"),
+        click.option("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)."),
+        click.option("--api-key-env", default=None, help="Environment variable holding the API key (default OPENAI_API_KEY)."),
+        click.option("--concurrency", type=int, default=None, help="Requests in flight (default 16)."),
+        click.option("--rpm", type=float, default=None, help="Requests-per-minute limit."),
+        click.option("--tpm", type=float, default=None, help="Tokens-per-minute limit."),
+        click.option("--max-attempts", type=int, default=None, help="Attempts per request before it counts as failed (default 6)."),
+        click.option("--timeout", type=float, default=None, help="Seconds per request (default 120)."),
+        click.option("--batch-size", type=int, default=None, help="Local teacher: prompts per batch (default 16)."),
+        click.option("--device", default=None, help="Local teacher: auto | cpu | cuda."),
+        click.option("--cache-dir", default=None, help="Response cache (default $ORCA2_CACHE_DIR or ~/.cache/orca2/teacher)."),
+        click.option("--n", "n_samples", type=int, default=None, help="Samples per prompt (default 1)."),
+        click.option("--temperature", type=float, default=None, help="Sampling temperature (default 0 = greedy)."),
+        click.option("--top-p", type=float, default=None),
+        click.option("--max-tokens", type=int, default=None, help="Completion tokens per sample (default 1024)."),
+        click.option("--strategies", "user_strategies", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    """Map the shared teacher options onto config keys (client.*, sampling.*)."""
+    return {
+        "teacher": kw.pop("teacher"), "strategies": kw.pop("user_strategies"),
+        "client.base_url": kw.pop("base_url"), "client.api_key_env": kw.pop("api_key_env"),
+        "client.concurrency": kw.pop("concurrency"), "client.rpm": kw.pop("rpm"), "client.tpm": kw.pop("tpm"),
+        "client.max_attempts": kw.pop("max_attempts"), "client.timeout": kw.pop("timeout"),
+        "client.batch_size": kw.pop("batch_size"), "client.device": kw.pop("device"), "client.cache_dir": kw.pop("cache_dir"),
+        "sampling.n": kw.pop("n_samples"), "sampling.temperature": kw.pop("temperature"), "sampling.top_p": kw.pop("top_p"),
+        "sampling.max_tokens": kw.pop("max_tokens"), "sampling.seed": seed,
+    }
+
+
 @cli.command()
+@click.option("--tasks", "tasks_path", default=None, help="Task records (from `orca2 tasks`).")
+@click.option("--assign", default=None, help="Assignment YAML: task pattern → strategy.")
+@click.option("--strategy", default=None, help="One strategy for every task (instead of --assign).")
+@click.option("-o", "--output", default=None, help="Output traces file.")
+@click.option("--limit", type=int, default=None, help="Only the first N tasks.")
+@click.option("--allow-failures", is_flag=True, default=None, help="Exit 0 even if some requests failed for good.")
+@teacher_options
 @common_options
-def generate(**_: Any) -> None:
+def generate(tasks_path: str | None, assign: str | None, strategy: str | None, output: str | None, limit: int | None,
+             allow_failures: bool | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None,
+             **teacher: Any) -> None:
     """Send tasks to the teacher under their strategy prompts (writes traces)."""
-    _not_yet("generate", 3)
+    from orca2 import generate as stage
+    from orca2.config import load_config
+
+    flags = {"tasks": tasks_path, "assign": assign, "strategy": strategy, "output": output, "limit": limit,
+             "allow_failures": allow_failures, **_teacher_flags(teacher, seed)}
+    cfg = load_config(stage.GenerateConfig, config_path, overrides, flags)
+    s = stage.run(cfg)
+    cost = f", cost ≈ ${s['cost_this_run_usd']:.4f} (total ${s['cost_total_usd']:.4f})" if s["cost_total_usd"] is not None else ""
+    click.echo(f"{s['answered']}/{s['tasks']} tasks answered ({s['cached_at_start']} from cache, {s['done_this_run']} new, "
+               f"{s['failed']} failed, {s['retries']} retries); tokens this run: {s['usage_this_run']['prompt_tokens']} prompt + "
+               f"{s['usage_this_run']['completion_tokens']} completion{cost}")
+    click.echo(f"wrote {s['records']} traces to {s['output']}")
+    if s["failed"]:
+        message = (f"{s['failed']} of {s['tasks']} tasks failed (listed in {s['errors']}); "
+                   f"finished responses are cached, so re-running the same command retries only these")
+        if s.get("aborted"):
+            message = f"run stopped early: {s['aborted']}; " + message
+        if not cfg.allow_failures:
+            raise Orca2Error(message)
+        click.echo(f"warning: {message}", err=True)
 
 
 @cli.command()

@@ -184,9 +184,9 @@ def load_config(
         if not isinstance(loaded, dict):
             raise Orca2Error(f"{path}:1: the config must be a mapping of keys to values")
         _deep_update(data, loaded)
-    for key, value in (flags or {}).items():
+    for key, value in (flags or {}).items():  # dotted keys reach into nested sections: "client.concurrency"
         if value is not None and value != ():
-            data[key] = value
+            _set_dotted(data, key, value)
             lines.pop(key, None)
     for text in overrides:
         key, value = parse_override(text)

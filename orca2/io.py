@@ -37,10 +37,10 @@ def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
                 raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
 
 
-def read_records(
+def read_numbered(
     path: str | os.PathLike[str], *, on_invalid: Callable[[int, str, Orca2Error], None] | None = None
-) -> Iterator[Record]:
-    """Stream validated records (constant memory).
+) -> Iterator[tuple[int, Record]]:
+    """Stream (line number, validated record) pairs in constant memory.
 
     A bad line raises Orca2Error naming file, line and field; with `on_invalid(lineno, raw_line, error)`
     the line is handed to the callback instead and reading goes on.
@@ -57,11 +57,19 @@ def read_records(
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
                     raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
-                yield validate_record(obj, f"{path}:{lineno}")
+                yield lineno, validate_record(obj, f"{path}:{lineno}")
             except Orca2Error as exc:
                 if on_invalid is None:
                     raise
                 on_invalid(lineno, line, exc)
+
+
+def read_records(
+    path: str | os.PathLike[str], *, on_invalid: Callable[[int, str, Orca2Error], None] | None = None
+) -> Iterator[Record]:
+    """Stream validated records (see read_numbered)."""
+    for _, record in read_numbered(path, on_invalid=on_invalid):
+        yield record
 
 
 def dumps(record: Any) -> bytes:

@@ -11,13 +11,13 @@ Sources are written KIND:ARG:
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 
+from orca2.answers import infer_answer_type
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import AppendWriter, atomic_writer, iter_json_lines, sidecar
@@ -36,7 +36,7 @@ class TasksConfig:
     output: str  # tasks.jsonl (or .jsonl.gz)
     columns: dict[str, str] = field(default_factory=dict)  # jsonl/hf row mapping: prompt, answer, id, task → column
     task: str | None = None  # task name for jsonl/hf rows without a task column
-    n: int = 100  # synthetic items per kind
+    per_kind: int = 100  # synthetic items per kind
     split: str = "train"  # synthetic split: a different split draws from a disjoint random stream
     seed: int = 0  # synthetic seed
     min_steps: int = 2  # synthetic word problems: fewest operations
@@ -50,30 +50,13 @@ class TasksConfig:
                 raise Orca2Error(f"columns: unknown key '{key}' (valid: {', '.join(COLUMN_KEYS)})")
         if not self.sources:
             raise Orca2Error("tasks: give at least one source, e.g. synthetic or gsm8k:data/gsm8k/train.jsonl")
-        if self.n < 1 or (self.limit is not None and self.limit < 1):
-            raise Orca2Error("tasks: n and limit must be positive")
+        if self.per_kind < 1 or (self.limit is not None and self.limit < 1):
+            raise Orca2Error("tasks: per_kind and limit must be positive")
         if not 1 <= self.min_steps <= self.max_steps:
             raise Orca2Error(f"tasks: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
 
 
 # --- answers ----------------------------------------------------------------------------------------
-
-_CHOICE_RE = re.compile(r"^\([A-Z]\)$")
-_NUMBER_RE = re.compile(r"^-?\d+(\.\d+)?$")
-
-
-def infer_answer_type(answer: str) -> str:
-    """How a gold answer is scored: choice '(B)', number, yes_no, true_false, or exact text."""
-    text = answer.strip()
-    if _CHOICE_RE.match(text):
-        return "choice"
-    if _NUMBER_RE.match(text.replace(",", "")):
-        return "number"
-    if text.lower() in ("yes", "no"):
-        return "yes_no"
-    if text.lower() in ("true", "false"):
-        return "true_false"
-    return "text"
 
 
 def gsm8k_final_answer(solution: str, where: str) -> str:
@@ -213,7 +196,7 @@ def read_hf(spec: str, columns: dict[str, str], task: str | None) -> Iterator[tu
 
 def read_synthetic(kinds: list[str], cfg: TasksConfig) -> Iterator[tuple[str, Record | Orca2Error]]:
     for kind in kinds:
-        for index in range(cfg.n):
+        for index in range(cfg.per_kind):
             item = generate_item(kind, index, cfg.seed, cfg.split, min_steps=cfg.min_steps, max_steps=cfg.max_steps)
             synthetic = {"kind": kind, "seed": cfg.seed, "split": cfg.split, "index": index, "n_steps": item.n_steps,
                          "steps": list(item.steps), "facts": list(item.facts)}

@@ -32,9 +32,9 @@ def test_strategies_commands(run_cli):
 
 def test_tasks_command_with_config_and_override(tmp_path, run_cli):
     config = tmp_path / "tasks.yaml"
-    config.write_text("sources: [synthetic]\nn: 4\nseed: 1\n")
+    config.write_text("sources: [synthetic]\nper_kind: 4\nseed: 1\n")
     out = tmp_path / "t.jsonl"
-    result = run_cli("tasks", "--config", str(config), "--set", "n=2", "-o", str(out))
+    result = run_cli("tasks", "--config", str(config), "--set", "per_kind=2", "-o", str(out))
     assert result.returncode == 0, result.stderr
     lines = out.read_text().splitlines()
     assert len(lines) == 2 * 6 and json.loads(lines[0])["id"] == "synthetic/arithmetic/train/1/0"

@@ -6,7 +6,8 @@ import pytest
 from orca2.config import load_config
 from orca2.errors import Orca2Error
 from orca2.io import read_records
-from orca2.tasks import TasksConfig, infer_answer_type, run
+from orca2.answers import infer_answer_type
+from orca2.tasks import TasksConfig, run
 
 
 def build(tmp_path, *sources, **kw):
@@ -40,12 +41,12 @@ def test_bbh_real_folder(tmp_path, data_dir):
 
 
 def test_synthetic_and_limit(tmp_path):
-    summary, records = build(tmp_path, "synthetic:arithmetic,word-problem", n=20, seed=3)
+    summary, records = build(tmp_path, "synthetic:arithmetic,word-problem", per_kind=20, seed=3)
     assert len(records) == 40 and {r["task"] for r in records} == {"synthetic/arithmetic", "synthetic/word-problem"}
     assert records[0]["id"] == "synthetic/arithmetic/train/3/0"
     steps = records[25]["meta"]["synthetic"]
     assert steps["kind"] == "word-problem" and steps["steps"] and steps["n_steps"] >= 2
-    _, limited = build(tmp_path, "synthetic:arithmetic", n=20, limit=5)
+    _, limited = build(tmp_path, "synthetic:arithmetic", per_kind=20, limit=5)
     assert len(limited) == 5
 
 

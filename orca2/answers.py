@@ -1,0 +1,137 @@
+"""One shared answer extractor and scorer, used by select, erase (verification) and eval.
+
+A response's final answer is looked for in this order, the last occurrence winning each time:
+\\boxed{X}; '#### X'; 'The answer is (:) X' / 'Final answer: X' / 'Answer: X'; then a type-specific
+fallback (the last number, the last choice letter, the last yes/no or true/false word, the last line).
+Values are then normalised by answer type so '1,234', '$1234.00' and '1234 apples' all equal 1234.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+
+ANSWER_TYPES = ("number", "choice", "yes_no", "true_false", "text")
+
+_CHOICE_GOLD = re.compile(r"^\(([A-Z])\)$")
+_NUMBER_GOLD = re.compile(r"^-?\d+(\.\d+)?$")
+_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_ANSWER_IS = re.compile(
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer|answer)\s*(?:is)?\s*[:=]?\s*([^\n]+)", re.IGNORECASE
+)
+_NUMBER = re.compile(r"-?\$?\s?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\$?\s?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+_CHOICE = re.compile(r"\(([A-Z])\)|\b([A-Z])\)|^\s*([A-Z])\s*[.:]?\s*$|\b(?:option|choice)\s+([A-Z])\b", re.MULTILINE)
+_FRAC = re.compile(r"\\d?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_TRUE_FALSE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
+
+
+def infer_answer_type(answer: str) -> str:
+    """How a gold answer is scored: choice '(B)', number, yes_no, true_false, or exact text."""
+    text = answer.strip()
+    if _CHOICE_GOLD.match(text):
+        return "choice"
+    if _NUMBER_GOLD.match(text.replace(",", "")):
+        return "number"
+    if text.lower() in ("yes", "no"):
+        return "yes_no"
+    if text.lower() in ("true", "false"):
+        return "true_false"
+    return "text"
+
+
+@dataclass(frozen=True)
+class Extraction:
+    value: str | None  # the normalised answer, None when nothing was found
+    method: str  # boxed | hashes | answer-is | fallback | none
+
+
+def _number(text: str) -> str | None:
+    """Normalise the first number in `text`: '$1,234.50 apples' → '1234.5'; '3/4' → '3/4'."""
+    text = _FRAC.sub(r"\1/\2", text)
+    match = _NUMBER.search(text)
+    if not match:
+        return None
+    raw = match.group(0).replace("$", "").replace(",", "").replace(" ", "")
+    try:
+        if "/" in raw:
+            value = Fraction(raw)
+            return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+        number = Decimal(raw)
+    except (InvalidOperation, ValueError, ZeroDivisionError):
+        return None
+    if number == number.to_integral_value():
+        return str(int(number))
+    return format(number.normalize(), "f")
+
+
+def _choice(text: str) -> str | None:
+    matches = list(_CHOICE.finditer(text))
+    if not matches:
+        return None
+    return next(g for g in matches[0].groups() if g)
+
+
+def _word(pattern: re.Pattern[str], text: str, last: bool) -> str | None:
+    matches = pattern.findall(text)
+    if not matches:
+        return None
+    return (matches[-1] if last else matches[0]).lower()
+
+
+def _text(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip().strip("*_`\"'").strip()
+    return text.rstrip(".").strip().lower()
+
+
+def normalise(text: str, answer_type: str, *, last: bool = False) -> str | None:
+    """Normalise a candidate answer string for comparison under `answer_type`."""
+    if answer_type == "number":
+        if last:
+            found = _NUMBER.findall(text)
+            return _number(found[-1]) if found else None
+        return _number(text)
+    if answer_type == "choice":
+        if last:
+            matches = list(_CHOICE.finditer(text))
+            return next(g for g in matches[-1].groups() if g) if matches else None
+        return _choice(text)
+    if answer_type == "yes_no":
+        return _word(_YES_NO, text, last)
+    if answer_type == "true_false":
+        return _word(_TRUE_FALSE, text, last)
+    if answer_type == "text":
+        return _text(text) or None
+    raise ValueError(f"unknown answer type {answer_type!r} (valid: {', '.join(ANSWER_TYPES)})")
+
+
+def extract_answer(response: str, answer_type: str) -> Extraction:
+    """Find and normalise the final answer in a model response."""
+    for method, pattern in (("boxed", _BOXED), ("hashes", _HASHES), ("answer-is", _ANSWER_IS)):
+        matches = pattern.findall(response)
+        if matches:
+            value = normalise(matches[-1], answer_type)
+            if value is not None:
+                return Extraction(value, method)
+    stripped = response.strip()
+    if not stripped:
+        return Extraction(None, "none")
+    if answer_type == "text":
+        return Extraction(_text(stripped.splitlines()[-1]) or None, "fallback")
+    value = normalise(stripped, answer_type, last=True)
+    return Extraction(value, "fallback" if value is not None else "none")
+
+
+def gold_value(gold: str, answer_type: str) -> str | None:
+    """Normalise a gold answer ('(B)' → 'B', '1,000' → '1000')."""
+    return normalise(gold, answer_type)
+
+
+def is_correct(response: str, gold: str, answer_type: str | None = None) -> bool:
+    """Whether the response's final answer equals the gold answer under its answer type."""
+    answer_type = answer_type or infer_answer_type(gold)
+    expected = gold_value(gold, answer_type)
+    return expected is not None and extract_answer(response, answer_type).value == expected

@@ -1,0 +1,82 @@
+"""A content-addressed, append-only cache of teacher responses: the resume log of select, generate and eval.
+
+Key = sha256 of the canonical JSON of (teacher, messages, sampling params incl. n). One JSONL file
+per cache folder; each finished response is appended and flushed the moment it arrives, so Ctrl-C or
+kill -9 loses at most the response in flight and a re-run never pays for the same request twice.
+Only byte offsets stay in memory (≈100 bytes per entry), so a million cached responses cost ≈100 MB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from orca2.io import AppendWriter
+
+
+def request_key(teacher: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+    """The content address of one teacher request; any change to prompt, teacher or params is a new key."""
+    payload = orjson.dumps({"teacher": teacher, "messages": messages, "params": params}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """$ORCA2_CACHE_DIR, else ~/.cache/orca2/teacher (shared by select, generate and eval)."""
+    env = os.environ.get("ORCA2_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "orca2" / "teacher"
+
+
+class ResponseCache:
+    """key → response dict, persisted in `<folder>/responses.jsonl`."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "responses.jsonl"
+        self._writer = AppendWriter(self.path)  # cuts a torn last line before we index the file
+        self._offsets: dict[str, int] = {}
+        with open(self.path, "rb") as f:
+            offset = 0
+            for line in f:
+                try:
+                    key = orjson.loads(line)["key"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    offset += len(line)
+                    continue  # a damaged entry is simply a miss: the request is made again
+                self._offsets.setdefault(key, offset)
+                offset += len(line)
+        self._reader = open(self.path, "rb")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        offset = self._offsets.get(key)
+        if offset is None:
+            return None
+        self._reader.seek(offset)
+        return orjson.loads(self._reader.readline())["response"]
+
+    def put(self, key: str, response: dict[str, Any]) -> None:
+        if key in self._offsets:
+            return
+        offset = self.path.stat().st_size
+        self._writer.write({"key": key, "response": response})
+        self._offsets[key] = offset
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
+
+    def __enter__(self) -> "ResponseCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
