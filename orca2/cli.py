@@ -127,13 +127,6 @@ def strategies_show(name: str, user_paths: tuple[str, ...]) -> None:
     click.echo(strategy.system_text())
 
 
-@cli.command()
-@common_options
-def select(**_: Any) -> None:
-    """Pick the best strategy per task by scoring the teacher on a dev slice (writes an assignment)."""
-    _not_yet("select", 3)
-
-
 def teacher_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Teacher, client and sampling options shared by select, generate and eval (same names, same meaning)."""
     options = [
@@ -205,6 +198,30 @@ def generate(tasks_path: str | None, assign: str | None, strategy: str | None, o
         if not cfg.allow_failures:
             raise Orca2Error(message)
         click.echo(f"warning: {message}", err=True)
+
+
+@cli.command()
+@click.option("--tasks", "tasks_path", default=None, help="Task records with gold answers.")
+@click.option("-o", "--output", default=None, help="Assignment YAML to write.")
+@click.option("--candidates", default=None, metavar="NAME,...", help="Strategies to compare (default: all).")
+@click.option("--dev-size", type=int, default=None, help="Items per task (default 32).")
+@teacher_options
+@common_options
+def select(tasks_path: str | None, output: str | None, candidates: str | None, dev_size: int | None,
+           config_path: str | None, overrides: tuple[str, ...], seed: int | None, **teacher: Any) -> None:
+    """Pick the best strategy per task by scoring the teacher on a dev slice (writes an assignment)."""
+    from orca2 import select as stage
+    from orca2.config import load_config
+
+    flags = {"tasks": tasks_path, "output": output, "dev_size": dev_size,
+             "candidates": tuple(c.strip() for c in candidates.split(",") if c.strip()) if candidates else None,
+             **_teacher_flags(teacher, seed)}
+    cfg = load_config(stage.SelectConfig, config_path, overrides, flags)
+    report = stage.run(cfg)
+    from orca2.io import sidecar
+
+    click.echo(sidecar(cfg.output, "table.md").read_text(), nl=False)
+    click.echo(f"wrote the assignment to {cfg.output} (default: {report['default']})")
 
 
 @cli.command()

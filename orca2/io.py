@@ -232,7 +232,7 @@ def sidecar(output: str | os.PathLike[str], suffix: str) -> Path:
     """A file beside a stage output sharing its stem: sidecar('out/sft.jsonl', 'config.yaml') → out/sft.config.yaml."""
     path = Path(output)
     name = path.name
-    for ext in (".jsonl.gz", ".jsonl", ".json"):
+    for ext in (".jsonl.gz", ".jsonl", ".json", ".yaml", ".yml"):
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
