@@ -110,7 +110,10 @@ def normalise(text: str, answer_type: str, *, last: bool = False) -> str | None:
 
 def extract_answer(response: str, answer_type: str) -> Extraction:
     """Find and normalise the final answer in a model response."""
-    for method, pattern in (("boxed", _BOXED), ("hashes", _HASHES), ("answer-is", _ANSWER_IS)):
+    lower = response.lower()
+    for method, pattern, marker in (("boxed", _BOXED, "boxed"), ("hashes", _HASHES, "####"), ("answer-is", _ANSWER_IS, "answer")):
+        if marker not in lower:  # a substring test is far cheaper than the regex over a long response
+            continue
         matches = pattern.findall(response)
         if matches:
             value = normalise(matches[-1], answer_type)

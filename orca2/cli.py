@@ -23,7 +23,7 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # One line per HTTP request is noise at info level (and 2,000 lines in a run of 2,000 requests).
-    for name in ("httpx", "httpx2", "openai", "urllib3", "datasets", "filelock"):
+    for name in ("httpx", "httpx2", "openai", "urllib3", "datasets", "filelock", "matplotlib"):
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
 
 
@@ -225,10 +225,36 @@ def select(tasks_path: str | None, output: str | None, candidates: str | None, d
 
 
 @cli.command()
+@click.argument("input_path", required=False)
+@click.option("-o", "--output", default=None, help="Output SFT file.")
+@click.option("--generic", default=None, help="Generic system prompt: cautious (default), empty, or a text file.")
+@click.option("--leak", type=click.Choice(["drop", "flag", "off"]), default=None, help="Responses that reveal the erased prompt.")
+@click.option("--verify", type=click.Choice(["drop", "label", "off"]), default=None, help="Wrong answers against gold.")
+@click.option("--dedup", type=click.Choice(["near", "exact", "off"]), default=None, help="Duplicate prompts (default near).")
+@click.option("--decontaminate", multiple=True, metavar="SOURCE", help="Eval set to decontaminate against (repeatable): gsm8k:PATH, bbh:PATH, ...")
+@click.option("--max-tokens", type=int, default=None, help="Drop records longer than this (the training max_len).")
+@click.option("--tokenizer", default=None, help="Tokenizer for --max-tokens (HF folder, .gguf, default); else ≈4 chars/token.")
+@click.option("--skip-invalid", is_flag=True, default=None, help="Send malformed lines to <output>.rejects.jsonl and go on.")
+@click.option("--strategies", "user_strategies", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder.")
 @common_options
-def erase(**_: Any) -> None:
+def erase(input_path: str | None, output: str | None, generic: str | None, leak: str | None, verify: str | None,
+          dedup: str | None, decontaminate: tuple[str, ...], max_tokens: int | None, tokenizer: str | None,
+          skip_invalid: bool | None, user_strategies: tuple[str, ...], config_path: str | None,
+          overrides: tuple[str, ...], seed: int | None) -> None:
     """Replace strategy prompts by one generic prompt and curate the traces (writes SFT data)."""
-    _not_yet("erase", 4)
+    from orca2 import erase as stage
+    from orca2.config import load_config
+
+    flags = {"input": input_path, "output": output, "generic": generic, "leak": leak, "verify": verify, "dedup": dedup,
+             "decontaminate": decontaminate, "max_tokens": max_tokens, "tokenizer": tokenizer,
+             "skip_invalid": skip_invalid, "strategies": user_strategies}
+    cfg = load_config(stage.EraseConfig, config_path, overrides, flags)
+    r = stage.run(cfg)
+    reasons = ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items()) or "none"
+    click.echo(f"read {r['read']} = kept {r['kept']} + dropped {r['dropped']} ({reasons}) + rejected {r['rejected']}")
+    if r["notes"]:
+        click.echo("notes: " + ", ".join(f"{k} {v}" for k, v in r["notes"].items()))
+    click.echo(f"wrote {r['kept']} records to {r['output']}; report: {stage.sidecar(cfg.output, 'report.md')}")
 
 
 @cli.command()

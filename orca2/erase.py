@@ -1,0 +1,318 @@
+"""Stage `erase`: strategy prompts → one generic prompt, plus the curation that decides what the student learns.
+
+    orca2 erase traces.jsonl -o sft.jsonl [--generic cautious|empty|FILE] [--decontaminate gsm8k:test.jsonl ...]
+
+Every input line ends in exactly one place, checked at the end (input = kept + dropped + rejected):
+  kept      → the output, system prompt replaced, user/assistant messages byte-identical
+  dropped   → <output>.dropped.jsonl with meta.drop_reason (the first check it failed, in the order below)
+  rejected  → <output>.rejects.jsonl (malformed lines, only with --skip-invalid; otherwise the run stops)
+
+Checks, in order: teacher_error, no_response, empty_response, truncated (finish_reason "length"),
+too_long, leak, wrong_answer, contaminated, duplicate, near_duplicate.
+Documented rules: a record without a system prompt gets the generic one (counted as no_system_prompt);
+a record whose strategy is missing or unknown is still erased and audited against the system prompt it
+actually carries (counted as unknown_strategy); a record without a gold answer is kept unverified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from orca2.answers import extract_answer, gold_value, infer_answer_type
+from orca2.config import save_config
+from orca2.decontam import ContaminationIndex
+from orca2.dedup import ExactDeduper, NearDeduper
+from orca2.errors import Orca2Error
+from orca2.io import AppendWriter, atomic_text, atomic_writer, read_numbered, sidecar
+from orca2.leaks import find_leak
+from orca2.ngrams import normalise_words
+from orca2.prompts import generic_prompt
+from orca2.records import Record, assistant_reply, system_prompt, user_prompt, with_system_prompt
+from orca2.strategies import Library
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = ("teacher_error", "no_response", "empty_response", "truncated", "too_long", "leak", "wrong_answer",
+                "contaminated", "duplicate", "near_duplicate")
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    input: str  # traces (orca2 generate)
+    output: str  # SFT data
+    generic: str = "cautious"  # cautious | empty | path of a text file
+    strategies: tuple[str, ...] = ()  # extra strategy YAML files or folders (to recognise their names)
+    leak: Literal["drop", "flag", "off"] = "drop"  # flag: keep, with meta.leak
+    leak_ngram: int = 8  # shared word n-gram with the erased prompt that counts as a leak
+    verify: Literal["drop", "label", "off"] = "drop"  # wrong answers: drop, or keep with meta.correct = false
+    dedup: Literal["near", "exact", "off"] = "near"  # near = exact + MinHash LSH
+    near_threshold: float = 0.8  # estimated Jaccard similarity of word 3-shingles
+    decontaminate: tuple[str, ...] = ()  # eval sets as task sources: gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME
+    decontam_ngram: int = 13
+    max_tokens: int | None = None  # drop records longer than this (the training max_len)
+    tokenizer: str | None = None  # HF folder / .gguf / default for max_tokens; else ≈4 characters per token
+    drop_truncated: bool = True  # drop finish_reason "length"
+    skip_invalid: bool = False  # malformed lines go to <output>.rejects.jsonl instead of stopping the run
+    plots: bool = True  # length histograms as PNG beside the report
+
+    def __post_init__(self) -> None:
+        if not 0 < self.near_threshold <= 1:
+            raise Orca2Error(f"erase: near_threshold must be in (0, 1], got {self.near_threshold}")
+        if self.leak_ngram < 3 or self.decontam_ngram < 3:
+            raise Orca2Error("erase: n-gram sizes must be >= 3")
+
+
+def _token_counter(cfg: EraseConfig) -> Any:
+    if cfg.max_tokens is None:
+        return None
+    if cfg.tokenizer is None:
+        return lambda messages: sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
+    from orca2.teachers import smollm2_gguf
+
+    from transformers import AutoTokenizer
+
+    path = str(smollm2_gguf()) if cfg.tokenizer == "default" else cfg.tokenizer
+    if path.endswith(".gguf"):
+        import os
+
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True))
+
+
+def build_contamination_index(sources: tuple[str, ...], n: int) -> ContaminationIndex:
+    """Index the user prompts of every evaluation record, read with the task-source adapters."""
+    from orca2.tasks import TasksConfig, open_source
+
+    index = ContaminationIndex(n)
+    reader_cfg = TasksConfig(sources=sources or ("synthetic",), output="-")
+    for spec in sources:
+        for where, item in open_source(spec, reader_cfg):
+            if isinstance(item, Orca2Error):
+                raise item
+            index.add(user_prompt(item), item["id"])
+    return index
+
+
+def run(cfg: EraseConfig) -> dict[str, Any]:
+    """Erase and curate; return the report (also written as <output>.report.json / .md)."""
+    generic = generic_prompt(cfg.generic)
+    generic_hash = hashlib.sha256(generic.encode()).hexdigest()[:16]
+    library = Library.load(cfg.strategies)
+    contamination = build_contamination_index(cfg.decontaminate, cfg.decontam_ngram) if cfg.decontaminate else None
+    count_tokens = _token_counter(cfg)
+    exact = ExactDeduper() if cfg.dedup != "off" else None
+    near = NearDeduper(cfg.near_threshold) if cfg.dedup == "near" else None
+
+    read = kept = rejected = 0
+    dropped: Counter = Counter()
+    notes: Counter = Counter()  # kept-but-noteworthy: no_system_prompt, unknown_strategy, unverified, leak_flagged, ...
+    by_task_strategy: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    lengths: dict[str, list[int]] = defaultdict(list)  # "kept"/reason → response lengths in characters
+    contaminated_ids: list[dict[str, str]] = []
+    paths = {"dropped": sidecar(cfg.output, "dropped.jsonl"), "rejects": sidecar(cfg.output, "rejects.jsonl")}
+    for path in paths.values():
+        if path.exists():
+            path.unlink()
+    writers: dict[str, AppendWriter] = {}
+
+    def side(name: str) -> AppendWriter:
+        if name not in writers:
+            writers[name] = AppendWriter(paths[name])
+        return writers[name]
+
+    def on_invalid(lineno: int, raw: str, error: Orca2Error) -> None:
+        nonlocal read, rejected
+        if not cfg.skip_invalid:
+            raise error
+        read += 1
+        rejected += 1
+        side("rejects").write({"line": lineno, "error": str(error), "raw": raw.rstrip("\n")[:10000]})
+
+    def drop(record: Record, reason: str, detail: str | None = None) -> None:
+        dropped[reason] += 1
+        meta = dict(record.get("meta", {}))
+        meta["drop_reason"] = reason
+        if detail:
+            meta["drop_detail"] = detail
+        side("dropped").write({**record, "meta": meta})
+        response = assistant_reply(record)
+        lengths[reason].append(len(response or ""))
+
+    # Records pass the per-record checks one by one, then the near-duplicate check in batches
+    # (MinHash signatures are computed for a whole batch in numpy).
+    batch: list[tuple[Record, str, str]] = []
+
+    def flush(sink: Any) -> None:
+        nonlocal kept
+        matches = near.check_batch([user_prompt(r) for r, _, _ in batch], [g for _, g, _ in batch]) if near else [None] * len(batch)
+        for (record, group, key), match in zip(batch, matches):
+            if match is not None:
+                drop(record, "near_duplicate", f"near-duplicate of {match}")
+                continue
+            sink.write(record)
+            kept += 1
+            by_task_strategy[key]["kept"] += 1
+            lengths["kept"].append(len(assistant_reply(record) or ""))
+        batch.clear()
+
+    try:
+        with atomic_writer(cfg.output) as sink:
+            for lineno, record in read_numbered(cfg.input, on_invalid=on_invalid):
+                read += 1
+                meta = record.get("meta", {})
+                strategy = meta.get("strategy")
+                key = (record["task"], strategy or "?")
+                by_task_strategy[key]["read"] += 1
+                response = assistant_reply(record)
+                if "error" in record:
+                    drop(record, "teacher_error", record["error"])
+                    continue
+                if response is None:
+                    drop(record, "no_response", "the last message is not the assistant's")
+                    continue
+                if not response.strip():
+                    drop(record, "empty_response")
+                    continue
+                if cfg.drop_truncated and meta.get("finish_reason") == "length":
+                    drop(record, "truncated", "finish_reason length")
+                    continue
+                erased = system_prompt(record)
+                messages = with_system_prompt(record["messages"], generic)
+                if count_tokens is not None:
+                    tokens = count_tokens(messages)
+                    if tokens > cfg.max_tokens:  # type: ignore[operator]
+                        drop(record, "too_long", f"{tokens} tokens > max_tokens {cfg.max_tokens}")
+                        continue
+                new_meta = dict(meta)
+                if erased is None:
+                    notes["no_system_prompt"] += 1
+                if strategy is None or strategy not in library:
+                    notes["unknown_strategy"] += 1
+                if cfg.leak != "off":
+                    leak = find_leak(response, erased, cfg.leak_ngram)
+                    if leak:
+                        if cfg.leak == "drop":
+                            drop(record, "leak", leak)
+                            continue
+                        new_meta["leak"] = leak
+                        notes["leak_flagged"] += 1
+                answer = record.get("answer")
+                if cfg.verify != "off" and answer:
+                    answer_type = meta.get("answer_type") or infer_answer_type(answer)
+                    extracted = extract_answer(response, answer_type)
+                    correct = extracted.value is not None and extracted.value == gold_value(answer, answer_type)
+                    by_task_strategy[key]["verified"] += 1
+                    by_task_strategy[key]["correct"] += correct
+                    if not correct and cfg.verify == "drop":
+                        drop(record, "wrong_answer", f"extracted {extracted.value!r}, gold {answer!r}")
+                        continue
+                    new_meta["correct"] = correct
+                    new_meta["extracted_answer"] = extracted.value
+                elif cfg.verify != "off":
+                    notes["unverified"] += 1
+                prompt = user_prompt(record)
+                prompt_words = normalise_words(prompt)  # shared by decontamination and exact dedup
+                if contamination is not None:
+                    match = contamination.find(prompt, prompt_words)
+                    if match is not None:
+                        contaminated_ids.append({"id": record["id"], "eval_id": match.eval_id, "ngram": match.ngram})
+                        drop(record, "contaminated", f"overlaps {match.eval_id}: {match.ngram!r}")
+                        continue
+                group = meta.get("task_id") or record["id"]
+                if exact is not None:
+                    first = exact.check(prompt, group, prompt_words)
+                    if first is not None:
+                        drop(record, "duplicate", f"same prompt as {first}")
+                        continue
+                new_meta["erased"] = {"strategy": strategy, "prompt_hash": hashlib.sha256(erased.encode()).hexdigest()[:16]
+                                      if erased is not None else None, "generic": cfg.generic, "generic_hash": generic_hash}
+                out = {"id": record["id"], "task": record["task"], "messages": messages, "answer": answer, "meta": new_meta}
+                batch.append((out, group, key))
+                if len(batch) >= 4096:
+                    flush(sink)
+            flush(sink)
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+    total_dropped = sum(dropped.values())
+    if read != kept + total_dropped + rejected:
+        raise Orca2Error(f"accounting mismatch: read {read} != kept {kept} + dropped {total_dropped} + rejected {rejected}")
+    report = {
+        "input": cfg.input, "output": cfg.output, "generic": cfg.generic,
+        "read": read, "kept": kept, "dropped": total_dropped, "rejected": rejected,
+        "dropped_by_reason": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
+        "notes": dict(notes),
+        "by_task_strategy": [
+            {"task": t, "strategy": s, **dict(c),
+             "accuracy": (c["correct"] / c["verified"]) if c["verified"] else None}
+            for (t, s), c in sorted(by_task_strategy.items())
+        ],
+        "contaminated": contaminated_ids[:1000],
+        "decontamination": {"sources": list(cfg.decontaminate), "eval_items": contamination.items if contamination else 0,
+                            "ngram": cfg.decontam_ngram},
+        "files": {name: str(path) for name, path in paths.items() if path.exists()},
+    }
+    if cfg.plots and read:
+        report["files"]["lengths_png"] = str(plot_lengths(lengths, sidecar(cfg.output, "lengths.png")))
+    with atomic_text(sidecar(cfg.output, "report.json")) as f:
+        f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    with atomic_text(sidecar(cfg.output, "report.md")) as f:
+        f.write(render_report(report))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
+    return report
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The Markdown report: accounting, drop reasons, task × strategy accuracy."""
+    lines = [f"# Erasure report: {report['input']} → {report['output']}", "",
+             f"Generic prompt: `{report['generic']}`", "",
+             "| read | kept | dropped | rejected |", "|---:|---:|---:|---:|",
+             f"| {report['read']} | {report['kept']} | {report['dropped']} | {report['rejected']} |", "",
+             "## Dropped, by reason", "", "| reason | records |", "|---|---:|"]
+    lines += [f"| {reason} | {n} |" for reason, n in report["dropped_by_reason"].items()] or ["| (none) | 0 |"]
+    if report["notes"]:
+        lines += ["", "## Kept, with notes", "", "| note | records |", "|---|---:|"]
+        lines += [f"| {note} | {n} |" for note, n in report["notes"].items()]
+    lines += ["", "## Task × strategy", "", "| task | strategy | read | kept | verified | accuracy |", "|---|---|---:|---:|---:|---:|"]
+    for row in report["by_task_strategy"]:
+        acc = "–" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+        lines.append(f"| {row['task']} | {row['strategy']} | {row.get('read', 0)} | {row.get('kept', 0)} | "
+                     f"{row.get('verified', 0)} | {acc} |")
+    if report["contaminated"]:
+        lines += ["", f"## Contaminated (first {len(report['contaminated'])})", "", "| id | eval item | shared n-gram |", "|---|---|---|"]
+        lines += [f"| {c['id']} | {c['eval_id']} | {c['ngram']} |" for c in report["contaminated"][:50]]
+    if "lengths_png" in report["files"]:
+        lines += ["", f"![response lengths]({report['files']['lengths_png'].rsplit('/', 1)[-1]})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_lengths(lengths: dict[str, list[int]], path: Any) -> Any:
+    """Histogram of response lengths: kept vs each drop reason."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = [(name, values) for name, values in sorted(lengths.items(), key=lambda kv: (kv[0] != "kept", kv[0])) if values]
+    top = max((max(v) for _, v in series), default=1) or 1
+    bins = list(range(0, top + max(1, top // 40) + 1, max(1, top // 40)))
+    for name, values in series:
+        ax.hist(values, bins=bins, alpha=0.6 if name == "kept" else 0.5, label=f"{name} ({len(values)})")
+    ax.set_xlabel("response length (characters)")
+    ax.set_ylabel("records")
+    ax.set_title("Response lengths: kept and dropped")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

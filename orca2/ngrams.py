@@ -1,0 +1,81 @@
+"""Text normalisation and n-grams shared by leak audit, deduplication and decontamination."""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def normalise_words(text: str) -> list[str]:
+    """Lower-case alphanumeric words: punctuation, case and spacing never make two texts differ."""
+    return _WORD.findall(text.lower())
+
+
+def normalised_text(text: str) -> str:
+    return " ".join(normalise_words(text))
+
+
+def ngrams(words: list[str], n: int) -> list[str]:
+    """Word n-grams as space-joined strings; a text shorter than n gives no n-gram."""
+    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+class MinHasher:
+    """Vectorised MinHash over word shingles: signatures for a batch of texts in a few numpy operations.
+
+    Words are hashed once with CRC32 (deterministic across runs, unlike Python's hash()); a shingle's
+    hash combines its words' hashes; permutation i is multiply-shift hashing,
+    h_i(x) = ((a_i * x + b_i) mod 2**64) >> 32 with a_i odd. Arrays are laid out (perm, shingle) so the
+    per-text minimum is a contiguous reduction (≈3× faster than the transposed layout).
+    """
+
+    _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant that spreads word hashes across 64 bits
+
+    def __init__(self, num_perm: int = 64, shingle: int = 3, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.num_perm = num_perm
+        self.shingle = shingle
+        self.a = (rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1))[:, None]
+        self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)[:, None]
+        self._word_hash: dict[str, int] = {}
+
+    def _hash_words(self, words: list[str]) -> list[int]:
+        cache = self._word_hash
+        if len(cache) > 2_000_000:  # bound the memory a huge vocabulary could take
+            cache.clear()
+        out = []
+        for word in words:
+            value = cache.get(word)
+            if value is None:
+                value = cache[word] = zlib.crc32(word.encode()) + 1  # +1: 0 is the padding value
+            out.append(value)
+        return out
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint32 signatures."""
+        s = self.shingle
+        flat: list[int] = []
+        lengths = np.empty(len(texts), dtype=np.int64)
+        pad = [0] * (s - 1)  # after every text: shingles never span two texts, short texts still get one
+        for i, text in enumerate(texts):
+            hashes = self._hash_words(normalise_words(text))
+            lengths[i] = len(hashes)
+            flat.extend(hashes)
+            flat.extend(pad)
+        words = np.array(flat, dtype=np.uint64)
+        counts = np.maximum(1, lengths - s + 1)  # shingles per text
+        offsets = np.cumsum(lengths + s - 1) - (lengths + s - 1)  # where each text starts in `words`
+        seg = np.cumsum(counts) - counts  # where each text's shingles start
+        starts = np.repeat(offsets - seg, counts) + np.arange(int(counts.sum()))
+        with np.errstate(over="ignore"):  # wrap-around mod 2**64 is the point
+            shingles = words[starts]
+            for k in range(1, s):
+                shingles = shingles * self._MIX + words[starts + k]
+            permuted = np.multiply.outer(self.a[:, 0], shingles)  # (P, S)
+            permuted += self.b
+        permuted >>= np.uint64(32)
+        return np.minimum.reduceat(permuted.astype(np.uint32), seg, axis=1).T.copy()
