@@ -258,10 +258,49 @@ def erase(input_path: str | None, output: str | None, generic: str | None, leak:
 
 
 @cli.command()
+@click.option("--model", default=None, help="Student: local:default | HF folder | file.gguf | hub name.")
+@click.option("--data", multiple=True, help="SFT JSONL (one stage; repeatable). Progressive stages go in the config.")
+@click.option("-o", "--output", default=None, help="Run folder (checkpoints, logs, final model in <output>/model).")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint.")
+@click.option("--nproc", type=int, default=None, help="Start this many ranks with the deepspeed launcher (GPUs, or CPU ranks).")
+@click.option("--hostfile", default=None, help="DeepSpeed hostfile for many nodes (implies the launcher).")
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
 @common_options
-def train(**_: Any) -> None:
+def train(model: str | None, data: tuple[str, ...], output: str | None, resume: bool | None, nproc: int | None,
+          hostfile: str | None, local_rank: int | None, config_path: str | None, overrides: tuple[str, ...],
+          seed: int | None) -> None:
     """Fine-tune the student on erased traces with DeepSpeed (loss on assistant tokens only)."""
-    _not_yet("train", 5)
+    import os
+
+    from orca2.config import load_config
+    from orca2.train import sft
+
+    flags = {"model": model, "data": data, "output": output, "resume": resume, "seed": seed}
+    cfg = load_config(sft.TrainConfig, config_path, overrides, flags)  # validate before any process starts
+    if (nproc and nproc > 1) or hostfile:
+        import subprocess
+
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+        launcher += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
+        args = (["--config", config_path] if config_path else []) + [f"--set={o}" for o in overrides]
+        for key, value in (("--model", model), ("--output", output), ("--seed", seed)):
+            args += [key, str(value)] if value is not None else []
+        args += [f"--data={d}" for d in data] + (["--resume"] if resume else [])
+        env = dict(os.environ)
+        import torch
+
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        code = subprocess.call(launcher + ["--module", "orca2.train", *args], env=env)
+        if code:
+            raise Orca2Error(f"the deepspeed launcher exited with code {code}")
+        return
+    summary = sft.run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for stage in summary["stages"]:
+            click.echo(f"stage {stage['stage']}: {stage['steps']} steps, examples {stage['examples']}, "
+                       f"packing efficiency {stage['packing_efficiency'] or 0:.3f}")
+        click.echo(f"final model (HF format): {summary['model']}")
 
 
 @cli.command("eval")

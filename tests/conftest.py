@@ -79,3 +79,29 @@ def build_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: i
 def tiny_model(tmp_path_factory) -> Path:
     """Folder of a tiny random chat model (built once per test session)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def sft_records(n: int, kinds: tuple[str, ...] = ("arithmetic", "word-problem"), seed: int = 0) -> list[dict]:
+    """Erased SFT records whose assistant turns are the synthetic generator's worked solutions."""
+    from orca2.prompts import generic_prompt
+    from orca2.synthetic import generate_item
+
+    records = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        item = generate_item(kind, i, seed=seed)
+        reply = item.answer if kind == "arithmetic" else "\n".join(item.steps) + f"\nThe answer is: {item.answer}"
+        records.append({"id": f"{kind}/{i}", "task": f"synthetic/{kind}", "answer": item.answer, "meta": {},
+                         "messages": [{"role": "system", "content": generic_prompt("cautious")},
+                                      {"role": "user", "content": item.question},
+                                      {"role": "assistant", "content": reply}]})
+    return records
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    from orca2.io import write_records
+
+    path = tmp_path / "sft.jsonl"
+    write_records(path, sft_records(24))
+    return path

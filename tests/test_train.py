@@ -1,0 +1,124 @@
+"""Real DeepSpeed runs on CPU (gloo): 2-process ZeRO-2 and ZeRO-3 jobs, one-process runs in this process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orca2.config import load_config
+from orca2.errors import Orca2Error
+from orca2.train import sft
+
+BASE = {"max_len": 1024, "lr": 1e-3, "warmup_ratio": 0.0, "mask_check": 4, "log_every": 1}
+
+
+def train_in_process(tmp_path, name, data, model, **kw):
+    cfg = load_config(sft.TrainConfig, None, (), {"model": str(model), "data": (str(data),), "output": str(tmp_path / name),
+                                                  **BASE, **kw})
+    sft.run(cfg)
+    return read_log(tmp_path / name)
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def train_two_ranks(tmp_path, name, data, model, zero):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    args = [sys.executable, "-m", "orca2", "train", "--nproc", "2", "--model", str(model), "--data", str(data),
+            "-o", str(tmp_path / name), "--set", f"zero_stage={zero}", "--set", "grad_accum=2", "--set", "epochs=3"]
+    args += [f"--set={k}={v}" for k, v in BASE.items()]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return read_log(tmp_path / name)
+
+
+def weights(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_rank_job_learns_and_equals_one_rank(tmp_path, tiny_model, sft_file, zero):
+    two = train_two_ranks(tmp_path, f"zero{zero}", sft_file, tiny_model, zero)
+    one = train_in_process(tmp_path, "one", sft_file, tiny_model, grad_accum=4, epochs=3, zero_stage=zero)
+    assert len(two) == len(one) == 3 * 3  # 24 examples → 12 packed rows → 3 steps of 4 rows per epoch
+    assert two[-1]["loss"] < two[0]["loss"] - 0.2  # the loss falls
+    for a, b in zip(two, one):  # two ranks × GA 2 = one rank × GA 4, step by step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    w2, w1 = weights(tmp_path / f"zero{zero}" / "model"), weights(tmp_path / "one" / "model")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
+
+
+def test_grad_accumulation_equals_batch(tmp_path, tiny_model, sft_file):
+    ga = train_in_process(tmp_path, "ga", sft_file, tiny_model, packing=False, micro_batch_size=1, grad_accum=4, max_steps=3)
+    batch = train_in_process(tmp_path, "batch", sft_file, tiny_model, packing=False, micro_batch_size=4, grad_accum=1, max_steps=3)
+    for a, b in zip(ga, batch):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_resume_equals_straight_run(tmp_path, tiny_model, sft_file):
+    common = {"packing": False, "micro_batch_size": 2, "max_steps": 10, "epochs": 2}
+    straight = train_in_process(tmp_path, "straight", sft_file, tiny_model, **common)
+    first = train_in_process(tmp_path, "resumed", sft_file, tiny_model, stop_after=5, **common)
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5] and not (tmp_path / "resumed" / "model").exists()
+    both = train_in_process(tmp_path, "resumed", sft_file, tiny_model, resume=True, **common)
+    assert [r["step"] for r in both] == list(range(1, 11))  # the log goes on from step 6
+    for a, b in zip(straight, both):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == pytest.approx(b["lr"])
+    w_straight, w_resumed = weights(tmp_path / "straight" / "model"), weights(tmp_path / "resumed" / "model")
+    for key in w_straight:
+        torch.testing.assert_close(w_resumed[key], w_straight[key], rtol=1e-6, atol=1e-7)
+
+
+def test_progressive_stages_and_chatml(tmp_path, tiny_model, sft_file):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"""model: {tiny_model}
+output: {tmp_path / 'run'}
+chat_template: chatml
+max_len: 1024
+warmup_ratio: 0.0
+stages:
+  - {{name: flan, data: [{sft_file}], epochs: 1, lr: 0.001}}
+  - {{name: gpt4, data: [{sft_file}], epochs: 2, lr: 0.0005}}
+""")
+    cfg = load_config(sft.TrainConfig, config)
+    summary = sft.run(cfg)
+    assert [s["stage"] for s in summary["stages"]] == ["flan", "gpt4"]
+    first = read_log(tmp_path / "run" / "stage-0-flan")
+    second = read_log(tmp_path / "run" / "stage-1-gpt4")
+    assert first[0]["lr"] == pytest.approx(0.001) and second[0]["lr"] == pytest.approx(0.0005)
+    assert second[0]["loss"] < first[0]["loss"]  # stage 2 starts from stage 1's weights, not from scratch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = tmp_path / "run" / "model"
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+
+
+def test_bad_configs_fail_before_training(tmp_path, tiny_model, sft_file):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    cfg = load_config(sft.TrainConfig, None, (), {"model": str(tiny_model), "data": (str(sft_file),), "output": str(tmp_path / "x"),
+                                                  "deepspeed_config": str(ds)})
+    with pytest.raises(Orca2Error, match=r"ds.json: 'train_micro_batch_size_per_gpu' is 8 but the training config says 1"):
+        sft.run(cfg)
+    ds.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(Orca2Error, match="'optimizer' is set by orca2"):
+        sft.run(cfg)
+    with pytest.raises(Orca2Error, match="no such training data file"):
+        sft.run(load_config(sft.TrainConfig, None, (), {"model": str(tiny_model), "data": ("missing.jsonl",), "output": "x"}))
+    with pytest.raises(Orca2Error, match="either data .* or stages"):
+        load_config(sft.TrainConfig, None, (), {"model": "m", "output": "x"})
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,196 @@
+"""Fused linear cross-entropy with loss masking: loss(hidden @ weight.T, labels) without materialising [N, V] logits.
+
+Three layers (as in Liger-Kernel): the ops — a chunked PyTorch path (any device) and the Triton kernels
+(train/fused_ce_triton.py, CUDA); an `autograd.Function`; and `reference_linear_cross_entropy`, the naive
+`F.linear` + `F.cross_entropy` that tests compare against.
+
+Work scales with *supervised* rows: rows whose label is ignore_index are dropped before any matmul
+(pass `index` — positions of supervised rows, computed on the host by the collator — to avoid the
+device→host sync that finding them costs on a GPU). Gradients are computed in the forward pass, chunk
+by chunk, and only scaled by grad_output in backward: 3 matmuls like the naive path, no recompute.
+Memory: one (chunk, V) fp32 block at a time, plus d_hidden (n, H) and d_weight (V, H) held until backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from orca2.errors import Orca2Error
+
+
+def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                   ignore_index: int = -100, reduction: str = "sum", scale: Any = None,
+                                   softcap: float | None = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
+                                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The naive reference: full logits (fp32 for half-precision inputs), F.cross_entropy, then the extras."""
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    loss = F.cross_entropy(logits, safe, reduction="none", label_smoothing=label_smoothing)
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(logits, dim=-1) ** 2
+    loss = torch.where(mask, loss, torch.zeros_like(loss)).sum()
+    if reduction == "mean":
+        loss = loss / mask.sum().clamp(min=1)
+    if scale is not None:
+        loss = loss * scale
+    return loss
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+           bias: torch.Tensor | None) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+        raise Orca2Error(f"fused_linear_cross_entropy: expected hidden [N, H], weight [V, H], labels [N]; got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
+        raise Orca2Error(f"fused_linear_cross_entropy: shape mismatch: hidden {tuple(hidden.shape)}, weight "
+                         f"{tuple(weight.shape)}, labels {tuple(labels.shape)}")
+    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
+        raise Orca2Error(f"fused_linear_cross_entropy: hidden and weight must share a float dtype, got {hidden.dtype}, {weight.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise Orca2Error(f"fused_linear_cross_entropy: labels must be int64 or int32, got {labels.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise Orca2Error(f"fused_linear_cross_entropy: bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise Orca2Error(f"fused_linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
+    if hidden.shape[0] == 0:
+        raise Orca2Error("fused_linear_cross_entropy: empty input (N = 0)")
+
+
+def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    # One reduction; on a GPU this syncs, so the training loop passes validate=False (its collator checked).
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise Orca2Error(f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})")
+
+
+def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                             softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
+                             chunk: int) -> tuple[torch.Tensor, Any, Any, Any]:
+    """Loss sum over the (already compacted) rows of h, and its gradients, in fp32, one row chunk at a time."""
+    n, H = h.shape
+    V = weight.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp32 accumulation for bf16/fp16/fp32
+    w32 = weight.to(acc)
+    b32 = bias.to(acc) if bias is not None else None
+    total = torch.zeros((), dtype=acc, device=h.device)
+    d_h = torch.empty((n, H), dtype=acc, device=h.device) if need_grad else None
+    d_w = torch.zeros((V, H), dtype=acc, device=h.device) if need_grad else None
+    d_b = torch.zeros((V,), dtype=acc, device=h.device) if (need_grad and bias is not None) else None
+    for start in range(0, n, chunk):
+        hc = h[start:start + chunk].to(acc)
+        yc = y[start:start + chunk]
+        logits = hc @ w32.T  # (c, V): the only place logits exist, one chunk at a time
+        if b32 is not None:
+            logits += b32
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        lse = torch.logsumexp(logits, dim=-1)  # (c,)
+        target = logits.gather(1, yc[:, None]).squeeze(1)
+        loss = (1 - label_smoothing) * (lse - target)
+        if label_smoothing:
+            loss = loss + label_smoothing * (lse - logits.mean(dim=-1))
+        if z_loss:
+            loss = loss + z_loss * lse * lse
+        total += loss.sum()
+        if not need_grad:
+            continue
+        # d loss / d logits = p * (1 + 2 z lse) - (1 - eps) onehot - eps / V, with p = softmax(logits)
+        grad = torch.exp(logits - lse[:, None])
+        if z_loss:
+            grad *= (1 + 2 * z_loss * lse)[:, None]
+        if label_smoothing:
+            grad -= label_smoothing / V
+        grad.scatter_add_(1, yc[:, None], torch.full_like(target[:, None], -(1 - label_smoothing)))
+        if softcap:
+            grad *= 1 - (logits / softcap) ** 2  # through cap * tanh(u / cap)
+        d_h[start:start + chunk] = grad @ w32
+        d_w.addmm_(grad.T, hc)
+        if d_b is not None:
+            d_b += grad.sum(0)
+    return total, d_h, d_w, d_b
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                index: torch.Tensor | None, ignore_index: int, reduction: str, scale: Any, softcap: float | None,
+                z_loss: float, label_smoothing: float, chunk: int, backend: str) -> torch.Tensor:
+        if index is None:
+            index = (labels != ignore_index).nonzero().squeeze(1)  # syncs on a GPU; pass `index` to avoid it
+        h = hidden.index_select(0, index)
+        y = labels.index_select(0, index).long()
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        if h.shape[0] == 0:  # all masked: a defined zero, zero gradients
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            d_h = torch.zeros((0, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+            d_w, d_b = torch.zeros_like(weight, dtype=torch.float32), None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        elif backend == "triton":
+            from orca2.train.fused_ce_triton import triton_forward_backward
+
+            total, d_h, d_w, d_b = triton_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad)
+        else:
+            total, d_h, d_w, d_b = chunked_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad, chunk)
+        factor = torch.ones((), dtype=total.dtype, device=hidden.device)
+        if reduction == "mean":
+            factor = factor / max(1, index.numel())  # the count is the index's shape: known on the host, no sync
+        if scale is not None:
+            factor = factor * scale
+        ctx.save_for_backward(index, d_h if need_grad else None, d_w if need_grad else None,
+                              d_b if need_grad else None, factor)
+        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total * factor
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        index, d_h, d_w, d_b, factor = ctx.saved_tensors
+        (hidden_shape, hidden_dtype, weight_dtype, bias_dtype) = ctx.shapes
+        g = grad_output.to(factor.dtype) * factor
+        d_hidden = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_hidden = torch.zeros(hidden_shape, dtype=hidden_dtype, device=grad_output.device)
+            d_hidden.index_copy_(0, index, (d_h * g).to(hidden_dtype))
+        if ctx.needs_input_grad[1]:
+            d_weight = (d_w * g).to(weight_dtype)
+        if ctx.needs_input_grad[3] and d_b is not None:
+            d_bias = (d_b * g).to(bias_dtype)
+        return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                               ignore_index: int = -100, reduction: str = "sum", scale: Any = None,
+                               softcap: float | None = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
+                               bias: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                               chunk: int = 1024, backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """Cross-entropy of hidden @ weight.T (+ bias) against labels, summed (or averaged) over supervised rows.
+
+    hidden [N, H], weight [V, H], labels [N] (ignore_index rows contribute nothing; all-masked gives 0).
+    `scale` multiplies the result (e.g. 1 / supervised tokens of the whole optimizer step) without a
+    host sync; `index` lists the supervised rows when the caller already knows them.
+    backend: auto (Triton on CUDA when importable, else chunked), triton, chunked.
+    """
+    _check(hidden, weight, labels, ignore_index, reduction, bias)
+    if validate:
+        _check_label_range(labels, weight.shape[0], ignore_index)
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda and _triton_available() else "chunked"
+    if backend not in ("triton", "chunked"):
+        raise Orca2Error(f"fused_linear_cross_entropy: backend must be auto, triton or chunked, got {backend!r}")
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, bias, index, ignore_index, reduction, scale,
+                                            softcap, z_loss, label_smoothing, chunk, backend)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,100 @@
+"""The student: loading (HF folder, hub name, GGUF, the built-in SmolLM2), ChatML setup, and the loss wrapper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orca2.errors import Orca2Error
+from orca2.train.data import CHATML_TEMPLATE, IGNORE, MicroBatch
+
+
+def load_student(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer) from 'local:default' (SmolLM2-135M-Instruct, dequantised), a .gguf file, an HF folder or a hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orca2.teachers import load_local_model
+
+    target = spec.split(":", 1)[1] if spec.startswith("local:") else spec
+    path = Path(target)
+    if target == "default" or path.suffix == ".gguf" or path.exists():
+        if path.suffix != ".gguf" and target != "default" and not (path / "config.json").exists():
+            raise Orca2Error(f"{path}: not a model folder (no config.json) and not a .gguf file")
+        model, tokenizer = load_local_model(target, "cpu", dtype)
+        return model.train(), tokenizer
+    if "/" not in target or target.startswith((".", "/")):
+        raise Orca2Error(f"model '{spec}': no such folder or file (hub names look like org/name)")
+    try:  # an HF hub name: works when online or already in the local HF cache
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise Orca2Error(f"model '{spec}': cannot load from the hub or cache ({str(exc).splitlines()[0][:160]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def use_chatml(model: Any, tokenizer: Any) -> int:
+    """Give the tokenizer ChatML with <|im_start|>/<|im_end|> as added special tokens (as Orca 2 did); resize embeddings."""
+    added = tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|im_end|>"
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return added
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM so one forward returns Σ cross-entropy over the batch's supervised tokens.
+
+    loss_impl 'fused' computes hidden states only and calls fused_linear_cross_entropy on the supervised
+    rows: the (tokens × vocabulary) logits never exist. Under ZeRO-3 the lm_head weight is registered as
+    an external parameter of this module, so DeepSpeed gathers it for forward and backward and its
+    gradient flows through autograd (DeepSpeed's hooks fire).
+    """
+
+    def __init__(self, model: Any, loss_impl: str = "naive"):
+        super().__init__()
+        if loss_impl not in ("naive", "fused"):
+            raise Orca2Error(f"loss_impl must be naive or fused, got {loss_impl!r}")
+        self.model = model
+        self.loss_impl = loss_impl
+        if loss_impl == "fused":
+            head = model.get_output_embeddings()
+            base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+            if head is None or base is None:
+                raise Orca2Error(f"loss_impl fused needs a Llama/Mistral/Qwen2-style model with `model` and `lm_head`; "
+                                 f"{type(model).__name__} has neither")
+            self._base = base
+            self._head = head
+            try:
+                from deepspeed.zero import register_external_parameter
+
+                register_external_parameter(self, head.weight)
+            except ImportError:  # DeepSpeed absent: nothing to coordinate
+                pass
+
+    def forward(self, batch: MicroBatch) -> torch.Tensor:
+        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+        labels = batch.labels[:, 1:].reshape(-1)
+        if self.loss_impl == "naive":
+            logits = self.model(**kwargs).logits[:, :-1]
+            logits = logits.reshape(-1, logits.shape[-1])
+            return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        from orca2.train.fused_ce import fused_linear_cross_entropy
+
+        hidden = self._base(**kwargs).last_hidden_state[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        index = batch.index  # supervised rows, found by the collator on the host: no device sync here
+        if index.numel() == 0:
+            return hidden.sum() * 0.0  # keeps the graph (and ZeRO's hooks) alive for an all-masked micro-batch
+        return fused_linear_cross_entropy(hidden, self._head.weight, labels, index=index,
+                                          bias=getattr(self._head, "bias", None), validate=False)
