@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from orca2.errors import Orca2Error
-from orca2.train.data import (IGNORE, Example, check_masks, collate, empty_micro_batch, end_of_turn_ids,
-                              make_micro_batches, pack_best_fit_decreasing, prepare_examples, tokenize_example)
+from orca2.train.attention import register
+from orca2.train.data import (IGNORE, Example, check_masks, collate_packed, collate_padded, empty_micro_batch,
+                              end_of_turn_ids, make_micro_batches, pack_best_fit_decreasing, prepare_examples,
+                              tokenize_example)
 from orca2.train.model import CausalLMLoss, use_chatml
 
 
@@ -14,7 +16,7 @@ def tiny(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=register())
     return model, AutoTokenizer.from_pretrained(tiny_model)
 
 
@@ -141,23 +143,23 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny):
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    packed_len = sum(len(e.input_ids) for e in examples)
-    packed = collate([examples], packed_len, 0)
+    packed = collate_packed(examples, capacity=2048)
     assert packed.position_ids[0, len(examples[0].input_ids)] == 0  # restarts per example
+    assert packed.input_ids.shape == (1, sum(len(e.input_ids) for e in examples))  # padding-free
     loss_p, grads_p = loss_and_grads(packed)
     loss_u = torch.zeros(())
     grads_u = [torch.zeros_like(p) for p in model.parameters()]
-    for e in examples:
-        loss, grads = loss_and_grads(collate([[e]], len(e.input_ids), 0))
+    for e in examples:  # each example alone, as a padded batch of one
+        loss, grads = loss_and_grads(collate_padded([e], 0))
         loss_u += loss
         grads_u = [a + b for a, b in zip(grads_u, grads)]
     assert packed.supervised == sum(e.supervised - (e.labels[0] != IGNORE) for e in examples)
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_p, grads_u):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # position_ids alone would let examples attend to each other: the loss would change
-    leaky = collate([examples], packed_len, 0)
-    leaky.attention_mask[:] = torch.tril(torch.ones(packed_len, packed_len, dtype=torch.bool))
+    # position_ids alone (no per-example attention) let examples attend to each other: the loss changes
+    leaky = collate_packed(examples, capacity=2048)
+    leaky.segments = None
     assert abs(float(wrapped(leaky).detach()) - float(loss_u)) > 1e-3
 
 
@@ -190,7 +192,7 @@ def test_fused_loss_matches_naive_in_the_model(tiny):
     model, tok = tiny
     eot = end_of_turn_ids(tok)
     examples = [tokenize_example(str(i), conversation("go " * (i + 2)), tok, eot) for i in range(3)]
-    batch = collate([examples], sum(len(e.input_ids) for e in examples), 0)
+    batch = collate_packed(examples, capacity=2048)
     naive, fused = CausalLMLoss(model, "naive"), CausalLMLoss(model, "fused")
     model.zero_grad()
     naive(batch).backward()

@@ -176,65 +176,86 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # (B, T)
+    input_ids: torch.Tensor  # (B, T); packed: (1, Σ lengths), no padding at all
     labels: torch.Tensor  # (B, T), IGNORE on prompt, padding and each example's first token
     position_ids: torch.Tensor  # (B, T), restarting at 0 for every packed example
-    attention_mask: torch.Tensor  # (B, 1, T, T) bool: causal within each example, nothing across
-    tokens: int  # non-pad tokens
+    attention_mask: torch.Tensor | None  # padded: (B, T) 1/0; packed: None (attention is per segment)
+    segments: list[int] | None  # packed: example boundaries [0, l1, l1+l2, ...] for varlen attention
+    tokens: int  # real (non-pad) tokens
+    capacity: int  # token slots this micro-batch stands for: rows × max_len packed, B × T padded
     supervised: int  # tokens that count in the loss (after the shift)
     index: torch.Tensor  # positions of those tokens in labels[:, 1:].reshape(-1)
 
     def to(self, device: Any) -> "MicroBatch":
-        return MicroBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device),
-                          self.attention_mask.to(device), self.tokens, self.supervised, self.index.to(device))
+        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
+        return MicroBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device), mask,
+                          self.segments, self.tokens, self.capacity, self.supervised, self.index.to(device))
+
+    def model_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.attention_mask is not None:
+            kwargs["attention_mask"] = self.attention_mask
+        if self.segments is not None:
+            kwargs["orca2_segments"] = self.segments  # read by orca2.train.attention.varlen_sdpa
+        return kwargs
 
 
-def collate(rows: list[list[Example]], length: int, pad_id: int) -> MicroBatch:
-    """Rows of examples (one example per row when not packing) → a micro-batch padded to `length`."""
-    B = len(rows)
+def _supervised_index(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
+def collate_packed(examples: list[Example], capacity: int) -> MicroBatch:
+    """Examples concatenated into one padding-free row; attention stays inside each example."""
+    input_ids = torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.long)[None]
+    labels = torch.tensor([y for e in examples for y in e.labels], dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(len(e.input_ids)) for e in examples])[None]
+    segments = [0]
+    for e in examples:
+        labels[0, segments[-1]] = IGNORE  # nothing before an example's first token predicts it
+        segments.append(segments[-1] + len(e.input_ids))
+    return MicroBatch(input_ids, labels, position_ids, None, segments, segments[-1], capacity,
+                      *_counted(labels))
+
+
+def collate_padded(examples: list[Example], pad_id: int) -> MicroBatch:
+    """One example per row, right-padded to the longest (the usual batching, for comparison)."""
+    length = max(len(e.input_ids) for e in examples)
+    B = len(examples)
     input_ids = torch.full((B, length), pad_id, dtype=torch.long)
     labels = torch.full((B, length), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((B, length), dtype=torch.long)
-    segment = torch.full((B, length), -1, dtype=torch.long)  # -1 = padding
-    tokens = 0
-    for b, row in enumerate(rows):
-        start = 0
-        for s, example in enumerate(row):
-            n = len(example.input_ids)
-            input_ids[b, start:start + n] = torch.tensor(example.input_ids)
-            labels[b, start:start + n] = torch.tensor(example.labels)
-            labels[b, start] = IGNORE  # nothing before an example's first token predicts it
-            position_ids[b, start:start + n] = torch.arange(n)
-            segment[b, start:start + n] = s
-            start += n
-            tokens += n
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-    mask = (same & causal)[:, None]
-    # Padding rows attend to themselves only, so softmax never sees an all-masked row (no NaN).
-    eye = torch.eye(length, dtype=torch.bool)[None, None]
-    mask = mask | (eye & (segment < 0)[:, None, :, None])
-    index = (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
-    return MicroBatch(input_ids, labels, position_ids, mask, tokens, int(index.numel()), index)
+    mask = torch.zeros((B, length), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        labels[b, 0] = IGNORE
+        mask[b, :n] = 1
+    position_ids = torch.arange(length)[None].expand(B, length).contiguous()
+    return MicroBatch(input_ids, labels, position_ids, mask, None, int(mask.sum()), B * length, *_counted(labels))
+
+
+def _counted(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+    index = _supervised_index(labels)
+    return int(index.numel()), index
 
 
 def make_micro_batches(examples: list[Example], *, max_len: int, micro_batch_size: int, packing: bool, pad_id: int,
                        seed: int, epoch: int) -> list[MicroBatch]:
-    """One epoch of micro-batches, shuffled by (seed, epoch)."""
+    """One epoch of micro-batches, shuffled by (seed, epoch): packed bins of max_len, or padded examples."""
     rng = random.Random(f"{seed}:{epoch}")
     if packing:
         bins = pack_best_fit_decreasing([len(e.input_ids) for e in examples], max_len)
-        rows = [[examples[i] for i in b] for b in bins]
-        rng.shuffle(rows)
-        groups = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-        return [collate(g, max_len, pad_id) for g in groups]
+        rng.shuffle(bins)
+        groups = [bins[i:i + micro_batch_size] for i in range(0, len(bins), micro_batch_size)]
+        return [collate_packed([examples[i] for b in g for i in b], max_len * len(g)) for g in groups]
     order = list(range(len(examples)))
     rng.shuffle(order)
-    groups = [[[examples[i]] for i in order[j:j + micro_batch_size]] for j in range(0, len(order), micro_batch_size)]
-    return [collate(g, max(len(r[0].input_ids) for r in g), pad_id) for g in groups]
+    return [collate_padded([examples[i] for i in order[j:j + micro_batch_size]], pad_id)
+            for j in range(0, len(order), micro_batch_size)]
 
 
-def empty_micro_batch(pad_id: int, length: int = 2) -> MicroBatch:
+def empty_micro_batch(pad_id: int) -> MicroBatch:
     """A micro-batch with no supervised token: fills a rank's last step so every rank steps together."""
-    batch = collate([[Example("empty", [pad_id] * length, [IGNORE] * length)]], length, pad_id)
-    return MicroBatch(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask, 0, 0, batch.index)
+    batch = collate_packed([Example("empty", [pad_id, pad_id], [IGNORE, IGNORE])], 0)
+    batch.tokens = 0
+    return batch

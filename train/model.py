@@ -83,7 +83,7 @@ class CausalLMLoss(nn.Module):
                 pass
 
     def forward(self, batch: MicroBatch) -> torch.Tensor:
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+        kwargs = batch.model_kwargs()
         labels = batch.labels[:, 1:].reshape(-1)
         if self.loss_impl == "naive":
             logits = self.model(**kwargs).logits[:, :-1]

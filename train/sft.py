@@ -175,6 +175,10 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
         use_chatml(model, tokenizer)
     if not getattr(tokenizer, "chat_template", None):
         raise Orca2Error(f"{model_spec}: the tokenizer has no chat template; set chat_template: chatml")
+    if cfg.packing:  # padding-free rows: attention per example (varlen), no (T, T) mask
+        from orca2.train.attention import register
+
+        model.set_attn_implementation(register())
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -227,7 +231,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
                 break
             t0 = time.perf_counter()
             counts = torch.tensor([sum(mb.supervised for mb in micro_batches), sum(mb.tokens for mb in micro_batches),
-                                   sum(mb.input_ids.numel() for mb in micro_batches)], dtype=torch.float64)
+                                   sum(mb.capacity for mb in micro_batches)], dtype=torch.float64)
             dist.all_reduce(counts)  # supervised tokens of the whole step, all ranks
             step_supervised = max(1.0, float(counts[0]))
             lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -279,6 +283,7 @@ def _save_hf(engine: Any, model: Any, tokenizer: Any, folder: Path, zero_stage: 
     if state is not None:  # keys carry the wrapper's "model." prefix
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     folder.mkdir(parents=True, exist_ok=True)
+    model.set_attn_implementation("sdpa")  # the packing-only attention is not what a loader of the model should get
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

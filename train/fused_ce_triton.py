@@ -1,0 +1,110 @@
+"""Triton kernels for the fused linear cross-entropy (CUDA; also runs on CPU under TRITON_INTERPRET=1).
+
+Per chunk of supervised rows, cuBLAS computes the (c, V) logits block; one Triton program per row then
+makes two passes over it in BLOCK_V tiles: an online log-sum-exp (running max and sum, fp32 whatever
+the input dtype) that also picks up the target logit and the logit sum (for label smoothing), and a
+second pass that overwrites the block in place with d loss / d logits. cuBLAS then gives d_hidden and
+accumulates d_weight (fp32). Only one (c, V) block exists at a time, no host synchronisation happens
+inside, and the count of rows for `mean` is a shape, not a reduction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp (portable across Triton backends and the interpreter). Near 0, 1 - exp(-2|x|)
+    # cancels, so |x| < 0.1 uses the odd series to x^7 (truncation < 3e-11).
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = a * a
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.1, small, big)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, lse_ptr, V, softcap, z_loss, smoothing,
+                    HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    label = tl.load(labels_ptr + row)
+    running_max = float("-inf")
+    running_sum = 0.0
+    target = 0.0
+    total = 0.0
+    # pass 1: online log-sum-exp over V in BLOCK_V tiles
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        valid = cols < V
+        x = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        x = tl.where(valid, x, float("-inf"))  # tiles past V count for nothing (after the cap, not before)
+        block_max = tl.max(x, axis=0)
+        new_max = tl.maximum(running_max, block_max)
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        running_max = new_max
+        target += tl.sum(tl.where(cols == label, x, 0.0), axis=0)
+        total += tl.sum(tl.where(valid, x, 0.0), axis=0)
+    lse = running_max + tl.log(running_sum)
+    loss = (1.0 - smoothing) * (lse - target) + smoothing * (lse - total / V) + z_loss * lse * lse
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+    if WRITE_GRAD:
+        # pass 2: d loss / d logits = p (1 + 2 z lse) - (1 - eps) onehot - eps / V, through the softcap
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = cols < V
+            raw = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+            x = raw
+            if HAS_SOFTCAP:
+                x = softcap * _tanh(raw / softcap)
+            grad = tl.exp(x - lse) * (1.0 + 2.0 * z_loss * lse) - smoothing / V
+            grad = tl.where(cols == label, grad - (1.0 - smoothing), grad)
+            if HAS_SOFTCAP:
+                grad = grad * (1.0 - (x / softcap) * (x / softcap))
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=valid)
+
+
+def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                            softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
+                            chunk: int = 4096, block_v: int = 1024) -> tuple[torch.Tensor, Any, Any, Any]:
+    """Loss sum over the compacted rows of h and its gradients (d_hidden, d_weight, d_bias in fp32)."""
+    n, H = h.shape
+    V = weight.shape[0]
+    # fp32 logits blocks: the kernel accumulates in fp32 either way; fp32 storage keeps the gradient exact
+    # for bf16/fp16 inputs at the price of (chunk, V) × 4 bytes.
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    d_h = torch.empty((n, H), dtype=torch.float32, device=h.device) if need_grad else None
+    d_w = torch.zeros((V, H), dtype=torch.float32, device=h.device) if need_grad else None
+    d_b = torch.zeros((V,), dtype=torch.float32, device=h.device) if (need_grad and bias is not None) else None
+    w32 = weight.float() if weight.dtype != torch.float32 else weight
+    y = y.contiguous()
+    block_v = min(block_v, triton.next_power_of_2(V))
+    for start in range(0, n, chunk):
+        hc = h[start:start + chunk]
+        hc32 = hc.float() if hc.dtype != torch.float32 else hc
+        logits = hc32 @ w32.T  # (c, V) fp32
+        if bias is not None:
+            logits += bias.float()
+        c = logits.shape[0]
+        loss = torch.empty((c,), dtype=torch.float32, device=h.device)
+        lse = torch.empty((c,), dtype=torch.float32, device=h.device)
+        _ce_rows_kernel[(c,)](logits, logits.stride(0), y[start:start + c], loss, lse, V,
+                              float(softcap or 1.0), float(z_loss), float(label_smoothing),
+                              HAS_SOFTCAP=bool(softcap), WRITE_GRAD=need_grad, BLOCK_V=block_v)
+        total += loss.sum()
+        if need_grad:  # `logits` now holds d loss / d logits
+            d_h[start:start + c] = logits @ w32
+            d_w.addmm_(logits.T, hc32)
+            if d_b is not None:
+                d_b += logits.sum(0)
+    return total, d_h, d_w, d_b
