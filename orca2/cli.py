@@ -127,10 +127,12 @@ def strategies_show(name: str, user_paths: tuple[str, ...]) -> None:
     click.echo(strategy.system_text())
 
 
-def teacher_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def teacher_options(with_teacher: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Teacher, client and sampling options shared by select, generate and eval (same names, same meaning)."""
     options = [
         click.option("--teacher", default=None, help="openai:<model> | local:<folder|file.gguf|default>"),
+    ] if with_teacher else []
+    options += [
         click.option("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)."),
         click.option("--api-key-env", default=None, help="Environment variable holding the API key (default OPENAI_API_KEY)."),
         click.option("--concurrency", type=int, default=None, help="Requests in flight (default 16)."),
@@ -147,15 +149,19 @@ def teacher_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-tokens", type=int, default=None, help="Completion tokens per sample (default 1024)."),
         click.option("--strategies", "user_strategies", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
 
 
 def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
     """Map the shared teacher options onto config keys (client.*, sampling.*)."""
     return {
-        "teacher": kw.pop("teacher"), "strategies": kw.pop("user_strategies"),
+        "teacher": kw.pop("teacher", None), "strategies": kw.pop("user_strategies"),
         "client.base_url": kw.pop("base_url"), "client.api_key_env": kw.pop("api_key_env"),
         "client.concurrency": kw.pop("concurrency"), "client.rpm": kw.pop("rpm"), "client.tpm": kw.pop("tpm"),
         "client.max_attempts": kw.pop("max_attempts"), "client.timeout": kw.pop("timeout"),
@@ -172,7 +178,7 @@ def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
 @click.option("-o", "--output", default=None, help="Output traces file.")
 @click.option("--limit", type=int, default=None, help="Only the first N tasks.")
 @click.option("--allow-failures", is_flag=True, default=None, help="Exit 0 even if some requests failed for good.")
-@teacher_options
+@teacher_options()
 @common_options
 def generate(tasks_path: str | None, assign: str | None, strategy: str | None, output: str | None, limit: int | None,
              allow_failures: bool | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None,
@@ -205,7 +211,7 @@ def generate(tasks_path: str | None, assign: str | None, strategy: str | None, o
 @click.option("-o", "--output", default=None, help="Assignment YAML to write.")
 @click.option("--candidates", default=None, metavar="NAME,...", help="Strategies to compare (default: all).")
 @click.option("--dev-size", type=int, default=None, help="Items per task (default 32).")
-@teacher_options
+@teacher_options()
 @common_options
 def select(tasks_path: str | None, output: str | None, candidates: str | None, dev_size: int | None,
            config_path: str | None, overrides: tuple[str, ...], seed: int | None, **teacher: Any) -> None:
@@ -303,11 +309,49 @@ def train(model: str | None, data: tuple[str, ...], output: str | None, resume: 
         click.echo(f"final model (HF format): {summary['model']}")
 
 
-@cli.command("eval")
+@cli.group("eval", invoke_without_command=True)
+@click.option("--model", default=None, help="HF folder | local:default | local:<path> | openai:<model>.")
+@click.option("--bench", default=None, metavar="NAME,...", help="Benchmarks (gsm8k, bbh, bbh/<task>, arc-challenge, mmlu, ...).")
+@click.option("--system", "system_prompts", default=None, metavar="COND,...",
+              help="System-prompt conditions: empty, cautious, strategy:NAME, or a text file (default empty).")
+@click.option("-o", "--output", default=None, help="Report folder.")
+@click.option("--label", default=None, help="The model's name in reports.")
+@click.option("--limit", type=int, default=None, help="Items per task.")
+@click.option("--benchmarks", "extra_benchmarks", multiple=True, help="Extra benchmark YAML file (repeatable).")
+@click.option("--data-dir", default=None, help="Benchmark data folder (default $ORCA2_DATA_DIR or ../shared/data).")
+@teacher_options(with_teacher=False)
 @common_options
-def eval_(**_: Any) -> None:
-    """Evaluate a model on benchmarks under empty, cautious and strategy system prompts."""
-    _not_yet("eval", 7)
+@click.pass_context
+def eval_(ctx: click.Context, model: str | None, bench: str | None, system_prompts: str | None, output: str | None,
+          label: str | None, limit: int | None, extra_benchmarks: tuple[str, ...], data_dir: str | None,
+          config_path: str | None, overrides: tuple[str, ...], seed: int | None, **teacher: Any) -> None:
+    """Evaluate a model on benchmarks under empty, cautious and strategy system prompts (`eval compare` to combine)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from orca2.config import load_config
+    from orca2.eval import evaluate as stage
+
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip()) if text else None  # noqa: E731
+    flags = {"model": model, "bench": split(bench), "system": split(system_prompts), "output": output, "label": label,
+             "limit": limit, "benchmarks": extra_benchmarks, "data_dir": data_dir, **_teacher_flags(teacher, seed)}
+    flags.pop("teacher")
+    cfg = load_config(stage.EvalConfig, config_path, overrides, flags)
+    report = stage.run(cfg)
+    for condition, summary in report["benchmarks"].items():
+        for name, o in summary["overall"].items():
+            click.echo(f"{report['model']} | {condition} | {name}: {100 * o['accuracy']:.1f}% "
+                       f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] over {o['n']} items")
+    click.echo(f"report: {cfg.output}/report.md")
+
+
+@eval_.command("compare")
+@click.argument("reports", nargs=-1, required=True)
+@click.option("-o", "--output", default="compare", show_default=True, help="Folder for compare.md and compare.png.")
+def eval_compare(reports: tuple[str, ...], output: str) -> None:
+    """Render one table and plot from several finished report folders."""
+    from orca2.eval.report import compare
+
+    click.echo(compare(list(reports), output), nl=False)
 
 
 @cli.command()

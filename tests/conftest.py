@@ -10,7 +10,7 @@ ASSETS = Path(__file__).parent / "assets"
 DATA_DIR = Path(os.environ.get("ORCA2_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared GSM8K/BBH data (ORCA2_DATA_DIR, default ../shared/data); skips when absent."""
     if not (DATA_DIR / "gsm8k" / "test.jsonl").exists() or not (DATA_DIR / "bbh").is_dir():

@@ -63,8 +63,8 @@ def test_bad_record_file_error(tmp_path, run_cli):
 
 
 def test_later_stages_exist_and_say_so(run_cli):
-    result = run_cli("eval")
-    assert result.returncode != 0 and "issue #7" in result.stderr
+    result = run_cli("run")
+    assert result.returncode != 0 and "issue #8" in result.stderr
 
 
 def test_package_data_in_wheel(tmp_path, repo):

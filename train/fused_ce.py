@@ -72,47 +72,64 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
         raise Orca2Error(f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})")
 
 
+def auto_chunk(V: int, budget_bytes: int = 32 * 2**20) -> int:
+    """Rows per chunk so one (chunk, V) fp32 block takes about `budget_bytes` (32 MB: 170 rows at V = 49,152)."""
+    return max(16, budget_bytes // (4 * V))
+
+
 def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
                              softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                             chunk: int) -> tuple[torch.Tensor, Any, Any, Any]:
-    """Loss sum over the (already compacted) rows of h, and its gradients, in fp32, one row chunk at a time."""
+                             chunk: int | None) -> tuple[torch.Tensor, Any, Any, Any]:
+    """Loss sum over the (already compacted) rows of h, and its gradients, in fp32, one row chunk at a time.
+
+    Each chunk's (c, V) block is turned into d loss / d logits in place, so a chunk costs one block
+    (two under a softcap), never the (N, V) logits.
+    """
     n, H = h.shape
     V = weight.shape[0]
+    chunk = chunk or auto_chunk(V)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp32 accumulation for bf16/fp16/fp32
-    w32 = weight.to(acc)
-    b32 = bias.to(acc) if bias is not None else None
+    w32 = weight if weight.dtype == acc else weight.to(acc)
+    b32 = None if bias is None else (bias if bias.dtype == acc else bias.to(acc))
     total = torch.zeros((), dtype=acc, device=h.device)
     d_h = torch.empty((n, H), dtype=acc, device=h.device) if need_grad else None
     d_w = torch.zeros((V, H), dtype=acc, device=h.device) if need_grad else None
     d_b = torch.zeros((V,), dtype=acc, device=h.device) if (need_grad and bias is not None) else None
     for start in range(0, n, chunk):
-        hc = h[start:start + chunk].to(acc)
-        yc = y[start:start + chunk]
+        hc = h[start:start + chunk]
+        hc = hc if hc.dtype == acc else hc.to(acc)
+        yc = y[start:start + chunk, None]
         logits = hc @ w32.T  # (c, V): the only place logits exist, one chunk at a time
         if b32 is not None:
             logits += b32
         if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        lse = torch.logsumexp(logits, dim=-1)  # (c,)
-        target = logits.gather(1, yc[:, None]).squeeze(1)
+            logits.div_(softcap).tanh_().mul_(softcap)
+        target = logits.gather(1, yc).squeeze(1)
+        mean = logits.mean(dim=-1) if label_smoothing else None
+        cap_grad = 1 - (logits / softcap) ** 2 if (softcap and need_grad) else None
+        # log-sum-exp in place (torch.logsumexp would allocate a second block): the block becomes exp(x - max)
+        row_max = logits.amax(dim=-1)
+        grad = logits.sub_(row_max[:, None]).exp_()
+        row_sum = grad.sum(dim=-1)
+        lse = row_max + row_sum.log()
         loss = (1 - label_smoothing) * (lse - target)
         if label_smoothing:
-            loss = loss + label_smoothing * (lse - logits.mean(dim=-1))
+            loss += label_smoothing * (lse - mean)
         if z_loss:
-            loss = loss + z_loss * lse * lse
+            loss += z_loss * lse * lse
         total += loss.sum()
         if not need_grad:
             continue
-        # d loss / d logits = p * (1 + 2 z lse) - (1 - eps) onehot - eps / V, with p = softmax(logits)
-        grad = torch.exp(logits - lse[:, None])
+        # d loss / d logits = p * (1 + 2 z lse) - (1 - eps) onehot - eps / V, p = softmax; × (1 - (x/cap)^2) under a cap
+        grad.div_(row_sum[:, None])  # p
         if z_loss:
-            grad *= (1 + 2 * z_loss * lse)[:, None]
+            grad.mul_((1 + 2 * z_loss * lse)[:, None])
         if label_smoothing:
-            grad -= label_smoothing / V
-        grad.scatter_add_(1, yc[:, None], torch.full_like(target[:, None], -(1 - label_smoothing)))
-        if softcap:
-            grad *= 1 - (logits / softcap) ** 2  # through cap * tanh(u / cap)
-        d_h[start:start + chunk] = grad @ w32
+            grad.sub_(label_smoothing / V)
+        grad.scatter_add_(1, yc, torch.full(yc.shape, -(1 - label_smoothing), dtype=acc, device=h.device))
+        if cap_grad is not None:
+            grad.mul_(cap_grad)
+        torch.mm(grad, w32, out=d_h[start:start + chunk])
         d_w.addmm_(grad.T, hc)
         if d_b is not None:
             d_b += grad.sum(0)
@@ -144,24 +161,33 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             factor = factor / max(1, index.numel())  # the count is the index's shape: known on the host, no sync
         if scale is not None:
             factor = factor * scale
-        ctx.save_for_backward(index, d_h if need_grad else None, d_w if need_grad else None,
-                              d_b if need_grad else None, factor)
+        ctx.save_for_backward(index, factor)
+        # The precomputed gradients are held as plain attributes and dropped in backward, so the (V, H)
+        # weight gradient can be handed to autograd without a copy (a saved tensor would force one).
+        ctx.grads = (d_h, d_w, d_b) if need_grad else (None, None, None)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total * factor
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        index, d_h, d_w, d_b, factor = ctx.saved_tensors
+        if getattr(ctx, "done", False):
+            raise RuntimeError("fused_linear_cross_entropy: its gradients were computed in forward and are used once; "
+                               "a second backward through the same call is not supported")
+        ctx.done = True
+        index, factor = ctx.saved_tensors
+        d_h, d_w, d_b = ctx.grads
+        del ctx.grads
         (hidden_shape, hidden_dtype, weight_dtype, bias_dtype) = ctx.shapes
         g = grad_output.to(factor.dtype) * factor
         d_hidden = d_weight = d_bias = None
+        # In place: the saved gradients are used once, and a second (V, H) copy would double peak memory.
         if ctx.needs_input_grad[0]:
             d_hidden = torch.zeros(hidden_shape, dtype=hidden_dtype, device=grad_output.device)
-            d_hidden.index_copy_(0, index, (d_h * g).to(hidden_dtype))
+            d_hidden.index_copy_(0, index, d_h.mul_(g).to(hidden_dtype))
         if ctx.needs_input_grad[1]:
-            d_weight = (d_w * g).to(weight_dtype)
+            d_weight = d_w.mul_(g).to(weight_dtype)
         if ctx.needs_input_grad[3] and d_b is not None:
-            d_bias = (d_b * g).to(bias_dtype)
+            d_bias = d_b.mul_(g).to(bias_dtype)
         return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None, None, None
 
 
@@ -169,13 +195,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                ignore_index: int = -100, reduction: str = "sum", scale: Any = None,
                                softcap: float | None = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
                                bias: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                               chunk: int = 1024, backend: str = "auto", validate: bool = True) -> torch.Tensor:
+                               chunk: int | None = None, backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """Cross-entropy of hidden @ weight.T (+ bias) against labels, summed (or averaged) over supervised rows.
 
     hidden [N, H], weight [V, H], labels [N] (ignore_index rows contribute nothing; all-masked gives 0).
     `scale` multiplies the result (e.g. 1 / supervised tokens of the whole optimizer step) without a
     host sync; `index` lists the supervised rows when the caller already knows them.
-    backend: auto (Triton on CUDA when importable, else chunked), triton, chunked.
+    backend: auto (Triton on CUDA when importable, else chunked), triton, chunked. chunk: rows per block
+    (default: about 32 MB of fp32 logits).
     """
     _check(hidden, weight, labels, ignore_index, reduction, bias)
     if validate:

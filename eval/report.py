@@ -1,0 +1,118 @@
+"""Reports: Markdown tables (Orca 2 Table 1 style, with the paper's numbers where it gives them) and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from orca2.errors import Orca2Error
+from orca2.eval.usage import CATEGORIES
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def render_report(reports: list[dict[str, Any]], registry: dict[str, Any] | None = None) -> str:
+    """Comparison table (rows: model × condition; columns: benchmarks, accuracy ± 95 % CI), per-task tables, usage."""
+    benches = sorted({b for r in reports for c in r["benchmarks"].values() for b in c["overall"]})
+    lines = ["# Evaluation report", "", "Accuracy in %, with the 95 % confidence interval (Wilson for one task; for a "
+             "macro-average over tasks, the normal interval of the mean with Agresti-Coull task variances). Zero-shot, greedy unless configured.", "",
+             "| model | system prompt | " + " | ".join(benches) + " |", "|---|---|" + "---:|" * len(benches)]
+    for r in reports:
+        for condition, summary in r["benchmarks"].items():
+            cells = []
+            for b in benches:
+                o = summary["overall"].get(b)
+                cells.append("–" if o is None else f"{_pct(o['accuracy'])} [{_pct(o['ci95'][0])}, {_pct(o['ci95'][1])}]")
+            lines.append(f"| {r['model']} | {condition} | " + " | ".join(cells) + " |")
+    references: dict[str, dict[str, float]] = {}
+    for r in reports:
+        for summary in r["benchmarks"].values():
+            for b, o in summary["overall"].items():
+                for model, value in (o.get("reference") or {}).items():
+                    references.setdefault(model, {})[b] = value
+    for model, values in sorted(references.items()):
+        lines.append(f"| {model} (paper) | (their setup) | " + " | ".join(
+            f"{values[b]:.2f}" if b in values else "–" for b in benches) + " |")
+    for r in reports:
+        for condition, summary in r["benchmarks"].items():
+            lines += ["", f"## {r['model']} — {condition}", "",
+                      "| task | n | accuracy % | 95 % CI | mean words | " + " | ".join(CATEGORIES) + " |",
+                      "|---|---:|---:|---|---:|" + "---:|" * len(CATEGORIES)]
+            for task, t in summary["tasks"].items():
+                lines.append(f"| {task} | {t['n']} | {_pct(t['accuracy'])} | [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}] | "
+                             f"{t['mean_words']:.0f} | " + " | ".join(f"{100 * t['usage'][c]:.0f}%" for c in CATEGORIES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(reports: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars: benchmark accuracy per model × condition, with 95 % CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [(f"{r['model']} / {c}", s["overall"]) for r in reports for c, s in r["benchmarks"].items()]
+    benches = sorted({b for _, o in series for b in o})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(benches) * max(1, len(series)) / 2), 4.5))
+    width = 0.8 / max(1, len(series))
+    for k, (name, overall) in enumerate(series):
+        xs = [i + k * width for i in range(len(benches))]
+        acc = [100 * overall[b]["accuracy"] if b in overall else 0 for b in benches]
+        err = [[100 * (overall[b]["accuracy"] - overall[b]["ci95"][0]) if b in overall else 0 for b in benches],
+               [100 * (overall[b]["ci95"][1] - overall[b]["accuracy"]) if b in overall else 0 for b in benches]]
+        ax.bar(xs, acc, width, yerr=err, capsize=3, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(benches))])
+    ax.set_xticklabels(benches)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy with 95 % confidence intervals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_usage(report: dict[str, Any], path: Path) -> Path:
+    """Stacked bars per task and condition: how often each strategy shows in the responses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{task}\n{condition}", t["usage"]) for condition, s in report["benchmarks"].items() for task, t in s["tasks"].items()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) + 2), 4.8))
+    bottom = [0.0] * len(bars)
+    for category in CATEGORIES:
+        values = [100 * usage[category] for _, usage in bars]
+        ax.bar(range(len(bars)), values, bottom=bottom, label=category)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([name for name, _ in bars], rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("% of responses")
+    ax.set_title(f"Strategy used by {report['model']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compare(folders: list[str], output: str) -> str:
+    """One table and plot from several finished report folders."""
+    reports = []
+    for folder in folders:
+        path = Path(folder) / "report.json"
+        if not path.exists():
+            raise Orca2Error(f"{folder}: no report.json (run `orca2 eval ... -o {folder}` first)")
+        reports.append(orjson.loads(path.read_bytes()))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    text = render_report(reports)
+    (out / "compare.md").write_text(text)
+    plot_accuracy(reports, out / "compare.png")
+    return text
