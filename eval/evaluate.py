@@ -49,7 +49,8 @@ class EvalConfig:
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=512))
 
     def __post_init__(self) -> None:
-        model_spec(self.model)
+        if self.model.startswith(("openai:", "local:")):
+            parse_teacher(self.model)
         if not self.system or not self.bench:
             raise Orca2Error("eval: give at least one --bench and one --system condition")
 

@@ -355,10 +355,20 @@ def eval_compare(reports: tuple[str, ...], output: str) -> None:
 
 
 @cli.command()
+@click.option("-o", "--output", default=None, help="Run folder (overrides the config's output).")
+@click.option("--from", "from_stage", default=None, help="Redo this stage and every one after it.")
 @common_options
-def run(**_: Any) -> None:
-    """Run the whole chain from one pipeline config, skipping stages whose inputs are unchanged."""
-    _not_yet("run", 8)
+def run(output: str | None, from_stage: str | None, config_path: str | None, overrides: tuple[str, ...],
+        seed: int | None) -> None:
+    """Run the whole chain from one pipeline config, skipping stages whose inputs and config are unchanged."""
+    from orca2 import pipeline
+
+    if config_path is None:
+        raise Orca2Error("run: give --config pipeline.yaml (see configs/demo.yaml)")
+    overrides = overrides + ((f"seed={seed}",) if seed is not None else ())
+    result = pipeline.run(config_path, overrides, from_stage, output)
+    click.echo(f"ran: {', '.join(result['ran']) or 'nothing'}; skipped (unchanged): {', '.join(result['skipped']) or 'nothing'}")
+    click.echo(f"manifest: {result['manifest']}")
 
 
 def main(argv: list[str] | None = None) -> None:

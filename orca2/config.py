@@ -231,3 +231,13 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
     with atomic_text(path) as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+
+
+def build_section(cls: type[T], data: dict[str, Any], source: str, lines: dict[str, int], prefix: str) -> T:
+    """Build one section of a larger YAML (keys under `prefix`), with errors naming file, line and dotted key."""
+    try:
+        return _build(cls, data, _Loc(source, lines), prefix)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, Orca2Error):
+            raise
+        raise Orca2Error(f"{source}: section '{prefix.rstrip('.')}': {exc}") from None

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class Request:
     key: str  # content address (orca2.cache.request_key)
     messages: list[dict[str, str]]
+    context: dict[str, Any] | None = None  # the task's gold answer and meta, for program teachers only
 
 
 @dataclass
@@ -160,6 +161,17 @@ def dispatch(teacher: Any, requests: list[Request], sampling: Sampling, cfg: Cli
     with tqdm(total=len(pending), desc=desc, unit="req", mininterval=0.5, dynamic_ncols=True) as bar:
         if isinstance(teacher, LocalTeacher):
             _dispatch_local(teacher, pending, sampling, cfg, cache, result, bar)
+        elif hasattr(teacher, "complete_one"):  # a program teacher: synchronous, instant
+            for request in pending:
+                try:
+                    response = teacher.complete_one(request.messages, request.context, sampling)
+                except TeacherError as exc:
+                    result.failures[request.key] = exc.reason
+                else:
+                    cache.put(request.key, response.to_dict())
+                    result.done += 1
+                    result.completion_tokens += response.completion_tokens
+                bar.update(1)
         elif isinstance(teacher, OpenAITeacher):
             asyncio.run(_dispatch_async(teacher, pending, sampling, cfg, cache, result, bar))
         else:

@@ -55,7 +55,7 @@ class GenerateConfig:
 def teacher_id(spec: str) -> str:
     """The teacher as it enters cache keys and provenance (local paths made absolute)."""
     scheme, target = parse_teacher(spec)
-    return spec if scheme == "openai" or target == "default" else f"local:{Path(target).resolve()}"
+    return spec if scheme in ("openai", "program") or target == "default" else f"local:{Path(target).resolve()}"
 
 
 def prompt_hash(text: str) -> str:
@@ -141,11 +141,12 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     spec = teacher_id(cfg.teacher)
     cache = ResponseCache(cfg.client.cache_dir or default_cache_dir())
     try:
-        requests = [Request(p.key, p.messages) for p in prepare(cfg.tasks, chooser, library, spec, cfg.sampling, cfg.limit)]
+        requests = [Request(p.key, p.messages, {**p.record.get("meta", {}), "answer": p.record.get("answer")})
+                    for p in prepare(cfg.tasks, chooser, library, spec, cfg.sampling, cfg.limit)]
         cached_at_start = sum(1 for r in requests if r.key in cache)
         result = None
         if any(r.key not in cache for r in requests):
-            teacher = make_teacher(cfg.teacher, cfg.client)  # only now: a fully cached re-run needs no key or model
+            teacher = make_teacher(cfg.teacher, cfg.client, library)  # only now: a fully cached re-run needs no key or model
             result = dispatch(teacher, requests, cfg.sampling, cfg.client, cache, desc=f"generate {cfg.teacher}")
         failures = result.failures if result else {}
         errors: list[Record] = []

@@ -90,12 +90,13 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
             system = library.get(name).system_text(task)
             for record in records:
                 messages = with_system_prompt(record["messages"], system)
-                plan.append((task, name, record, Request(request_key(spec, messages, params), messages)))
+                context = {**record.get("meta", {}), "answer": record.get("answer")}
+                plan.append((task, name, record, Request(request_key(spec, messages, params), messages, context)))
     cache = ResponseCache(cfg.client.cache_dir or default_cache_dir())
     try:
         result = None
         if any(r.key not in cache for *_, r in plan):
-            teacher = make_teacher(cfg.teacher, cfg.client)
+            teacher = make_teacher(cfg.teacher, cfg.client, library)
             result = dispatch(teacher, [r for *_, r in plan], cfg.sampling, cfg.client, cache, desc=f"select {cfg.teacher}")
             if result.aborted:
                 raise Orca2Error(f"select stopped early: {result.aborted} (responses so far are cached)")

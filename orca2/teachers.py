@@ -17,7 +17,7 @@ import orjson
 
 from orca2.errors import Orca2Error
 
-TEACHER_SCHEMES = ("openai", "local")
+TEACHER_SCHEMES = ("openai", "local", "program")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def parse_teacher(spec: str) -> tuple[str, str]:
     """Split 'openai:gpt-4o' / 'local:default' into (scheme, target); unknown schemes list the valid ones."""
     scheme, sep, target = spec.partition(":")
     if not sep or scheme not in TEACHER_SCHEMES or not target:
-        raise Orca2Error(f"unknown teacher '{spec}' (valid: openai:<model>, local:<folder|file.gguf|default>)")
+        raise Orca2Error(f"unknown teacher '{spec}' (valid: openai:<model>, local:<folder|file.gguf|default>, program:synthetic)")
     return scheme, target
 
 
@@ -317,9 +317,13 @@ class LocalTeacher:
         return responses
 
 
-def make_teacher(spec: str, client: ClientConfig) -> OpenAITeacher | LocalTeacher:
+def make_teacher(spec: str, client: ClientConfig, library: Any = None) -> Any:
     """Build the teacher a spec names."""
     scheme, target = parse_teacher(spec)
     if scheme == "openai":
         return OpenAITeacher(target, client)
+    if scheme == "program":
+        from orca2.program_teacher import make_program_teacher
+
+        return make_program_teacher(target, library)
     return LocalTeacher(target, client)

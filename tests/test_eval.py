@@ -169,9 +169,10 @@ def test_bad_inputs(tmp_path, tiny_model):
     broken.mkdir()
     (broken / "config.json").write_text("{}")
     with pytest.raises(Orca2Error, match="has no tokenizer"):
-        load_config(EvalConfig, None, (), {"model": str(broken), "output": "x"})
+        run(load_config(EvalConfig, None, (), {"model": str(broken), "output": str(tmp_path / "x")}))
     with pytest.raises(Orca2Error, match="no such folder or file"):
-        load_config(EvalConfig, None, (), {"model": str(tmp_path / "nope"), "output": "x"})
+        run(load_config(EvalConfig, None, (), {"model": str(tmp_path / "nope"), "output": str(tmp_path / "x")}))
+    assert not (tmp_path / "x").exists()
     bad = tmp_path / "b.yaml"
     bad.write_text("x:\n  loader: csv\n  path: p\n")
     with pytest.raises(Orca2Error, match="loader must be one of"):

@@ -1,0 +1,313 @@
+"""Stage `run`: the whole chain from one config — tasks → (select) → generate → erase → train → eval.
+
+Every stage writes into one run folder and is recorded in <output>/manifest.json: its resolved config,
+the hashes of its inputs and outputs, seconds, record counts, package versions and the seed. Re-running
+skips a stage whose config and inputs are unchanged and whose outputs are still as it left them;
+`--from STAGE` redoes that stage and the rest. A failure names the stage and keeps earlier outputs.
+Each section of the config has exactly the keys of that stage's own config, minus the paths the
+pipeline wires (tasks → generate → erase → train → eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from orca2.config import _deep_update, _set_dotted, build_section, config_to_dict, parse_override, read_yaml
+from orca2.errors import Orca2Error
+from orca2.io import atomic_text
+
+log = logging.getLogger(__name__)
+STAGES = ("tasks", "select", "generate", "erase", "train", "eval")
+TOP_KEYS = ("output", "stages", "seed", "assignment", "heldout", *STAGES)
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative paths and contents; logs and checkpoints excluded)."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file() and "checkpoints" not in p.parts
+                            and "tensorboard" not in p.parts):
+            h.update(str(child.relative_to(path)).encode())
+            h.update(file_hash(child).encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("orca2", "torch", "transformers", "deepspeed", "openai", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class Pipeline:
+    """Resolves the stage configs from one YAML and runs them in order with the manifest's bookkeeping."""
+
+    def __init__(self, path: str, overrides: tuple[str, ...] = (), output: str | None = None):
+        data, lines = read_yaml(path)
+        if not isinstance(data, dict):
+            raise Orca2Error(f"{path}:1: a pipeline config maps sections to settings")
+        for text in overrides:
+            key, value = parse_override(text)
+            _set_dotted(data, key, value)
+        if output:
+            data["output"] = output
+        for key in data:
+            if key not in TOP_KEYS:
+                raise Orca2Error(f"{path}:{lines.get(key, 1)}: unknown key '{key}' (valid: {', '.join(TOP_KEYS)})")
+        self.source, self.lines, self.data = str(path), lines, data
+        if "output" not in data:
+            raise Orca2Error(f"{path}: missing required key 'output' (the run folder)")
+        self.run_dir = Path(data["output"])
+        self.seed = int(data.get("seed", 0))
+        self.stages = tuple(data.get("stages") or ("tasks", "generate", "erase", "train", "eval"))
+        for name in self.stages:
+            if name not in STAGES:
+                raise Orca2Error(f"{path}:{lines.get('stages', 1)}: unknown stage '{name}' (valid: {', '.join(STAGES)})")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(order):
+            raise Orca2Error(f"{path}: stages must keep the order {' → '.join(STAGES)}")
+        self.paths = {"tasks": self.run_dir / "tasks.jsonl", "assignment": self.run_dir / "assignment.yaml",
+                      "traces": self.run_dir / "traces.jsonl", "sft": self.run_dir / "sft.jsonl",
+                      "student": self.run_dir / "student", "eval": self.run_dir / "eval",
+                      "heldout": self.run_dir / "heldout.jsonl", "cache": self.run_dir / "cache"}
+        self.configs = {name: self._stage_config(name) for name in self.stages}  # every error before any work
+
+    def _section(self, name: str, wired: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        section = dict(self.data.get(name) or {})
+        for key in wired:
+            if key in section:
+                raise Orca2Error(f"{self.source}:{self.lines.get(f'{name}.{key}', 1)}: key '{name}.{key}' is set by the "
+                                 "pipeline (stages are wired through the run folder)")
+        _deep_update(section, wired)
+        return section, f"{name}."
+
+    def _stage_config(self, name: str) -> Any:
+        seed = self.seed
+        cache = {"cache_dir": str(self.paths["cache"])}
+        if name == "tasks":
+            from orca2.tasks import TasksConfig
+
+            section, prefix = self._section(name, {"output": str(self.paths["tasks"])})
+            section.setdefault("seed", seed)
+            return build_section(TasksConfig, section, self.source, self.lines, prefix)
+        if name == "select":
+            from orca2.select import SelectConfig
+
+            section, prefix = self._section(name, {"tasks": str(self.paths["tasks"]), "output": str(self.paths["assignment"])})
+            section["client"] = {**cache, **section.get("client", {})}
+            return build_section(SelectConfig, section, self.source, self.lines, prefix)
+        if name == "generate":
+            from orca2.generate import GenerateConfig
+
+            wired: dict[str, Any] = {"tasks": str(self.paths["tasks"]), "output": str(self.paths["traces"])}
+            if "select" in self.stages or "assignment" in self.data:
+                wired["assign"] = str(self.paths["assignment"])
+            section, prefix = self._section(name, wired)
+            section["client"] = {**cache, **section.get("client", {})}
+            return build_section(GenerateConfig, section, self.source, self.lines, prefix)
+        if name == "erase":
+            from orca2.erase import EraseConfig
+
+            section, prefix = self._section(name, {"input": str(self.paths["traces"]), "output": str(self.paths["sft"])})
+            return build_section(EraseConfig, section, self.source, self.lines, prefix)
+        if name == "train":
+            from orca2.train.sft import TrainConfig
+
+            section, prefix = self._section(name, {"data": (str(self.paths["sft"]),), "output": str(self.paths["student"])})
+            section.setdefault("seed", seed)
+            cfg = build_section(TrainConfig, section, self.source, self.lines, prefix)
+            model = cfg.model.split(":", 1)[1] if cfg.model.startswith("local:") else cfg.model
+            if model != "default" and not Path(model).exists() and ("/" not in model or model.startswith((".", "/"))):
+                raise Orca2Error(f"{self.source}:{self.lines.get('train.model', 1)}: train.model '{cfg.model}' does not exist")
+            return cfg
+        from orca2.eval.evaluate import EvalConfig
+
+        section = dict(self.data.get("eval") or {})
+        base_model = section.pop("base_model", None)
+        base_system = tuple(section.pop("base_system", ()) or ())
+        section.setdefault("system", ["cautious"])
+        section.setdefault("bench", ["heldout"] if "heldout" in self.data else ["gsm8k"])
+        model = str(self.paths["student"] / "model") if "train" in self.stages else section.pop("model", None)
+        if model is None:
+            raise Orca2Error(f"{self.source}: eval needs eval.model when the pipeline has no train stage")
+        extra = [str(self.paths["eval"] / "benchmarks.yaml")] if "heldout" in self.data else []
+        wired = {"output": str(self.paths["eval"] / "student"), "label": "student",
+                 "benchmarks": tuple(extra) + tuple(section.pop("benchmarks", ()) or ())}
+        section.update(wired)
+        section["client"] = {**cache, **section.get("client", {})}
+        section["model"] = model
+        student = build_section(EvalConfig, section, self.source, self.lines, "eval.")
+        base = None
+        if base_model:
+            base = dataclasses.replace(student, model=base_model, label="base", output=str(self.paths["eval"] / "base"),
+                                       system=base_system or student.system)
+        return {"student": student, "base": base}
+
+    # --- running ------------------------------------------------------------------------------------
+
+    def inputs(self, name: str) -> list[Path]:
+        return {"tasks": [], "select": [self.paths["tasks"]],
+                "generate": [self.paths["tasks"]] + ([self.paths["assignment"]] if self.paths["assignment"].exists() else []),
+                "erase": [self.paths["traces"]], "train": [self.paths["sft"]],
+                "eval": [self.paths["student"] / "model"] if "train" in self.stages else []}[name]
+
+    def outputs(self, name: str) -> list[Path]:
+        return {"tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],
+                "erase": [self.paths["sft"]], "train": [self.paths["student"] / "model"],
+                "eval": [self.paths["eval"] / "student" / "report.json"]}[name]
+
+    def config_dict(self, name: str) -> Any:
+        cfg = self.configs[name]
+        if isinstance(cfg, dict):
+            return {k: config_to_dict(v) if v is not None else None for k, v in cfg.items()}
+        return config_to_dict(cfg)
+
+    def run(self, from_stage: str | None = None) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.run_dir / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"stages": {}}
+        manifest.update(seed=self.seed, packages=package_versions(), config=self.source)
+        if from_stage is not None and from_stage not in self.stages:
+            raise Orca2Error(f"--from {from_stage}: not a stage of this pipeline ({', '.join(self.stages)})")
+        if "assignment" in self.data and "select" not in self.stages:
+            from orca2.strategies import Assignment
+            import yaml
+
+            with atomic_text(self.paths["assignment"]) as f:
+                yaml.safe_dump(self.data["assignment"], f, sort_keys=False)
+            Assignment.load(self.paths["assignment"])  # unknown strategies fail before any stage runs
+        if "heldout" in self.data:
+            self._write_heldout()
+        forced = False
+        ran, skipped = [], []
+        for name in self.stages:
+            forced = forced or name == from_stage
+            config = self.config_dict(name)
+            config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+            inputs = {str(p): file_hash(p) for p in self.inputs(name)}
+            entry = manifest["stages"].get(name)
+            reason = self._why_run(entry, config_hash, inputs, forced)
+            if reason is None:
+                skipped.append(name)
+                log.info("stage %s: unchanged, skipped", name)
+                continue
+            log.info("stage %s: running (%s)", name, reason)
+            attempt = manifest.setdefault("attempts", {}).get(name)
+            resume = attempt == config_hash and not forced
+            manifest["attempts"][name] = config_hash
+            self._save(manifest)
+            start = time.perf_counter()
+            try:
+                counts = self._run_stage(name, resume)
+            except Orca2Error as exc:
+                raise Orca2Error(f"stage '{name}' failed: {exc} (earlier stages' outputs are kept in {self.run_dir})") from None
+            except Exception as exc:  # noqa: BLE001 - name the stage whatever broke
+                raise Orca2Error(f"stage '{name}' failed: {type(exc).__name__}: {exc} (earlier outputs kept)") from exc
+            manifest["stages"][name] = {"config_hash": config_hash, "config": config, "inputs": inputs,
+                                        "outputs": {str(p): file_hash(p) for p in self.outputs(name)},
+                                        "seconds": round(time.perf_counter() - start, 2), "counts": counts,
+                                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            manifest["attempts"].pop(name, None)
+            self._save(manifest)
+            ran.append(name)
+        return {"ran": ran, "skipped": skipped, "manifest": str(manifest_path)}
+
+    def _why_run(self, entry: dict[str, Any] | None, config_hash: str, inputs: dict[str, str], forced: bool) -> str | None:
+        if forced:
+            return "--from"
+        if entry is None:
+            return "not run yet"
+        if entry["config_hash"] != config_hash:
+            return "config changed"
+        if entry["inputs"] != inputs:
+            return "inputs changed"
+        for path, digest in entry["outputs"].items():
+            if not Path(path).exists():
+                log.warning("%s was deleted by hand: re-running the stage that makes it", path)
+                return f"output {path} deleted"
+            if file_hash(Path(path)) != digest:
+                log.warning("%s was changed by hand: re-running the stage that makes it", path)
+                return f"output {path} changed"
+        return None
+
+    def _save(self, manifest: dict[str, Any]) -> None:
+        with atomic_text(self.run_dir / "manifest.json") as f:
+            json.dump(manifest, f, indent=2, default=str)
+
+    def _write_heldout(self) -> None:
+        from orca2.tasks import TasksConfig
+        from orca2.tasks import run as make_tasks
+
+        section = {"split": "test", "seed": self.seed, **dict(self.data["heldout"]), "output": str(self.paths["heldout"])}
+        cfg = build_section(TasksConfig, section, self.source, self.lines, "heldout.")
+        make_tasks(cfg)
+        self.paths["eval"].mkdir(parents=True, exist_ok=True)
+        (self.paths["eval"] / "benchmarks.yaml").write_text(
+            f"heldout:\n  loader: jsonl\n  path: {self.paths['heldout'].resolve()}\n  answer_type: auto\n"
+            "  template: \"{question}\"\n  aggregate: micro\n")
+
+    def _run_stage(self, name: str, resume: bool) -> dict[str, Any]:
+        cfg = self.configs[name]
+        if name == "tasks":
+            from orca2.tasks import run as stage_run
+
+            return stage_run(cfg)["total"]
+        if name == "select":
+            from orca2.select import run as stage_run
+
+            report = stage_run(cfg)
+            return {"default": report["default"], "chosen": report["chosen"]}
+        if name == "generate":
+            from orca2.generate import run as stage_run
+
+            summary = stage_run(cfg)
+            if summary["failed"] and not cfg.allow_failures:
+                raise Orca2Error(f"{summary['failed']} of {summary['tasks']} teacher requests failed (see {summary['errors']}); "
+                                 "re-running retries only those")
+            return {k: summary[k] for k in ("tasks", "records", "answered", "failed", "cached_at_start")}
+        if name == "erase":
+            from orca2.erase import run as stage_run
+
+            report = stage_run(cfg)
+            return {k: report[k] for k in ("read", "kept", "dropped", "rejected")} | {"dropped_by_reason": report["dropped_by_reason"]}
+        if name == "train":
+            from orca2.train import sft
+
+            if not resume and self.paths["student"].exists():
+                shutil.rmtree(self.paths["student"])  # a changed config or input starts the student afresh
+            summary = sft.run(dataclasses.replace(cfg, resume=resume or cfg.resume))
+            if summary.get("stopped"):
+                raise Orca2Error("training stopped early (stop_after); run again to resume it")
+            return {"stages": [{"stage": s["stage"], "steps": s["steps"], "examples": s["examples"]} for s in summary["stages"]]}
+        from orca2.eval.evaluate import run as eval_run
+        from orca2.eval.report import compare
+
+        reports = {}
+        if cfg["base"] is not None:
+            reports["base"] = eval_run(cfg["base"])
+        reports["student"] = eval_run(cfg["student"])
+        if cfg["base"] is not None:
+            compare([cfg["base"].output, cfg["student"].output], str(self.paths["eval"]))
+        return {who: {c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()} for c, s in r["benchmarks"].items()}
+                for who, r in reports.items()}
+
+
+def run(config: str, overrides: tuple[str, ...] = (), from_stage: str | None = None, output: str | None = None) -> dict[str, Any]:
+    """Load the pipeline config (all errors up front) and run it."""
+    return Pipeline(config, overrides, output).run(from_stage)

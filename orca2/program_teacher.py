@@ -1,0 +1,70 @@
+"""`program:synthetic` — a worked-solution teacher for the built-in synthetic tasks.
+
+The synthetic generator knows each task's computation (meta.synthetic: steps and facts), so this
+teacher writes a correct solution *in the style of the requested strategy*: a bare answer under
+direct-answer, numbered steps under step-by-step, the relevant facts first under recall-then-generate,
+and so on. It is exact, instant and free — and labelled as what it is (teacher "program:synthetic"),
+not passed off as a language model. The strategy is recognised from the system prompt it is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orca2.errors import Orca2Error
+from orca2.strategies import Library
+from orca2.teachers import Response, Sampling, TeacherError
+
+
+def write_solution(strategy: str, steps: list[str], facts: list[str], answer: str, question: str) -> str:
+    """A correct solution in the style of `strategy`."""
+    work = [s for s in steps if s]
+    final = f"The answer is: {answer}"
+    if strategy == "direct-answer":
+        return answer
+    if strategy == "step-by-step":
+        return "\n".join(f"{i}. {s}" for i, s in enumerate(work, 1)) + f"\n{final}"
+    if strategy == "explain-then-answer":
+        return " ".join(work) + f" That settles it.\n{final}"
+    if strategy == "recall-then-generate":
+        return "Relevant facts:\n" + "\n".join(f"- {f}" for f in facts) + f"\nAnswer: {work[-1]}\n{final}"
+    if strategy == "recall-reason-generate":
+        return ("Relevant facts:\n" + "\n".join(f"- {f}" for f in facts) + "\nReasoning:\n"
+                + "\n".join(f"{i}. {s}" for i, s in enumerate(work, 1)) + f"\nAnswer: {answer}\n{final}")
+    if strategy == "extract-generate":
+        quoted = [f for f in facts] or [question]
+        return "Extracted:\n" + "\n".join(f"- {q}" for q in quoted) + f"\nAnswer: {work[-1]}\n{final}"
+    raise TeacherError(f"program:synthetic cannot write in the style of strategy '{strategy}'", retryable=False)
+
+
+class ProgramTeacher:
+    """Answers synthetic tasks exactly, from the generator's worked solution carried in the task's meta."""
+
+    spec = "program:synthetic"
+
+    def __init__(self, library: Library | None = None):
+        library = library or Library.load()
+        self._by_prompt = {s.system_text(): s.name for s in library}
+
+    def strategy_of(self, messages: list[dict[str, str]]) -> str:
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        if system not in self._by_prompt:
+            raise TeacherError("program:synthetic: the system prompt is not one of the library's strategies", retryable=False)
+        return self._by_prompt[system]
+
+    def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
+        synthetic = (context or {}).get("synthetic")
+        if not synthetic or "answer" not in (context or {}):
+            raise TeacherError("program:synthetic only answers built-in synthetic tasks (meta.synthetic missing)",
+                               retryable=False)
+        text = write_solution(self.strategy_of(messages), synthetic["steps"], synthetic.get("facts", []),
+                              context["answer"], messages[-1]["content"])
+        words = len(text.split())
+        return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
+                        completion_tokens=words * sampling.n, latency_s=0.0, model=self.spec)
+
+
+def make_program_teacher(target: str, library: Library | None = None) -> ProgramTeacher:
+    if target != "synthetic":
+        raise Orca2Error(f"unknown program teacher 'program:{target}' (valid: program:synthetic)")
+    return ProgramTeacher(library)

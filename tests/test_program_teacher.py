@@ -1,0 +1,46 @@
+"""The worked-solution teacher: correct for every synthetic task type under every strategy, in that strategy's style."""
+
+import pytest
+
+from orca2.answers import is_correct
+from orca2.config import load_config
+from orca2.eval.usage import classify
+from orca2.generate import GenerateConfig, run
+from orca2.io import read_records
+from orca2.strategies import names
+from orca2.synthetic import GENERATORS
+from orca2.tasks import TasksConfig
+from orca2.tasks import run as make_tasks
+
+STYLE = {"direct-answer": "direct", "step-by-step": "step-by-step", "recall-then-generate": "recall-first",
+         "recall-reason-generate": "recall-first", "extract-generate": "extract-first"}
+
+
+@pytest.mark.parametrize("strategy", names())
+def test_every_kind_and_strategy_is_correct_and_in_style(tmp_path, strategy):
+    tasks = tmp_path / "tasks.jsonl"
+    make_tasks(TasksConfig(sources=("synthetic",), output=str(tasks), per_kind=15, seed=4))
+    summary = run(load_config(GenerateConfig, None, (), {"tasks": str(tasks), "output": str(tmp_path / "t.jsonl"),
+                                                         "teacher": "program:synthetic", "strategy": strategy}))
+    traces = list(read_records(tmp_path / "t.jsonl"))
+    assert summary["answered"] == 15 * len(GENERATORS) and summary["failed"] == 0
+    for t in traces:
+        reply = t["messages"][-1]["content"]
+        assert is_correct(reply, t["answer"], t["meta"]["answer_type"]), (strategy, t["id"], reply)
+        assert t["meta"]["teacher"] == "program:synthetic"
+        if strategy in STYLE and not (strategy == "step-by-step" and t["meta"]["synthetic"]["n_steps"] < 1):
+            expected = STYLE[strategy]
+            if strategy == "step-by-step" and len(t["meta"]["synthetic"]["steps"]) < 2:
+                continue
+            assert classify(reply) == expected, (strategy, reply)
+
+
+def test_non_synthetic_tasks_are_refused_with_a_reason(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "a", "task": "t", "messages": [{"role": "user", "content": "q"}], "answer": "1"}\n')
+    summary = run(load_config(GenerateConfig, None, (), {"tasks": str(tasks), "output": str(tmp_path / "t.jsonl"),
+                                                         "teacher": "program:synthetic", "strategy": "step-by-step",
+                                                         "allow_failures": True}))
+    assert summary["failed"] == 1
+    error = next(read_records(tmp_path / "t.errors.jsonl"))["error"]
+    assert "only answers built-in synthetic tasks" in error
