@@ -24,16 +24,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# The main job on its built-in default: synthetic tasks → the embedded SmolLM2 teacher (offline, CPU)
-# under the assigned strategies → prompt erasure and curation. Grows into the full chain (train, eval).
+# The main job on its built-in default (configs/demo.yaml): synthetic tasks → the worked-solution teacher
+# under assigned strategies → prompt erasure → SFT of SmolLM2-135M on CPU → eval of base vs student.
 demo: setup
-	$(BIN)/orca2 strategies list
-	$(BIN)/orca2 tasks synthetic:arithmetic,word-problem,boolean-expressions --per-kind 8 --seed 0 -o $(DEMO)/tasks.jsonl
-	printf 'default: step-by-step\ntasks:\n  synthetic/arithmetic: direct-answer\n' > $(DEMO)/assignment.yaml
-	$(BIN)/orca2 generate --tasks $(DEMO)/tasks.jsonl --assign $(DEMO)/assignment.yaml --teacher local:default \
-		--max-tokens 96 --batch-size 8 --cache-dir $(DEMO)/cache -o $(DEMO)/traces.jsonl
-	$(BIN)/orca2 erase $(DEMO)/traces.jsonl --verify label -o $(DEMO)/sft.jsonl
-	cat $(DEMO)/sft.report.md
+	$(BIN)/orca2 run --config configs/demo.yaml -o $(DEMO)
+	cat $(DEMO)/eval/compare.md
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -10,7 +10,6 @@ so its peak memory (ru_maxrss) is its own. Prints a table; writes bench_out/eras
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -21,12 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import OUT, save_and_print
+
 import orjson
 
 from orca2.dedup import NearDeduper
 from orca2.strategies import get
 
-OUT = Path("bench_out")
 DATA = Path(os.environ.get("ORCA2_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 WORDS = ("apple river stone cloud ladder window garden pencil market candle violin harbor meadow silver engine forest "
          "jacket mirror rocket tunnel button cactus dragon feather glacier island kettle lantern magnet needle orange "
@@ -118,14 +118,7 @@ def main() -> None:
         if args.keep_input:
             os.replace(path, OUT / "traces.jsonl")
     rows.append(bench_near(args.near_records))
-    OUT.mkdir(exist_ok=True)
-    (OUT / "erase.json").write_text(json.dumps(rows, indent=2))
-    with open(OUT / "erase.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    save_and_print("erase", rows)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,19 @@ and batched vs one-at-a-time local generation. Prints a table and writes bench_o
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from results import save_and_print
 
 from orca2.cache import ResponseCache, request_key
 from orca2.dispatch import Request, dispatch
 from orca2.teachers import ClientConfig, LocalTeacher, OpenAITeacher, Sampling
 
-OUT = Path("bench_out")
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
@@ -59,7 +58,7 @@ def bench_faults(n: int) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "OPENAI_API_KEY": "bench", "ORCA2_CACHE_DIR": f"{tmp}/cache"}
-            subprocess.run([sys.executable, "-m", "orca2", "tasks", f"synthetic", "--per-kind", str(n // 6), "-o", f"{tmp}/tasks.jsonl"],
+            subprocess.run([sys.executable, "-m", "orca2", "tasks", "synthetic", "--per-kind", str(n // 6), "-o", f"{tmp}/tasks.jsonl"],
                            check=True, env=env, capture_output=True)
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "orca2", "generate", "--tasks", f"{tmp}/tasks.jsonl", "--strategy",
@@ -107,15 +106,7 @@ def main() -> None:
     rows = [bench_throughput(args.requests, args.concurrency, args.latency), bench_faults(args.fault_tasks)]
     if not args.skip_local:
         rows += bench_local(args.local_prompts, args.local_max_tokens)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "generate.json").write_text(json.dumps(rows, indent=2))
-    keys = sorted({k for r in rows for k in r})
-    with open(OUT / "generate.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    save_and_print("generate", rows)
 
 
 if __name__ == "__main__":

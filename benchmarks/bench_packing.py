@@ -10,7 +10,6 @@ training tokens/s and peak memory of both on CPU, with a small random Llama that
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -19,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path("bench_out")
+from results import OUT, save_and_print
+
 DATA = Path(os.environ.get("ORCA2_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
@@ -114,14 +114,7 @@ def main() -> None:
                               str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows.append({"bench": "packed_over_padded", "tokens_per_s_ratio": rows[1]["tokens_per_s"] / rows[2]["tokens_per_s"]})
-    OUT.mkdir(exist_ok=True)
-    (OUT / "packing.json").write_text(json.dumps(rows, indent=2))
-    with open(OUT / "packing.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    save_and_print("packing", rows)
 
 
 if __name__ == "__main__":

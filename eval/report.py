@@ -48,6 +48,37 @@ def render_report(reports: list[dict[str, Any]], registry: dict[str, Any] | None
     return "\n".join(lines) + "\n"
 
 
+def newcombe(c1: int, n1: int, c2: int, n2: int) -> tuple[float, float, float]:
+    """Difference of two proportions p1 - p2 with Newcombe's 95 % interval (from the two Wilson intervals)."""
+    from orca2.eval.evaluate import wilson
+
+    p1, p2 = c1 / n1, c2 / n2
+    (l1, u1), (l2, u2) = wilson(c1, n1), wilson(c2, n2)
+    d = p1 - p2
+    return d, d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5, d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5
+
+
+def render_gains(base: dict[str, Any], other: dict[str, Any]) -> str:
+    """Per task: `other` under each of its conditions against `base` under its best condition for that task."""
+    lines = [f"## Gain of {other['model']} over {base['model']} (its best condition per task)", "",
+             "| task | base: best condition | base % | " + f"{other['model']}: condition | {other['model']} % | gain (pp) | 95 % CI | CI excludes 0 |",
+             "|---|---|---:|---|---:|---:|---|---|"]
+    tasks = sorted({t for s in other["benchmarks"].values() for t in s["tasks"]})
+    for task in tasks:
+        candidates = [(c, s["tasks"][task]) for c, s in base["benchmarks"].items() if task in s["tasks"]]
+        if not candidates:
+            continue
+        best_condition, best = max(candidates, key=lambda x: x[1]["accuracy"])
+        for condition, summary in other["benchmarks"].items():
+            t = summary["tasks"].get(task)
+            if t is None:
+                continue
+            d, low, high = newcombe(t["correct"], t["n"], best["correct"], best["n"])
+            lines.append(f"| {task} | {best_condition} | {_pct(best['accuracy'])} | {condition} | {_pct(t['accuracy'])} | "
+                         f"{100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {'yes' if low > 0 or high < 0 else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy(reports: list[dict[str, Any]], path: Path) -> Path:
     """Grouped bars: benchmark accuracy per model × condition, with 95 % CI error bars."""
     import matplotlib
@@ -113,6 +144,8 @@ def compare(folders: list[str], output: str) -> str:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     text = render_report(reports)
+    for other in reports[1:]:
+        text += "\n" + render_gains(reports[0], other)
     (out / "compare.md").write_text(text)
     plot_accuracy(reports, out / "compare.png")
     return text

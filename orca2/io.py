@@ -22,19 +22,28 @@ def _open_text(path: Path, mode: str) -> IO[str]:
     return open(path, mode, encoding="utf-8")
 
 
-def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, decoded value) for each non-blank line; a malformed line raises Orca2Error."""
-    path = Path(path)
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; a missing file is an Orca2Error."""
     if not path.exists():
         raise Orca2Error(f"{path}: no such file")
     with _open_text(path, "rt") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
+            if line.strip():
+                yield lineno, line
+
+
+def _decode(path: Path, lineno: int, line: str) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
+
+
+def iter_json_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, decoded value) for each non-blank line; a malformed line raises Orca2Error."""
+    path = Path(path)
+    for lineno, line in _numbered_lines(path):
+        yield lineno, _decode(path, lineno, line)
 
 
 def read_numbered(
@@ -46,22 +55,13 @@ def read_numbered(
     the line is handed to the callback instead and reading goes on.
     """
     path = Path(path)
-    if not path.exists():
-        raise Orca2Error(f"{path}: no such file")
-    with _open_text(path, "rt") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    obj = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
-                yield lineno, validate_record(obj, f"{path}:{lineno}")
-            except Orca2Error as exc:
-                if on_invalid is None:
-                    raise
-                on_invalid(lineno, line, exc)
+    for lineno, line in _numbered_lines(path):
+        try:
+            yield lineno, validate_record(_decode(path, lineno, line), f"{path}:{lineno}")
+        except Orca2Error as exc:
+            if on_invalid is None:
+                raise
+            on_invalid(lineno, line, exc)
 
 
 def read_records(

@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from orca2.config import _deep_update, _set_dotted, build_section, config_to_dict, parse_override, read_yaml
 from orca2.errors import Orca2Error
@@ -162,10 +162,14 @@ class Pipeline:
     # --- running ------------------------------------------------------------------------------------
 
     def inputs(self, name: str) -> list[Path]:
-        return {"tasks": [], "select": [self.paths["tasks"]],
+        if name == "tasks":  # local source files count as inputs; hub datasets and synthetic do not
+            specs = [spec.partition(":")[2] for spec in self.configs["tasks"].sources]
+            return [Path(p) for p in specs if p and Path(p).exists()]
+        return {"select": [self.paths["tasks"]],
                 "generate": [self.paths["tasks"]] + ([self.paths["assignment"]] if self.paths["assignment"].exists() else []),
                 "erase": [self.paths["traces"]], "train": [self.paths["sft"]],
-                "eval": [self.paths["student"] / "model"] if "train" in self.stages else []}[name]
+                "eval": ([self.paths["student"] / "model"] if "train" in self.stages else [])
+                + ([self.paths["heldout"]] if "heldout" in self.data else [])}[name]
 
     def outputs(self, name: str) -> list[Path]:
         return {"tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],

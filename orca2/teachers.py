@@ -32,7 +32,7 @@ class Sampling:
         if self.n < 1 or self.max_tokens < 1:
             raise Orca2Error(f"sampling: n and max_tokens must be >= 1, got n={self.n}, max_tokens={self.max_tokens}")
         if not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1:
-            raise Orca2Error(f"sampling: need 0 <= temperature <= 2 and 0 < top_p <= 1")
+            raise Orca2Error("sampling: need 0 <= temperature <= 2 and 0 < top_p <= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -260,6 +260,14 @@ def load_local_model(target: str, device: str = "auto", dtype: Any = None) -> tu
     except (OSError, ValueError) as exc:
         raise Orca2Error(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0][:160]})") from None
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32, **kwargs)
+    if "gguf_file" in kwargs:
+        # The GGUF weights are dequantised on load: what we hold is a plain model. transformers still marks
+        # it "quantized with gguf" and refuses to save it, so clear the marks (a trained student must save).
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()

@@ -146,7 +146,7 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model, data_dir, monkeypatch, run_
     assert report["benchmarks"]["empty"]["overall"]["gsm8k"]["n"] == 2
     compare = run_cli("eval", "compare", str(tmp_path / "tiny"), str(tmp_path / "tiny"), "-o", str(tmp_path / "cmp"))
     assert compare.returncode == 0 and (tmp_path / "cmp" / "compare.png").exists()
-    assert compare.stdout.count("| empty |") == 2
+    assert len(re.findall(r"\| empty \| \d+\.\d \[", compare.stdout)) == 2 and "## Gain of" in compare.stdout
 
 
 def test_user_benchmark_from_yaml_multiple_choice(tmp_path, monkeypatch):
@@ -177,3 +177,11 @@ def test_bad_inputs(tmp_path, tiny_model):
     bad.write_text("x:\n  loader: csv\n  path: p\n")
     with pytest.raises(Orca2Error, match="loader must be one of"):
         load_registry((str(bad),))
+
+
+def test_newcombe_interval():
+    from orca2.eval.report import newcombe
+
+    d, low, high = newcombe(56, 70, 48, 80)  # Newcombe (1998), method 10, example (a): 0.0524 to 0.3339
+    assert d == pytest.approx(0.2) and low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
+    assert newcombe(9, 10, 3, 10)[1:] == (pytest.approx(0.1705, abs=1e-4), pytest.approx(0.8090, abs=1e-4))  # example (b)

@@ -100,7 +100,7 @@ def test_kill_mid_stage_and_rerun_completes(tmp_path, config, monkeypatch):
 
     with LoopbackServer(faults=Faults(latency=0.1)) as server:
         path = config(teacher="openai:loopback",
-                      extra=f"stages: [tasks, generate, erase]\n")
+                      extra="stages: [tasks, generate, erase]\n")
         text = path.read_text().replace('generate: {teacher: "openai:loopback"}',
                                         f'generate: {{teacher: "openai:loopback", client: {{base_url: "{server.base_url}", concurrency: 2}}}}')
         path.write_text(text)

@@ -124,3 +124,12 @@ def test_bad_configs_fail_before_training(tmp_path, tiny_model, sft_file):
     with pytest.raises(Orca2Error, match="either data .* or stages"):
         load_config(sft.TrainConfig, None, (), {"model": "m", "output": "x"})
     assert not (tmp_path / "x").exists()
+
+
+def test_train_layers_freezes_all_but_the_top(tmp_path, tiny_model, sft_file):
+    train_in_process(tmp_path, "top", sft_file, tiny_model, train_layers=1, max_steps=2)
+    before, after = weights(tiny_model), weights(tmp_path / "top" / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
+    with pytest.raises(Orca2Error, match="train_layers 9: the model has 2 decoder layers"):
+        train_in_process(tmp_path, "bad", sft_file, tiny_model, train_layers=9, max_steps=1)

@@ -79,7 +79,7 @@ def auto_chunk(V: int, budget_bytes: int = 32 * 2**20) -> int:
 
 def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
                              softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                             chunk: int | None) -> tuple[torch.Tensor, Any, Any, Any]:
+                             chunk: int | None, need_weight_grad: bool = True) -> tuple[torch.Tensor, Any, Any, Any]:
     """Loss sum over the (already compacted) rows of h, and its gradients, in fp32, one row chunk at a time.
 
     Each chunk's (c, V) block is turned into d loss / d logits in place, so a chunk costs one block
@@ -93,7 +93,7 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     b32 = None if bias is None else (bias if bias.dtype == acc else bias.to(acc))
     total = torch.zeros((), dtype=acc, device=h.device)
     d_h = torch.empty((n, H), dtype=acc, device=h.device) if need_grad else None
-    d_w = torch.zeros((V, H), dtype=acc, device=h.device) if need_grad else None
+    d_w = torch.zeros((V, H), dtype=acc, device=h.device) if (need_grad and need_weight_grad) else None
     d_b = torch.zeros((V,), dtype=acc, device=h.device) if (need_grad and bias is not None) else None
     for start in range(0, n, chunk):
         hc = h[start:start + chunk]
@@ -130,7 +130,8 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
         if cap_grad is not None:
             grad.mul_(cap_grad)
         torch.mm(grad, w32, out=d_h[start:start + chunk])
-        d_w.addmm_(grad.T, hc)
+        if d_w is not None:  # a frozen lm_head skips the (V, H) gradient GEMM altogether
+            d_w.addmm_(grad.T, hc)
         if d_b is not None:
             d_b += grad.sum(0)
     return total, d_h, d_w, d_b
@@ -155,7 +156,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
             total, d_h, d_w, d_b = triton_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad)
         else:
-            total, d_h, d_w, d_b = chunked_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad, chunk)
+            total, d_h, d_w, d_b = chunked_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad,
+                                                            chunk, need_weight_grad=ctx.needs_input_grad[1])
         factor = torch.ones((), dtype=total.dtype, device=hidden.device)
         if reduction == "mean":
             factor = factor / max(1, index.numel())  # the count is the index's shape: known on the host, no sync
@@ -184,7 +186,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_hidden = torch.zeros(hidden_shape, dtype=hidden_dtype, device=grad_output.device)
             d_hidden.index_copy_(0, index, d_h.mul_(g).to(hidden_dtype))
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and d_w is not None:
             d_weight = d_w.mul_(g).to(weight_dtype)
         if ctx.needs_input_grad[3] and d_b is not None:
             d_bias = d_b.mul_(g).to(bias_dtype)

@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +61,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # your DeepSpeed JSON; "auto" values are filled from this config
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
+    train_layers: int | None = None  # train only the top N transformer layers + final norm (embeddings frozen): CPU demos
     loss_impl: Literal["naive", "fused"] = "naive"  # fused: linear cross-entropy without logits (issue #6)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of each stage)
     resume: bool = False  # continue from the newest checkpoint in <output>/checkpoints
@@ -179,6 +180,8 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
         from orca2.train.attention import register
 
         model.set_attn_implementation(register())
+    if cfg.train_layers is not None:
+        freeze_below(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -273,6 +276,20 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.destroy() if hasattr(engine, "destroy") else None
     return summary
+
+
+def freeze_below(model: Any, top: int) -> None:
+    """Leave only the top `top` decoder layers and the final norm trainable (Llama/Mistral/Qwen2 layout)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not 0 < top <= len(layers):
+        raise Orca2Error(f"train_layers {top}: the model has {len(layers) if layers is not None else 'no'} decoder layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(layers[-top:]) + [getattr(base, "norm", None)]:
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(True)
 
 
 def _save_hf(engine: Any, model: Any, tokenizer: Any, folder: Path, zero_stage: int, rank: int) -> None:
