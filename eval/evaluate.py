@@ -150,7 +150,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     with atomic_text(output / "report.json") as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     plot_accuracy([report], output / "accuracy.png")
-    plot_usage(report, output / "strategy_usage.png")
+    plot_usage([report], output / "strategy_usage.png")
     with atomic_text(output / "report.md") as f:
         f.write(render_report([report], registry))
     save_config(redacted(cfg), output / "config.yaml")

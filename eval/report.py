@@ -76,6 +76,21 @@ def render_gains(base: dict[str, Any], other: dict[str, Any]) -> str:
             d, low, high = newcombe(t["correct"], t["n"], best["correct"], best["n"])
             lines.append(f"| {task} | {best_condition} | {_pct(best['accuracy'])} | {condition} | {_pct(t['accuracy'])} | "
                          f"{100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {'yes' if low > 0 or high < 0 else 'no'} |")
+    for bench in sorted({b for s in other["benchmarks"].values() for b in s["overall"]}):
+        candidates = [(c, s["overall"][bench]) for c, s in base["benchmarks"].items() if bench in s["overall"]]
+        if not candidates or any(s["overall"][bench]["aggregate"] == "macro" for s in other["benchmarks"].values()
+                                 if bench in s["overall"]):
+            continue  # a difference CI for a micro-average only (counts are pooled over tasks)
+        best_condition, best = max(candidates, key=lambda x: x[1]["accuracy"])
+        for condition, summary in other["benchmarks"].items():
+            o = summary["overall"].get(bench)
+            if o is None:
+                continue
+            c1, c2 = round(o["accuracy"] * o["n"]), round(best["accuracy"] * best["n"])
+            d, low, high = newcombe(c1, o["n"], c2, best["n"])
+            lines.append(f"| **{bench} (all tasks)** | {best_condition} | {_pct(best['accuracy'])} | {condition} | "
+                         f"{_pct(o['accuracy'])} | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
+                         f"{'yes' if low > 0 or high < 0 else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,14 +123,15 @@ def plot_accuracy(reports: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot_usage(report: dict[str, Any], path: Path) -> Path:
-    """Stacked bars per task and condition: how often each strategy shows in the responses."""
+def plot_usage(reports: list[dict[str, Any]], path: Path) -> Path:
+    """Stacked bars per model, condition and task: how often each strategy shows in the responses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(f"{task}\n{condition}", t["usage"]) for condition, s in report["benchmarks"].items() for task, t in s["tasks"].items()]
+    bars = [(f"{task}\n{r['model']} / {condition}", t["usage"]) for r in reports
+            for condition, s in r["benchmarks"].items() for task, t in s["tasks"].items()]
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) + 2), 4.8))
     bottom = [0.0] * len(bars)
     for category in CATEGORIES:
@@ -123,9 +139,9 @@ def plot_usage(report: dict[str, Any], path: Path) -> Path:
         ax.bar(range(len(bars)), values, bottom=bottom, label=category)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_xticks(range(len(bars)))
-    ax.set_xticklabels([name for name, _ in bars], rotation=60, ha="right", fontsize=6)
+    ax.set_xticklabels([name for name, _ in bars], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("% of responses")
-    ax.set_title(f"Strategy used by {report['model']}")
+    ax.set_title("Strategy used in the responses, per task")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -148,4 +164,5 @@ def compare(folders: list[str], output: str) -> str:
         text += "\n" + render_gains(reports[0], other)
     (out / "compare.md").write_text(text)
     plot_accuracy(reports, out / "compare.png")
+    plot_usage(reports, out / "compare_usage.png")
     return text

@@ -32,7 +32,7 @@ def write_solution(strategy: str, steps: list[str], facts: list[str], answer: st
         return ("Relevant facts:\n" + "\n".join(f"- {f}" for f in facts) + "\nReasoning:\n"
                 + "\n".join(f"{i}. {s}" for i, s in enumerate(work, 1)) + f"\nAnswer: {answer}\n{final}")
     if strategy == "extract-generate":
-        quoted = [f for f in facts] or [question]
+        quoted = list(facts) or [question]
         return "Extracted:\n" + "\n".join(f"- {q}" for q in quoted) + f"\nAnswer: {work[-1]}\n{final}"
     raise TeacherError(f"program:synthetic cannot write in the style of strategy '{strategy}'", retryable=False)
 

@@ -62,9 +62,9 @@ def test_bad_record_file_error(tmp_path, run_cli):
     assert result.stderr.strip() == f"error: {src}:1: field 'messages[0].role' must be one of system, user, assistant, got 'robot'"
 
 
-def test_later_stages_exist_and_say_so(run_cli):
+def test_run_needs_a_config(run_cli):
     result = run_cli("run")
-    assert result.returncode != 0 and "issue #8" in result.stderr
+    assert result.returncode == 1 and result.stderr.strip() == "error: run: give --config pipeline.yaml (see configs/demo.yaml)"
 
 
 def test_package_data_in_wheel(tmp_path, repo):
