@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="only N=4096, (576, 49152): the CPU targets")
+    parser.add_argument("--shapes", default=None, help="indices into the shape list to run, e.g. 2,3,4")
+    parser.add_argument("--impls", default=None, help="subset of naive,torch_chunked,orca2,liger")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -124,6 +126,10 @@ def main() -> None:
     except ImportError:
         pass
     shapes = SHAPES_GPU if args.device == "cuda" else SHAPES_CPU[:1] if args.quick else SHAPES_CPU
+    if args.shapes:
+        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+    if args.impls:
+        impls = [i for i in impls if i in args.impls.split(",")] + [i for i in args.impls.split(",") if i == "liger"]
     rows = []
     for N, H, V in shapes:
         for frac in FRACTIONS:
@@ -147,6 +153,8 @@ def main() -> None:
         r["mem_vs_naive"] = r["peak_mb"] / base["peak_mb"] if base and base["peak_mb"] > 0 else None
     OUT.mkdir(exist_ok=True)
     name = "fused_ce" if args.device == "cpu" else f"fused_ce_{args.device}"
+    if args.shapes or args.impls:
+        name += "_part"
     with open(OUT / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
