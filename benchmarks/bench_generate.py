@@ -41,7 +41,7 @@ def bench_throughput(n: int, concurrency: int, latency: float) -> dict:
             with ResponseCache(tmp) as cache:
                 teacher = OpenAITeacher("bench", cfg)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
-                result = dispatch(teacher, requests, sampling, cfg, cache, desc="throughput")
+                result = dispatch(lambda: teacher, requests, sampling, cfg, cache, desc="throughput")
                 cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
                 assert result.done == n and not result.failures, result
         ideal = concurrency / latency

@@ -95,17 +95,12 @@ def _multiple_choice(bench: Benchmark, data_dir: Path) -> Iterator[Record]:
 
     path = _resolve(bench.path, data_dir)
     if path.startswith("hf:"):
-        import datasets
+        from orca2.tasks import load_hf
 
-        spec = path[3:]
-        name, _, split = spec.partition("@")
-        name, _, config = name.partition(":")
         try:
-            rows: Any = datasets.load_dataset(name, config or None, split=split or "test")
-        except Exception as exc:  # offline or unknown: one line
-            raise Orca2Error(f"benchmark '{bench.name}': cannot load {path} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]}); point `path` at a local JSONL copy") from None
-        items = enumerate(rows)
+            items: Any = enumerate(load_hf(path[3:], default_split="test"))
+        except Orca2Error as exc:
+            raise Orca2Error(f"benchmark '{bench.name}': {exc}; point `path` at a local JSONL copy") from None
     else:
         items = ((line, row) for line, row in iter_json_lines(path))
     f = {"question": "question", "choices": "choices", "answer": "answer", **bench.fields}

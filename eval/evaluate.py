@@ -70,6 +70,14 @@ def model_spec(model: str) -> str:
     return f"local:{path}"
 
 
+def default_label(spec: str) -> str:
+    """A model's name in reports: the folder name (its parent for a run's .../model folder), else the spec."""
+    if not spec.startswith("local:"):
+        return spec
+    path = Path(spec.split(":", 1)[1])
+    return path.parent.name if path.name == "model" else path.name
+
+
 def system_text(condition: str, library: Library, task: str) -> str:
     """The system prompt a condition stands for."""
     if condition.startswith("strategy:"):
@@ -94,8 +102,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from orca2.teachers import make_teacher
 
     spec = model_spec(cfg.model)
-    label = cfg.label or (spec.split(":", 1)[1].rstrip("/").split("/")[-2 if spec.endswith("/model") else -1]
-                          if spec.startswith("local:") else spec)
+    label = cfg.label or default_label(spec)
     library = Library.load(cfg.strategies)
     registry = load_registry(cfg.benchmarks)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
@@ -113,14 +120,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                 plan.append((condition, bench_name, record, Request(request_key(cache_id, messages, params), messages)))
     output = Path(cfg.output)
     cache = ResponseCache(cfg.client.cache_dir or default_cache_dir())
-    failed: dict[str, str] = {}
     try:
-        if any(r.key not in cache for *_, r in plan):
-            teacher = make_teacher(spec, cfg.client)
-            result = dispatch(teacher, [r for *_, r in plan], cfg.sampling, cfg.client, cache, desc=f"eval {label}")
-            failed = result.failures
-            if result.aborted:
-                failed = {r.key: failed.get(r.key, result.aborted) for *_, r in plan if r.key not in cache}
+        result = dispatch(lambda: make_teacher(spec, cfg.client), [r for *_, r in plan], cfg.sampling, cfg.client, cache,
+                          desc=f"eval {label}")
+        failed = result.failures
+        if result.aborted:
+            failed = {r.key: failed.get(r.key, result.aborted) for *_, r in plan if r.key not in cache}
         by_condition: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.system}
         for condition, bench_name, record, request in plan:
             response = cache.get(request.key)

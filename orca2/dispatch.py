@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -146,9 +146,12 @@ def _dispatch_local(teacher: LocalTeacher, requests: list[Request], sampling: Sa
         bar.update(len(batch))
 
 
-def dispatch(teacher: Any, requests: list[Request], sampling: Sampling, cfg: ClientConfig, cache: ResponseCache,
-             desc: str = "teacher") -> DispatchResult:
-    """Answer every request not yet in `cache`; duplicates (same key) are sent once."""
+def dispatch(make_teacher: Callable[[], Any], requests: list[Request], sampling: Sampling, cfg: ClientConfig,
+             cache: ResponseCache, desc: str = "teacher") -> DispatchResult:
+    """Answer every request not yet in `cache`; duplicates (same key) are sent once.
+
+    The teacher is built only when something is missing, so a fully cached re-run needs no API key or model.
+    """
     unique: dict[str, Request] = {}
     for request in requests:
         if request.key not in cache:
@@ -157,6 +160,7 @@ def dispatch(teacher: Any, requests: list[Request], sampling: Sampling, cfg: Cli
     result = DispatchResult(requested=len(pending))
     if not pending:
         return result
+    teacher = make_teacher()
     start = time.perf_counter()
     with tqdm(total=len(pending), desc=desc, unit="req", mininterval=0.5, dynamic_ncols=True) as bar:
         if isinstance(teacher, LocalTeacher):

@@ -144,11 +144,9 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         requests = [Request(p.key, p.messages, {**p.record.get("meta", {}), "answer": p.record.get("answer")})
                     for p in prepare(cfg.tasks, chooser, library, spec, cfg.sampling, cfg.limit)]
         cached_at_start = sum(1 for r in requests if r.key in cache)
-        result = None
-        if any(r.key not in cache for r in requests):
-            teacher = make_teacher(cfg.teacher, cfg.client, library)  # only now: a fully cached re-run needs no key or model
-            result = dispatch(teacher, requests, cfg.sampling, cfg.client, cache, desc=f"generate {cfg.teacher}")
-        failures = result.failures if result else {}
+        result = dispatch(lambda: make_teacher(cfg.teacher, cfg.client, library), requests, cfg.sampling, cfg.client,
+                          cache, desc=f"generate {cfg.teacher}")
+        failures = result.failures
         errors: list[Record] = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         by_strategy: dict[str, int] = {}
@@ -158,7 +156,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
             for item in prepare(cfg.tasks, chooser, library, spec, cfg.sampling, cfg.limit):
                 response = cache.get(item.key)
                 if response is None:
-                    reason = failures.get(item.key) or f"not attempted: the run stopped early ({result.aborted if result else '?'})"
+                    reason = failures.get(item.key) or f"not attempted: the run stopped early ({result.aborted})"
                     errors.append({"id": item.record["id"], "task": item.record["task"], "messages": item.messages,
                                    "answer": item.record.get("answer"),
                                    "meta": {**item.record.get("meta", {}), "strategy": item.strategy.name, "teacher": spec},
@@ -186,23 +184,21 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         "records": written,
         "answered": answered,
         "cached_at_start": cached_at_start,
-        "requested": result.requested if result else 0,
-        "done_this_run": result.done if result else 0,
+        "requested": result.requested,
+        "done_this_run": result.done,
         "failed": len(errors),
-        "retries": result.retries if result else 0,
-        "seconds": round(result.seconds, 2) if result else 0.0,
-        "usage_this_run": {"prompt_tokens": result.prompt_tokens if result else 0,
-                           "completion_tokens": result.completion_tokens if result else 0},
+        "retries": result.retries,
+        "seconds": round(result.seconds, 2),
+        "usage_this_run": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
         "usage_total": usage,
-        "cost_this_run_usd": estimate_cost(cfg.prices, spec, result.prompt_tokens if result else 0,
-                                           result.completion_tokens if result else 0),
+        "cost_this_run_usd": estimate_cost(cfg.prices, spec, result.prompt_tokens, result.completion_tokens),
         "cost_total_usd": estimate_cost(cfg.prices, spec, usage["prompt_tokens"], usage["completion_tokens"]),
         "by_strategy": by_strategy,
         "finish_reasons": finish,
     }
     if errors:
         summary["errors"] = str(errors_path)
-    if result and result.aborted:
+    if result.aborted:
         summary["aborted"] = result.aborted
     with atomic_text(sidecar(cfg.output, "summary.json")) as f:
         f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())

@@ -94,12 +94,10 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
                 plan.append((task, name, record, Request(request_key(spec, messages, params), messages, context)))
     cache = ResponseCache(cfg.client.cache_dir or default_cache_dir())
     try:
-        result = None
-        if any(r.key not in cache for *_, r in plan):
-            teacher = make_teacher(cfg.teacher, cfg.client, library)
-            result = dispatch(teacher, [r for *_, r in plan], cfg.sampling, cfg.client, cache, desc=f"select {cfg.teacher}")
-            if result.aborted:
-                raise Orca2Error(f"select stopped early: {result.aborted} (responses so far are cached)")
+        result = dispatch(lambda: make_teacher(cfg.teacher, cfg.client, library), [r for *_, r in plan], cfg.sampling,
+                          cfg.client, cache, desc=f"select {cfg.teacher}")
+        if result.aborted:
+            raise Orca2Error(f"select stopped early: {result.aborted} (responses so far are cached)")
         cells: dict[str, dict[str, dict[str, float]]] = {}
         for task, name, record, request in plan:
             cell = cells.setdefault(task, {}).setdefault(name, {"n": 0, "correct": 0, "tokens": 0, "failed": 0})
@@ -132,7 +130,7 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         f.write(assignment.to_yaml())
     report = {"teacher": spec, "candidates": candidates, "dev_size": cfg.dev_size, "table": table, "chosen": chosen,
               "default": default, "overall_accuracy": overall, "skipped_without_answer": no_answer,
-              "requests_this_run": result.done if result else 0}
+              "requests_this_run": result.done}
     with atomic_text(sidecar(cfg.output, "table.json")) as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     with atomic_text(sidecar(cfg.output, "table.md")) as f:

@@ -165,7 +165,8 @@ def read_jsonl(path: Path, columns: dict[str, str], task: str | None) -> Iterato
             yield where, exc
 
 
-def read_hf(spec: str, columns: dict[str, str], task: str | None) -> Iterator[tuple[str, Record | Orca2Error]]:
+def load_hf(spec: str, default_split: str = "train") -> Any:
+    """One split of an HF dataset, 'NAME[:CONFIG][@SPLIT]': a save_to_disk folder, or a hub name when online."""
     import datasets
 
     name, _, split = spec.partition("@")
@@ -178,10 +179,16 @@ def read_hf(spec: str, columns: dict[str, str], task: str | None) -> Iterator[tu
         except Exception as exc:  # offline, unknown name, ...: one line, no traceback
             raise Orca2Error(f"hf:{spec}: cannot load dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     if isinstance(loaded, datasets.DatasetDict):
-        split = split or ("train" if "train" in loaded else next(iter(loaded)))
+        split = split or (default_split if default_split in loaded else next(iter(loaded)))
         if split not in loaded:
             raise Orca2Error(f"hf:{spec}: no split '{split}' (valid: {', '.join(loaded)})")
         loaded = loaded[split]
+    return loaded
+
+
+def read_hf(spec: str, columns: dict[str, str], task: str | None) -> Iterator[tuple[str, Record | Orca2Error]]:
+    loaded = load_hf(spec)
+    name = spec.partition("@")[0].partition(":")[0]
     default_task = task or Path(name).name
     for index, row in enumerate(loaded):
         where = f"hf:{spec}[{index}]"

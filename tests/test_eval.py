@@ -140,7 +140,7 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model, data_dir, monkeypatch, run_
                      "empty,cautious", "--limit", "2", "--max-tokens", "8", "-o", str(tmp_path / "tiny"),
                      env={"ORCA2_DATA_DIR": str(data_dir)})
     assert result.returncode == 0, result.stderr
-    assert "tiny-model" in result.stdout or "| gsm8k:" in result.stdout
+    assert re.search(r"^tiny-model\d* \| empty \| gsm8k: \d+\.\d% \[\d+\.\d, \d+\.\d\] over 2 items$", result.stdout, re.M), result.stdout
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert set(report["benchmarks"]) == {"empty", "cautious"}
     assert report["benchmarks"]["empty"]["overall"]["gsm8k"]["n"] == 2
