@@ -154,7 +154,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         elif backend == "triton":
             from orca2.train.fused_ce_triton import triton_forward_backward
 
-            total, d_h, d_w, d_b = triton_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad)
+            total, d_h, d_w, d_b = triton_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad,
+                                                           chunk, need_weight_grad=ctx.needs_input_grad[1])
         else:
             total, d_h, d_w, d_b = chunked_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad,
                                                             chunk, need_weight_grad=ctx.needs_input_grad[1])

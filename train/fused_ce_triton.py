@@ -1,11 +1,12 @@
 """Triton kernels for the fused linear cross-entropy (CUDA; also runs on CPU under TRITON_INTERPRET=1).
 
-Per chunk of supervised rows, cuBLAS computes the (c, V) logits block; one Triton program per row then
-makes two passes over it in BLOCK_V tiles: an online log-sum-exp (running max and sum, fp32 whatever
-the input dtype) that also picks up the target logit and the logit sum (for label smoothing), and a
-second pass that overwrites the block in place with d loss / d logits. cuBLAS then gives d_hidden and
-accumulates d_weight (fp32). Only one (c, V) block exists at a time, no host synchronisation happens
-inside, and the count of rows for `mean` is a shape, not a reduction.
+Per chunk of supervised rows, cuBLAS computes the (c, V) logits block in the input dtype (tensor cores
+for bf16/fp16); one Triton program per row then makes two passes over it in BLOCK_V tiles: an online
+log-sum-exp (running max and sum, fp32 whatever the input dtype) that also picks up the target logit and
+the logit sum (for label smoothing), and a second pass that overwrites the block in place with
+d loss / d logits. cuBLAS then gives d_hidden and accumulates d_weight in fp32 (`out_dtype`, no rounding
+between chunks). Only one (c, V) block exists at a time, no host synchronisation happens inside, and
+the count of rows for `mean` is a shape, not a reduction.
 """
 
 from __future__ import annotations
@@ -74,27 +75,56 @@ def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, lse_ptr, V, so
             tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=valid)
 
 
+BLOCK_V = 1024  # vocabulary tile of the row kernel (tests shrink it to cover many tiles at small V)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32) = a @ b. Half-precision inputs on CUDA run on tensor cores with an fp32 result
+    (cuBLAS accumulates in fp32); elsewhere (the interpreter on CPU) the inputs are upcast."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, the same way."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
                             softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                            chunk: int = 4096, block_v: int = 1024) -> tuple[torch.Tensor, Any, Any, Any]:
-    """Loss sum over the compacted rows of h and its gradients (d_hidden, d_weight, d_bias in fp32)."""
+                            chunk: int | None = None, need_weight_grad: bool = True,
+                            budget_bytes: int = 64 * 2**20) -> tuple[torch.Tensor, Any, Any, Any]:
+    """Loss sum over the compacted rows of h and its gradients (d_hidden, d_weight, d_bias in fp32).
+
+    The matrix products run in the input dtype (tensor cores for bf16/fp16), so the logits block is
+    what the naive path would compute (logits in the input dtype); the row kernel reads it in fp32 and
+    writes d loss / d logits back in place, in the same dtype. d_hidden and d_weight are produced as fp32
+    from those half-precision operands (fp32 accumulation, no rounding between chunks).
+    Chunk rows: about `budget_bytes` of logits per block, or as many as there are hidden-state bytes,
+    whichever is larger (the block never dominates the step's memory).
+    """
     n, H = h.shape
     V = weight.shape[0]
-    # fp32 logits blocks: the kernel accumulates in fp32 either way; fp32 storage keeps the gradient exact
-    # for bf16/fp16 inputs at the price of (chunk, V) × 4 bytes.
+    dtype = h.dtype
+    element = torch.finfo(dtype).bits // 8
+    if chunk is None:
+        chunk = max(16, max(budget_bytes, n * H * element) // (V * element))
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     d_h = torch.empty((n, H), dtype=torch.float32, device=h.device) if need_grad else None
-    d_w = torch.zeros((V, H), dtype=torch.float32, device=h.device) if need_grad else None
+    d_w = torch.zeros((V, H), dtype=torch.float32, device=h.device) if (need_grad and need_weight_grad) else None
     d_b = torch.zeros((V,), dtype=torch.float32, device=h.device) if (need_grad and bias is not None) else None
-    w32 = weight.float() if weight.dtype != torch.float32 else weight
     y = y.contiguous()
-    block_v = min(block_v, triton.next_power_of_2(V))
+    block_v = min(BLOCK_V, triton.next_power_of_2(V))
     for start in range(0, n, chunk):
         hc = h[start:start + chunk]
-        hc32 = hc.float() if hc.dtype != torch.float32 else hc
-        logits = hc32 @ w32.T  # (c, V) fp32
+        logits = hc @ weight.T  # (c, V) in the input dtype: the only place logits exist
         if bias is not None:
-            logits += bias.float()
+            logits += bias
         c = logits.shape[0]
         loss = torch.empty((c,), dtype=torch.float32, device=h.device)
         lse = torch.empty((c,), dtype=torch.float32, device=h.device)
@@ -103,8 +133,9 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
                               HAS_SOFTCAP=bool(softcap), WRITE_GRAD=need_grad, BLOCK_V=block_v)
         total += loss.sum()
         if need_grad:  # `logits` now holds d loss / d logits
-            d_h[start:start + c] = logits @ w32
-            d_w.addmm_(logits.T, hc32)
+            _mm_fp32(logits, weight, d_h[start:start + c])
+            if d_w is not None:
+                _addmm_fp32(d_w, logits.T, hc)
             if d_b is not None:
-                d_b += logits.sum(0)
+                d_b += logits.sum(0, dtype=torch.float32)
     return total, d_h, d_w, d_b
