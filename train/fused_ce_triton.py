@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from orca2.train.fused_ce import auto_chunk
+
 
 @triton.jit
 def _tanh(x):
@@ -97,23 +99,21 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
                             softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                            chunk: int | None = None, need_weight_grad: bool = True,
-                            budget_bytes: int = 64 * 2**20) -> tuple[torch.Tensor, Any, Any, Any]:
+                            chunk: int | None = None, need_weight_grad: bool = True) -> tuple[torch.Tensor, Any, Any, Any]:
     """Loss sum over the compacted rows of h and its gradients (d_hidden, d_weight, d_bias in fp32).
 
     The matrix products run in the input dtype (tensor cores for bf16/fp16), so the logits block is
     what the naive path would compute (logits in the input dtype); the row kernel reads it in fp32 and
     writes d loss / d logits back in place, in the same dtype. d_hidden and d_weight are produced as fp32
     from those half-precision operands (fp32 accumulation, no rounding between chunks).
-    Chunk rows: about `budget_bytes` of logits per block, or as many as there are hidden-state bytes,
-    whichever is larger (the block never dominates the step's memory).
+    Chunk rows: fused_ce.auto_chunk (about 32 MB of logits, more where the step holds more anyway).
     """
     n, H = h.shape
     V = weight.shape[0]
     dtype = h.dtype
     element = torch.finfo(dtype).bits // 8
     if chunk is None:
-        chunk = max(16, max(budget_bytes, n * H * element) // (V * element))
+        chunk = auto_chunk(n, H, V, element, need_grad and need_weight_grad)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     d_h = torch.empty((n, H), dtype=torch.float32, device=h.device) if need_grad else None
     d_w = torch.zeros((V, H), dtype=torch.float32, device=h.device) if (need_grad and need_weight_grad) else None

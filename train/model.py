@@ -52,13 +52,31 @@ def use_chatml(model: Any, tokenizer: Any) -> int:
     return added
 
 
+def head_transform(model: Any) -> tuple[float, float | None]:
+    """(logit multiplier, softcap) that a model's forward applies after lm_head, from its config.
+
+    Cohere multiplies logits by `logit_scale`, Granite divides them by `logits_scaling`, Gemma 2/3 cap
+    them with `final_logit_softcapping`; Llama, Mistral, Qwen2/3, Phi-3, OLMo and SmolLM apply nothing.
+    A multiplier c is folded into the hidden states ((c h) W^T = c (h W^T)), a cap goes to the loss.
+    """
+    config = model.config
+    multiplier = 1.0
+    if getattr(config, "logit_scale", None) is not None:
+        multiplier *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        multiplier /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return multiplier, (float(softcap) if softcap else None)
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM so one forward returns Σ cross-entropy over the batch's supervised tokens.
 
     loss_impl 'fused' computes hidden states only and calls fused_linear_cross_entropy on the supervised
-    rows: the (tokens × vocabulary) logits never exist. Under ZeRO-3 the lm_head weight is registered as
-    an external parameter of this module, so DeepSpeed gathers it for forward and backward and its
-    gradient flows through autograd (DeepSpeed's hooks fire).
+    rows: the (tokens × vocabulary) logits never exist. What the model does to logits after lm_head
+    (a scale, a softcap; see head_transform) is applied the same way. Under ZeRO-3 the lm_head weight is
+    registered as an external parameter of this module, so DeepSpeed gathers it for forward and backward
+    and its gradient flows through autograd (DeepSpeed's hooks fire).
     """
 
     def __init__(self, model: Any, loss_impl: str = "naive"):
@@ -70,11 +88,12 @@ class CausalLMLoss(nn.Module):
         if loss_impl == "fused":
             head = model.get_output_embeddings()
             base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-            if head is None or base is None:
-                raise Orca2Error(f"loss_impl fused needs a Llama/Mistral/Qwen2-style model with `model` and `lm_head`; "
-                                 f"{type(model).__name__} has neither")
+            if head is None or base is None or not isinstance(head, nn.Linear):
+                raise Orca2Error(f"loss_impl fused needs a causal LM with a base model and a linear lm_head "
+                                 f"(Llama, Mistral, Qwen2, Gemma, ...); {type(model).__name__} has not: use loss_impl naive")
             self._base = base
             self._head = head
+            self._multiplier, self._softcap = head_transform(model)
             try:
                 from deepspeed.zero import register_external_parameter
 
@@ -93,8 +112,10 @@ class CausalLMLoss(nn.Module):
 
         hidden = self._base(**kwargs).last_hidden_state[:, :-1]
         hidden = hidden.reshape(-1, hidden.shape[-1])
+        if self._multiplier != 1.0:
+            hidden = hidden * self._multiplier
         index = batch.index  # supervised rows, found by the collator on the host: no device sync here
         if index.numel() == 0:
             return hidden.sum() * 0.0  # keeps the graph (and ZeRO's hooks) alive for an all-masked micro-batch
         return fused_linear_cross_entropy(hidden, self._head.weight, labels, index=index,
-                                          bias=getattr(self._head, "bias", None), validate=False)
+                                          bias=self._head.bias, softcap=self._softcap, validate=False)
