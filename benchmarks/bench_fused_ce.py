@@ -300,7 +300,7 @@ def plot(rows: list[dict], path: Path) -> None:
     others = [r for r in rows if r["impl"] != "naive"]
     labels = sorted({(r["N"], r["H"], r["V"], r["f"]) for r in others})
     impls = sorted({r["impl"] for r in others})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         by = {(r["N"], r["H"], r["V"], r["f"]): r for r in others if r["impl"] == impl}
@@ -311,7 +311,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-        ax.set_xticklabels([f"N{n}\nH{h} V{v // 1000}K\nf={f}" for n, h, v, f in labels], fontsize=6)
+        ax.set_xticklabels([f"N{n} H{h} V{v // 1000}K f={f}" for n, h, v, f in labels], fontsize=6, rotation=90)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
