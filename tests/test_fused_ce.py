@@ -98,8 +98,14 @@ def test_index_and_scale_need_no_host_sync_inputs():
     (lambda h, w, y: fused_linear_cross_entropy(h[:0], w, y[:0]), "empty input"),
     (lambda h, w, y: fused_linear_cross_entropy(h, w, y, reduction="none"), "reduction must be"),
     (lambda h, w, y: fused_linear_cross_entropy(h, w, y, bias=torch.zeros(3)), "bias must be"),
+    (lambda h, w, y: fused_linear_cross_entropy(h, w.to("meta"), y), "weight is on meta, hidden on cpu"),
+    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.zeros(2, 2, dtype=torch.long)), "index must be a 1-D"),
+    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.arange(3.0)), "index must be a 1-D"),
+    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="cuda"), "backend must be"),
+    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="triton"), "triton backend needs CUDA tensors"),
 ])
-def test_bad_input(call, message):
+def test_bad_input(call, message, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     hidden, weight, labels, _ = make(8, 16, 50, "none", torch.float32)
     with pytest.raises(Orca2Error, match=message):
         call(hidden, weight, labels)

@@ -13,6 +13,7 @@ Memory: one (chunk, V) fp32 block at a time, plus d_hidden (n, H) and d_weight (
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, l
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
-           bias: torch.Tensor | None) -> None:
+           bias: torch.Tensor | None, index: torch.Tensor | None) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
         raise Orca2Error(f"fused_linear_cross_entropy: expected hidden [N, H], weight [V, H], labels [N]; got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
@@ -62,6 +63,14 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ign
         raise Orca2Error(f"fused_linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
     if hidden.shape[0] == 0:
         raise Orca2Error("fused_linear_cross_entropy: empty input (N = 0)")
+    others = {"weight": weight, "labels": labels, "bias": bias, "index": index}
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != hidden.device:
+            raise Orca2Error(f"fused_linear_cross_entropy: {name} is on {tensor.device}, hidden on {hidden.device}")
+    if index is not None and (index.dim() != 1 or index.dtype not in (torch.int64, torch.int32)
+                              or index.numel() > hidden.shape[0]):
+        raise Orca2Error(f"fused_linear_cross_entropy: index must be a 1-D integer tensor of at most N = {hidden.shape[0]} "
+                         f"row positions, got {index.dtype} {tuple(index.shape)}")
 
 
 def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -212,13 +221,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     backend: auto (Triton on CUDA when importable, else chunked), triton, chunked. chunk: rows per block
     (default: about 32 MB of fp32 logits).
     """
-    _check(hidden, weight, labels, ignore_index, reduction, bias)
+    _check(hidden, weight, labels, ignore_index, reduction, bias, index)
     if validate:
         _check_label_range(labels, weight.shape[0], ignore_index)
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and _triton_available() else "chunked"
     if backend not in ("triton", "chunked"):
         raise Orca2Error(f"fused_linear_cross_entropy: backend must be auto, triton or chunked, got {backend!r}")
+    if backend == "triton" and not (hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise Orca2Error(f"fused_linear_cross_entropy: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"hidden is on {hidden.device}; use backend='auto' or 'chunked'")
+    if backend == "triton" and not _triton_available():
+        raise Orca2Error("fused_linear_cross_entropy: backend 'triton' needs the triton package (pip install triton)")
     return LinearCrossEntropyFunction.apply(hidden, weight, labels, bias, index, ignore_index, reduction, scale,
                                             softcap, z_loss, label_smoothing, chunk, backend)
 
