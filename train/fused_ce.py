@@ -219,7 +219,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     `scale` multiplies the result (e.g. 1 / supervised tokens of the whole optimizer step) without a
     host sync; `index` lists the supervised rows when the caller already knows them.
     backend: auto (Triton on CUDA when importable, else chunked), triton, chunked. chunk: rows per block
-    (default: about 32 MB of fp32 logits).
+    (default: auto_chunk, 32 MB of logits or more where the step holds more anyway).
     """
     _check(hidden, weight, labels, ignore_index, reduction, bias, index)
     if validate:
