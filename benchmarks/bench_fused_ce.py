@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=30.0, help="an implementation slower than this (s) is timed once")
     parser.add_argument("--quick", action="store_true", help="only the first shape (the CPU targets' N=4096, (576, 49152))")
     parser.add_argument("--shapes", default=None, help="indices into the shape list to run, e.g. 2,3,4")
+    parser.add_argument("--shape", action="append", default=None, metavar="N,H,V",
+                        help="measure this shape instead of the list (repeatable)")
     parser.add_argument("--impls", default=None, help="subset of naive,torch_chunked,orca2,liger (naive is always run)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,6 +202,8 @@ def main() -> None:
         shapes = shapes[:1]
     if args.shapes:
         shapes = [shapes[int(i)] for i in args.shapes.split(",")]
+    if args.shape:
+        shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shape]
 
     rows = []
     for N, H, V in shapes:
@@ -220,10 +224,12 @@ def main() -> None:
                 print(f"{impl:>14} N={N:<5} H={H:<5} V={V:<6} f={frac:<4} {rows[-1]['time_ms']:9.1f} ms "
                       f"(median of {len(times)}) {peak if peak is not None else float('nan'):9.1f} MB  loss {rows[-1]['loss']:.6g}",
                       flush=True)
+    if not rows:
+        raise SystemExit("no measurement succeeded")
     add_ratios(rows)
     OUT.mkdir(exist_ok=True)
     name = "fused_ce" if args.device == "cpu" else f"fused_ce_{args.device}"
-    if args.shapes or args.impls or args.quick:
+    if args.shapes or args.shape or args.impls or args.quick:
         name += "_part"
     with open(OUT / f"{name}.csv", "w", newline="") as f:
         fields = [k for k in rows[0] if not k.startswith("_")]

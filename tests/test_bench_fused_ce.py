@@ -1,0 +1,22 @@
+"""The fused-loss benchmark script itself runs end to end (tiny shape): CSV, PNG, ratios, same losses."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fused_ce.py"
+
+
+def test_benchmark_runs_on_a_tiny_shape(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--shape", "64,16,300", "--rounds", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "bench_out" / "fused_ce_part.csv")))
+    assert {(r["impl"], r["f"]) for r in rows} == {(i, f) for i in ("naive", "torch_chunked", "orca2") for f in ("1.0", "0.5", "0.2")}
+    for r in rows:
+        assert float(r["time_ms"]) > 0 and r["peak_mb"] != ""
+        if r["impl"] != "naive":
+            assert float(r["loss_rel_diff_vs_naive"]) < 1e-5 and float(r["time_vs_naive"]) > 0
+    assert (tmp_path / "bench_out" / "fused_ce_part.png").stat().st_size > 10_000
+    assert "time/naive" in done.stdout
