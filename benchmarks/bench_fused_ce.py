@@ -76,11 +76,12 @@ def make_step(impl: str, hidden, weight, labels):
 
         def loss():
             return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum")
-    elif impl == "orca2":
+    elif impl in ("orca2", "orca2_wdtype"):
         index = (labels != -100).nonzero().squeeze(1)  # the collator's job in training: known on the host
+        accum = weight.dtype if impl == "orca2_wdtype" else None  # d_weight accumulated in the weight's dtype
 
         def loss():
-            return fused_linear_cross_entropy(hidden, weight, labels, index=index, validate=False)
+            return fused_linear_cross_entropy(hidden, weight, labels, index=index, validate=False, accum_dtype=accum)
     else:
         raise SystemExit(f"unknown implementation {impl!r}")
 
@@ -173,7 +174,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="indices into the shape list to run, e.g. 2,3,4")
     parser.add_argument("--shape", action="append", default=None, metavar="N,H,V",
                         help="measure this shape instead of the list (repeatable)")
-    parser.add_argument("--impls", default=None, help="subset of naive,torch_chunked,orca2,liger (naive is always run)")
+    parser.add_argument("--impls", default=None,
+                        help="subset of naive,torch_chunked,orca2,orca2_wdtype,liger (naive is always run)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -189,6 +191,7 @@ def main() -> None:
 
     impls = ["naive", "torch_chunked", "orca2"]
     if args.device == "cuda":
+        impls.append("orca2_wdtype")  # on CPU (fp32) it would be the same as orca2
         try:
             import liger_kernel  # noqa: F401
 
@@ -274,7 +277,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_targets(rows: list[dict], device: str) -> None:
-    ours = {(r["N"], r["H"], r["V"], r["f"]): r for r in rows if r["impl"] == "orca2"}
+    for impl in ("orca2", "orca2_wdtype"):
+        print_targets_of(impl, rows, device)
+
+
+def print_targets_of(impl: str, rows: list[dict], device: str) -> None:
+    ours = {(r["N"], r["H"], r["V"], r["f"]): r for r in rows if r["impl"] == impl}
     checks = []
     if device == "cpu":
         for f, what, limit, key in ((1.0, "peak memory ÷ naive", 0.1, "mem_vs_naive"), (1.0, "time ÷ naive", 1.2, "time_vs_naive"),
@@ -291,7 +299,7 @@ def print_targets(rows: list[dict], device: str) -> None:
                 checks.append((f"N={N} H={H} V={V}: t(f=0.5) ÷ t(f=1.0)", r["time_vs_own_f1"], 0.55))
     if not checks:
         return
-    print("\nissue #6 targets:")
+    print(f"\nissue #6 targets, {impl}:")
     for label, value, limit in checks:
         verdict = "not measured" if value is None else ("met" if value <= limit else "NOT met")
         print(f"  {label:<55} {fmt(value):>7}  (≤ {limit})  {verdict}")

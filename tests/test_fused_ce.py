@@ -76,6 +76,24 @@ def frozen_head_check(dtype, backend):
     assert weight.grad is None
 
 
+def accum_in_weight_dtype_check(backend):
+    """accum_dtype = the weight's bf16: d_weight accumulates in bf16 over several chunks, still near the reference."""
+    hidden, weight, labels, _ = make(200, 24, 301, "random", torch.bfloat16)
+    fused = fused_linear_cross_entropy(hidden, weight, labels, backend=backend, chunk=16, accum_dtype=torch.bfloat16)
+    d_fused = torch.autograd.grad(fused, (hidden, weight))
+    d_ref = torch.autograd.grad(reference_linear_cross_entropy(hidden, weight, labels), (hidden, weight))
+    for a, b in zip(d_fused, d_ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b.double(), rtol=3e-2, atol=3e-1)
+    # 13 chunks rounded to bf16 one by one: close to, but not bit-equal with, fp32 accumulation
+    exact = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels, backend=backend, chunk=16), weight)[0]
+    assert 0 < (d_fused[1].double() - exact.double()).abs().max() < 0.1
+
+
+def test_accumulating_in_the_weight_dtype():
+    accum_in_weight_dtype_check("chunked")
+
+
 def test_frozen_head_gets_no_weight_gradient():
     frozen_head_check(torch.float64, "chunked")
 
@@ -102,6 +120,7 @@ def test_index_and_scale_need_no_host_sync_inputs():
     (lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.zeros(2, 2, dtype=torch.long)), "index must be a 1-D"),
     (lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.arange(3.0)), "index must be a 1-D"),
     (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="cuda"), "backend must be"),
+    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, accum_dtype=torch.float16), "accum_dtype must be"),
     (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="triton"), "triton backend needs CUDA tensors"),
 ])
 def test_bad_input(call, message, monkeypatch):
@@ -114,7 +133,7 @@ def test_bad_input(call, message, monkeypatch):
 TRITON_SCRIPT = r"""
 import torch, sys
 sys.path.insert(0, {tests!r})
-from test_fused_ce import CASES, both, frozen_head_check
+from test_fused_ce import CASES, both, frozen_head_check, accum_in_weight_dtype_check
 from orca2.train import fused_ce_triton
 fused_ce_triton.BLOCK_V = 64  # V = 97 ... 1001 spans 2 to 16 tiles with a ragged last one: the online LSE across tiles
 worst = 0.0
@@ -128,6 +147,7 @@ for N, H, V, masking, extras in CASES:
             torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * (1 if dtype == torch.float32 else 10))
             worst = max(worst, (a.double() - b.double()).abs().max().item() if dtype == torch.float32 else 0.0)
 frozen_head_check(torch.float32, "triton")
+accum_in_weight_dtype_check("triton")
 print("ok", len(CASES), worst)
 """
 

@@ -81,19 +81,20 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
         raise Orca2Error(f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})")
 
 
-def auto_chunk(n: int, H: int, V: int, element: int, weight_grad: bool) -> int:
+def auto_chunk(n: int, H: int, V: int, element: int, weight_grad_element: int) -> int:
     """Rows per (chunk, V) logits block of `element`-byte numbers: about 32 MB (170 fp32 rows at V = 49,152),
-    or more where the step holds more anyway — a quarter of the (V, H) fp32 weight gradient (every chunk
+    or more where the step holds more anyway — a quarter of the (V, H) weight gradient buffer (every chunk
     reads and writes that whole gradient once, so small chunks would make its GEMM memory-bound) or the
     bytes of the hidden states. So the block adds at most 25 % to the memory the step cannot avoid.
     (Splitting a block that holds all rows in two saved no measured memory on CPU and cost 10-30 % time.)"""
-    budget = max(32 * 2**20, V * H if weight_grad else 0, n * H * element)
+    budget = max(32 * 2**20, V * H * weight_grad_element // 4, n * H * element)
     return max(16, min(n, budget // (V * element)))
 
 
 def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
                              softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                             chunk: int | None, need_weight_grad: bool = True) -> tuple[torch.Tensor, Any, Any, Any]:
+                             chunk: int | None, need_weight_grad: bool = True,
+                             accum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any, Any, Any]:
     """Loss sum over the (already compacted) rows of h, and its gradients, in fp32, one row chunk at a time.
 
     Each chunk's (c, V) block is turned into d loss / d logits in place, so a chunk costs one block
@@ -101,13 +102,15 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     """
     n, H = h.shape
     V = weight.shape[0]
-    chunk = chunk or auto_chunk(n, H, V, 8 if h.dtype == torch.float64 else 4, need_grad and need_weight_grad)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32  # fp32 accumulation for bf16/fp16/fp32
+    dw_dtype = accum_dtype or acc
+    dw_element = dw_dtype.itemsize if (need_grad and need_weight_grad) else 0
+    chunk = chunk or auto_chunk(n, H, V, acc.itemsize, dw_element)
     w32 = weight if weight.dtype == acc else weight.to(acc)
     b32 = None if bias is None else (bias if bias.dtype == acc else bias.to(acc))
     total = torch.zeros((), dtype=acc, device=h.device)
     d_h = torch.empty((n, H), dtype=acc, device=h.device) if need_grad else None
-    d_w = torch.zeros((V, H), dtype=acc, device=h.device) if (need_grad and need_weight_grad) else None
+    d_w = torch.zeros((V, H), dtype=dw_dtype, device=h.device) if (need_grad and need_weight_grad) else None
     d_b = torch.zeros((V,), dtype=acc, device=h.device) if (need_grad and bias is not None) else None
     for start in range(0, n, chunk):
         hc = h[start:start + chunk]
@@ -145,7 +148,10 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
             grad.mul_(cap_grad)
         torch.mm(grad, w32, out=d_h[start:start + chunk])
         if d_w is not None:  # a frozen lm_head skips the (V, H) gradient GEMM altogether
-            d_w.addmm_(grad.T, hc)
+            if dw_dtype == acc:
+                d_w.addmm_(grad.T, hc)
+            else:  # accumulated in the weight's dtype: rounded once per chunk
+                d_w.addmm_(grad.T.to(dw_dtype), hc.to(dw_dtype))
         if d_b is not None:
             d_b += grad.sum(0)
     return total, d_h, d_w, d_b
@@ -155,7 +161,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
                 index: torch.Tensor | None, ignore_index: int, reduction: str, scale: Any, softcap: float | None,
-                z_loss: float, label_smoothing: float, chunk: int, backend: str) -> torch.Tensor:
+                z_loss: float, label_smoothing: float, chunk: int, backend: str,
+                accum_dtype: torch.dtype | None) -> torch.Tensor:
         if index is None:
             index = (labels != ignore_index).nonzero().squeeze(1)  # syncs on a GPU; pass `index` to avoid it
         h = hidden.index_select(0, index)
@@ -169,10 +176,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             from orca2.train.fused_ce_triton import triton_forward_backward
 
             total, d_h, d_w, d_b = triton_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad,
-                                                           chunk, need_weight_grad=ctx.needs_input_grad[1])
+                                                           chunk, need_weight_grad=ctx.needs_input_grad[1],
+                                                           accum_dtype=accum_dtype)
         else:
             total, d_h, d_w, d_b = chunked_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad,
-                                                            chunk, need_weight_grad=ctx.needs_input_grad[1])
+                                                            chunk, need_weight_grad=ctx.needs_input_grad[1],
+                                                            accum_dtype=accum_dtype)
         factor = torch.ones((), dtype=total.dtype, device=hidden.device)
         if reduction == "mean":
             factor = factor / max(1, index.numel())  # the count is the index's shape: known on the host, no sync
@@ -205,14 +214,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             d_weight = d_w.mul_(g).to(weight_dtype)
         if ctx.needs_input_grad[3] and d_b is not None:
             d_bias = d_b.mul_(g).to(bias_dtype)
-        return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                ignore_index: int = -100, reduction: str = "sum", scale: Any = None,
                                softcap: float | None = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
                                bias: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                               chunk: int | None = None, backend: str = "auto", validate: bool = True) -> torch.Tensor:
+                               chunk: int | None = None, backend: str = "auto", validate: bool = True,
+                               accum_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Cross-entropy of hidden @ weight.T (+ bias) against labels, summed (or averaged) over supervised rows.
 
     hidden [N, H], weight [V, H], labels [N] (ignore_index rows contribute nothing; all-masked gives 0).
@@ -220,6 +230,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     host sync; `index` lists the supervised rows when the caller already knows them.
     backend: auto (Triton on CUDA when importable, else chunked), triton, chunked. chunk: rows per block
     (default: auto_chunk, 32 MB of logits or more where the step holds more anyway).
+    accum_dtype: what the weight gradient accumulates in across chunks — None: fp32 (fp64 for fp64
+    input), exact; the weight's own dtype (bf16/fp16): half that buffer and no cast at the end, at one
+    rounding per chunk (what Liger does by default).
     """
     _check(hidden, weight, labels, ignore_index, reduction, bias, index)
     if validate:
@@ -233,8 +246,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                          f"hidden is on {hidden.device}; use backend='auto' or 'chunked'")
     if backend == "triton" and not _triton_available():
         raise Orca2Error("fused_linear_cross_entropy: backend 'triton' needs the triton package (pip install triton)")
+    if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64, weight.dtype):
+        raise Orca2Error(f"fused_linear_cross_entropy: accum_dtype must be None, float32, float64 or the weight's dtype "
+                         f"({weight.dtype}), got {accum_dtype}")
     return LinearCrossEntropyFunction.apply(hidden, weight, labels, bias, index, ignore_index, reduction, scale,
-                                            softcap, z_loss, label_smoothing, chunk, backend)
+                                            softcap, z_loss, label_smoothing, chunk, backend, accum_dtype)
 
 
 def _triton_available() -> bool:

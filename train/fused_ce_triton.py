@@ -99,24 +99,27 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
                             softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                            chunk: int | None = None, need_weight_grad: bool = True) -> tuple[torch.Tensor, Any, Any, Any]:
+                            chunk: int | None = None, need_weight_grad: bool = True,
+                            accum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any, Any, Any]:
     """Loss sum over the compacted rows of h and its gradients (d_hidden, d_weight, d_bias in fp32).
 
     The matrix products run in the input dtype (tensor cores for bf16/fp16), so the logits block is
     what the naive path would compute (logits in the input dtype); the row kernel reads it in fp32 and
     writes d loss / d logits back in place, in the same dtype. d_hidden and d_weight are produced as fp32
-    from those half-precision operands (fp32 accumulation, no rounding between chunks).
+    from those half-precision operands (fp32 accumulation, no rounding between chunks), unless
+    accum_dtype is the weight's half dtype: then d_weight accumulates in it (rounded once per chunk).
     Chunk rows: fused_ce.auto_chunk (about 32 MB of logits, more where the step holds more anyway).
     """
     n, H = h.shape
     V = weight.shape[0]
     dtype = h.dtype
     element = torch.finfo(dtype).bits // 8
+    dw_dtype = torch.float32 if accum_dtype in (None, torch.float64) else accum_dtype
     if chunk is None:
-        chunk = auto_chunk(n, H, V, element, need_grad and need_weight_grad)
+        chunk = auto_chunk(n, H, V, element, dw_dtype.itemsize if (need_grad and need_weight_grad) else 0)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     d_h = torch.empty((n, H), dtype=torch.float32, device=h.device) if need_grad else None
-    d_w = torch.zeros((V, H), dtype=torch.float32, device=h.device) if (need_grad and need_weight_grad) else None
+    d_w = torch.zeros((V, H), dtype=dw_dtype, device=h.device) if (need_grad and need_weight_grad) else None
     d_b = torch.zeros((V,), dtype=torch.float32, device=h.device) if (need_grad and bias is not None) else None
     y = y.contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
@@ -134,8 +137,10 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
         total += loss.sum()
         if need_grad:  # `logits` now holds d loss / d logits
             _mm_fp32(logits, weight, d_h[start:start + c])
-            if d_w is not None:
+            if d_w is not None and dw_dtype == torch.float32:
                 _addmm_fp32(d_w, logits.T, hc)
+            elif d_w is not None:  # the weight's half dtype: cuBLAS adds in fp32, rounds once per chunk
+                d_w.addmm_(logits.T, hc)
             if d_b is not None:
                 d_b += logits.sum(0, dtype=torch.float32)
     return total, d_h, d_w, d_b
