@@ -199,6 +199,6 @@ def summarise(rows: list[dict[str, Any]], benches: dict[str, Any]) -> dict[str, 
             ci = [max(0.0, acc - half), min(1.0, acc + half)]
         else:
             acc, ci = correct / n, list(wilson(correct, n))
-        out["overall"][bench_name] = {"n": n, "accuracy": acc, "ci95": ci, "aggregate": bench.aggregate,
+        out["overall"][bench_name] = {"n": n, "correct": correct, "accuracy": acc, "ci95": ci, "aggregate": bench.aggregate,
                                       "tasks": len(mine), "reference": bench.reference}
     return out

@@ -58,39 +58,36 @@ def newcombe(c1: int, n1: int, c2: int, n2: int) -> tuple[float, float, float]:
     return d, d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5, d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5
 
 
+def _gain_rows(label: str, base_cells: list[tuple[str, dict]], other_cells: list[tuple[str, dict]]) -> list[str]:
+    """Rows for one task (or benchmark): each of `other`'s conditions against the base's best condition."""
+    if not base_cells:
+        return []
+    best_condition, best = max(base_cells, key=lambda x: x[1]["accuracy"])
+    rows = []
+    for condition, cell in other_cells:
+        d, low, high = newcombe(cell["correct"], cell["n"], best["correct"], best["n"])
+        rows.append(f"| {label} | {best_condition} | {_pct(best['accuracy'])} | {condition} | {_pct(cell['accuracy'])} | "
+                    f"{100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {'yes' if low > 0 or high < 0 else 'no'} |")
+    return rows
+
+
+def _cells(report: dict[str, Any], level: str, name: str) -> list[tuple[str, dict]]:
+    return [(c, s[level][name]) for c, s in report["benchmarks"].items() if name in s[level]]
+
+
 def render_gains(base: dict[str, Any], other: dict[str, Any]) -> str:
-    """Per task: `other` under each of its conditions against `base` under its best condition for that task."""
+    """Per task, and per micro-averaged benchmark: `other` under each of its conditions against `base`
+    under its best condition there."""
     lines = [f"## Gain of {other['model']} over {base['model']} (its best condition per task)", "",
              "| task | base: best condition | base % | " + f"{other['model']}: condition | {other['model']} % | gain (pp) | 95 % CI | CI excludes 0 |",
              "|---|---|---:|---|---:|---:|---|---|"]
-    tasks = sorted({t for s in other["benchmarks"].values() for t in s["tasks"]})
-    for task in tasks:
-        candidates = [(c, s["tasks"][task]) for c, s in base["benchmarks"].items() if task in s["tasks"]]
-        if not candidates:
-            continue
-        best_condition, best = max(candidates, key=lambda x: x[1]["accuracy"])
-        for condition, summary in other["benchmarks"].items():
-            t = summary["tasks"].get(task)
-            if t is None:
-                continue
-            d, low, high = newcombe(t["correct"], t["n"], best["correct"], best["n"])
-            lines.append(f"| {task} | {best_condition} | {_pct(best['accuracy'])} | {condition} | {_pct(t['accuracy'])} | "
-                         f"{100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | {'yes' if low > 0 or high < 0 else 'no'} |")
+    for task in sorted({t for s in other["benchmarks"].values() for t in s["tasks"]}):
+        lines += _gain_rows(task, _cells(base, "tasks", task), _cells(other, "tasks", task))
     for bench in sorted({b for s in other["benchmarks"].values() for b in s["overall"]}):
-        candidates = [(c, s["overall"][bench]) for c, s in base["benchmarks"].items() if bench in s["overall"]]
-        if not candidates or any(s["overall"][bench]["aggregate"] == "macro" for s in other["benchmarks"].values()
-                                 if bench in s["overall"]):
+        others = _cells(other, "overall", bench)
+        if any(cell["aggregate"] == "macro" for _, cell in others):
             continue  # a difference CI for a micro-average only (counts are pooled over tasks)
-        best_condition, best = max(candidates, key=lambda x: x[1]["accuracy"])
-        for condition, summary in other["benchmarks"].items():
-            o = summary["overall"].get(bench)
-            if o is None:
-                continue
-            c1, c2 = round(o["accuracy"] * o["n"]), round(best["accuracy"] * best["n"])
-            d, low, high = newcombe(c1, o["n"], c2, best["n"])
-            lines.append(f"| **{bench} (all tasks)** | {best_condition} | {_pct(best['accuracy'])} | {condition} | "
-                         f"{_pct(o['accuracy'])} | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
-                         f"{'yes' if low > 0 or high < 0 else 'no'} |")
+        lines += _gain_rows(f"**{bench} (all tasks)**", _cells(base, "overall", bench), others)
     return "\n".join(lines) + "\n"
 
 

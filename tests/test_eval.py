@@ -185,3 +185,26 @@ def test_newcombe_interval():
     d, low, high = newcombe(56, 70, 48, 80)  # Newcombe (1998), method 10, example (a): 0.0524 to 0.3339
     assert d == pytest.approx(0.2) and low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
     assert newcombe(9, 10, 3, 10)[1:] == (pytest.approx(0.1705, abs=1e-4), pytest.approx(0.8090, abs=1e-4))  # example (b)
+
+
+def test_gains_against_the_base_best_condition_per_task_and_benchmark():
+    from orca2.eval.report import newcombe, render_gains
+
+    def cell(correct, n, **extra):
+        return {"n": n, "correct": correct, "accuracy": correct / n, **extra}
+
+    base = {"model": "base", "benchmarks": {
+        "empty": {"tasks": {"a": cell(12, 40), "b": cell(8, 10)}, "overall": {"g": cell(11, 20, aggregate="micro"),
+                                                                             "m": cell(5, 10, aggregate="macro")}},
+        "steps": {"tasks": {"a": cell(20, 40), "b": cell(2, 10)}, "overall": {"g": cell(7, 20, aggregate="micro"),
+                                                                             "m": cell(6, 10, aggregate="macro")}}}}
+    other = {"model": "student", "benchmarks": {
+        "cautious": {"tasks": {"a": cell(36, 40), "b": cell(7, 10), "c": cell(1, 2)},
+                     "overall": {"g": cell(16, 20, aggregate="micro"), "m": cell(9, 10, aggregate="macro")}}}}
+    rows = [line for line in render_gains(base, other).splitlines() if line.startswith("| ") and "condition" not in line]
+    d, low, high = newcombe(36, 40, 20, 40)
+    assert low > 0 and rows[0] == f"| a | steps | 50.0 | cautious | 90.0 | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | yes |"
+    assert rows[1].startswith("| b | empty | 80.0 | cautious | 70.0 | -10.0 |") and rows[1].endswith("| no |")
+    d, low, high = newcombe(16, 20, 11, 20)
+    assert rows[2] == f"| **g (all tasks)** | empty | 55.0 | cautious | 80.0 | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | no |"
+    assert len(rows) == 3  # task c has no base cell; the macro-averaged benchmark m gets no difference CI

@@ -80,21 +80,19 @@ def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, lse_ptr, V, so
 BLOCK_V = 1024  # vocabulary tile of the row kernel (tests shrink it to cover many tiles at small V)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out (fp32) = a @ b. Half-precision inputs on CUDA run on tensor cores with an fp32 result
-    (cuBLAS accumulates in fp32); elsewhere (the interpreter on CPU) the inputs are upcast."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
+def _gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out = a @ b (out += a @ b when accumulating), in out's dtype. Half-precision operands with an fp32
+    `out` on CUDA run on tensor cores with an fp32 result (`out_dtype`; cuBLAS accumulates in fp32);
+    elsewhere (the interpreter on CPU) the operands are cast to out's dtype."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and out.dtype == torch.float32:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    elif accumulate:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype))
     else:
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, the same way."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
@@ -112,11 +110,9 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
     """
     n, H = h.shape
     V = weight.shape[0]
-    dtype = h.dtype
-    element = torch.finfo(dtype).bits // 8
     dw_dtype = torch.float32 if accum_dtype in (None, torch.float64) else accum_dtype
     if chunk is None:
-        chunk = auto_chunk(n, H, V, element, dw_dtype.itemsize if (need_grad and need_weight_grad) else 0)
+        chunk = auto_chunk(n, H, V, h.dtype.itemsize, dw_dtype.itemsize if (need_grad and need_weight_grad) else 0)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     d_h = torch.empty((n, H), dtype=torch.float32, device=h.device) if need_grad else None
     d_w = torch.zeros((V, H), dtype=dw_dtype, device=h.device) if (need_grad and need_weight_grad) else None
@@ -136,11 +132,9 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
                               HAS_SOFTCAP=bool(softcap), WRITE_GRAD=need_grad, BLOCK_V=block_v)
         total += loss.sum()
         if need_grad:  # `logits` now holds d loss / d logits
-            _mm_fp32(logits, weight, d_h[start:start + c])
-            if d_w is not None and dw_dtype == torch.float32:
-                _addmm_fp32(d_w, logits.T, hc)
-            elif d_w is not None:  # the weight's half dtype: cuBLAS adds in fp32, rounds once per chunk
-                d_w.addmm_(logits.T, hc)
+            _gemm_into(d_h[start:start + c], logits, weight, accumulate=False)
+            if d_w is not None:  # fp32, or the weight's half dtype (rounded once per chunk)
+                _gemm_into(d_w, logits.T, hc, accumulate=True)
             if d_b is not None:
                 d_b += logits.sum(0, dtype=torch.float32)
     return total, d_h, d_w, d_b
