@@ -17,14 +17,14 @@ import time
 from results import save_and_print
 
 from orca2.cache import ResponseCache, request_key
-from orca2.dispatch import Request, dispatch
-from orca2.teachers import ClientConfig, LocalTeacher, OpenAITeacher, Sampling
+from orca2.ask import Request, dispatch
+from orca2.models import ClientConfig, LocalTeacher, OpenAITeacher, Sampling
 
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     """The loopback server in its own process, so its CPU is not charged to the client."""
-    proc = subprocess.Popen([sys.executable, "-m", "orca2.loopback_server", *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "orca2.testing.loopback", *args], stdout=subprocess.PIPE, text=True)
     return proc, proc.stdout.readline().strip()
 
 

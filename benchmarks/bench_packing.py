@@ -30,7 +30,7 @@ def examples(max_len: int):
     from transformers import AutoTokenizer
 
     from orca2.prompts import generic_prompt
-    from orca2.teachers import smollm2_gguf
+    from orca2.models import smollm2_gguf
     from orca2.train.data import prepare_examples
 
     if not TOKENIZER.exists():  # reading the GGUF costs GBs of RAM; do it once, keep the tokenizer files

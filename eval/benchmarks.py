@@ -95,7 +95,7 @@ def _multiple_choice(bench: Benchmark, data_dir: Path) -> Iterator[Record]:
 
     path = _resolve(bench.path, data_dir)
     if path.startswith("hf:"):
-        from orca2.tasks import load_hf
+        from orca2.sources import load_hf
 
         try:
             items: Any = enumerate(load_hf(path[3:], default_split="test"))
@@ -122,21 +122,23 @@ def load_items(bench: Benchmark, task_filter: str | None, data_dir: Path, limit:
     if bench.loader == "multiple_choice":
         records: Iterator[Record] = _multiple_choice(bench, data_dir)
     else:
-        from orca2.tasks import TasksConfig, open_source
+        from orca2.sources import open_source
 
         spec = f"{bench.loader}:{_resolve(bench.path, data_dir)}"
-        cfg = TasksConfig(sources=(spec,), output="-", columns=bench.columns, task=bench.name)
         path = Path(spec.split(":", 1)[1])
         if bench.loader != "hf" and not path.exists():
             raise Orca2Error(f"benchmark '{bench.name}': {path} not found (set ORCA2_DATA_DIR or the entry's path)")
 
         def templated() -> Iterator[Record]:
-            for where, item in open_source(spec, cfg):
+            for where, item in open_source(spec, columns=bench.columns, task=bench.name):
                 if isinstance(item, Orca2Error):
                     raise item
                 prompt = render_template(bench.template, f"benchmark {bench.name}", question=user_prompt(item))
                 meta = {**item.get("meta", {}), "benchmark": bench.name}
-                yield make_record(item["id"], item["task"], [{"role": "user", "content": prompt}], item["answer"], meta)
+                task = item["task"]
+                if bench.loader == "bbh":  # the reader names tasks bbh/<file>; a user benchmark names them <bench>/<file>
+                    task = f"{bench.name}/{task.split('/', 1)[1]}"
+                yield make_record(item["id"], task, [{"role": "user", "content": prompt}], item["answer"], meta)
 
         records = templated()
     out: list[Record] = []

@@ -2,9 +2,8 @@
 
     orca2 eval --model runs/student/model --bench gsm8k,bbh --system empty,cautious -o reports/student
 
-For each condition (system prompt) and benchmark task, items go through the same teacher clients as
-generation (batched local generation, or an OpenAI-compatible endpoint with concurrency, retries and
-the response cache, so a re-run skips finished items). Each item's response, extracted answer,
+For each condition (system prompt) and benchmark task, items are asked through orca2.ask like every
+other stage (any model spec; the response cache means a re-run skips finished items). Each item's response, extracted answer,
 correctness and detected strategy are saved as records in <output>/<condition>/items.jsonl.
 """
 
@@ -18,25 +17,25 @@ from typing import Any
 
 import orjson
 
-from orca2.answers import extract_answer, gold_value, infer_answer_type
-from orca2.cache import ResponseCache, default_cache_dir, request_key
+from orca2.answers import score
+from orca2.ask import Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.eval.benchmarks import default_data_dir, load_items, load_registry, select
 from orca2.eval.usage import CATEGORIES, classify
-from orca2.generate import redacted, teacher_id
 from orca2.io import atomic_text, write_records
 from orca2.prompts import generic_prompt
 from orca2.records import with_system_prompt
 from orca2.strategies import Library
-from orca2.teachers import ClientConfig, Sampling, parse_teacher
+from orca2.eval.stats import wilson
+from orca2.models import ClientConfig, ModelSpec, Sampling, check_local_model, parse_model, redacted
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str  # HF folder | local:default | local:<path> | openai:<model>
+    model: str  # HF folder | local:default | local:<path> | openai:<model> | batch:<model>
     output: str  # report folder
     bench: tuple[str, ...] = ("gsm8k", "bbh")  # benchmark names, or name/task for one task
     system: tuple[str, ...] = ("empty",)  # conditions: empty | cautious | strategy:NAME | path of a text file
@@ -49,32 +48,24 @@ class EvalConfig:
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=512))
 
     def __post_init__(self) -> None:
-        if self.model.startswith(("openai:", "local:")):
-            parse_teacher(self.model)
+        parse_model(self.model, paths=True)
         if not self.system or not self.bench:
             raise Orca2Error("eval: give at least one --bench and one --system condition")
 
 
-def model_spec(model: str) -> str:
-    """A model argument as a teacher spec: a bare folder or .gguf path becomes local:<path>."""
-    if model.startswith(("openai:", "local:")):
-        parse_teacher(model)
-        return model
-    path = Path(model)
-    if not path.exists():
-        raise Orca2Error(f"model '{model}': no such folder or file (use openai:<model> for an endpoint, local:default for SmolLM2)")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise Orca2Error(f"{path}: not a model folder (no config.json)")
-    if path.is_dir() and not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise Orca2Error(f"{path}: the model folder has no tokenizer")
-    return f"local:{path}"
+def model_spec(model: str) -> ModelSpec:
+    """The model to evaluate, checked before anything runs: a bare folder or .gguf path means local:<path>."""
+    spec = parse_model(model, paths=True)
+    if spec.scheme == "local":
+        check_local_model(spec.target)
+    return spec
 
 
-def default_label(spec: str) -> str:
+def default_label(spec: ModelSpec) -> str:
     """A model's name in reports: the folder name (its parent for a run's .../model folder), else the spec."""
-    if not spec.startswith("local:"):
-        return spec
-    path = Path(spec.split(":", 1)[1])
+    if spec.scheme != "local" or spec.target == "default":
+        return str(spec)
+    path = Path(spec.target)
     return path.parent.name if path.name == "model" else path.name
 
 
@@ -85,21 +76,9 @@ def system_text(condition: str, library: Library, task: str) -> str:
     return generic_prompt(condition)
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval for a proportion (sound at 0 and 100 %, unlike the normal approximation)."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every (condition, benchmark task); write items, report.json, report.md and plots."""
-    from orca2.dispatch import Request, dispatch
     from orca2.eval.report import plot_accuracy, plot_usage, render_report
-    from orca2.teachers import make_teacher
 
     spec = model_spec(cfg.model)
     label = cfg.label or default_label(spec)
@@ -107,47 +86,33 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     registry = load_registry(cfg.benchmarks)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     chosen = select(registry, cfg.bench)
-    items = {bench.name: load_items(bench, task, data_dir, cfg.limit) for bench, task in chosen}
+    items = [(bench, load_items(bench, task, data_dir, cfg.limit)) for bench, task in chosen]  # one entry per --bench name
     for condition in cfg.system:
         system_text(condition, library, "x")  # unknown names fail now, before any request
-    cache_id = teacher_id(spec)
-    params = cfg.sampling.to_dict()
-    plan = []
-    for condition in cfg.system:
-        for bench_name, records in items.items():
-            for record in records:
-                messages = with_system_prompt(record["messages"], system_text(condition, library, record["task"]))
-                plan.append((condition, bench_name, record, Request(request_key(cache_id, messages, params), messages)))
+    plan = [(condition, record) for condition in cfg.system for _, records in items for record in records]
+    requests = [Request(with_system_prompt(record["messages"], system_text(condition, library, record["task"])))
+                for condition, record in plan]
     output = Path(cfg.output)
-    cache = ResponseCache(cfg.client.cache_dir or default_cache_dir())
-    try:
-        result = dispatch(lambda: make_teacher(spec, cfg.client), [r for *_, r in plan], cfg.sampling, cfg.client, cache,
-                          desc=f"eval {label}")
-        failed = result.failures
-        if result.aborted:
-            failed = {r.key: failed.get(r.key, result.aborted) for *_, r in plan if r.key not in cache}
-        by_condition: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.system}
-        for condition, bench_name, record, request in plan:
-            response = cache.get(request.key)
-            answer_type = record["meta"].get("answer_type") or infer_answer_type(record.get("answer") or "")
+    by_condition: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.system}
+    with ask(spec, requests, cfg.sampling, cfg.client, desc=f"eval {label}") as answers:
+        failed = {}
+        for i, ((condition, record), request) in enumerate(zip(plan, requests)):
+            response = answers.response(i)
             meta = {**record["meta"], "condition": condition, "model": label}
             if response is None:
-                meta.update(error=failed.get(request.key, "no response"), correct=False, strategy_used=None)
+                failed[answers.keys[i]] = answers.error(i)
+                meta.update(error=answers.error(i), correct=False, strategy_used=None)
                 content = ""
             else:
                 content = response["contents"][0]
-                extracted = extract_answer(content, answer_type)
-                gold = gold_value(record["answer"], answer_type) if record.get("answer") else None
-                meta.update(extracted_answer=extracted.value, extraction=extracted.method,
-                            correct=gold is not None and extracted.value == gold, strategy_used=classify(content),
-                            response_words=len(content.split()), completion_tokens=response["completion_tokens"],
-                            finish_reason=response["finish_reasons"][0])
+                scored = score(content, record.get("answer"), record["meta"].get("answer_type"))
+                meta.update(extracted_answer=scored.value, extraction=scored.method, correct=scored.correct,
+                            strategy_used=classify(content), response_words=len(content.split()),
+                            completion_tokens=response["completion_tokens"], finish_reason=response["finish_reasons"][0])
             by_condition[condition].append({"id": record["id"], "task": record["task"],
                                             "messages": request.messages + [{"role": "assistant", "content": content}],
                                             "answer": record.get("answer"), "meta": meta})
-    finally:
-        cache.close()
-    report = {"model": label, "spec": spec, "conditions": list(cfg.system), "benchmarks": {}, "failed": len(failed)}
+    report = {"model": label, "spec": str(spec), "conditions": list(cfg.system), "benchmarks": {}, "failed": len(failed)}
     for condition, rows in by_condition.items():
         safe = condition.replace("/", "_").replace(":", "-")
         write_records(output / safe / "items.jsonl", rows)

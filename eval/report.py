@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from orca2.errors import Orca2Error
+from orca2.eval.stats import newcombe
 from orca2.eval.usage import CATEGORIES
 
 
@@ -46,16 +47,6 @@ def render_report(reports: list[dict[str, Any]], registry: dict[str, Any] | None
                 lines.append(f"| {task} | {t['n']} | {_pct(t['accuracy'])} | [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}] | "
                              f"{t['mean_words']:.0f} | " + " | ".join(f"{100 * t['usage'][c]:.0f}%" for c in CATEGORIES) + " |")
     return "\n".join(lines) + "\n"
-
-
-def newcombe(c1: int, n1: int, c2: int, n2: int) -> tuple[float, float, float]:
-    """Difference of two proportions p1 - p2 with Newcombe's 95 % interval (from the two Wilson intervals)."""
-    from orca2.eval.evaluate import wilson
-
-    p1, p2 = c1 / n1, c2 / n2
-    (l1, u1), (l2, u2) = wilson(c1, n1), wilson(c2, n2)
-    d = p1 - p2
-    return d, d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5, d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5
 
 
 def _gain_rows(label: str, base_cells: list[tuple[str, dict]], other_cells: list[tuple[str, dict]]) -> list[str]:

@@ -19,10 +19,14 @@ _CHOICE_GOLD = re.compile(r"^\(([A-Z])\)$")
 _NUMBER_GOLD = re.compile(r"^-?\d+(\.\d+)?$")
 _BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
 _HASHES = re.compile(r"####\s*([^\n]+)")
+# A marker is the word 'answer' (not 'answered', not 'to answer this, …') followed by 'is' or a colon, or
+# 'final answer'; what follows it on the line is the marked answer.
 _ANSWER_IS = re.compile(
-    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer|answer)\s*(?:is)?\s*[:=]?\s*([^\n]+)", re.IGNORECASE
+    r"\b(?:(?:the\s+)?final\s+answer\b\s*(?:is\b)?\s*[:=]?|answer\s*(?:is\b\s*:?|:|=))[ \t*]*([^\n]+)", re.IGNORECASE
 )
-_NUMBER = re.compile(r"-?\$?\s?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\$?\s?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+# A fraction is written without spaces ('3/4'); '520 / 3 days' is a division, not the number 520/3.
+_NUMBER = re.compile(r"-?\$?\s?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\$?\s?\d+(?:\.\d+)?(?:/\d+(?![\d.]))?")
+_CHAIN = re.compile(r"^(?:(?:[\s$\d,+\-*/×÷x()]|\.(?=\d))+=)+")  # '16 - 3 - 4 = ' (arithmetic up to the last '=')
 _CHOICE = re.compile(r"\(([A-Z])\)|\b([A-Z])\)|^\s*([A-Z])\s*[.:]?\s*$|\b(?:option|choice)\s+([A-Z])\b", re.MULTILINE)
 _FRAC = re.compile(r"\\d?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
@@ -108,6 +112,16 @@ def normalise(text: str, answer_type: str, *, last: bool = False) -> str | None:
     raise ValueError(f"unknown answer type {answer_type!r} (valid: {', '.join(ANSWER_TYPES)})")
 
 
+def _result_of(marked: str, answer_type: str) -> str:
+    """The result a marked answer states when it opens with arithmetic: '9 * 2 = 18' → '18', but in
+    '18, because 9 = 3 * 3' the answer is the 18."""
+    if answer_type == "number":
+        chain = _CHAIN.match(marked)
+        if chain:
+            return marked[chain.end():]
+    return marked
+
+
 def extract_answer(response: str, answer_type: str) -> Extraction:
     """Find and normalise the final answer in a model response."""
     lower = response.lower()
@@ -116,7 +130,7 @@ def extract_answer(response: str, answer_type: str) -> Extraction:
             continue
         matches = pattern.findall(response)
         if matches:
-            value = normalise(matches[-1], answer_type)
+            value = normalise(_result_of(matches[-1], answer_type), answer_type)
             if value is not None:
                 return Extraction(value, method)
     stripped = response.strip()
@@ -133,8 +147,23 @@ def gold_value(gold: str, answer_type: str) -> str | None:
     return normalise(gold, answer_type)
 
 
+@dataclass(frozen=True)
+class Score:
+    correct: bool
+    value: str | None  # the response's normalised final answer
+    method: str  # how it was found (Extraction.method)
+    expected: str | None  # the normalised gold answer
+    answer_type: str
+
+
+def score(response: str, gold: str | None, answer_type: str | None = None) -> Score:
+    """Score one response against a gold answer: the one check select, erase, eval and the judges share."""
+    answer_type = answer_type or (infer_answer_type(gold) if gold else "text")
+    extracted = extract_answer(response, answer_type)
+    expected = gold_value(gold, answer_type) if gold else None
+    return Score(expected is not None and extracted.value == expected, extracted.value, extracted.method, expected, answer_type)
+
+
 def is_correct(response: str, gold: str, answer_type: str | None = None) -> bool:
     """Whether the response's final answer equals the gold answer under its answer type."""
-    answer_type = answer_type or infer_answer_type(gold)
-    expected = gold_value(gold, answer_type)
-    return expected is not None and extract_answer(response, answer_type).value == expected
+    return score(response, gold, answer_type).correct

@@ -86,7 +86,7 @@ def tasks(sources: tuple[str, ...], output: str | None, per_kind: int | None, sp
           columns: str | None, task: str | None, skip_invalid: bool | None, config_path: str | None,
           overrides: tuple[str, ...], seed: int | None) -> None:
     """Build task records from SOURCES (gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME, synthetic[:KIND,...])."""
-    from orca2 import tasks as stage
+    from orca2.stages import tasks as stage
     from orca2.config import load_config
 
     flags = {"sources": sources, "output": output, "per_kind": per_kind, "split": split, "limit": limit,
@@ -127,28 +127,49 @@ def strategies_show(name: str, user_paths: tuple[str, ...]) -> None:
     click.echo(strategy.system_text())
 
 
-def teacher_options(with_teacher: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Teacher, client and sampling options shared by select, generate and eval (same names, same meaning)."""
-    options = [
-        click.option("--teacher", default=None, help="openai:<model> | local:<folder|file.gguf|default>"),
-    ] if with_teacher else []
-    options += [
-        click.option("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL)."),
-        click.option("--api-key-env", default=None, help="Environment variable holding the API key (default OPENAI_API_KEY)."),
-        click.option("--concurrency", type=int, default=None, help="Requests in flight (default 16)."),
-        click.option("--rpm", type=float, default=None, help="Requests-per-minute limit."),
-        click.option("--tpm", type=float, default=None, help="Tokens-per-minute limit."),
-        click.option("--max-attempts", type=int, default=None, help="Attempts per request before it counts as failed (default 6)."),
-        click.option("--timeout", type=float, default=None, help="Seconds per request (default 120)."),
-        click.option("--batch-size", type=int, default=None, help="Local teacher: prompts per batch (default 16)."),
-        click.option("--device", default=None, help="Local teacher: auto | cpu | cuda."),
-        click.option("--cache-dir", default=None, help="Response cache (default $ORCA2_CACHE_DIR or ~/.cache/orca2/teacher)."),
-        click.option("--n", "n_samples", type=int, default=None, help="Samples per prompt (default 1)."),
-        click.option("--temperature", type=float, default=None, help="Sampling temperature (default 0 = greedy)."),
-        click.option("--top-p", type=float, default=None),
-        click.option("--max-tokens", type=int, default=None, help="Completion tokens per sample (default 1024)."),
-        click.option("--strategies", "user_strategies", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder."),
-    ]
+# Client and sampling flags come from the fields of orca2.models.ClientConfig and Sampling: one declaration,
+# so names, help texts and defaults cannot drift apart. A stage's own default (eval's max_tokens) shows as such.
+_HIDDEN_CLIENT_FLAGS = ("api_key",)  # keys belong in the environment; `--set client.api_key=...` still works
+
+
+def _field_flags(cls: type, section: str, defaults: Any) -> list[tuple[str, str, Any]]:
+    """(flag, config key, click option) for every field of a client/sampling dataclass."""
+    import dataclasses
+
+    flags = []
+    for f in dataclasses.fields(cls):
+        if f.name in _HIDDEN_CLIENT_FLAGS:
+            continue
+        flag = "--" + ("n" if f.name == "n" else f.name.replace("_", "-"))
+        default = getattr(defaults, f.name)
+        kind = {int: int, float: float}.get(type(default)) if default is not None else None
+        if kind is None:
+            hint = str(f.type)
+            kind = int if hint.startswith("int") else float if hint.startswith("float") else None
+        shown = "" if default is None else f" (default {default})"
+        dest = f"{section}_{f.name}"
+        flags.append((dest, f"{section}.{f.name}", click.option(flag, dest, type=kind, default=None,
+                                                                 help=f.metadata.get("help", "") + shown)))
+    return flags
+
+
+def teacher_options(stage: str, with_teacher: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Model, client and sampling options shared by select, generate and eval, derived from the config classes."""
+    import dataclasses
+    import importlib
+
+    from orca2.models import SPEC_FORMS, ClientConfig, Sampling
+
+    module, _, name = stage.partition(":")
+    stage_config = getattr(importlib.import_module(module), name)  # light: configs import no torch/openai
+    fields = {f.name: f for f in dataclasses.fields(stage_config)}
+    defaults = {name: f.default_factory() for name, f in fields.items() if name in ("client", "sampling")}
+    specs = _field_flags(ClientConfig, "client", defaults["client"]) + _field_flags(Sampling, "sampling", defaults["sampling"])
+    specs = [s for s in specs if s[0] != "sampling_seed"]  # the common --seed sets it
+    options = [click.option("--teacher", default=None, help=SPEC_FORMS)] if with_teacher else []
+    options += [opt for _, _, opt in specs]
+    options.append(click.option("--strategies", "user_strategies", multiple=True, type=click.Path(),
+                                help="Extra strategy YAML file or folder."))
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
@@ -159,16 +180,12 @@ def teacher_options(with_teacher: bool = True) -> Callable[[Callable[..., Any]],
 
 
 def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
-    """Map the shared teacher options onto config keys (client.*, sampling.*)."""
-    return {
-        "teacher": kw.pop("teacher", None), "strategies": kw.pop("user_strategies"),
-        "client.base_url": kw.pop("base_url"), "client.api_key_env": kw.pop("api_key_env"),
-        "client.concurrency": kw.pop("concurrency"), "client.rpm": kw.pop("rpm"), "client.tpm": kw.pop("tpm"),
-        "client.max_attempts": kw.pop("max_attempts"), "client.timeout": kw.pop("timeout"),
-        "client.batch_size": kw.pop("batch_size"), "client.device": kw.pop("device"), "client.cache_dir": kw.pop("cache_dir"),
-        "sampling.n": kw.pop("n_samples"), "sampling.temperature": kw.pop("temperature"), "sampling.top_p": kw.pop("top_p"),
-        "sampling.max_tokens": kw.pop("max_tokens"), "sampling.seed": seed,
-    }
+    """Map the shared model options onto config keys (client.*, sampling.*)."""
+    flags = {"teacher": kw.pop("teacher", None), "strategies": kw.pop("user_strategies"), "sampling.seed": seed}
+    for dest in [k for k in kw if k.startswith(("client_", "sampling_"))]:
+        section, _, name = dest.partition("_")
+        flags[f"{section}.{name}"] = kw.pop(dest)
+    return flags
 
 
 @cli.command()
@@ -178,13 +195,13 @@ def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
 @click.option("-o", "--output", default=None, help="Output traces file.")
 @click.option("--limit", type=int, default=None, help="Only the first N tasks.")
 @click.option("--allow-failures", is_flag=True, default=None, help="Exit 0 even if some requests failed for good.")
-@teacher_options()
+@teacher_options("orca2.stages.generate:GenerateConfig")
 @common_options
 def generate(tasks_path: str | None, assign: str | None, strategy: str | None, output: str | None, limit: int | None,
              allow_failures: bool | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None,
              **teacher: Any) -> None:
     """Send tasks to the teacher under their strategy prompts (writes traces)."""
-    from orca2 import generate as stage
+    from orca2.stages import generate as stage
     from orca2.config import load_config
 
     flags = {"tasks": tasks_path, "assign": assign, "strategy": strategy, "output": output, "limit": limit,
@@ -211,12 +228,12 @@ def generate(tasks_path: str | None, assign: str | None, strategy: str | None, o
 @click.option("-o", "--output", default=None, help="Assignment YAML to write.")
 @click.option("--candidates", default=None, metavar="NAME,...", help="Strategies to compare (default: all).")
 @click.option("--dev-size", type=int, default=None, help="Items per task (default 32).")
-@teacher_options()
+@teacher_options("orca2.stages.select:SelectConfig")
 @common_options
 def select(tasks_path: str | None, output: str | None, candidates: str | None, dev_size: int | None,
            config_path: str | None, overrides: tuple[str, ...], seed: int | None, **teacher: Any) -> None:
     """Pick the best strategy per task by scoring the teacher on a dev slice (writes an assignment)."""
-    from orca2 import select as stage
+    from orca2.stages import select as stage
     from orca2.config import load_config
 
     flags = {"tasks": tasks_path, "output": output, "dev_size": dev_size,
@@ -248,7 +265,7 @@ def erase(input_path: str | None, output: str | None, generic: str | None, leak:
           skip_invalid: bool | None, user_strategies: tuple[str, ...], config_path: str | None,
           overrides: tuple[str, ...], seed: int | None) -> None:
     """Replace strategy prompts by one generic prompt and curate the traces (writes SFT data)."""
-    from orca2 import erase as stage
+    from orca2.stages import erase as stage
     from orca2.config import load_config
 
     flags = {"input": input_path, "output": output, "generic": generic, "leak": leak, "verify": verify, "dedup": dedup,
@@ -283,11 +300,16 @@ def train(model: str | None, data: tuple[str, ...], output: str | None, resume: 
 
     flags = {"model": model, "data": data, "output": output, "resume": resume, "seed": seed}
     cfg = load_config(sft.TrainConfig, config_path, overrides, flags)  # validate before any process starts
+    from orca2.train.model import check_student
+
+    check_student(cfg.model)
     if (nproc and nproc > 1) or hostfile:
         import subprocess
 
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
         launcher += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
+        if "MASTER_PORT" not in os.environ:
+            launcher += ["--master_port", str(free_port())]  # 29500 may be held by another job: EADDRINUSE
         args = (["--config", config_path] if config_path else []) + [f"--set={o}" for o in overrides]
         for key, value in (("--model", model), ("--output", output), ("--seed", seed)):
             args += [key, str(value)] if value is not None else []
@@ -319,7 +341,7 @@ def train(model: str | None, data: tuple[str, ...], output: str | None, resume: 
 @click.option("--limit", type=int, default=None, help="Items per task.")
 @click.option("--benchmarks", "extra_benchmarks", multiple=True, help="Extra benchmark YAML file (repeatable).")
 @click.option("--data-dir", default=None, help="Benchmark data folder (default $ORCA2_DATA_DIR or ../shared/data).")
-@teacher_options(with_teacher=False)
+@teacher_options("orca2.eval.evaluate:EvalConfig", with_teacher=False)
 @common_options
 @click.pass_context
 def eval_(ctx: click.Context, model: str | None, bench: str | None, system_prompts: str | None, output: str | None,
@@ -369,6 +391,15 @@ def run(output: str | None, from_stage: str | None, config_path: str | None, ove
     result = pipeline.run(config_path, overrides, from_stage, output)
     click.echo(f"ran: {', '.join(result['ran']) or 'nothing'}; skipped (unchanged): {', '.join(result['skipped']) or 'nothing'}")
     click.echo(f"manifest: {result['manifest']}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for the launcher's rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -16,25 +15,21 @@ from orca2.errors import Orca2Error
 from orca2.records import Record, validate_record
 
 
-def _open_text(path: Path, mode: str) -> IO[str]:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, mode.replace("t", "") + "b"), encoding="utf-8")  # type: ignore[arg-type]
-    return open(path, mode, encoding="utf-8")
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line; a missing file is an Orca2Error."""
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) of each non-blank line; a missing file is an Orca2Error."""
     if not path.exists():
         raise Orca2Error(f"{path}: no such file")
-    with _open_text(path, "rt") as f:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 yield lineno, line
 
 
-def _decode(path: Path, lineno: int, line: str) -> Any:
+def _decode(path: Path, lineno: int, line: bytes) -> Any:
     try:
-        return orjson.loads(line)
+        return orjson.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise Orca2Error(f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1})") from None
     except orjson.JSONDecodeError as exc:
         raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
 
@@ -61,7 +56,7 @@ def read_numbered(
         except Orca2Error as exc:
             if on_invalid is None:
                 raise
-            on_invalid(lineno, line, exc)
+            on_invalid(lineno, line.decode("utf-8", "replace"), exc)
 
 
 def read_records(

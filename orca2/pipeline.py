@@ -101,19 +101,19 @@ class Pipeline:
         seed = self.seed
         cache = {"cache_dir": str(self.paths["cache"])}
         if name == "tasks":
-            from orca2.tasks import TasksConfig
+            from orca2.stages.tasks import TasksConfig
 
             section, prefix = self._section(name, {"output": str(self.paths["tasks"])})
             section.setdefault("seed", seed)
             return build_section(TasksConfig, section, self.source, self.lines, prefix)
         if name == "select":
-            from orca2.select import SelectConfig
+            from orca2.stages.select import SelectConfig
 
             section, prefix = self._section(name, {"tasks": str(self.paths["tasks"]), "output": str(self.paths["assignment"])})
             section["client"] = {**cache, **section.get("client", {})}
             return build_section(SelectConfig, section, self.source, self.lines, prefix)
         if name == "generate":
-            from orca2.generate import GenerateConfig
+            from orca2.stages.generate import GenerateConfig
 
             wired: dict[str, Any] = {"tasks": str(self.paths["tasks"]), "output": str(self.paths["traces"])}
             if "select" in self.stages or "assignment" in self.data:
@@ -122,7 +122,7 @@ class Pipeline:
             section["client"] = {**cache, **section.get("client", {})}
             return build_section(GenerateConfig, section, self.source, self.lines, prefix)
         if name == "erase":
-            from orca2.erase import EraseConfig
+            from orca2.stages.erase import EraseConfig
 
             section, prefix = self._section(name, {"input": str(self.paths["traces"]), "output": str(self.paths["sft"])})
             return build_section(EraseConfig, section, self.source, self.lines, prefix)
@@ -255,8 +255,8 @@ class Pipeline:
             json.dump(manifest, f, indent=2, default=str)
 
     def _write_heldout(self) -> None:
-        from orca2.tasks import TasksConfig
-        from orca2.tasks import run as make_tasks
+        from orca2.stages.tasks import TasksConfig
+        from orca2.stages.tasks import run as make_tasks
 
         section = {"split": "test", "seed": self.seed, **dict(self.data["heldout"]), "output": str(self.paths["heldout"])}
         cfg = build_section(TasksConfig, section, self.source, self.lines, "heldout.")
@@ -269,16 +269,16 @@ class Pipeline:
     def _run_stage(self, name: str, resume: bool) -> dict[str, Any]:
         cfg = self.configs[name]
         if name == "tasks":
-            from orca2.tasks import run as stage_run
+            from orca2.stages.tasks import run as stage_run
 
             return stage_run(cfg)["total"]
         if name == "select":
-            from orca2.select import run as stage_run
+            from orca2.stages.select import run as stage_run
 
             report = stage_run(cfg)
             return {"default": report["default"], "chosen": report["chosen"]}
         if name == "generate":
-            from orca2.generate import run as stage_run
+            from orca2.stages.generate import run as stage_run
 
             summary = stage_run(cfg)
             if summary["failed"] and not cfg.allow_failures:
@@ -286,7 +286,7 @@ class Pipeline:
                                  "re-running retries only those")
             return {k: summary[k] for k in ("tasks", "records", "answered", "failed", "cached_at_start")}
         if name == "erase":
-            from orca2.erase import run as stage_run
+            from orca2.stages.erase import run as stage_run
 
             report = stage_run(cfg)
             return {k: report[k] for k in ("read", "kept", "dropped", "rejected")} | {"dropped_by_reason": report["dropped_by_reason"]}

@@ -5,7 +5,7 @@ import pytest
 
 from orca2.config import load_config
 from orca2.errors import Orca2Error
-from orca2.erase import EraseConfig, run
+from orca2.stages.erase import EraseConfig, run
 from orca2.io import read_records
 from orca2.prompts import generic_prompt
 from orca2.strategies import get

@@ -7,9 +7,10 @@ from orca2.answers import infer_answer_type, is_correct
 from orca2.config import load_config
 from orca2.errors import Orca2Error
 from orca2.eval.benchmarks import load_items, load_registry, select
-from orca2.eval.evaluate import EvalConfig, run, wilson
+from orca2.eval.evaluate import EvalConfig, run
+from orca2.eval.stats import wilson
 from orca2.eval.usage import classify
-from orca2.loopback_server import Faults, LoopbackServer
+from orca2.testing.loopback import Faults, LoopbackServer
 
 
 def formats(gold: str, answer_type: str, k: int) -> str:
@@ -170,7 +171,7 @@ def test_bad_inputs(tmp_path, tiny_model):
     (broken / "config.json").write_text("{}")
     with pytest.raises(Orca2Error, match="has no tokenizer"):
         run(load_config(EvalConfig, None, (), {"model": str(broken), "output": str(tmp_path / "x")}))
-    with pytest.raises(Orca2Error, match="no such folder or file"):
+    with pytest.raises(Orca2Error, match="no such model folder or GGUF file"):
         run(load_config(EvalConfig, None, (), {"model": str(tmp_path / "nope"), "output": str(tmp_path / "x")}))
     assert not (tmp_path / "x").exists()
     bad = tmp_path / "b.yaml"
@@ -180,7 +181,7 @@ def test_bad_inputs(tmp_path, tiny_model):
 
 
 def test_newcombe_interval():
-    from orca2.eval.report import newcombe
+    from orca2.eval.stats import newcombe
 
     d, low, high = newcombe(56, 70, 48, 80)  # Newcombe (1998), method 10, example (a): 0.0524 to 0.3339
     assert d == pytest.approx(0.2) and low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
@@ -188,7 +189,8 @@ def test_newcombe_interval():
 
 
 def test_gains_against_the_base_best_condition_per_task_and_benchmark():
-    from orca2.eval.report import newcombe, render_gains
+    from orca2.eval.report import render_gains
+    from orca2.eval.stats import newcombe
 
     def cell(correct, n, **extra):
         return {"n": n, "correct": correct, "accuracy": correct / n, **extra}

@@ -10,14 +10,14 @@ import time
 import pytest
 
 from orca2.config import load_config
-from orca2.dispatch import TokenBucket, backoff_delay
+from orca2.ask import TokenBucket, backoff_delay
 from orca2.errors import Orca2Error
-from orca2.generate import GenerateConfig, run
+from orca2.stages.generate import GenerateConfig, run
 from orca2.io import read_records
-from orca2.loopback_server import Faults, LoopbackServer
-from orca2.tasks import TasksConfig
-from orca2.tasks import run as make_tasks
-from orca2.teachers import ClientConfig
+from orca2.testing.loopback import Faults, LoopbackServer
+from orca2.stages.tasks import TasksConfig
+from orca2.stages.tasks import run as make_tasks
+from orca2.models import ClientConfig
 
 KEY = "sk-orca2-test-DO-NOT-LEAK-5f3a9"
 
@@ -135,7 +135,7 @@ def test_bad_inputs(tmp_path, tasks_file, monkeypatch):
     with LoopbackServer() as server:
         with pytest.raises(Orca2Error, match=r"no API key: set \$OPENAI_API_KEY"):
             generate(tmp_path, server, tasks_file)
-    with pytest.raises(Orca2Error, match=r"unknown teacher 'claude:x' \(valid: openai:<model>, local:"):
+    with pytest.raises(Orca2Error, match=r"unknown model 'claude:x' \(valid: openai:<model>, batch:<model>, local:"):
         load_config(GenerateConfig, None, (), {"tasks": "t", "output": "o", "teacher": "claude:x", "strategy": "step-by-step"})
     with pytest.raises(Orca2Error, match="exactly one of --assign FILE or --strategy NAME"):
         load_config(GenerateConfig, None, (), {"tasks": "t", "output": "o", "teacher": "openai:x"})

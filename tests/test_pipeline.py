@@ -12,7 +12,7 @@ import pytest
 from orca2 import pipeline
 from orca2.errors import Orca2Error
 from orca2.io import read_records
-from orca2.loopback_server import LoopbackServer
+from orca2.testing.loopback import LoopbackServer
 
 CONFIG = """
 output: {run}
@@ -96,7 +96,7 @@ def test_failure_names_the_stage_and_keeps_earlier_outputs(tmp_path, config, mon
 def test_kill_mid_stage_and_rerun_completes(tmp_path, config, monkeypatch):
     """A real teacher server, a real SIGKILL during generation; the re-run loses and duplicates nothing."""
     monkeypatch.setenv("OPENAI_API_KEY", "x")
-    from orca2.loopback_server import Faults
+    from orca2.testing.loopback import Faults
 
     with LoopbackServer(faults=Faults(latency=0.1)) as server:
         path = config(teacher="openai:loopback",

@@ -5,12 +5,12 @@ import pytest
 from orca2.answers import is_correct
 from orca2.config import load_config
 from orca2.eval.usage import classify
-from orca2.generate import GenerateConfig, run
+from orca2.stages.generate import GenerateConfig, run
 from orca2.io import read_records
 from orca2.strategies import names
 from orca2.synthetic import GENERATORS
-from orca2.tasks import TasksConfig
-from orca2.tasks import run as make_tasks
+from orca2.stages.tasks import TasksConfig
+from orca2.stages.tasks import run as make_tasks
 
 STYLE = {"direct-answer": "direct", "step-by-step": "step-by-step", "recall-then-generate": "recall-first",
          "recall-reason-generate": "recall-first", "extract-generate": "extract-first"}

@@ -2,14 +2,14 @@ import pytest
 
 from orca2.config import load_config
 from orca2.errors import Orca2Error
-from orca2.generate import GenerateConfig
-from orca2.generate import run as generate
+from orca2.stages.generate import GenerateConfig
+from orca2.stages.generate import run as generate
 from orca2.io import read_records
-from orca2.loopback_server import LoopbackServer
-from orca2.select import SelectConfig, dev_slices, run
+from orca2.testing.loopback import LoopbackServer
+from orca2.stages.select import SelectConfig, dev_slices, run
 from orca2.strategies import Assignment, get
-from orca2.tasks import TasksConfig
-from orca2.tasks import run as make_tasks
+from orca2.stages.tasks import TasksConfig
+from orca2.stages.tasks import run as make_tasks
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ def test_mask_check_catches_a_wrong_mask(tiny):
 
 def test_smollm2_tokenizer_masks():
     pytest.importorskip("gguf")
-    from orca2.teachers import smollm2_gguf
+    from orca2.models import smollm2_gguf
     from transformers import AutoTokenizer
 
     try:

@@ -12,21 +12,30 @@ from orca2.errors import Orca2Error
 from orca2.train.data import CHATML_TEMPLATE, IGNORE, MicroBatch
 
 
+def check_student(spec: str) -> None:
+    """Fail in one line, before any process or DeepSpeed op is built, when the student cannot be found."""
+    from orca2.models import check_local_model, parse_model
+
+    parsed = parse_model(spec, paths=True)
+    if parsed.scheme != "local":
+        raise Orca2Error(f"model '{spec}': the student must be local (local:default, a folder, a .gguf file or a hub name)")
+    if parsed.target == "default" or Path(parsed.target).exists():
+        check_local_model(parsed.target, chat=False)
+    elif "/" not in parsed.target or parsed.target.startswith((".", "/")):
+        raise Orca2Error(f"model '{spec}': no such model folder or .gguf file (hub names look like org/name)")
+
+
 def load_student(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) from 'local:default' (SmolLM2-135M-Instruct, dequantised), a .gguf file, an HF folder or a hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orca2.teachers import load_local_model
+    from orca2.models import load_local_model, parse_model
 
-    target = spec.split(":", 1)[1] if spec.startswith("local:") else spec
-    path = Path(target)
-    if target == "default" or path.suffix == ".gguf" or path.exists():
-        if path.suffix != ".gguf" and target != "default" and not (path / "config.json").exists():
-            raise Orca2Error(f"{path}: not a model folder (no config.json) and not a .gguf file")
+    check_student(spec)
+    target = parse_model(spec, paths=True).target
+    if target == "default" or Path(target).exists():
         model, tokenizer = load_local_model(target, "cpu", dtype)
         return model.train(), tokenizer
-    if "/" not in target or target.startswith((".", "/")):
-        raise Orca2Error(f"model '{spec}': no such folder or file (hub names look like org/name)")
     try:  # an HF hub name: works when online or already in the local HF cache
         tokenizer = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)

@@ -351,7 +351,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     import torch
 
+    from orca2.train.model import check_student
+
     deepspeed_config(cfg, cfg.dtype == "bf16" or (cfg.dtype == "auto" and torch.cuda.is_available()))  # fail early
+    check_student(cfg.model)  # before DeepSpeed builds its ops or starts processes
     for stage in cfg.resolved_stages():
         for path in stage.data:
             if not Path(path).is_file():

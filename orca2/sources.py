@@ -1,4 +1,4 @@
-"""Stage `tasks`: sources → task records (user message + gold answer + task name).
+"""Task sources: GSM8K, BIG-Bench-Hard, any JSONL, HF datasets and the synthetic generators → task records.
 
 Sources are written KIND:ARG:
   gsm8k:PATH          GSM8K JSONL ({"question", "answer": "... #### 72"}); task 'gsm8k'
@@ -6,54 +6,26 @@ Sources are written KIND:ARG:
   jsonl:PATH          any JSONL: records as they are, or rows mapped with `columns` (prompt=..., answer=..., id=..., task=...)
   hf:NAME[:CONFIG][@SPLIT]  an HF dataset (hub name when online, or a folder written by save_to_disk), mapped with `columns`
   synthetic[:KIND,...]      built-in generators with exact answers (all kinds when none named)
+
+Read by the `tasks` stage, by erase (decontamination) and by eval (benchmarks); each reader yields
+(where, record) or (where, error) per row, so the caller decides whether a bad row stops the run.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 
 from orca2.answers import infer_answer_type
-from orca2.config import save_config
 from orca2.errors import Orca2Error
-from orca2.io import AppendWriter, atomic_writer, iter_json_lines, sidecar
+from orca2.io import iter_json_lines
 from orca2.records import Record, make_record, validate_record
 from orca2.synthetic import GENERATORS, generate_item
 
-log = logging.getLogger(__name__)
-
 SOURCE_KINDS = ("gsm8k", "bbh", "jsonl", "hf", "synthetic")
 COLUMN_KEYS = ("prompt", "answer", "id", "task")
-
-
-@dataclass(frozen=True)
-class TasksConfig:
-    sources: tuple[str, ...]  # KIND:ARG specs, see the module docstring
-    output: str  # tasks.jsonl (or .jsonl.gz)
-    columns: dict[str, str] = field(default_factory=dict)  # jsonl/hf row mapping: prompt, answer, id, task → column
-    task: str | None = None  # task name for jsonl/hf rows without a task column
-    per_kind: int = 100  # synthetic items per kind
-    split: str = "train"  # synthetic split: a different split draws from a disjoint random stream
-    seed: int = 0  # synthetic seed
-    min_steps: int = 2  # synthetic word problems: fewest operations
-    max_steps: int = 3  # synthetic word problems: most operations
-    limit: int | None = None  # keep at most this many records per source (first ones)
-    skip_invalid: bool = False  # bad rows go to <output>.rejects.jsonl instead of stopping the run
-
-    def __post_init__(self) -> None:
-        for key in self.columns:
-            if key not in COLUMN_KEYS:
-                raise Orca2Error(f"columns: unknown key '{key}' (valid: {', '.join(COLUMN_KEYS)})")
-        if not self.sources:
-            raise Orca2Error("tasks: give at least one source, e.g. synthetic or gsm8k:data/gsm8k/train.jsonl")
-        if self.per_kind < 1 or (self.limit is not None and self.limit < 1):
-            raise Orca2Error("tasks: per_kind and limit must be positive")
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise Orca2Error(f"tasks: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
 
 
 # --- answers ----------------------------------------------------------------------------------------
@@ -201,20 +173,24 @@ def read_hf(spec: str, columns: dict[str, str], task: str | None) -> Iterator[tu
             yield where, exc
 
 
-def read_synthetic(kinds: list[str], cfg: TasksConfig) -> Iterator[tuple[str, Record | Orca2Error]]:
+def read_synthetic(kinds: list[str], per_kind: int, split: str, seed: int, min_steps: int,
+                   max_steps: int) -> Iterator[tuple[str, Record | Orca2Error]]:
     for kind in kinds:
-        for index in range(cfg.per_kind):
-            item = generate_item(kind, index, cfg.seed, cfg.split, min_steps=cfg.min_steps, max_steps=cfg.max_steps)
-            synthetic = {"kind": kind, "seed": cfg.seed, "split": cfg.split, "index": index, "n_steps": item.n_steps,
+        for index in range(per_kind):
+            item = generate_item(kind, index, seed, split, min_steps=min_steps, max_steps=max_steps)
+            synthetic = {"kind": kind, "seed": seed, "split": split, "index": index, "n_steps": item.n_steps,
                          "steps": list(item.steps), "facts": list(item.facts)}
-            record = make_record(f"synthetic/{kind}/{cfg.split}/{cfg.seed}/{index}", f"synthetic/{kind}",
+            record = make_record(f"synthetic/{kind}/{split}/{seed}/{index}", f"synthetic/{kind}",
                                  [{"role": "user", "content": item.question}], item.answer,
                                  {"source": "synthetic", "answer_type": item.answer_type, "synthetic": synthetic})
             yield f"synthetic:{kind}[{index}]", record
 
 
-def open_source(spec: str, cfg: TasksConfig) -> Iterator[tuple[str, Record | Orca2Error]]:
-    """Dispatch a KIND:ARG source spec to its reader."""
+def open_source(spec: str, *, columns: dict[str, str] | None = None, task: str | None = None, per_kind: int = 100,
+                split: str = "train", seed: int = 0, min_steps: int = 2,
+                max_steps: int = 3) -> Iterator[tuple[str, Record | Orca2Error]]:
+    """Dispatch a KIND:ARG source spec to its reader; yields (where, record or the error of a bad row)."""
+    columns = columns or {}
     kind, _, arg = spec.partition(":")
     if kind not in SOURCE_KINDS:
         raise Orca2Error(f"unknown task source '{spec}' (valid kinds: {', '.join(SOURCE_KINDS)}; e.g. gsm8k:PATH, synthetic)")
@@ -223,11 +199,11 @@ def open_source(spec: str, cfg: TasksConfig) -> Iterator[tuple[str, Record | Orc
         for k in kinds:
             if k not in GENERATORS:
                 raise Orca2Error(f"unknown synthetic task '{k}' (valid: {', '.join(GENERATORS)})")
-        return read_synthetic(kinds, cfg)
+        return read_synthetic(kinds, per_kind, split, seed, min_steps, max_steps)
     if not arg:
         raise Orca2Error(f"task source '{spec}' needs a path or name after '{kind}:'")
     if kind == "hf":
-        return read_hf(arg, cfg.columns, cfg.task)
+        return read_hf(arg, columns, task)
     path = Path(arg)
     if not path.exists():
         raise Orca2Error(f"{path}: no such file or folder (source '{spec}')")
@@ -235,44 +211,4 @@ def open_source(spec: str, cfg: TasksConfig) -> Iterator[tuple[str, Record | Orc
         return read_gsm8k(path)
     if kind == "bbh":
         return read_bbh(path)
-    return read_jsonl(path, cfg.columns, cfg.task)
-
-
-def run(cfg: TasksConfig) -> dict[str, Any]:
-    """Read every source, write the task records atomically, and return the accounting summary."""
-    counts: dict[str, dict[str, int]] = {}
-    seen_ids: dict[str, str] = {}
-    rejects_path = sidecar(cfg.output, "rejects.jsonl")
-    if rejects_path.exists():
-        rejects_path.unlink()
-    rejects: AppendWriter | None = None
-    try:
-        with atomic_writer(cfg.output) as sink:
-            for spec in cfg.sources:
-                tally = counts.setdefault(spec, {"read": 0, "kept": 0, "rejected": 0})
-                for where, item in open_source(spec, cfg):
-                    if cfg.limit is not None and tally["kept"] >= cfg.limit:
-                        break
-                    tally["read"] += 1
-                    if not isinstance(item, Orca2Error) and item["id"] in seen_ids:
-                        item = Orca2Error(f"{where}: field 'id' {item['id']!r} repeats an id first seen at {seen_ids[item['id']]}")
-                    if isinstance(item, Orca2Error):
-                        if not cfg.skip_invalid:
-                            raise item
-                        rejects = rejects or AppendWriter(rejects_path)
-                        rejects.write({"where": where, "error": str(item)})
-                        tally["rejected"] += 1
-                        continue
-                    seen_ids[item["id"]] = where
-                    sink.write(item)
-                    tally["kept"] += 1
-    finally:
-        if rejects is not None:
-            rejects.close()
-    save_config(cfg, sidecar(cfg.output, "config.yaml"))
-    total = {k: sum(t[k] for t in counts.values()) for k in ("read", "kept", "rejected")}
-    assert total["read"] == total["kept"] + total["rejected"], total
-    summary = {"output": str(cfg.output), "sources": counts, "total": total}
-    if total["rejected"]:
-        summary["rejects"] = str(rejects_path)
-    return summary
+    return read_jsonl(path, columns, task)

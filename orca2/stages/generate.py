@@ -9,22 +9,20 @@ after Ctrl-C or kill -9 pays only for what is missing. Failures go to <output>.e
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 
-from orca2.cache import ResponseCache, default_cache_dir, request_key
+from orca2.ask import Answers, Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_records
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library, Strategy
-from orca2.teachers import ClientConfig, Sampling, parse_teacher
+from orca2.models import ClientConfig, Sampling, parse_model, redacted
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ log = logging.getLogger(__name__)
 class GenerateConfig:
     tasks: str  # task records (orca2 tasks)
     output: str  # traces.jsonl
-    teacher: str  # openai:<model> | local:<folder|file.gguf|default>
+    teacher: str  # openai:<model> | batch:<model> | local:<folder|file.gguf|default> | program:synthetic
     assign: str | None = None  # assignment YAML (task pattern → strategy); or give `strategy`
     strategy: str | None = None  # one strategy for every task
     strategies: tuple[str, ...] = ()  # extra strategy YAML files or folders
@@ -46,40 +44,31 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if (self.assign is None) == (self.strategy is None):
             raise Orca2Error("generate: give exactly one of --assign FILE or --strategy NAME")
-        parse_teacher(self.teacher)
+        parse_model(self.teacher)
         for model, price in self.prices.items():
             if set(price) - {"prompt", "completion"}:
                 raise Orca2Error(f"prices.{model}: keys are 'prompt' and 'completion' (USD per 1M tokens)")
-
-
-def teacher_id(spec: str) -> str:
-    """The teacher as it enters cache keys and provenance (local paths made absolute)."""
-    scheme, target = parse_teacher(spec)
-    return spec if scheme in ("openai", "program") or target == "default" else f"local:{Path(target).resolve()}"
 
 
 def prompt_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def redacted(cfg: Any) -> Any:
-    """The config with the API key hidden, for saving beside outputs."""
-    if getattr(cfg.client, "api_key", None):
-        return dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, api_key="***"))
-    return cfg
-
-
 @dataclass
 class Prepared:
-    """A task put to the teacher: the record, the strategy, the messages sent and their cache key."""
+    """A task put to the teacher: the record, the strategy and the messages sent."""
 
     record: Record
     strategy: Strategy
     messages: list[dict[str, str]]
-    key: str
+
+    def request(self) -> Request:
+        """What the model is asked; a program model also sees the task's gold answer and meta."""
+        return Request(self.messages, {**self.record.get("meta", {}), "answer": self.record.get("answer"),
+                                       "task": self.record["task"]})
 
 
-def prepare(path: str, chooser: Any, library: Library, spec: str, sampling: Sampling, limit: int | None) -> Iterator[Prepared]:
+def prepare(path: str, chooser: Any, library: Library, limit: int | None) -> Iterator[Prepared]:
     """Stream tasks with their strategy messages; `chooser(task) -> strategy name`."""
     for count, (lineno, record) in enumerate(read_numbered(path)):
         if limit is not None and count >= limit:
@@ -92,25 +81,17 @@ def prepare(path: str, chooser: Any, library: Library, spec: str, sampling: Samp
         except Orca2Error as exc:
             raise Orca2Error(f"{path}:{lineno}: task '{record['task']}': {exc}") from None
         messages = with_system_prompt(record["messages"], strategy.system_text(record["task"]))
-        yield Prepared(record, strategy, messages, request_key(spec, messages, sampling.to_dict()))
+        yield Prepared(record, strategy, messages)
 
 
-def trace_records(item: Prepared, response: dict[str, Any], spec: str, sampling: Sampling) -> Iterator[Record]:
+def trace_records(item: Prepared, answers: Answers, i: int, response: dict[str, Any]) -> Iterator[Record]:
     """The output records for one answered task: one per sample."""
     n = len(response["contents"])
-    for k, (content, finish) in enumerate(zip(response["contents"], response["finish_reasons"])):
+    for k, content in enumerate(response["contents"]):
         meta = dict(item.record.get("meta", {}))
-        meta.update({
-            "strategy": item.strategy.name,
-            "prompt_hash": prompt_hash(item.messages[0]["content"]),
-            "teacher": spec,
-            "params": sampling.to_dict(),
-            "usage": {"prompt_tokens": response["prompt_tokens"], "completion_tokens": response["completion_tokens"]},
-            "finish_reason": finish,
-            "latency_s": response["latency_s"],
-            "attempts": response["attempts"],
-            "cache_key": item.key,
-        })
+        provenance = answers.provenance(i, response, k)
+        meta.update({"strategy": item.strategy.name, "prompt_hash": prompt_hash(item.messages[0]["content"]),
+                     "teacher": provenance.pop("model"), **provenance})
         if n > 1:
             meta.update(sample=k, task_id=item.record["id"], usage_per="request")
         yield {"id": item.record["id"] if n == 1 else f"{item.record['id']}#{k}", "task": item.record["task"],
@@ -119,18 +100,17 @@ def trace_records(item: Prepared, response: dict[str, Any], spec: str, sampling:
 
 
 def estimate_cost(prices: dict[str, dict[str, float]], spec: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    model = spec.split(":", 1)[1]
+    """USD at the listed per-1M-token prices; the Batch API bills half of them."""
+    scheme, model = spec.split(":", 1)
     price = prices.get(model) or prices.get(spec)
     if price is None:
         return None
-    return (prompt_tokens * price.get("prompt", 0.0) + completion_tokens * price.get("completion", 0.0)) / 1e6
+    usd = (prompt_tokens * price.get("prompt", 0.0) + completion_tokens * price.get("completion", 0.0)) / 1e6
+    return usd / 2 if scheme == "batch" else usd
 
 
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces for every task; return the summary (also saved as <output>.summary.json)."""
-    from orca2.dispatch import Request, dispatch
-    from orca2.teachers import make_teacher
-
     library = Library.load(cfg.strategies)
     if cfg.assign is not None:
         assignment = Assignment.load(cfg.assign, library)
@@ -138,40 +118,34 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     else:
         library.get(cfg.strategy)  # type: ignore[arg-type]
         chooser = lambda task: cfg.strategy  # noqa: E731
-    spec = teacher_id(cfg.teacher)
-    cache = ResponseCache(cfg.client.cache_dir or default_cache_dir())
-    try:
-        requests = [Request(p.key, p.messages, {**p.record.get("meta", {}), "answer": p.record.get("answer")})
-                    for p in prepare(cfg.tasks, chooser, library, spec, cfg.sampling, cfg.limit)]
-        cached_at_start = sum(1 for r in requests if r.key in cache)
-        result = dispatch(lambda: make_teacher(cfg.teacher, cfg.client, library), requests, cfg.sampling, cfg.client,
-                          cache, desc=f"generate {cfg.teacher}")
-        failures = result.failures
-        errors: list[Record] = []
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        by_strategy: dict[str, int] = {}
-        finish: dict[str, int] = {}
-        answered = written = 0
-        with atomic_writer(cfg.output) as sink:
-            for item in prepare(cfg.tasks, chooser, library, spec, cfg.sampling, cfg.limit):
-                response = cache.get(item.key)
-                if response is None:
-                    reason = failures.get(item.key) or f"not attempted: the run stopped early ({result.aborted})"
-                    errors.append({"id": item.record["id"], "task": item.record["task"], "messages": item.messages,
-                                   "answer": item.record.get("answer"),
-                                   "meta": {**item.record.get("meta", {}), "strategy": item.strategy.name, "teacher": spec},
-                                   "error": reason})
-                    continue
-                answered += 1
-                usage["prompt_tokens"] += response["prompt_tokens"]
-                usage["completion_tokens"] += response["completion_tokens"]
-                for trace in trace_records(item, response, spec, cfg.sampling):
-                    sink.write(trace)
-                    written += 1
-                    by_strategy[item.strategy.name] = by_strategy.get(item.strategy.name, 0) + 1
-                    finish[trace["meta"]["finish_reason"]] = finish.get(trace["meta"]["finish_reason"], 0) + 1
-    finally:
-        cache.close()
+    spec = parse_model(cfg.teacher)
+    requests = [p.request() for p in prepare(cfg.tasks, chooser, library, cfg.limit)]
+    errors: list[Record] = []
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    by_strategy: dict[str, int] = {}
+    finish: dict[str, int] = {}
+    answered = written = 0
+    with ask(spec, requests, cfg.sampling, cfg.client, desc=f"generate {cfg.teacher}", library=library) as answers, \
+            atomic_writer(cfg.output) as sink:
+        del requests  # the answers are read back from the cache, streaming the tasks a second time
+        result = answers.result
+        for i, item in enumerate(prepare(cfg.tasks, chooser, library, cfg.limit)):
+            response = answers.response(i)
+            if response is None:
+                errors.append({"id": item.record["id"], "task": item.record["task"], "messages": item.messages,
+                               "answer": item.record.get("answer"),
+                               "meta": {**item.record.get("meta", {}), "strategy": item.strategy.name, "teacher": spec.id},
+                               "error": answers.error(i)})
+                continue
+            answered += 1
+            usage["prompt_tokens"] += response["prompt_tokens"]
+            usage["completion_tokens"] += response["completion_tokens"]
+            for trace in trace_records(item, answers, i, response):
+                sink.write(trace)
+                written += 1
+                by_strategy[item.strategy.name] = by_strategy.get(item.strategy.name, 0) + 1
+                finish[trace["meta"]["finish_reason"]] = finish.get(trace["meta"]["finish_reason"], 0) + 1
+        cached_at_start = answers.cached_at_start
     errors_path = sidecar(cfg.output, "errors.jsonl")
     if errors:
         write_records(errors_path, errors)
@@ -191,8 +165,8 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         "seconds": round(result.seconds, 2),
         "usage_this_run": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
         "usage_total": usage,
-        "cost_this_run_usd": estimate_cost(cfg.prices, spec, result.prompt_tokens, result.completion_tokens),
-        "cost_total_usd": estimate_cost(cfg.prices, spec, usage["prompt_tokens"], usage["completion_tokens"]),
+        "cost_this_run_usd": estimate_cost(cfg.prices, spec.id, result.prompt_tokens, result.completion_tokens),
+        "cost_total_usd": estimate_cost(cfg.prices, spec.id, usage["prompt_tokens"], usage["completion_tokens"]),
         "by_strategy": by_strategy,
         "finish_reasons": finish,
     }

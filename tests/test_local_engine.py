@@ -1,0 +1,115 @@
+"""The continuous-batching local engine against transformers' own `generate`, on a tiny model built in code."""
+
+import pytest
+import torch
+
+from orca2.backends.local import Engine, Job, LocalBackend, stop_token_ids
+from orca2.models import ClientConfig, Sampling, load_local_model
+
+QUESTIONS = ["What is 2+2?", "Name a colour.", "hi", "Tell me a long story about a cat, a dog and a parrot.",
+             "x", "Count to ten, slowly and carefully please.", "Why?", "Spell 'orca' backwards.", "ok"]
+
+
+@pytest.fixture(scope="module")
+def peaky(tiny_model):
+    """The tiny model with weights scaled up, so its next-token distributions are far from flat (ties never decide)."""
+    model, tok = load_local_model(str(tiny_model), "cpu", torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    return model, tok, ids
+
+
+def reference_greedy(model, tok, ids, max_new, stops):
+    """transformers' model.generate, one prompt at a time (no padding), stopped at end-of-turn."""
+    model.set_attn_implementation("sdpa")
+    out = []
+    for x in ids:
+        row = model.generate(torch.tensor([x]), max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
+                             pad_token_id=tok.pad_token_id)[0, len(x):].tolist()
+        end = next((j for j, t in enumerate(row) if t in stops), None)
+        out.append(row if end is None else row[: end + 1])
+    return out
+
+
+def run_engine(model, jobs, slots, prefill_tokens=2048, stops=None):
+    engine = Engine(model, stops, slots=slots, prefill_tokens=prefill_tokens)
+    done = {}
+    engine.run(jobs, lambda job: done.__setitem__(job.key, job), lambda job, reason: pytest.fail(reason))
+    return engine, done
+
+
+@pytest.mark.parametrize("slots,prefill_tokens", [(3, 2048), (4, 1), (16, 64)])
+def test_greedy_equals_generate_token_for_token(peaky, slots, prefill_tokens):
+    model, tok, ids = peaky
+    # an extra stop token that the model emits early on some prompts, so sequences end at different steps
+    stops = stop_token_ids(tok, model) + [tok.convert_tokens_to_ids("e")]
+    expected = reference_greedy(model, tok, ids, 24, stops)
+    assert len({len(e) for e in expected}) > 2  # sequences really do stop at different lengths
+    jobs = [Job(str(i), x, 1, 24) for i, x in enumerate(ids)]
+    engine, done = run_engine(model, jobs, slots, prefill_tokens, stops)
+    fused = [done[str(i)].outputs[0][0] for i in range(len(ids))]
+    assert fused == expected
+    assert engine.peak_active <= slots
+    if slots < len(ids):  # more sequences finished than there are slots: freed slots were reused
+        assert engine.peak_active == slots
+
+
+def test_samples_differ_and_are_reproducible_per_request(peaky):
+    model, tok, ids = peaky
+    stops = stop_token_ids(tok, model)
+
+    def sample(jobs_ids, slots):
+        jobs = [Job(f"k{i}", ids[i], 4, 16, temperature=1.0, top_p=0.9, seed=7) for i in jobs_ids]
+        _, done = run_engine(model, jobs, slots, stops=stops)
+        return {k: [tuple(t) for t, _ in (j.outputs[s] for s in range(4))] for k, j in done.items()}
+
+    alone = sample([3], 4)
+    crowded = sample([0, 1, 2, 3, 4, 5], 5)  # another batch composition, fewer slots than samples in flight
+    assert len(set(alone["k3"])) > 1  # the 4 samples differ
+    assert crowded["k3"] == alone["k3"]  # ... and do not depend on what else was decoded alongside
+    other_seed = [Job("k3", ids[3], 4, 16, temperature=1.0, top_p=0.9, seed=8)]
+    _, done = run_engine(model, other_seed, 4, stops=stops)
+    assert [tuple(t) for t, _ in done["k3"].outputs.values()] != alone["k3"]
+
+
+def test_top_p_keeps_the_smallest_nucleus(peaky):
+    model, tok, ids = peaky
+    stops = stop_token_ids(tok, model)
+    greedy = reference_greedy(model, tok, ids[:2], 8, stops)
+    jobs = [Job(str(i), x, 3, 8, temperature=1.0, top_p=1e-6, seed=1) for i, x in enumerate(ids[:2])]
+    _, done = run_engine(model, jobs, 6, stops=stops)
+    for i in range(2):  # a nucleus of one token: sampling is greedy
+        assert all(t == greedy[i] for t, _ in done[str(i)].outputs.values())
+
+
+def test_backend_through_ask_reports_stop_and_length(tiny_model, tmp_path):
+    from orca2.ask import Request, ask
+
+    requests = [Request([{"role": "user", "content": q}]) for q in QUESTIONS[:5]]
+    client = ClientConfig(cache_dir=str(tmp_path / "cache"), batch_size=2, dtype="float32")
+    with ask(f"local:{tiny_model}", requests, Sampling(max_tokens=6, n=2), client) as answers:
+        responses = list(answers)
+        assert answers.result.done == 5
+    assert all(len(r["contents"]) == 2 and set(r["finish_reasons"]) <= {"stop", "length"} for r in responses)
+    assert all(r["completion_tokens"] <= 12 and r["prompt_tokens"] > 5 for r in responses)
+
+
+def test_a_model_without_chat_template_is_refused_in_one_line(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from orca2.errors import Orca2Error
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (bare / extra).unlink(missing_ok=True)
+    with pytest.raises(Orca2Error, match="has no chat template"):
+        LocalBackend(str(bare))
