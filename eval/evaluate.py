@@ -90,8 +90,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     for condition in cfg.system:
         system_text(condition, library, "x")  # unknown names fail now, before any request
     plan = [(condition, record) for condition in cfg.system for _, records in items for record in records]
-    requests = [Request(with_system_prompt(record["messages"], system_text(condition, library, record["task"])))
-                for condition, record in plan]
+    requests = [Request(with_system_prompt(record["messages"], system_text(condition, library, record["task"])),
+                        {**record["meta"], "answer": record.get("answer"), "task": record["task"]}) for condition, record in plan]
     output = Path(cfg.output)
     by_condition: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.system}
     with ask(spec, requests, cfg.sampling, cfg.client, desc=f"eval {label}") as answers:

@@ -96,8 +96,9 @@ def plot_accuracy(reports: list[dict[str, Any]], path: Path) -> Path:
     for k, (name, overall) in enumerate(series):
         xs = [i + k * width for i in range(len(benches))]
         acc = [100 * overall[b]["accuracy"] if b in overall else 0 for b in benches]
-        err = [[100 * (overall[b]["accuracy"] - overall[b]["ci95"][0]) if b in overall else 0 for b in benches],
-               [100 * (overall[b]["ci95"][1] - overall[b]["accuracy"]) if b in overall else 0 for b in benches]]
+        # clamped at 0: at 100 % the Wilson bound can round a hair below the accuracy (matplotlib refuses yerr < 0)
+        err = [[max(0.0, 100 * (overall[b]["accuracy"] - overall[b]["ci95"][0])) if b in overall else 0 for b in benches],
+               [max(0.0, 100 * (overall[b]["ci95"][1] - overall[b]["accuracy"])) if b in overall else 0 for b in benches]]
         ax.bar(xs, acc, width, yerr=err, capsize=3, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(benches))])
     ax.set_xticklabels(benches)

@@ -306,10 +306,7 @@ def train(model: str | None, data: tuple[str, ...], output: str | None, resume: 
     if (nproc and nproc > 1) or hostfile:
         import subprocess
 
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
-        launcher += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
-        if "MASTER_PORT" not in os.environ:
-            launcher += ["--master_port", str(free_port())]  # 29500 may be held by another job: EADDRINUSE
+        launcher = launcher_command(nproc, hostfile)
         args = (["--config", config_path] if config_path else []) + [f"--set={o}" for o in overrides]
         for key, value in (("--model", model), ("--output", output), ("--seed", seed)):
             args += [key, str(value)] if value is not None else []
@@ -391,6 +388,15 @@ def run(output: str | None, from_stage: str | None, config_path: str | None, ove
     result = pipeline.run(config_path, overrides, from_stage, output)
     click.echo(f"ran: {', '.join(result['ran']) or 'nothing'}; skipped (unchanged): {', '.join(result['skipped']) or 'nothing'}")
     click.echo(f"manifest: {result['manifest']}")
+
+
+def launcher_command(nproc: int | None, hostfile: str | None) -> list[str]:
+    """The deepspeed launcher with a free rendezvous port (its default 29500 may be held by another job)."""
+    import os
+
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    launcher += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
+    return launcher + ["--master_port", os.environ.get("MASTER_PORT") or str(free_port())]
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from orca2.errors import Orca2Error
+from orca2.train.chunking import auto_chunk
 
 
 def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -79,16 +80,6 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise Orca2Error(f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})")
-
-
-def auto_chunk(n: int, H: int, V: int, element: int, weight_grad_element: int) -> int:
-    """Rows per (chunk, V) logits block of `element`-byte numbers: about 32 MB (170 fp32 rows at V = 49,152),
-    or more where the step holds more anyway — a quarter of the (V, H) weight gradient buffer (every chunk
-    reads and writes that whole gradient once, so small chunks would make its GEMM memory-bound) or the
-    bytes of the hidden states. So the block adds at most 25 % to the memory the step cannot avoid.
-    (Splitting a block that holds all rows in two saved no measured memory on CPU and cost 10-30 % time.)"""
-    budget = max(32 * 2**20, V * H * weight_grad_element // 4, n * H * element)
-    return max(16, min(n, budget // (V * element)))
 
 
 def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,

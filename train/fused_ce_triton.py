@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orca2.train.fused_ce import auto_chunk
+from orca2.train.chunking import auto_chunk
 
 
 @triton.jit
@@ -106,7 +106,7 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
     writes d loss / d logits back in place, in the same dtype. d_hidden and d_weight are produced as fp32
     from those half-precision operands (fp32 accumulation, no rounding between chunks), unless
     accum_dtype is the weight's half dtype: then d_weight accumulates in it (rounded once per chunk).
-    Chunk rows: fused_ce.auto_chunk (about 32 MB of logits, more where the step holds more anyway).
+    Chunk rows: chunking.auto_chunk (about 32 MB of logits, more where the step holds more anyway).
     """
     n, H = h.shape
     V = weight.shape[0]
