@@ -1,7 +1,8 @@
-"""Benchmark the teacher stage (issue #3): throughput against a 200 ms server, exactly-once under faults,
-and batched vs one-at-a-time local generation. Prints a table and writes bench_out/generate.{json,csv}.
+"""Benchmark asking a model through orca2.ask: throughput against a 200 ms server, exactly-once under faults,
+and the Batch API path (client CPU per request for 10,000 requests through the loopback batch server).
+Local generation has its own benchmark (bench_local_engine.py). Writes bench_out/generate.{json,csv}.
 
-    .venv/bin/python benchmarks/bench_generate.py [--requests 2000] [--concurrency 64] [--skip-local]
+    .venv/bin/python benchmarks/bench_generate.py [--requests 2000] [--concurrency 64] [--batch-requests 10000]
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import time
 
 from results import save_and_print
 
-from orca2.cache import ResponseCache, request_key
-from orca2.ask import Request, dispatch
-from orca2.models import ClientConfig, LocalTeacher, OpenAITeacher, Sampling
+from orca2.ask import Request, ask
+from orca2.models import ClientConfig, Sampling
 
 
 
@@ -37,13 +37,12 @@ def bench_throughput(n: int, concurrency: int, latency: float) -> dict:
             requests = []
             for i in range(n):
                 messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question number {i}?"}]
-                requests.append(Request(request_key("openai:bench", messages, sampling.to_dict()), messages))
-            with ResponseCache(tmp) as cache:
-                teacher = OpenAITeacher("bench", cfg)
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                result = dispatch(lambda: teacher, requests, sampling, cfg, cache, desc="throughput")
+                requests.append(Request(messages))
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            with ask("openai:bench", requests, sampling, cfg, desc="throughput") as answers:
                 cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-                assert result.done == n and not result.failures, result
+                result = answers.result
+            assert result.done == n and not result.failures, result
         ideal = concurrency / latency
         return {"bench": "throughput", "requests": n, "concurrency": concurrency, "latency_s": latency,
                 "req_per_s": n / wall, "ideal_req_per_s": ideal, "fraction_of_ideal": n / wall / ideal,
@@ -76,21 +75,23 @@ def bench_faults(n: int) -> dict:
         proc.terminate()
 
 
-def bench_local(prompts: int, max_tokens: int) -> list[dict]:
-    teacher = LocalTeacher("default", ClientConfig(device="cpu"))
-    sampling = Sampling(max_tokens=max_tokens)
-    batch = [[{"role": "user", "content": f"Write one sentence about the number {i}."}] for i in range(prompts)]
-    rows = []
-    for size in (1, 16):
-        t0 = time.perf_counter()
-        tokens = 0
-        for start in range(0, prompts, size):
-            tokens += sum(r.completion_tokens for r in teacher.complete_batch(batch[start:start + size], sampling))
-        wall = time.perf_counter() - t0
-        rows.append({"bench": f"local_batch_{size}", "prompts": prompts, "completion_tokens": tokens, "wall_s": wall,
-                     "tokens_per_s": tokens / wall})
-    rows.append({"bench": "local_speedup", "batched_over_single": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]})
-    return rows
+def bench_batch(n: int) -> dict:
+    """`batch:` for n requests: build and upload the files, create, poll, download, parse, cache — client CPU only."""
+    proc, url = start_server()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = ClientConfig(base_url=url, api_key="bench", cache_dir=tmp, poll_interval=0.05)
+            requests = [Request([{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}?"}])
+                        for i in range(n)]
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            with ask("batch:bench", requests, Sampling(max_tokens=64), cfg, desc="batch") as answers:
+                cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+                result = answers.result
+            assert result.done == n and not result.failures, result
+        return {"bench": "batch_api", "requests": n, "wall_s": wall, "client_cpu_ms_per_req": 1000 * cpu / n,
+                "target_ms": 0.5, "met": 1000 * cpu / n <= 0.5}
+    finally:
+        proc.terminate()
 
 
 def main() -> None:
@@ -99,13 +100,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--fault-tasks", type=int, default=1200)
-    parser.add_argument("--local-prompts", type=int, default=32)
-    parser.add_argument("--local-max-tokens", type=int, default=48)
-    parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--batch-requests", type=int, default=10_000)
     args = parser.parse_args()
-    rows = [bench_throughput(args.requests, args.concurrency, args.latency), bench_faults(args.fault_tasks)]
-    if not args.skip_local:
-        rows += bench_local(args.local_prompts, args.local_max_tokens)
+    rows = [bench_throughput(args.requests, args.concurrency, args.latency), bench_faults(args.fault_tasks),
+            bench_batch(args.batch_requests)]
     save_and_print("generate", rows)
 
 

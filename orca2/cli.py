@@ -300,7 +300,7 @@ def train(model: str | None, data: tuple[str, ...], output: str | None, resume: 
 
     flags = {"model": model, "data": data, "output": output, "resume": resume, "seed": seed}
     cfg = load_config(sft.TrainConfig, config_path, overrides, flags)  # validate before any process starts
-    from orca2.train.model import check_student
+    from orca2.models import check_student
 
     check_student(cfg.model)
     if (nproc and nproc > 1) or hostfile:

@@ -188,6 +188,18 @@ def check_local_model(target: str, *, chat: bool = True) -> None:
             raise Orca2Error(f"{folder}: the tokenizer has no chat template, so it cannot take chat messages")
 
 
+def check_student(spec: str) -> None:
+    """A model to train: local (local:default, a folder, a .gguf file) or an HF hub name; fails in one line,
+    before any process starts or DeepSpeed builds an op."""
+    parsed = parse_model(spec, paths=True)
+    if parsed.scheme != "local":
+        raise Orca2Error(f"model '{spec}': a student must be local (local:default, a folder, a .gguf file or a hub name)")
+    if parsed.target == "default" or Path(parsed.target).exists():
+        check_local_model(parsed.target, chat=False)
+    elif "/" not in parsed.target or parsed.target.startswith((".", "/")):
+        raise Orca2Error(f"model '{spec}': no such model folder or .gguf file (hub names look like org/name)")
+
+
 def resolve_dtype(name: str, device: str) -> Any:
     """The torch dtype for `client.dtype`: auto = bf16 where the hardware computes it natively, else fp32."""
     import torch

@@ -127,14 +127,16 @@ class Pipeline:
             section, prefix = self._section(name, {"input": str(self.paths["traces"]), "output": str(self.paths["sft"])})
             return build_section(EraseConfig, section, self.source, self.lines, prefix)
         if name == "train":
+            from orca2.models import check_student
             from orca2.train.sft import TrainConfig
 
             section, prefix = self._section(name, {"data": (str(self.paths["sft"]),), "output": str(self.paths["student"])})
             section.setdefault("seed", seed)
             cfg = build_section(TrainConfig, section, self.source, self.lines, prefix)
-            model = cfg.model.split(":", 1)[1] if cfg.model.startswith("local:") else cfg.model
-            if model != "default" and not Path(model).exists() and ("/" not in model or model.startswith((".", "/"))):
-                raise Orca2Error(f"{self.source}:{self.lines.get('train.model', 1)}: train.model '{cfg.model}' does not exist")
+            try:
+                check_student(cfg.model)
+            except Orca2Error as exc:
+                raise Orca2Error(f"{self.source}:{self.lines.get('train.model', 1)}: train.model: {exc}") from None
             return cfg
         from orca2.eval.evaluate import EvalConfig
 

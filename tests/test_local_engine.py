@@ -113,3 +113,22 @@ def test_a_model_without_chat_template_is_refused_in_one_line(tiny_model, tmp_pa
         (bare / extra).unlink(missing_ok=True)
     with pytest.raises(Orca2Error, match="has no chat template"):
         LocalBackend(str(bare))
+
+
+def test_shared_prefixes_are_prefilled_once_and_change_nothing(peaky):
+    model, tok, _ = peaky
+    system = "You are a careful assistant. Think one step at a time, then give the answer on its own line."
+    other = "Answer with one word."
+    convs = [[{"role": "system", "content": sys_}, {"role": "user", "content": q}]
+             for sys_ in (system, other) for q in QUESTIONS[:5]]
+    ids = [tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+           for c in convs]
+    stops = stop_token_ids(tok, model)
+    expected = reference_greedy(model, tok, ids, 12, stops)
+    for slots, prefill_tokens in ((3, 2048), (10, 2048), (2, 1)):
+        jobs = [Job(str(i), x, 1 + (i % 2), 12) for i, x in enumerate(ids)]  # some requests with n = 2
+        engine, done = run_engine(model, jobs, slots, prefill_tokens, stops)
+        for i in range(len(ids)):
+            assert all(tokens == expected[i] for tokens, _ in done[str(i)].outputs.values()), (slots, i)
+        # two system prompts shared by 5 prompts each: each prefix prefilled once, copied 4 more times
+        assert engine.prefill_tokens_saved >= 4 * len(system) + 4 * len(other)

@@ -77,7 +77,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, config):
         pipeline.run(str(path), ("stages=[tasks, distill]",))
     with pytest.raises(Orca2Error, match=r"key 'erase.genric': unknown key"):
         pipeline.run(str(path), ("erase.genric=empty",))
-    with pytest.raises(Orca2Error, match=r"train.model '/nowhere/model' does not exist"):
+    with pytest.raises(Orca2Error, match=r"train.model: model '/nowhere/model': no such model folder"):
         pipeline.run(str(path), ("train.model=/nowhere/model",))
     with pytest.raises(Orca2Error, match=r"key 'generate.output' is set by the pipeline"):
         pipeline.run(str(path), ("generate.output=x.jsonl",))
@@ -87,7 +87,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, config):
 def test_failure_names_the_stage_and_keeps_earlier_outputs(tmp_path, config, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     path = config(teacher="openai:loopback")
-    with pytest.raises(Orca2Error, match=r"stage 'generate' failed: teacher openai:loopback: no API key"):
+    with pytest.raises(Orca2Error, match=r"stage 'generate' failed: model openai:loopback: no API key"):
         pipeline.run(str(path))
     assert (tmp_path / "run" / "tasks.jsonl").exists()
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"].keys() == {"tasks"}

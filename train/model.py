@@ -12,24 +12,11 @@ from orca2.errors import Orca2Error
 from orca2.train.data import CHATML_TEMPLATE, IGNORE, MicroBatch
 
 
-def check_student(spec: str) -> None:
-    """Fail in one line, before any process or DeepSpeed op is built, when the student cannot be found."""
-    from orca2.models import check_local_model, parse_model
-
-    parsed = parse_model(spec, paths=True)
-    if parsed.scheme != "local":
-        raise Orca2Error(f"model '{spec}': the student must be local (local:default, a folder, a .gguf file or a hub name)")
-    if parsed.target == "default" or Path(parsed.target).exists():
-        check_local_model(parsed.target, chat=False)
-    elif "/" not in parsed.target or parsed.target.startswith((".", "/")):
-        raise Orca2Error(f"model '{spec}': no such model folder or .gguf file (hub names look like org/name)")
-
-
 def load_student(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) from 'local:default' (SmolLM2-135M-Instruct, dequantised), a .gguf file, an HF folder or a hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orca2.models import load_local_model, parse_model
+    from orca2.models import check_student, load_local_model, parse_model
 
     check_student(spec)
     target = parse_model(spec, paths=True).target

@@ -351,7 +351,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     import torch
 
-    from orca2.train.model import check_student
+    from orca2.models import check_student
 
     deepspeed_config(cfg, cfg.dtype == "bf16" or (cfg.dtype == "auto" and torch.cuda.is_available()))  # fail early
     check_student(cfg.model)  # before DeepSpeed builds its ops or starts processes

@@ -40,19 +40,16 @@ class BatchLog:
         if path.exists():
             for line in path.read_bytes().splitlines():
                 try:
-                    event = orjson.loads(line)
+                    self._apply(orjson.loads(line))
                 except orjson.JSONDecodeError:
                     continue  # a torn last line: the writer below cuts it
-                if event["event"] == "uploaded":
-                    self.uploads[event["file_id"]] = event
-                elif event["event"] == "created":
-                    self.batch_of[event["file_id"]] = event["batch_id"]
-                elif event["event"] == "finished":
-                    self.finished[event["batch_id"]] = event["status"]
         self._writer = AppendWriter(path)
 
     def write(self, **event: Any) -> None:
         self._writer.write(event)  # flushed at once: the next step happens only after this is on disk
+        self._apply(event)
+
+    def _apply(self, event: dict[str, Any]) -> None:
         if event["event"] == "uploaded":
             self.uploads[event["file_id"]] = event
         elif event["event"] == "created":

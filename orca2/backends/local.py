@@ -8,6 +8,11 @@ of one request share that prefill: its keys and values are written into n slots.
 always occupy slots 0..B-1 (a finished one is replaced by the last), so each decode step attends over
 a view of the buffers, never a copy.
 
+Prompts that share a prefix of at least 16 tokens with another prompt (a strategy's system prompt, a chat
+template's default one) share its prefill too: the prefix is computed once, kept while a waiting
+prompt still needs it, and copied into each slot; only the rest of each prompt is prefilled. Waiting
+prompts are admitted in token order, so prompts with one prefix run together.
+
 The model's own layers run unchanged; only attention is ours, registered under "orca2_slots" in
 transformers' AttentionInterface (a registry, not a patch). Greedy decoding equals `model.generate`
 token for token in fp32; sampling draws from a per-sequence generator seeded from (seed, request, sample),
@@ -57,13 +62,24 @@ class _Seq:
 
 
 @dataclass
+class _Segment:
+    """One prompt (or shared prefix) in a packed prefill row."""
+
+    start: int  # its tokens are [start, end) of the row
+    end: int
+    slots: Any = None  # slots that receive (prefix +) its keys and values; None for a prefix computed for later use
+    prefix: tuple[int, ...] | None = None  # the stored prefix it continues (its positions start after it)
+    store: tuple[int, ...] | None = None  # keep its keys and values as this prefix
+
+
+@dataclass
 class _Step:
     """What the attention layers need for the forward pass under way."""
 
     keys: list[Any]  # per layer: (slots, kv_heads, capacity, head_dim)
     values: list[Any]
-    bounds: list[int] = field(default_factory=list)  # prefill: segment boundaries in the packed row
-    targets: list[Any] = field(default_factory=list)  # prefill: per segment, the slots that receive its KV
+    prefixes: dict[tuple[int, ...], list[Any]]  # prefix tokens → per layer (keys, values), each (kv_heads, P, head_dim)
+    segments: list[_Segment] = field(default_factory=list)  # prefill: the packed row's prompts
     active: int = 0  # decode: rows 0..active-1
     rows: Any = None  # decode: arange(active)
     positions: Any = None  # decode: (active,) where each new key goes
@@ -83,26 +99,33 @@ def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask
     step, layer = orca2_step, module.layer_idx
     keys, values = step.keys[layer], step.values[layer]
     gqa = query.shape[1] != key.shape[1]
-    if step.bounds:  # prefill: one packed row, each segment causal within itself
+    if step.segments:  # prefill: one packed row, each segment causal within itself (after its prefix, if any)
+        import torch
+
         parts = []
-        for (s, e), slots in zip(zip(step.bounds[:-1], step.bounds[1:]), step.targets):
-            keys[slots, :, : e - s] = key[0, :, s:e]
-            values[slots, :, : e - s] = value[0, :, s:e]
-            parts.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                                        is_causal=True, scale=scaling, enable_gqa=gqa))
-        out = parts[0] if len(parts) == 1 else torch_cat(parts, 2)
+        for seg in step.segments:  # in order: a prefix is stored (at this layer) before the segments that read it
+            k, v, q = key[0, :, seg.start:seg.end], value[0, :, seg.start:seg.end], query[:, :, seg.start:seg.end]
+            if seg.store is not None:
+                step.prefixes[seg.store][layer] = (k.clone(), v.clone())
+            if seg.prefix is None:
+                out = F.scaled_dot_product_attention(q, k[None], v[None], is_causal=True, scale=scaling, enable_gqa=gqa)
+            else:
+                pk, pv = step.prefixes[seg.prefix][layer]
+                k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+                n, p = q.shape[2], pk.shape[1]  # query i (position p + i) sees keys 0 .. p + i
+                mask = torch.arange(p + n, device=q.device)[None, :] <= p + torch.arange(n, device=q.device)[:, None]
+                out = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=gqa)
+            if seg.slots is not None:
+                keys[seg.slots, :, : k.shape[1]] = k
+                values[seg.slots, :, : v.shape[1]] = v
+            parts.append(out)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
     else:  # decode: one new token per active slot, written at its own length
         keys[step.rows, :, step.positions] = key[:, :, 0]
         values[step.rows, :, step.positions] = value[:, :, 0]
         out = F.scaled_dot_product_attention(query, keys[: step.active, :, : step.span], values[: step.active, :, : step.span],
                                              attn_mask=step.mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
-
-
-def torch_cat(parts: list[Any], dim: int) -> Any:
-    import torch
-
-    return torch.cat(parts, dim=dim)
 
 
 def sample_seed(seed: int | None, key: str, sample: int) -> int:
@@ -115,7 +138,8 @@ def sample_seed(seed: int | None, key: str, sample: int) -> int:
 class Engine:
     """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface."""
 
-    def __init__(self, model: Any, stop_ids: list[int], slots: int = 64, prefill_tokens: int = 2048):
+    def __init__(self, model: Any, stop_ids: list[int], slots: int = 64, prefill_tokens: int = 2048,
+                 min_prefix: int = 16):
         from transformers import AttentionInterface
 
         cfg = model.config
@@ -124,12 +148,14 @@ class Engine:
         AttentionInterface.register(NAME, slot_attention)
         model.set_attn_implementation(NAME)
         self.model, self.stop_ids, self.slots, self.prefill_tokens = model, set(stop_ids), slots, prefill_tokens
+        self.min_prefix = min_prefix  # shorter shared prefixes are prefilled with their prompts (not worth a copy)
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.layers = text.num_hidden_layers
         self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.max_positions = getattr(text, "max_position_embeddings", 1 << 30)
         self.peak_active = 0  # most sequences decoded at once (for tests and the benchmark)
+        self.prefill_tokens_saved = 0  # prompt tokens not prefilled because a shared prefix was reused
 
     def run(self, jobs: list[Job], on_done: Callable[[Job], None], on_fail: Callable[[Job, str], None]) -> None:
         """Decode every job; call on_done(job) when all its samples have finished."""
@@ -149,10 +175,11 @@ class Engine:
         shape = (self.slots, self.kv_heads, capacity, self.head_dim)
         # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
         step = _Step(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
-                     values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)])
+                     values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)], prefixes={})
         lengths = torch.zeros(self.slots, dtype=torch.long, device=device)  # tokens held per slot
         rows: list[_Seq] = []  # row i owns slot i
-        waiting = deque(runnable)
+        waiting = deque(sorted(runnable, key=lambda job: job.prompt))  # shared prefixes run together
+        self._prefix_of, self._users = self._shared_prefixes(waiting)
         with torch.inference_mode():
             while waiting or rows:
                 self._admit(waiting, rows, step, lengths)
@@ -180,8 +207,33 @@ class Engine:
             if len(seq.job.outputs) == seq.job.n and seq.job.unstarted == 0:
                 on_done(seq.job)
 
+    def _shared_prefixes(self, ordered: deque) -> tuple[dict[int, tuple[int, ...]], dict[tuple[int, ...], int]]:
+        """Per job (by id), the longest prefix (≥ min_prefix tokens, ≤ prompt - 1) it shares with a neighbour in
+        token order, kept only where two or more jobs share exactly that prefix; and each prefix's user count."""
+        jobs = list(ordered)
+
+        def common(a: list[int], b: list[int]) -> int:
+            n = 0
+            for x, y in zip(a, b):
+                if x != y:
+                    break
+                n += 1
+            return n
+
+        shared = [common(a.prompt, b.prompt) for a, b in zip(jobs, jobs[1:])]
+        prefix_of: dict[int, tuple[int, ...]] = {}
+        for i, job in enumerate(jobs):
+            p = min(max(shared[i - 1] if i else 0, shared[i] if i < len(shared) else 0), len(job.prompt) - 1)
+            if p >= self.min_prefix:
+                prefix_of[id(job)] = tuple(job.prompt[:p])
+        users: dict[tuple[int, ...], int] = {}
+        for prefix in prefix_of.values():
+            users[prefix] = users.get(prefix, 0) + 1
+        prefix_of = {j: p for j, p in prefix_of.items() if users[p] > 1}
+        return prefix_of, {p: n for p, n in users.items() if n > 1}
+
     def _admit(self, waiting: deque, rows: list[_Seq], step: _Step, lengths: Any) -> None:
-        """Prefill waiting prompts into free slots, as one packed row."""
+        """Prefill waiting prompts into free slots, as one packed row (shared prefixes computed once)."""
         import torch
 
         plan: list[tuple[Job, int]] = []
@@ -202,17 +254,31 @@ class Engine:
         if not plan:
             return
         device = lengths.device
-        ids = [t for job, _ in plan for t in job.prompt]
-        bounds = [0]
+        ids: list[int] = []
         positions: list[int] = []
-        for job, _ in plan:
-            bounds.append(bounds[-1] + len(job.prompt))
-            positions.extend(range(len(job.prompt)))
+        segments: list[_Segment] = []
+        last: list[int] = []  # row index of each prompt's last token (its logits start the reply)
+
+        def add(tokens: list[int] | tuple[int, ...], offset: int, **kw: Any) -> None:
+            segments.append(_Segment(len(ids), len(ids) + len(tokens), **kw))
+            positions.extend(range(offset, offset + len(tokens)))
+            ids.extend(tokens)
+
         first_row = len(rows)
-        targets = []
         for job, take in plan:
             slots = list(range(len(rows), len(rows) + take))
-            targets.append(torch.tensor(slots, device=device))
+            prefix = self._prefix_of.get(id(job))
+            if prefix is not None and prefix not in step.prefixes:
+                step.prefixes[prefix] = [None] * self.layers
+                add(prefix, 0, store=prefix)
+                self.prefill_tokens_saved -= len(prefix)
+            start = len(prefix) if prefix is not None else 0
+            add(job.prompt[start:], start, slots=torch.tensor(slots, device=device), prefix=prefix)
+            last.append(len(ids) - 1)
+            if prefix is not None:
+                self.prefill_tokens_saved += start
+                if job.unstarted == 0:
+                    self._users[prefix] -= 1
             for k in range(take):
                 sample = job.n - job.unstarted - take + k
                 generator = None
@@ -220,12 +286,13 @@ class Engine:
                     generator = torch.Generator(device=device).manual_seed(sample_seed(job.seed, job.key, sample))
                 rows.append(_Seq(job, sample, [], generator))
             lengths[slots] = len(job.prompt)
-        step.bounds, step.targets = bounds, targets
-        last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
+        step.segments = segments
         out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                         orca2_step=step, use_cache=False, logits_to_keep=last)
-        step.bounds, step.targets = [], []
-        logits = out.logits[0]  # (segments, V)
+                         orca2_step=step, use_cache=False, logits_to_keep=torch.tensor(last, device=device))
+        step.segments = []
+        for prefix in [p for p, n in self._users.items() if n == 0 and p in step.prefixes]:
+            del step.prefixes[prefix]  # no waiting prompt needs it any more
+        logits = out.logits[0]  # (prompts, V)
         index = torch.tensor([seg for seg, (_, take) in enumerate(plan) for _ in range(take)], device=device)
         self._choose(rows[first_row:], logits[index])
 
