@@ -138,3 +138,13 @@ def test_an_uploaded_file_whose_batch_id_was_lost_is_adopted_not_resubmitted(tmp
         (cache / "responses.jsonl").write_text("")
         summary = generate(tmp_path, server, tasks_file, **{"limit": 10})
     assert summary["answered"] == 10 and server.stats.batches_created == 1 and server.stats.files_uploaded == 1
+
+
+def test_an_unreachable_server_is_one_line(tmp_path, tasks_file):
+    class Nowhere:
+        base_url = "http://127.0.0.1:9/v1"  # the discard port: nothing listens
+
+    with pytest.raises(Orca2Error, match=r"batch:loopback: the batch file failed 2 times at http://127.0.0.1:9/v1 "
+                                         r"\(APIConnectionError\)") as info:
+        generate(tmp_path, Nowhere, tasks_file, **{"client.max_attempts": 2})
+    assert "\n" not in str(info.value)

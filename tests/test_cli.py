@@ -76,3 +76,19 @@ def test_package_data_in_wheel(tmp_path, repo):
     assert "orca2/strategies/step-by-step.yaml" in names
     assert "orca2/prompts/generic/cautious.txt" in names
     assert "orca2/cli.py" in names and "orca2/train/__init__.py" in names and "orca2/eval/__init__.py" in names
+
+
+def test_client_and_sampling_flags_derive_from_the_config_fields(run_cli):
+    import dataclasses
+
+    from orca2.models import ClientConfig, Sampling
+
+    generate, evaluate = run_cli("generate", "--help").stdout, run_cli("eval", "--help").stdout
+    for f in dataclasses.fields(ClientConfig) + dataclasses.fields(Sampling):
+        if f.name in ("api_key", "seed"):
+            continue  # keys belong in the environment; --seed is the common option
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in generate and flag in evaluate, flag
+    squash = lambda text: " ".join(text.split())  # noqa: E731 - click wraps help lines
+    assert "Completion tokens per sample. (default 1024)" in squash(generate)
+    assert "Completion tokens per sample. (default 512)" in squash(evaluate)  # eval's own default, as the code uses it
