@@ -132,3 +132,15 @@ def test_shared_prefixes_are_prefilled_once_and_change_nothing(peaky):
             assert all(tokens == expected[i] for tokens, _ in done[str(i)].outputs.values()), (slots, i)
         # two system prompts shared by 5 prompts each: each prefix prefilled once, copied 4 more times
         assert engine.prefill_tokens_saved >= 4 * len(system) + 4 * len(other)
+
+
+def test_slots_shrink_to_the_memory_there_is(peaky, monkeypatch, caplog):
+    from orca2.backends import local
+
+    model, tok, ids = peaky
+    stops = stop_token_ids(tok, model)
+    expected = reference_greedy(model, tok, ids[:4], 10, stops)
+    monkeypatch.setattr(local.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 10, "SC_PAGE_SIZE": 4096}[name])
+    engine, done = run_engine(model, [Job(str(i), x, 1, 10) for i, x in enumerate(ids[:4])], 8, stops=stops)
+    assert engine.slots == 1 and engine.peak_active == 1 and "decoding 1 at a time" in caplog.text
+    assert [done[str(i)].outputs[0][0] for i in range(4)] == expected

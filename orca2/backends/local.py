@@ -22,6 +22,7 @@ so a request's samples do not depend on what else is in the batch.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from orca2.errors import Orca2Error
 from orca2.models import ClientConfig, Response, Sampling, check_local_model, load_local_model, resolve_dtype
 
 NAME = "orca2_slots"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,7 +149,8 @@ class Engine:
             raise Orca2Error(f"the local engine does not support {cfg.model_type} attention (softcapping / local layers)")
         AttentionInterface.register(NAME, slot_attention)
         model.set_attn_implementation(NAME)
-        self.model, self.stop_ids, self.slots, self.prefill_tokens = model, set(stop_ids), slots, prefill_tokens
+        self.model, self.stop_ids, self.prefill_tokens = model, set(stop_ids), prefill_tokens
+        self.requested_slots = self.slots = slots  # slots: this run's, fewer where the KV buffers would not fit
         self.min_prefix = min_prefix  # shorter shared prefixes are prefilled with their prompts (not worth a copy)
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.layers = text.num_hidden_layers
@@ -172,6 +175,11 @@ class Engine:
         if not runnable:
             return
         capacity = min(self.max_positions, max(len(j.prompt) + j.max_tokens for j in runnable))
+        window = getattr(self.model.config, "sliding_window", None)
+        if window and getattr(self.model.config, "use_sliding_window", True) and capacity > window:
+            raise Orca2Error(f"the local engine attends to whole sequences: prompt + max_tokens ({capacity}) must fit "
+                             f"the model's sliding window ({window})")
+        self.slots = min(self.requested_slots, self._slots_that_fit(capacity, dtype.itemsize, device))
         shape = (self.slots, self.kv_heads, capacity, self.head_dim)
         # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
         step = _Step(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
@@ -188,6 +196,21 @@ class Engine:
                     self.peak_active = max(self.peak_active, len(rows))
                     self._decode(rows, step, lengths)
                     self._retire(rows, step, lengths, capacity, on_done)
+
+    def _slots_that_fit(self, capacity: int, itemsize: int, device: Any) -> int:
+        """Slots whose KV buffers take at most 40 % of free memory (a long prompt makes every slot long)."""
+        import torch
+
+        per_slot = 2 * self.layers * self.kv_heads * capacity * self.head_dim * itemsize
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        fit = max(1, int(0.4 * free) // per_slot)
+        if fit < self.requested_slots:
+            log.warning("local engine: %d slots of %d tokens would need %.1f GB; decoding %d at a time",
+                        self.requested_slots, capacity, self.requested_slots * per_slot / 1e9, fit)
+        return fit
 
     def _retire(self, rows: list[_Seq], step: _Step, lengths: Any, capacity: int, on_done: Callable[[Job], None]) -> None:
         """Take finished sequences out; the last row moves into each hole, so active rows stay 0..B-1."""
@@ -312,21 +335,37 @@ class Engine:
         self._choose(rows, out.logits[:, -1])
 
     def _choose(self, seqs: list[_Seq], logits: Any) -> None:
-        """The next token of each sequence: argmax, or a draw from its own generator (temperature, top_p)."""
+        """The next token of each sequence: argmax, or a draw from its own generator (temperature, top_p).
+
+        Sampled rows are handled together: softmax, the nucleus from the top 1,024 tokens (a full sort only for
+        rows whose nucleus is larger), and one uniform number per row from its generator, mapped through the
+        nucleus' cumulative distribution — the same distribution as multinomial over the renormalised nucleus."""
         import torch
 
         greedy = logits.argmax(-1).tolist()
+        sampled = [i for i, seq in enumerate(seqs) if seq.generator is not None]
         for i, seq in enumerate(seqs):
-            job = seq.job
             if seq.generator is None:
                 seq.tokens.append(greedy[i])
-                continue
-            probs = torch.softmax(logits[i].float() / job.temperature, dim=-1)
-            if job.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(-1) - sorted_probs < job.top_p  # the smallest set reaching top_p
-                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-            seq.tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+        if not sampled:
+            return
+        rows = torch.tensor(sampled, device=logits.device)
+        temperature = logits.new_tensor([seqs[i].job.temperature for i in sampled], dtype=torch.float32)
+        top_p = logits.new_tensor([seqs[i].job.top_p for i in sampled], dtype=torch.float32)
+        probs = torch.softmax(logits[rows].float() / temperature[:, None], dim=-1)
+        if bool((top_p >= 1).all()):  # no nucleus: the whole distribution, unsorted
+            values, order = probs, None
+        else:
+            values, order = probs.topk(min(probs.shape[-1], 1024), dim=-1)  # sorted, descending
+            if bool((values.sum(-1) < top_p).any()):  # some nucleus reaches past the top 1,024: sort everything
+                values, order = probs.sort(dim=-1, descending=True)
+            values = values * ((values.cumsum(-1) - values) < top_p[:, None])  # the smallest set reaching top_p
+        cdf = values.cumsum(-1)
+        u = torch.stack([torch.rand((), generator=seqs[i].generator, device=logits.device) for i in sampled])
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+        tokens = picks if order is None else order.gather(1, picks)
+        for i, token in zip(sampled, tokens[:, 0].tolist()):
+            seqs[i].tokens.append(token)
 
     def _finished(self, seq: _Seq, capacity: int) -> bool:
         job = seq.job
