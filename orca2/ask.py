@@ -17,7 +17,6 @@ A fatal error (bad key, unknown model) or `abort_after` failures in a row stop t
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from orca2.cache import ResponseCache, default_cache_dir, request_key
 from orca2.errors import Orca2Error
 from orca2.models import ClientConfig, ModelError, ModelSpec, Response, Sampling, parse_model
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,14 +58,13 @@ class Sink:
         self._abort_after = abort_after
         self._in_a_row = 0
 
-    def done(self, key: str, response: Response, *, counted: bool = True) -> None:
-        """A response arrived; `counted=False` for results of work this run did not pay for (resumed batches)."""
+    def done(self, key: str, response: Response) -> None:
+        """A response arrived (for a resumed batch: paid in an earlier run, counted in this one, its first report)."""
         self.cache.put(key, response.to_dict())
         self.result.failures.pop(key, None)
-        if counted:
-            self.result.done += 1
-            self.result.prompt_tokens += response.prompt_tokens
-            self.result.completion_tokens += response.completion_tokens
+        self.result.done += 1
+        self.result.prompt_tokens += response.prompt_tokens
+        self.result.completion_tokens += response.completion_tokens
         self._in_a_row = 0
         self.bar.update(1)
 

@@ -1,9 +1,7 @@
 """Regressions named in the Models issue: multi-task eval, user BBH benchmarks, strategy placeholders,
 non-UTF-8 input, the launcher's rendezvous port, a missing student; and the one model-spec parser."""
 
-import json
 import socket
-import sys
 
 import pytest
 

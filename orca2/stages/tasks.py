@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
-
-import orjson
+from typing import Any
 
 from orca2.config import save_config
 from orca2.errors import Orca2Error

@@ -104,10 +104,8 @@ class LoopbackServer:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         f = self.faults
-        if f.require_key is not None and request.headers.get("Authorization") != f"Bearer {f.require_key}":
-            self.stats.by_outcome["401"] += 1
-            return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-                                                "code": "invalid_api_key"}}, status=401)
+        if (denied := self._auth_error(request)) is not None:
+            return denied
         try:
             body = await request.json()
             messages = body["messages"]
@@ -167,9 +165,12 @@ class LoopbackServer:
     # --- the Batch API -----------------------------------------------------------------------------
 
     def _auth_error(self, request: web.Request) -> web.Response | None:
+        """401 unless the request carries the key `faults.require_key` names (when it names one)."""
         key = self.faults.require_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
-            return web.json_response({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}, status=401)
+            self.stats.by_outcome["401"] += 1
+            return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                                "code": "invalid_api_key"}}, status=401)
         return None
 
     async def _upload(self, request: web.Request) -> web.Response:
