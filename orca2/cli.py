@@ -282,24 +282,29 @@ def erase(input_path: str | None, output: str | None, generic: str | None, leak:
 
 @cli.command()
 @click.option("--model", default=None, help="Student: local:default | HF folder | file.gguf | hub name.")
-@click.option("--data", multiple=True, help="SFT JSONL (one stage; repeatable). Progressive stages go in the config.")
+@click.option("--data", multiple=True, help="Training JSONL (one stage; repeatable). Progressive stages go in the config.")
+@click.option("--objective", type=click.Choice(["sft", "dpo", "kto"]), default=None,
+              help="sft: erased traces (default); dpo: chosen/rejected pairs; kto: replies labelled desirable/undesirable.")
+@click.option("--reference", default=None, help="dpo/kto reference model (default: the policy training starts from).")
 @click.option("-o", "--output", default=None, help="Run folder (checkpoints, logs, final model in <output>/model).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint.")
 @click.option("--nproc", type=int, default=None, help="Start this many ranks with the deepspeed launcher (GPUs, or CPU ranks).")
 @click.option("--hostfile", default=None, help="DeepSpeed hostfile for many nodes (implies the launcher).")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
 @common_options
-def train(model: str | None, data: tuple[str, ...], output: str | None, resume: bool | None, nproc: int | None,
+def train(model: str | None, data: tuple[str, ...], objective: str | None, reference: str | None, output: str | None,
+          resume: bool | None, nproc: int | None,
           hostfile: str | None, local_rank: int | None, config_path: str | None, overrides: tuple[str, ...],
           seed: int | None) -> None:
-    """Fine-tune the student on erased traces with DeepSpeed (loss on assistant tokens only)."""
+    """Fine-tune the student with DeepSpeed: SFT on erased traces (loss on assistant tokens only), DPO or KTO."""
     import os
 
     from orca2.config import load_config
-    from orca2.train import sft
+    from orca2.train import trainer
 
-    flags = {"model": model, "data": data, "output": output, "resume": resume, "seed": seed}
-    cfg = load_config(sft.TrainConfig, config_path, overrides, flags)  # validate before any process starts
+    flags = {"model": model, "data": data, "output": output, "resume": resume, "seed": seed, "objective": objective,
+             "reference": reference}
+    cfg = load_config(trainer.TrainConfig, config_path, overrides, flags)  # validate before any process starts
     from orca2.models import check_student
 
     check_student(cfg.model)
@@ -308,7 +313,8 @@ def train(model: str | None, data: tuple[str, ...], output: str | None, resume: 
 
         launcher = launcher_command(nproc, hostfile)
         args = (["--config", config_path] if config_path else []) + [f"--set={o}" for o in overrides]
-        for key, value in (("--model", model), ("--output", output), ("--seed", seed)):
+        for key, value in (("--model", model), ("--output", output), ("--seed", seed), ("--objective", objective),
+                           ("--reference", reference)):
             args += [key, str(value)] if value is not None else []
         args += [f"--data={d}" for d in data] + (["--resume"] if resume else [])
         env = dict(os.environ)
@@ -320,7 +326,7 @@ def train(model: str | None, data: tuple[str, ...], output: str | None, resume: 
         if code:
             raise Orca2Error(f"the deepspeed launcher exited with code {code}")
         return
-    summary = sft.run(cfg)
+    summary = trainer.run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         for stage in summary["stages"]:
             click.echo(f"stage {stage['stage']}: {stage['steps']} steps, examples {stage['examples']}, "

@@ -128,7 +128,7 @@ class Pipeline:
             return build_section(EraseConfig, section, self.source, self.lines, prefix)
         if name == "train":
             from orca2.models import check_student
-            from orca2.train.sft import TrainConfig
+            from orca2.train.trainer import TrainConfig
 
             section, prefix = self._section(name, {"data": (str(self.paths["sft"]),), "output": str(self.paths["student"])})
             section.setdefault("seed", seed)
@@ -293,11 +293,11 @@ class Pipeline:
             report = stage_run(cfg)
             return {k: report[k] for k in ("read", "kept", "dropped", "rejected")} | {"dropped_by_reason": report["dropped_by_reason"]}
         if name == "train":
-            from orca2.train import sft
+            from orca2.train import trainer
 
             if not resume and self.paths["student"].exists():
                 shutil.rmtree(self.paths["student"])  # a changed config or input starts the student afresh
-            summary = sft.run(dataclasses.replace(cfg, resume=resume or cfg.resume))
+            summary = trainer.run(dataclasses.replace(cfg, resume=resume or cfg.resume))
             if summary.get("stopped"):
                 raise Orca2Error("training stopped early (stop_after); run again to resume it")
             return {"stages": [{"stage": s["stage"], "steps": s["steps"], "examples": s["examples"]} for s in summary["stages"]]}

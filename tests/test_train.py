@@ -10,7 +10,7 @@ import torch
 
 from orca2.config import load_config
 from orca2.errors import Orca2Error
-from orca2.train import sft
+from orca2.train import trainer as sft
 
 BASE = {"max_len": 1024, "lr": 1e-3, "warmup_ratio": 0.0, "mask_check": 4, "log_every": 1}
 

@@ -1,0 +1,316 @@
+"""Stage `train`: fine-tune the student with DeepSpeed under one objective — sft, dpo or kto.
+
+    orca2 train --objective dpo --data pairs.jsonl -o runs/dpo                  # one process
+    deepspeed --num_gpus 8 --module orca2.train --config train.yaml             # many GPUs
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module orca2.train --config ... # 2 CPU ranks (gloo)
+
+The loop is the same for every objective; an objective is a recipe (train/sft.py, dpo.py, kto.py)
+that prepares its data, gives the micro-batches of an epoch, and a module whose forward returns the
+micro-batch's share of the optimizer step's loss. Shares are normalised by counts of the *whole* step
+(all micro-batches, all ranks; `Recipe.step_context`), × world size because DeepSpeed averages
+gradients over ranks, with DeepSpeed's own 1/GA scaling off: GA 4 × batch 1 equals batch 4, two ranks
+equal one, and a filler micro-batch (a rank with fewer micro-batches) contributes exactly zero.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from orca2.errors import Orca2Error
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("sft", "dpo", "kto")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    data: tuple[str, ...]  # JSONL files: SFT records (orca2 erase output) or preference records (dpo, kto)
+    name: str = "sft"
+    epochs: int = 1
+    lr: float = 2e-5
+    max_steps: int | None = None  # stop this stage after this many optimizer steps
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str  # local:default | HF folder | file.gguf | hub name
+    output: str  # run folder: checkpoints, logs, final model (HF format) in <output>/model
+    data: tuple[str, ...] = ()  # one-stage shorthand for stages: [{data: ...}]
+    stages: tuple[StageConfig, ...] = ()  # progressive learning: each starts from the previous stage's weights
+    objective: Literal["sft", "dpo", "kto"] = "sft"  # sft: erased traces; dpo: chosen/rejected pairs; kto: labelled replies
+    chat_template: Literal["tokenizer", "chatml"] = "tokenizer"  # chatml adds <|im_start|>/<|im_end|> tokens
+    max_len: int = 2048  # tokens per packed row / example
+    overlong: Literal["drop", "truncate"] = "drop"  # examples longer than max_len (counted either way)
+    packing: bool = True  # best-fit-decreasing packing with per-example attention
+    micro_batch_size: int = 1  # rows per micro-batch (packed rows, or examples / preference groups unpacked)
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    epochs: int = 1  # default for stages that do not say
+    lr: float = 2e-5  # default for stages that do not say
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.95)
+    warmup_ratio: float = 0.03  # of each stage's steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    zero_stage: int = 2  # 0-3; picks train/zero<N>.json unless deepspeed_config is given
+    deepspeed_config: str | None = None  # your DeepSpeed JSON; "auto" values are filled from this config
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    train_layers: int | None = None  # train only the top N transformer layers + final norm (embeddings frozen): CPU demos
+    loss_impl: Literal["naive", "fused"] = "naive"  # fused: log-probs / cross-entropy from hidden states, no logits
+    # --- preference objectives (dpo, kto) ---
+    beta: float = 0.1  # DPO/KTO temperature of the implicit reward β·log(π/π_ref)
+    label_smoothing: float = 0.0  # DPO: assumed probability that a pair's label is flipped (conservative DPO)
+    sft_weight: float = 0.0  # DPO: weight of the NLL of chosen replies per token added to the loss (RPO's α)
+    desirable_weight: float = 1.0  # KTO λ_D
+    undesirable_weight: float = 1.0  # KTO λ_U
+    reference: str | None = None  # reference model spec; default: the policy each stage starts from
+    reference_mode: Literal["precomputed", "resident"] = "precomputed"  # log-probs once before training, or a model kept in memory
+    reference_logps: str | None = None  # where stored reference log-probs live; default beside the data
+    # ---
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of each stage)
+    resume: bool = False  # continue from the newest checkpoint in <output>/checkpoints
+    log_every: int = 1
+    seed: int = 0
+    mask_check: int = 8  # examples whose supervised spans are decoded and compared before training
+    max_steps: int | None = None  # default for stages that do not say
+    stop_after: int | None = None  # time-boxed jobs: checkpoint and stop after this many steps (resume later)
+
+    def __post_init__(self) -> None:
+        if bool(self.data) == bool(self.stages):
+            raise Orca2Error("train: give either data (one stage) or stages (progressive), not both or neither")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise Orca2Error(f"train: zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.max_len < 16 or self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise Orca2Error("train: max_len >= 16, micro_batch_size >= 1 and grad_accum >= 1 required")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
+            raise Orca2Error("train: beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0 required")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise Orca2Error("train: desirable_weight and undesirable_weight must be > 0")
+
+    def resolved_stages(self) -> list[StageConfig]:
+        if self.data:
+            return [StageConfig(data=self.data, epochs=self.epochs, lr=self.lr, max_steps=self.max_steps,
+                                name=self.objective)]
+        return list(self.stages)
+
+
+class Batch(Protocol):
+    tokens: int  # real tokens
+    capacity: int  # token slots it stands for (packing efficiency = tokens / capacity)
+
+    def to(self, device: Any) -> "Batch": ...
+
+
+class Recipe(Protocol):
+    """What an objective gives the loop (see train/sft.py for the smallest one)."""
+
+    counts: dict[str, int]  # accounting: records read, kept, dropped by reason
+    module: Any  # nn.Module; forward(batch, ctx) -> (loss share, {stat name: share of the step's value})
+
+    def batches(self, epoch: int) -> list[Batch]: ...  # every micro-batch of an epoch (the same list on every rank)
+
+    def empty(self) -> Batch: ...  # a filler that contributes nothing
+
+    def step_context(self, engine: Any, micro_batches: list[Batch], device: Any) -> dict[str, Any]: ...
+
+
+def all_reduced(values: dict[str, float]) -> dict[str, float]:
+    """Sum named numbers over ranks (float64)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def _read_stage_records(stage: StageConfig) -> list[tuple[str, dict[str, Any]]]:
+    from orca2.io import read_numbered
+
+    return [(f"{path}:{line}", r) for path in stage.data for line, r in read_numbered(path)]
+
+
+def prepare_model(cfg: TrainConfig, model_spec: str, first_stage: bool) -> tuple[Any, Any]:
+    """The student as every objective trains it: chat template, packed attention, frozen layers, checkpointing."""
+    from orca2.train.model import load_student, use_chatml
+
+    model, tokenizer = load_student(model_spec)
+    if cfg.chat_template == "chatml" and first_stage:
+        use_chatml(model, tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise Orca2Error(f"{model_spec}: the tokenizer has no chat template; set chat_template: chatml")
+    if cfg.packing:  # padding-free rows: attention per example (varlen), no (T, T) mask
+        from orca2.train.attention import register
+
+        model.set_attn_implementation(register())
+    if cfg.train_layers is not None:
+        from orca2.train.engine import freeze_below
+
+        freeze_below(model, cfg.train_layers)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: str, out_dir: Path,
+                rank: int, world: int) -> dict[str, Any]:
+    """Train one stage from `model_spec`; save the final model (HF format) in out_dir/model."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from orca2.train import engine as ds
+
+    device = get_accelerator().device_name()
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device != "cpu")
+    model, tokenizer = prepare_model(cfg, model_spec, index == 0)
+    recipe_module = importlib.import_module(f"orca2.train.{cfg.objective}")
+    recipe: Recipe = recipe_module.Recipe(cfg, stage, model, tokenizer, _read_stage_records(stage),
+                                          model_spec=model_spec, rank=rank, world=world, device=device)
+
+    def rank_steps(epoch: int) -> list[list[Batch]]:
+        """This rank's micro-batches for one epoch, grouped by optimizer step (all ranks get the same count).
+        Global step k holds micro-batches [k·GA·world, (k+1)·GA·world) of the epoch on any layout."""
+        batches = recipe.batches(epoch)
+        per_rank = math.ceil(len(batches) / world)
+        steps = math.ceil(per_rank / cfg.grad_accum)
+        mine = batches[rank::world]
+        mine += [recipe.empty()] * (steps * cfg.grad_accum - len(mine))  # zero-loss fillers
+        return [mine[i:i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
+
+    steps_per_epoch = len(rank_steps(0))
+    total = steps_per_epoch * stage.epochs
+    if stage.max_steps is not None:
+        total = min(total, stage.max_steps)
+    engine, scheduler = ds.build_engine(recipe.module, cfg, stage.lr, total, bf16)
+    ckpt_dir = out_dir / "checkpoints"
+    start = ds.resume_step(engine, ckpt_dir) if cfg.resume else 0
+    if start and rank == 0:
+        log.info("resumed stage %s at step %d of %d", stage.name, start, total)
+
+    logger = ds.Logger(out_dir, rank, stage.name)
+    bar = ds.progress(rank, total, start, f"train {stage.name}")
+    step = start
+    packed_tokens = capacity = 0.0
+    for epoch in range(stage.epochs):
+        if step >= total:
+            break
+        for k, micro_batches in enumerate(rank_steps(epoch)):
+            if epoch * steps_per_epoch + k < step:
+                continue  # already trained before the resume
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            size = all_reduced({"tokens": sum(mb.tokens for mb in micro_batches),
+                                "capacity": sum(mb.capacity for mb in micro_batches)})
+            ctx = recipe.step_context(engine, micro_batches, device)
+            lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+            sums: dict[str, float] = {}
+            for mb in micro_batches:
+                loss, stats = engine(mb.to(device), ctx)
+                for name, value in {"loss": loss, **stats}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                engine.backward(loss * world, scale_wrt_gas=False)
+                engine.step()
+            sums = all_reduced(sums)
+            step += 1
+            packed_tokens += size["tokens"]
+            capacity += size["capacity"]
+            if rank == 0 and (step % cfg.log_every == 0 or step == total):
+                norm = engine.get_global_grad_norm()
+                elapsed = time.perf_counter() - t0
+                logger.write({"stage": stage.name, "step": step, "epoch": epoch, **sums, "lr": lr,
+                              "grad_norm": float(norm) if norm is not None else None,
+                              "tokens_per_s": size["tokens"] / elapsed, **ctx.get("log", {}),
+                              "packing_efficiency": size["tokens"] / max(1.0, size["capacity"])})
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)
+            bar.update(1)
+            stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < total
+            if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stopping:
+                ds.save_checkpoint(engine, ckpt_dir, step)
+            if stopping:
+                bar.close()
+                logger.close()
+                return {"stage": stage.name, "objective": cfg.objective, "steps": step, "stopped": True,
+                        "examples": recipe.counts, "model": None,
+                        "packing_efficiency": packed_tokens / capacity if capacity else None}
+    bar.close()
+    logger.close()
+    final = out_dir / "model"
+    ds.save_hf(engine, model, tokenizer, final, cfg.zero_stage, rank)
+    dist.barrier()
+    summary = {"stage": stage.name, "objective": cfg.objective, "steps": step, "examples": recipe.counts,
+               "packing_efficiency": packed_tokens / capacity if capacity else None, "model": str(final)}
+    if rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    engine.destroy() if hasattr(engine, "destroy") else None
+    return summary
+
+
+def check_data_kind(cfg: TrainConfig) -> None:
+    """A preference file given to sft, or SFT records given to dpo/kto: one line naming the file and line, before any step."""
+    from orca2.io import iter_json_lines
+
+    for stage in cfg.resolved_stages():
+        for path in stage.data:
+            if not Path(path).is_file():
+                raise Orca2Error(f"{path}: no such training data file (stage {stage.name})")
+            for line, obj in iter_json_lines(path):
+                if not isinstance(obj, dict):
+                    break  # the record reader names this error
+                preference = any(k in obj for k in ("chosen", "rejected", "completion", "label"))
+                if cfg.objective == "sft" and preference:
+                    raise Orca2Error(f"{path}:{line}: a preference record (chosen/rejected replies) but objective is sft; "
+                                     "use --objective dpo or kto")
+                if cfg.objective != "sft" and not preference:
+                    raise Orca2Error(f"{path}:{line}: an SFT record (no chosen/rejected replies) but objective is "
+                                     f"{cfg.objective}; use --objective sft or give preference records")
+                break
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train every stage in order (a finished stage is skipped on re-runs); the last stage's model is <output>/model."""
+    from orca2.config import save_config
+
+    import torch
+
+    from orca2.models import check_student
+    from orca2.train.engine import deepspeed_config, init_distributed
+
+    deepspeed_config(cfg, cfg.dtype == "bf16" or (cfg.dtype == "auto" and torch.cuda.is_available()))  # fail early
+    check_student(cfg.model)  # before DeepSpeed builds its ops or starts processes
+    if cfg.reference is not None:
+        check_student(cfg.reference)
+    check_data_kind(cfg)
+    rank, world = init_distributed()
+    output = Path(cfg.output)
+    stages = cfg.resolved_stages()
+    model_spec = cfg.model
+    summaries = []
+    for i, stage in enumerate(stages):
+        out_dir = output if len(stages) == 1 else output / f"stage-{i}-{stage.name}"
+        done = out_dir / "summary.json"
+        if done.exists() and (out_dir / "model" / "config.json").exists() and (cfg.resume or len(stages) > 1):
+            summaries.append(json.loads(done.read_text()))
+        else:
+            summaries.append(train_stage(cfg, stage, i, model_spec, out_dir, rank, world))
+            if summaries[-1].get("stopped"):
+                return {"world_size": world, "stages": summaries, "model": None, "stopped": True}
+        model_spec = str(out_dir / "model")
+    if rank == 0:
+        save_config(cfg, output / "config.yaml")
+        if len(stages) > 1:
+            final = output / "model"
+            if final.is_symlink() or final.exists():
+                final.unlink() if final.is_symlink() else None
+            if not final.exists():
+                final.symlink_to(Path(model_spec).resolve())
+    return {"world_size": world, "stages": summaries, "model": str(output / "model")}
