@@ -82,6 +82,21 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
         raise Orca2Error(f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})")
 
 
+class ChunkBlocks:
+    """The (chunk, V) blocks of one call, allocated once and reused by every chunk: the peak memory is then
+    the same from run to run (allocating a fresh block per chunk left it to the allocator's arenas)."""
+
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device, count: int = 1):
+        self.blocks = [torch.empty((rows, V), dtype=dtype, device=device) for _ in range(count)]
+
+    def logits(self, hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.mm(hc, weight.T, out=self.blocks[0][:hc.shape[0]])
+        return out.add_(bias) if bias is not None else out
+
+    def spare(self, rows: int) -> torch.Tensor:
+        return self.blocks[1][:rows]
+
+
 def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
                              softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
                              chunk: int | None, need_weight_grad: bool = True,
@@ -103,18 +118,19 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     d_h = torch.empty((n, H), dtype=acc, device=h.device) if need_grad else None
     d_w = torch.zeros((V, H), dtype=dw_dtype, device=h.device) if (need_grad and need_weight_grad) else None
     d_b = torch.zeros((V,), dtype=acc, device=h.device) if (need_grad and bias is not None) else None
+    blocks = ChunkBlocks(min(chunk, n), V, acc, h.device, 2 if (softcap and need_grad) else 1)
     for start in range(0, n, chunk):
         hc = h[start:start + chunk]
         hc = hc if hc.dtype == acc else hc.to(acc)
         yc = y[start:start + chunk, None]
-        logits = hc @ w32.T  # (c, V): the only place logits exist, one chunk at a time
-        if b32 is not None:
-            logits += b32
+        logits = blocks.logits(hc, w32, b32)  # (c, V): the only place logits exist, one chunk at a time
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
         target = logits.gather(1, yc).squeeze(1)
         mean = logits.mean(dim=-1) if label_smoothing else None
-        cap_grad = 1 - (logits / softcap) ** 2 if (softcap and need_grad) else None
+        cap_grad = None
+        if softcap and need_grad:  # 1 - (x / cap)^2, in the second reused block
+            cap_grad = torch.div(logits, softcap, out=blocks.spare(hc.shape[0])).square_().neg_().add_(1)
         # log-sum-exp in place (torch.logsumexp would allocate a second block): the block becomes exp(x - max)
         row_max = logits.amax(dim=-1)
         grad = logits.sub_(row_max[:, None]).exp_()
@@ -250,3 +266,154 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# --- sequence log-probs: log p(y_t) of supervised tokens, summed per sequence (DPO / KTO policy and reference) ---
+#
+# A preference loss needs d loss / d log p(sequence), which is known only after every sequence of the
+# micro-batch has its log-prob, so the gradient cannot be formed in the forward pass as for the
+# cross-entropy. Forward keeps one number per row (the log-sum-exp); backward recomputes each chunk's
+# logits and forms g_row · (onehot − softmax) in the same reused block: 4 matmuls over supervised rows
+# (the naive path runs 3 over every row and holds the (N, V) logits and their log-softmax).
+
+
+def reference_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
+                                n_seq: int, *, ignore_index: int = -100, bias: torch.Tensor | None = None,
+                                softcap: float | None = None) -> torch.Tensor:
+    """The naive reference: full logits (fp32 for half precision), log_softmax, gather, summed per sequence."""
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    mask = labels != ignore_index
+    token = logits[mask].log_softmax(-1).gather(1, labels[mask][:, None]).squeeze(1)  # seq_ids: one per supervised row
+    return torch.zeros(n_seq, dtype=token.dtype, device=token.device).index_add(0, seq_ids, token)
+
+
+def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                     softcap: float | None, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y) per row, log-sum-exp per row) in fp32 (fp64 for fp64 input), one reused (chunk, V) block."""
+    n, H = h.shape
+    V = weight.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    chunk = chunk or auto_chunk(n, H, V, acc.itemsize, 0)
+    w = weight if weight.dtype == acc else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    blocks = ChunkBlocks(min(chunk, n), V, acc, h.device)
+    logp = torch.empty(n, dtype=acc, device=h.device)
+    lse = torch.empty(n, dtype=acc, device=h.device)
+    for start in range(0, n, chunk):
+        hc = h[start:start + chunk].to(acc)
+        logits = blocks.logits(hc, w, b)
+        if softcap:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        target = logits.gather(1, y[start:start + chunk, None]).squeeze(1)
+        row_max = logits.amax(dim=-1)
+        row_lse = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=-1).log()
+        lse[start:start + chunk] = row_lse
+        logp[start:start + chunk] = target - row_lse
+    return logp, lse
+
+
+def chunked_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                              softcap: float | None, lse: torch.Tensor, g: torch.Tensor, chunk: int | None,
+                              need_weight_grad: bool, need_bias_grad: bool) -> tuple[torch.Tensor, Any, Any]:
+    """d/dh, d/dW, d/db of Σ_rows g_row · log p(y_row): logits recomputed per chunk in one reused block."""
+    n, H = h.shape
+    V = weight.shape[0]
+    acc = lse.dtype
+    chunk = chunk or auto_chunk(n, H, V, acc.itemsize, acc.itemsize if need_weight_grad else 0)
+    w = weight if weight.dtype == acc else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    blocks = ChunkBlocks(min(chunk, n), V, acc, h.device, 2 if softcap else 1)
+    g = g.to(acc)
+    d_h = torch.empty((n, H), dtype=acc, device=h.device)
+    d_w = torch.zeros((V, H), dtype=acc, device=h.device) if need_weight_grad else None
+    d_b = torch.zeros((V,), dtype=acc, device=h.device) if need_bias_grad else None
+    for start in range(0, n, chunk):
+        hc = h[start:start + chunk].to(acc)
+        gc = g[start:start + chunk]
+        logits = blocks.logits(hc, w, b)
+        cap_grad = None
+        if softcap:
+            t = logits.div_(softcap).tanh_()
+            cap_grad = torch.mul(t, t, out=blocks.spare(hc.shape[0])).neg_().add_(1)
+            t.mul_(softcap)
+        # g · (onehot − p), p = exp(x − lse): the block becomes d / d logits in place
+        grad = logits.sub_(lse[start:start + chunk, None]).exp_().mul_(-gc[:, None])
+        grad.scatter_add_(1, y[start:start + chunk, None], gc[:, None])
+        if cap_grad is not None:
+            grad.mul_(cap_grad)
+        torch.mm(grad, w, out=d_h[start:start + chunk])
+        if d_w is not None:
+            d_w.addmm_(grad.T, hc)
+        if d_b is not None:
+            d_b += grad.sum(0)
+    return d_h, d_w, d_b
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                index: torch.Tensor, softcap: float | None, chunk: int | None, backend: str) -> torch.Tensor:
+        h = hidden.index_select(0, index)
+        y = labels.index_select(0, index).long()
+        if backend == "triton":
+            from orca2.train.fused_ce_triton import triton_logprobs
+
+            logp, lse = triton_logprobs(h, weight, y, bias, softcap, chunk)
+        else:
+            logp, lse = chunked_logprobs(h, weight, y, bias, softcap, chunk)
+        ctx.save_for_backward(h, weight, y, bias, index, lse)
+        ctx.options = (softcap, chunk, backend, hidden.shape)
+        return logp
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        h, weight, y, bias, index, lse = ctx.saved_tensors
+        softcap, chunk, backend, hidden_shape = ctx.options
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        if backend == "triton":
+            from orca2.train.fused_ce_triton import triton_logprobs_backward
+
+            d_h, d_w, d_b = triton_logprobs_backward(h, weight, y, bias, softcap, lse, g, chunk, need_w, need_b)
+        else:
+            d_h, d_w, d_b = chunked_logprobs_backward(h, weight, y, bias, softcap, lse, g, chunk, need_w, need_b)
+        d_hidden = None
+        if ctx.needs_input_grad[0]:
+            d_hidden = torch.zeros(hidden_shape, dtype=h.dtype, device=h.device)
+            d_hidden.index_copy_(0, index, d_h.to(h.dtype))
+        return (d_hidden, None if d_w is None else d_w.to(weight.dtype), None,
+                None if d_b is None else d_b.to(bias.dtype), None, None, None, None)
+
+
+def fused_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
+                            n_seq: int, *, index: torch.Tensor | None = None, ignore_index: int = -100,
+                            bias: torch.Tensor | None = None, softcap: float | None = None, chunk: int | None = None,
+                            backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """Σ log p(label) over each sequence's supervised rows of hidden @ weight.T (+ bias), without the (N, V) logits.
+
+    hidden [N, H], weight [V, H], labels [N] (ignore_index rows count for nothing); seq_ids gives, for
+    each supervised row in order (the rows `index` lists, or labels != ignore_index), its sequence in
+    [0, n_seq). Returns [n_seq] in fp32 (fp64 for fp64 input) — a sequence with no supervised row gets 0 —
+    differentiable in hidden, weight and bias. backend: auto (Triton on CUDA), triton, chunked.
+    """
+    _check(hidden, weight, labels, ignore_index, "sum", bias, index)
+    if validate:
+        _check_label_range(labels, weight.shape[0], ignore_index)
+    if index is None:
+        index = (labels != ignore_index).nonzero().squeeze(1)
+    if seq_ids.shape != index.shape:
+        raise Orca2Error(f"fused_sequence_logprobs: seq_ids must name a sequence for each of the {index.numel()} "
+                         f"supervised rows, got shape {tuple(seq_ids.shape)}")
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda and _triton_available() else "chunked"
+    if backend not in ("triton", "chunked"):
+        raise Orca2Error(f"fused_sequence_logprobs: backend must be auto, triton or chunked, got {backend!r}")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = torch.zeros(n_seq, dtype=acc, device=hidden.device)
+    if index.numel() == 0:
+        return out + hidden.sum() * 0  # keeps the graph alive (all sequences empty)
+    token = LinearLogprobsFunction.apply(hidden, weight, labels, bias, index, softcap, chunk, backend)
+    return out.index_add(0, seq_ids, token)

@@ -138,3 +138,105 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
             if d_b is not None:
                 d_b += logits.sum(0, dtype=torch.float32)
     return total, d_h, d_w, d_b
+
+
+@triton.jit
+def _logprob_grad_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, g_ptr, V, softcap,
+                         HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    # d (g · log p(label)) / d logits = g (onehot − exp(x − lse)), through the softcap; written over the block
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    label = tl.load(labels_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        valid = cols < V
+        x = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        grad = -g * tl.exp(x - lse)
+        grad = tl.where(cols == label, grad + g, grad)
+        if HAS_SOFTCAP:
+            grad = grad * (1.0 - (x / softcap) * (x / softcap))
+        tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=valid)
+
+
+def triton_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                    softcap: float | None, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y) per row, log-sum-exp per row) in fp32: the cross-entropy row kernel without its gradient pass."""
+    n, H = h.shape
+    V = weight.shape[0]
+    chunk = chunk or auto_chunk(n, H, V, h.dtype.itemsize, 0)
+    block = torch.empty((min(chunk, n), V), dtype=h.dtype, device=h.device)
+    loss = torch.empty((n,), dtype=torch.float32, device=h.device)
+    lse = torch.empty((n,), dtype=torch.float32, device=h.device)
+    y = y.contiguous()
+    block_v = min(BLOCK_V, triton.next_power_of_2(V))
+    for start in range(0, n, chunk):
+        hc = h[start:start + chunk]
+        c = hc.shape[0]
+        logits = torch.mm(hc, weight.T, out=block[:c])
+        if bias is not None:
+            logits += bias
+        _ce_rows_kernel[(c,)](logits, logits.stride(0), y[start:start + c], loss[start:start + c], lse[start:start + c],
+                              V, float(softcap or 1.0), 0.0, 0.0, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=False,
+                              BLOCK_V=block_v)
+    return -loss, lse
+
+
+def triton_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                             softcap: float | None, lse: torch.Tensor, g: torch.Tensor, chunk: int | None,
+                             need_weight_grad: bool, need_bias_grad: bool) -> tuple[torch.Tensor, Any, Any]:
+    """Gradients of Σ g_row · log p(y_row): logits recomputed per chunk (cuBLAS), the row kernel writes
+    d / d logits in place, cuBLAS gives d_hidden and accumulates d_weight in fp32."""
+    n, H = h.shape
+    V = weight.shape[0]
+    chunk = chunk or auto_chunk(n, H, V, h.dtype.itemsize, 4 if need_weight_grad else 0)
+    block = torch.empty((min(chunk, n), V), dtype=h.dtype, device=h.device)
+    d_h = torch.empty((n, H), dtype=torch.float32, device=h.device)
+    d_w = torch.zeros((V, H), dtype=torch.float32, device=h.device) if need_weight_grad else None
+    d_b = torch.zeros((V,), dtype=torch.float32, device=h.device) if need_bias_grad else None
+    g = g.to(torch.float32).contiguous()
+    y = y.contiguous()
+    block_v = min(BLOCK_V, triton.next_power_of_2(V))
+    for start in range(0, n, chunk):
+        hc = h[start:start + chunk]
+        c = hc.shape[0]
+        logits = torch.mm(hc, weight.T, out=block[:c])
+        if bias is not None:
+            logits += bias
+        _logprob_grad_kernel[(c,)](logits, logits.stride(0), y[start:start + c], lse[start:start + c], g[start:start + c],
+                                   V, float(softcap or 1.0), HAS_SOFTCAP=bool(softcap), BLOCK_V=block_v)
+        _gemm_into(d_h[start:start + c], logits, weight, accumulate=False)
+        if d_w is not None:
+            _gemm_into(d_w, logits.T, hc, accumulate=True)
+        if d_b is not None:
+            d_b += logits.sum(0, dtype=torch.float32)
+    return d_h, d_w, d_b
+
+
+# --- what the code launches, for ahead-of-time compilation (tests/test_fused_logprobs.py compiles each for sm_80
+# and sm_90 with Triton's own compiler, no GPU needed: a kernel that only runs under the interpreter fails CI) ---
+
+KERNELS = (_ce_rows_kernel, _logprob_grad_kernel)
+_POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def launch_variants(block_v: int = BLOCK_V) -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
+    """(kernel, signature, constexprs) for every dtype and constexpr combination the functions above launch:
+    logits blocks in the input dtype (fp32, bf16, fp16), int64 labels, fp32 rows, softcap on or off,
+    the gradient pass on or off."""
+    variants = []
+    for dtype, ptr in _POINTER.items():
+        for softcap in (False, True):
+            for write_grad in (False, True):
+                variants.append((_ce_rows_kernel,
+                                 {"logits_ptr": ptr, "stride_row": "i32", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+                                  "lse_ptr": "*fp32", "V": "i32", "softcap": "fp32", "z_loss": "fp32", "smoothing": "fp32"},
+                                 {"HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad, "BLOCK_V": block_v}))
+            variants.append((_logprob_grad_kernel,
+                             {"logits_ptr": ptr, "stride_row": "i32", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+                              "g_ptr": "*fp32", "V": "i32", "softcap": "fp32"},
+                             {"HAS_SOFTCAP": softcap, "BLOCK_V": block_v}))
+    return variants
