@@ -180,9 +180,24 @@ def atomic_text(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
 # `meta` holds free-form values, which Arrow cannot type across rows; it travels as a JSON string.
 
 
-def to_hf_dataset(records: Any) -> Any:
-    """Convert records to a `datasets.Dataset` (meta serialised as a JSON string column `meta_json`)."""
+def to_hf_dataset(records: Any, format: str = "records") -> Any:
+    """Convert records to a `datasets.Dataset`.
+
+    format "records": every field (meta serialised as a JSON string column `meta_json`); "dpo": TRL's
+    paired columns prompt/chosen/rejected, one row per pair; "kto": TRL's unpaired columns
+    prompt/completion/label, one row per reply (chosen = desirable). Both in TRL's conversational form
+    (prompt = the messages, replies = [{"role": "assistant", ...}]), exactly those columns.
+    """
     import datasets
+
+    if format in ("dpo", "kto"):
+        return _to_trl(records, format)
+    if format != "records":
+        raise Orca2Error(f"to_hf_dataset: format must be records, dpo or kto, got {format!r}")
+    records = list(records)
+    for r in records:
+        if "chosen" in r or "rejected" in r:
+            raise Orca2Error(f"to_hf_dataset: record {r['id']!r} is a preference record; use format='dpo' or 'kto'")
 
     def rows() -> Iterator[dict[str, Any]]:
         for r in records:
@@ -208,8 +223,67 @@ def to_hf_dataset(records: Any) -> Any:
     return datasets.Dataset.from_generator(rows, features=features)
 
 
+def _to_trl(records: Any, format: str) -> Any:
+    import datasets
+
+    from orca2.records import preference_pairs
+
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+
+    def reply(r: dict[str, Any]) -> list[dict[str, str]]:
+        return [{"role": "assistant", "content": r["content"]}]
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for r in records:
+            prompt = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+            if format == "dpo":
+                for c, j in preference_pairs(r):
+                    yield {"prompt": prompt, "chosen": reply(r["chosen"][c]), "rejected": reply(r["rejected"][j])}
+            else:
+                for side, label in (("chosen", True), ("rejected", False)):
+                    for x in r.get(side, []):
+                        yield {"prompt": prompt, "completion": reply(x), "label": label}
+
+    columns = ({"chosen": datasets.List(message), "rejected": datasets.List(message)} if format == "dpo"
+               else {"completion": datasets.List(message), "label": datasets.Value("bool")})
+    return datasets.Dataset.from_generator(rows, features=datasets.Features({"prompt": datasets.List(message), **columns}))
+
+
+def _from_trl(dataset: Any, source: str) -> Iterator[Record]:
+    """TRL preference rows grouped by prompt: one record per prompt, each distinct reply stored once."""
+    from orca2.records import from_trl_row, validate_record
+
+    groups: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(dataset):
+        record = from_trl_row(dict(row), f"{source}[{i}]")
+        key = orjson.dumps(record["messages"]).decode()
+        group = groups.setdefault(key, {"record": {**record, "id": f"{source}/{len(groups)}", "chosen": [], "rejected": []},
+                                        "index": {"chosen": {}, "rejected": {}}, "pairs": []})
+        picked = {}
+        for side in ("chosen", "rejected"):
+            for reply in record.get(side, []):
+                position = group["index"][side].setdefault(reply["content"], len(group["record"][side]))
+                if position == len(group["record"][side]):
+                    group["record"][side].append(reply)
+                picked[side] = position
+        if "chosen" in picked and "rejected" in picked:
+            group["pairs"].append([picked["chosen"], picked["rejected"]])
+    for n, group in enumerate(groups.values()):
+        record = group["record"]
+        if group["pairs"]:
+            record["pairs"] = group["pairs"]
+        for side in ("chosen", "rejected"):
+            if not record[side]:
+                del record[side]
+        yield validate_record(record, f"{source} prompt {n}")
+
+
 def from_hf_dataset(dataset: Any, *, source: str = "dataset") -> Iterator[Record]:
-    """Yield validated records from a Dataset written by `to_hf_dataset`."""
+    """Yield validated records from a Dataset written by `to_hf_dataset` — or from a TRL preference dataset
+    (prompt/chosen/rejected or prompt/completion/label), grouped so each prompt is one record."""
+    if "prompt" in dataset.column_names:
+        yield from _from_trl(dataset, source)
+        return
     for i, row in enumerate(dataset):
         record: dict[str, Any] = {
             "id": row["id"],

@@ -5,6 +5,16 @@ A record is a plain dict, so it round-trips through JSON untouched:
     {"id": "gsm8k/train/42", "task": "gsm8k",
      "messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...],
      "answer": "72" | null, "meta": {...}, "error": "..." (failed teacher rows only)}
+
+A preference record (DPO, KTO) is the same record whose `messages` are the prompt (ending with the
+user's turn) plus the replies, each written once however many pairs it is in:
+
+    {..., "chosen":   [{"content": "...", "meta": {"author": "teacher", "score": 6}}, ...],
+          "rejected": [{"content": "...", "meta": {"author": "student", "sample": 2, "score": 2}}, ...],
+          "pairs": [[0, 1], [0, 2]]}   # optional: the (chosen, rejected) index pairs DPO trains; default all
+
+For KTO a chosen reply is desirable and a rejected one undesirable. TRL's row formats (prompt/chosen/
+rejected and prompt/completion/label) are read as preference records too (`from_trl_row`).
 """
 
 from __future__ import annotations
@@ -14,7 +24,8 @@ from typing import Any, Iterable, TypedDict
 from orca2.errors import Orca2Error
 
 ROLES = ("system", "user", "assistant")
-FIELDS = ("id", "task", "messages", "answer", "meta", "error")
+FIELDS = ("id", "task", "messages", "answer", "meta", "error", "chosen", "rejected", "pairs")
+REPLY_FIELDS = ("content", "meta")
 
 
 class Message(TypedDict):
@@ -35,6 +46,8 @@ def validate_record(obj: Any, where: str) -> Record:
     """Check one decoded JSON value against the record format; raise Orca2Error naming `where` and the field."""
     if not isinstance(obj, dict):
         raise Orca2Error(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    if "prompt" in obj and "messages" not in obj:
+        return from_trl_row(obj, where)
     for key in obj:
         if key not in FIELDS:
             raise Orca2Error(f"{where}: unknown field '{key}' (valid: {', '.join(FIELDS)})")
@@ -70,7 +83,90 @@ def validate_record(obj: Any, where: str) -> Record:
         raise Orca2Error(f"{where}: field 'meta' must be an object")
     if "error" in obj and not isinstance(obj["error"], str):
         raise Orca2Error(f"{where}: field 'error' must be a string")
+    if any(k in obj for k in ("chosen", "rejected", "pairs")):
+        _validate_preference(obj, where)
     return obj  # type: ignore[return-value]
+
+
+def _validate_preference(obj: dict[str, Any], where: str) -> None:
+    if obj["messages"][-1]["role"] != "user":
+        raise Orca2Error(f"{where}: field 'messages': a preference record's messages are the prompt and must end with "
+                         "a user message (the replies go in 'chosen' and 'rejected')")
+    for side in ("chosen", "rejected"):
+        replies = obj.get(side, [])
+        if not isinstance(replies, list):
+            raise Orca2Error(f"{where}: field '{side}' must be a list of replies")
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, dict) or not isinstance(reply.get("content"), str):
+                raise Orca2Error(f"{where}: field '{side}[{i}]' must be an object with a string 'content'")
+            extra = sorted(set(reply) - set(REPLY_FIELDS))
+            if extra:
+                raise Orca2Error(f"{where}: field '{side}[{i}]' has unknown keys {extra} (valid: content, meta)")
+            if not isinstance(reply.get("meta", {}), dict):
+                raise Orca2Error(f"{where}: field '{side}[{i}].meta' must be an object")
+    if not obj.get("chosen") and not obj.get("rejected"):
+        raise Orca2Error(f"{where}: field 'chosen': a preference record needs at least one chosen or rejected reply")
+    if "pairs" in obj:
+        pairs = obj["pairs"]
+        n_c, n_r = len(obj.get("chosen", [])), len(obj.get("rejected", []))
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
+                                                  for p in pairs):
+            raise Orca2Error(f"{where}: field 'pairs' must be a list of [chosen index, rejected index]")
+        for i, (c, r) in enumerate(pairs):
+            if not (0 <= c < n_c and 0 <= r < n_r):
+                raise Orca2Error(f"{where}: field 'pairs[{i}]' = [{c}, {r}] is out of range ({n_c} chosen, {n_r} rejected)")
+
+
+def preference_pairs(record: Record) -> list[tuple[int, int]]:
+    """The (chosen, rejected) index pairs of a preference record: its 'pairs', or every chosen × rejected."""
+    if "pairs" in record:
+        return [(c, r) for c, r in record["pairs"]]  # type: ignore[typeddict-item]
+    return [(c, r) for c in range(len(record.get("chosen", []))) for r in range(len(record.get("rejected", [])))]
+
+
+def is_preference(obj: dict[str, Any]) -> bool:
+    """A preference record, or a TRL preference row (prompt/chosen/rejected, prompt/completion/label)."""
+    return any(k in obj for k in ("chosen", "rejected", "completion", "label"))
+
+
+def _trl_messages(value: Any, where: str, field: str, role: str) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and set(m) == {"role", "content"} for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise Orca2Error(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages")
+
+
+def _trl_reply(value: Any, where: str, field: str) -> dict[str, Any]:
+    messages = _trl_messages(value, where, field, "assistant")
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise Orca2Error(f"{where}: field '{field}' must be one assistant reply")
+    return {"content": messages[0]["content"]}
+
+
+def from_trl_row(obj: dict[str, Any], where: str) -> Record:
+    """A TRL preference row (prompt/chosen/rejected or prompt/completion/label) as a preference record."""
+    known = {"prompt", "chosen", "rejected", "completion", "label", "id", "task", "meta"}
+    extra = sorted(set(obj) - known)
+    if extra:
+        raise Orca2Error(f"{where}: unknown field '{extra[0]}' in a TRL preference row (prompt, chosen, rejected | "
+                         "prompt, completion, label)")
+    record: dict[str, Any] = {"id": obj.get("id") or where, "task": obj.get("task") or "preference",
+                              "messages": _trl_messages(obj["prompt"], where, "prompt", "user"), "answer": None,
+                              "meta": obj.get("meta") or {}}
+    if "completion" in obj or "label" in obj:
+        label = obj.get("label")
+        if not isinstance(label, bool):
+            raise Orca2Error(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {label!r}")
+        if "completion" not in obj:
+            raise Orca2Error(f"{where}: field 'completion' missing: a KTO row needs the reply its label judges")
+        record["chosen" if label else "rejected"] = [_trl_reply(obj["completion"], where, "completion")]
+    else:
+        for side in ("chosen", "rejected"):
+            if side not in obj:
+                raise Orca2Error(f"{where}: field '{side}' missing: a DPO pair needs a chosen and a rejected reply")
+            record[side] = [_trl_reply(obj[side], where, side)]
+    return validate_record(record, where)
 
 
 def make_record(

@@ -97,6 +97,28 @@ class CausalLMLoss(nn.Module):
             except ImportError:  # DeepSpeed absent: nothing to coordinate
                 pass
 
+    def sequence_logprobs(self, batch: MicroBatch, seq_ids: torch.Tensor, n_seq: int) -> torch.Tensor:
+        """Σ log p of each sequence's supervised tokens ([n_seq], fp32): the policy and reference passes of DPO/KTO.
+
+        seq_ids names the sequence of each supervised position (batch.index order). naive: the model's
+        logits, log_softmax, gather; fused: from hidden states, no logits (train/fused_ce.py)."""
+        kwargs = batch.model_kwargs()
+        labels = batch.labels[:, 1:].reshape(-1)
+        index = batch.index
+        if self.loss_impl == "naive":
+            logits = self.model(**kwargs).logits[:, :-1]
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
+            token = logits.log_softmax(-1).gather(1, labels.index_select(0, index)[:, None]).squeeze(1)
+            return torch.zeros(n_seq, dtype=token.dtype, device=token.device).index_add(0, seq_ids, token)
+        from orca2.train.fused_ce import fused_sequence_logprobs
+
+        hidden = self._base(**kwargs).last_hidden_state[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if self._multiplier != 1.0:
+            hidden = hidden * self._multiplier
+        return fused_sequence_logprobs(hidden, self._head.weight, labels, seq_ids, n_seq, index=index,
+                                       bias=self._head.bias, softcap=self._softcap, validate=False)
+
     def forward(self, batch: MicroBatch) -> torch.Tensor:
         kwargs = batch.model_kwargs()
         labels = batch.labels[:, 1:].reshape(-1)

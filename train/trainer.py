@@ -258,6 +258,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
 def check_data_kind(cfg: TrainConfig) -> None:
     """A preference file given to sft, or SFT records given to dpo/kto: one line naming the file and line, before any step."""
     from orca2.io import iter_json_lines
+    from orca2.records import is_preference
 
     for stage in cfg.resolved_stages():
         for path in stage.data:
@@ -266,7 +267,7 @@ def check_data_kind(cfg: TrainConfig) -> None:
             for line, obj in iter_json_lines(path):
                 if not isinstance(obj, dict):
                     break  # the record reader names this error
-                preference = any(k in obj for k in ("chosen", "rejected", "completion", "label"))
+                preference = is_preference(obj)
                 if cfg.objective == "sft" and preference:
                     raise Orca2Error(f"{path}:{line}: a preference record (chosen/rejected replies) but objective is sft; "
                                      "use --objective dpo or kto")
@@ -278,10 +279,9 @@ def check_data_kind(cfg: TrainConfig) -> None:
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train every stage in order (a finished stage is skipped on re-runs); the last stage's model is <output>/model."""
-    from orca2.config import save_config
-
     import torch
 
+    from orca2.config import save_config
     from orca2.models import check_student
     from orca2.train.engine import deepspeed_config, init_distributed
 
