@@ -98,6 +98,31 @@ def sft_records(n: int, kinds: tuple[str, ...] = ("arithmetic", "word-problem"),
     return records
 
 
+def preference_records(n, seed=0, shuffle_labels=False, kinds=("word-problem",)):
+    """A planted preference: the worked solution is chosen over two replies in a bad style. shuffle_labels: the
+    control — the same pairs, each oriented by a coin flip (explicit `pairs`)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for r in sft_records(n, kinds=kinds, seed=seed):
+        good = r["messages"][-1]["content"]
+        bad = [f"NO. {r['answer']}?? " * 3, "I CANNOT SAY!! " * 4]
+        record = {"id": r["id"], "task": r["task"], "messages": r["messages"][:-1], "answer": r["answer"], "meta": {},
+                  "chosen": [{"content": good, "meta": {"author": "teacher"}}],
+                  "rejected": [{"content": x, "meta": {"author": "student", "score": 1}} for x in bad]}
+        if shuffle_labels:
+            flips = [rng.random() < 0.5 for _ in bad]
+            winners = [good] + [x for x, f in zip(bad, flips) if f]
+            losers = [x for x, f in zip(bad, flips) if not f] + ([good] if any(flips) else [])
+            pairs = [[0, losers.index(x)] if not f else [winners.index(x), losers.index(good)] for x, f in zip(bad, flips)]
+            record["chosen"] = [{"content": x} for x in winners]
+            record["rejected"] = [{"content": x} for x in losers]
+            record["pairs"] = pairs
+        out.append(record)
+    return out
+
+
 @pytest.fixture
 def sft_file(tmp_path) -> Path:
     from orca2.io import write_records

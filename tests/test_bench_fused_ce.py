@@ -20,3 +20,14 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path):
             assert float(r["loss_rel_diff_vs_naive"]) < 1e-5 and float(r["time_vs_naive"]) > 0
     assert (tmp_path / "bench_out" / "fused_ce_part.png").stat().st_size > 10_000
     assert "time/naive" in done.stdout
+
+
+def test_dpo_benchmark_runs_on_a_tiny_head(tmp_path):
+    script = SCRIPT.parent / "bench_dpo.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--shape", "2,32,16,300", "--repeats", "2", "--rounds", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {(r["bench"], r["impl"]): r for r in csv.DictReader(open(tmp_path / "bench_out" / "dpo.csv"))}
+    naive, fused = rows[("dpo_head", "naive")], rows[("dpo_head", "fused")]
+    assert abs(float(naive["loss"]) - float(fused["loss"])) < 1e-5 and float(fused["time_s_median"]) > 0
+    assert "fused vs naive DPO head step: memory" in done.stdout

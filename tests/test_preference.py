@@ -12,14 +12,14 @@ import torch
 
 from orca2.config import load_config
 from orca2.errors import Orca2Error
-from orca2.io import from_hf_dataset, read_records, to_hf_dataset, write_records
+from orca2.io import from_hf_dataset, to_hf_dataset, write_records
 from orca2.records import validate_record
 from orca2.train import trainer
 from orca2.train.dpo import dpo_losses
 from orca2.train.kto import kto_losses, reference_point
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import build_tiny_model, sft_records  # noqa: E402
+from conftest import build_tiny_model, preference_records  # noqa: E402
 
 # --- losses against the formulas, in float64 -----------------------------------------------------------
 
@@ -74,31 +74,6 @@ def test_kto_loss_and_gradients_match_the_formula(labels):
 
 
 # --- the record format ----------------------------------------------------------------------------------
-
-
-def preference_records(n, seed=0, shuffle_labels=False, kinds=("word-problem",)):
-    """A planted preference: the worked solution is chosen over two replies in a bad style. shuffle_labels: the
-    control — the same pairs, each oriented by a coin flip (explicit `pairs`)."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for r in sft_records(n, kinds=kinds, seed=seed):
-        good = r["messages"][-1]["content"]
-        bad = [f"NO. {r['answer']}?? " * 3, "I CANNOT SAY!! " * 4]
-        record = {"id": r["id"], "task": r["task"], "messages": r["messages"][:-1], "answer": r["answer"], "meta": {},
-                  "chosen": [{"content": good, "meta": {"author": "teacher"}}],
-                  "rejected": [{"content": x, "meta": {"author": "student", "score": 1}} for x in bad]}
-        if shuffle_labels:
-            flips = [rng.random() < 0.5 for _ in bad]
-            winners = [good] + [x for x, f in zip(bad, flips) if f]
-            losers = [x for x, f in zip(bad, flips) if not f] + ([good] if any(flips) else [])
-            pairs = [[0, losers.index(x)] if not f else [winners.index(x), losers.index(good)] for x, f in zip(bad, flips)]
-            record["chosen"] = [{"content": x} for x in winners]
-            record["rejected"] = [{"content": x} for x in losers]
-            record["pairs"] = pairs
-        out.append(record)
-    return out
 
 
 def test_records_validate_and_name_file_line_and_field():
@@ -181,8 +156,9 @@ def test_grad_accumulation_equals_batch_and_fused_equals_naive(tmp_path, tiny_mo
 
 def two_ranks(tmp_path, name, data, model, **kw):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    args = [sys.executable, "-m", "orca2", "train", "--nproc", "2", "--model", str(model), "--data", str(data),
-            "-o", str(tmp_path / name)] + [f"--set={k}={v}" for k, v in {**BASE, **kw}.items()]
+    objective = kw.pop("objective")  # the flag, as users type it
+    args = [sys.executable, "-m", "orca2", "train", "--nproc", "2", "--objective", objective, "--model", str(model),
+            "--data", str(data), "-o", str(tmp_path / name)] + [f"--set={k}={v}" for k, v in {**BASE, **kw}.items()]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]

@@ -1,6 +1,9 @@
-"""How many rows a fused-loss chunk holds: one rule for the PyTorch and Triton paths (neither imports the other)."""
+"""How many rows a fused-loss chunk holds, and the blocks it lives in: one rule for the PyTorch and Triton paths
+(neither imports the other)."""
 
 from __future__ import annotations
+
+import torch
 
 
 def auto_chunk(n: int, H: int, V: int, element: int, weight_grad_element: int) -> int:
@@ -11,3 +14,18 @@ def auto_chunk(n: int, H: int, V: int, element: int, weight_grad_element: int) -
     (Splitting a block that holds all rows in two saved no measured memory on CPU and cost 10-30 % time.)"""
     budget = max(32 * 2**20, V * H * weight_grad_element // 4, n * H * element)
     return max(16, min(n, budget // (V * element)))
+
+
+class ChunkBlocks:
+    """The (chunk, V) blocks of one call, allocated once and reused by every chunk: the peak memory is then
+    the same from run to run (allocating a fresh block per chunk left it to the allocator's arenas)."""
+
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device, count: int = 1):
+        self.blocks = [torch.empty((rows, V), dtype=dtype, device=device) for _ in range(count)]
+
+    def logits(self, hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.mm(hc, weight.T, out=self.blocks[0][:hc.shape[0]])
+        return out.add_(bias) if bias is not None else out
+
+    def spare(self, rows: int) -> torch.Tensor:
+        return self.blocks[1][:rows]

@@ -196,7 +196,7 @@ class MicroBatch:
         if self.attention_mask is not None:
             kwargs["attention_mask"] = self.attention_mask
         if self.segments is not None:
-            kwargs["orca2_segments"] = self.segments  # read by orca2.train.attention.varlen_sdpa
+            kwargs["orca2_segments"] = self.segments  # read by orca2.train.attention.varlen_attention
         return kwargs
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orca2.train.model import CausalLMLoss
-from orca2.train.preference import PreferenceBatch, Reference, Tokenised, dpo_units, empty_batch, make_batches
+from orca2.train.preference import PreferenceBatch, PreferenceRecipe, Tokenised, Unit, dpo_units
 from orca2.train.trainer import all_reduced
 
 
@@ -51,24 +51,14 @@ class DPOLoss(nn.Module):
         return share, stats
 
 
-class Recipe:
+class Recipe(PreferenceRecipe):
     def __init__(self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]],
-                 *, model_spec: str, rank: int, world: int, device: Any):
-        self.cfg = cfg
-        tok = Tokenised(tokenizer, cfg.max_len, cfg.overlong)
-        self.units, self.counts = dpo_units(records, tok, cfg.packing)
-        tok.check_masks(cfg.mask_check, cfg.seed)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        sequences = list({s.key: s for u in self.units for s in u.sequences}.values())
-        self.reference = Reference(cfg, stage, model, tokenizer, model_spec, sequences, rank, world, device)
+                 **where: Any):
+        super().__init__(cfg, stage, model, tokenizer, records, **where)
         self.module = DPOLoss(model, cfg)
 
-    def batches(self, epoch: int) -> list[PreferenceBatch]:
-        return make_batches(self.units, max_len=self.cfg.max_len, micro_batch_size=self.cfg.micro_batch_size,
-                            packing=self.cfg.packing, pad_id=self.pad_id, seed=self.cfg.seed, epoch=epoch)
-
-    def empty(self) -> PreferenceBatch:
-        return empty_batch(self.pad_id)
+    def make_units(self, records: list[tuple[str, dict[str, Any]]], tok: Tokenised) -> tuple[list[Unit], dict[str, int]]:
+        return dpo_units(records, tok, self.cfg.packing)
 
     def step_context(self, engine: Any, micro_batches: list[PreferenceBatch], device: Any) -> dict[str, Any]:
         for mb in micro_batches:

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from orca2.errors import Orca2Error
-from orca2.train.chunking import auto_chunk
+from orca2.train.chunking import ChunkBlocks, auto_chunk
+
+
+def _reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      softcap: float | None) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
 def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -28,11 +36,7 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, l
                                    softcap: float | None = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
                                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """The naive reference: full logits (fp32 for half-precision inputs), F.cross_entropy, then the extras."""
-    logits = F.linear(hidden, weight, bias)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = _reference_logits(hidden, weight, bias, softcap)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     loss = F.cross_entropy(logits, safe, reduction="none", label_smoothing=label_smoothing)
@@ -80,21 +84,6 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise Orca2Error(f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})")
-
-
-class ChunkBlocks:
-    """The (chunk, V) blocks of one call, allocated once and reused by every chunk: the peak memory is then
-    the same from run to run (allocating a fresh block per chunk left it to the allocator's arenas)."""
-
-    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device, count: int = 1):
-        self.blocks = [torch.empty((rows, V), dtype=dtype, device=device) for _ in range(count)]
-
-    def logits(self, hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = torch.mm(hc, weight.T, out=self.blocks[0][:hc.shape[0]])
-        return out.add_(bias) if bias is not None else out
-
-    def spare(self, rows: int) -> torch.Tensor:
-        return self.blocks[1][:rows]
 
 
 def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
@@ -281,11 +270,7 @@ def reference_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labe
                                 n_seq: int, *, ignore_index: int = -100, bias: torch.Tensor | None = None,
                                 softcap: float | None = None) -> torch.Tensor:
     """The naive reference: full logits (fp32 for half precision), log_softmax, gather, summed per sequence."""
-    logits = F.linear(hidden, weight, bias)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = _reference_logits(hidden, weight, bias, softcap)
     mask = labels != ignore_index
     token = logits[mask].log_softmax(-1).gather(1, labels[mask][:, None]).squeeze(1)  # seq_ids: one per supervised row
     return torch.zeros(n_seq, dtype=token.dtype, device=token.device).index_add(0, seq_ids, token)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orca2.train.chunking import auto_chunk
+from orca2.train.chunking import ChunkBlocks, auto_chunk
 
 
 @triton.jit
@@ -119,11 +119,10 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
     d_b = torch.zeros((V,), dtype=torch.float32, device=h.device) if (need_grad and bias is not None) else None
     y = y.contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
+    blocks = ChunkBlocks(min(chunk, n), V, h.dtype, h.device)
     for start in range(0, n, chunk):
         hc = h[start:start + chunk]
-        logits = hc @ weight.T  # (c, V) in the input dtype: the only place logits exist
-        if bias is not None:
-            logits += bias
+        logits = blocks.logits(hc, weight, bias)  # (c, V) in the input dtype: the only place logits exist
         c = logits.shape[0]
         loss = torch.empty((c,), dtype=torch.float32, device=h.device)
         lse = torch.empty((c,), dtype=torch.float32, device=h.device)
@@ -168,17 +167,15 @@ def triton_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias
     n, H = h.shape
     V = weight.shape[0]
     chunk = chunk or auto_chunk(n, H, V, h.dtype.itemsize, 0)
-    block = torch.empty((min(chunk, n), V), dtype=h.dtype, device=h.device)
     loss = torch.empty((n,), dtype=torch.float32, device=h.device)
     lse = torch.empty((n,), dtype=torch.float32, device=h.device)
     y = y.contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
+    blocks = ChunkBlocks(min(chunk, n), V, h.dtype, h.device)
     for start in range(0, n, chunk):
         hc = h[start:start + chunk]
         c = hc.shape[0]
-        logits = torch.mm(hc, weight.T, out=block[:c])
-        if bias is not None:
-            logits += bias
+        logits = blocks.logits(hc, weight, bias)
         _ce_rows_kernel[(c,)](logits, logits.stride(0), y[start:start + c], loss[start:start + c], lse[start:start + c],
                               V, float(softcap or 1.0), 0.0, 0.0, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=False,
                               BLOCK_V=block_v)
@@ -193,19 +190,17 @@ def triton_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     n, H = h.shape
     V = weight.shape[0]
     chunk = chunk or auto_chunk(n, H, V, h.dtype.itemsize, 4 if need_weight_grad else 0)
-    block = torch.empty((min(chunk, n), V), dtype=h.dtype, device=h.device)
     d_h = torch.empty((n, H), dtype=torch.float32, device=h.device)
     d_w = torch.zeros((V, H), dtype=torch.float32, device=h.device) if need_weight_grad else None
     d_b = torch.zeros((V,), dtype=torch.float32, device=h.device) if need_bias_grad else None
     g = g.to(torch.float32).contiguous()
     y = y.contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
+    blocks = ChunkBlocks(min(chunk, n), V, h.dtype, h.device)
     for start in range(0, n, chunk):
         hc = h[start:start + chunk]
         c = hc.shape[0]
-        logits = torch.mm(hc, weight.T, out=block[:c])
-        if bias is not None:
-            logits += bias
+        logits = blocks.logits(hc, weight, bias)
         _logprob_grad_kernel[(c,)](logits, logits.stride(0), y[start:start + c], lse[start:start + c], g[start:start + c],
                                    V, float(softcap or 1.0), HAS_SOFTCAP=bool(softcap), BLOCK_V=block_v)
         _gemm_into(d_h[start:start + c], logits, weight, accumulate=False)

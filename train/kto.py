@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from orca2.train.model import CausalLMLoss
-from orca2.train.preference import PreferenceBatch, Reference, Tokenised, empty_batch, kto_units, make_batches
+from orca2.train.preference import PreferenceBatch, PreferenceRecipe, Tokenised, Unit, kto_units
 from orca2.train.trainer import all_reduced
 
 log = logging.getLogger(__name__)
@@ -58,30 +58,20 @@ class KTOLoss(nn.Module):
         return share, stats
 
 
-class Recipe:
+class Recipe(PreferenceRecipe):
     def __init__(self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]],
-                 *, model_spec: str, rank: int, world: int, device: Any):
-        self.cfg = cfg
-        tok = Tokenised(tokenizer, cfg.max_len, cfg.overlong)
-        self.units, self.counts = kto_units(records, tok, cfg.seed)
-        tok.check_masks(cfg.mask_check, cfg.seed)
+                 **where: Any):
+        super().__init__(cfg, stage, model, tokenizer, records, **where)
         n_d, n_u = self.counts["desirable"], self.counts["undesirable"]
         balance = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u) if n_u else float("inf")
-        if not BALANCE[0] <= balance <= BALANCE[1] and rank == 0:
+        if not BALANCE[0] <= balance <= BALANCE[1] and where["rank"] == 0:
             log.warning("KTO: λ_D·n_D / (λ_U·n_U) = %.3f·%d / (%.3f·%d) = %.2f is outside the paper's range [1, 4/3]; "
                         "set desirable_weight / undesirable_weight to bring it in", cfg.desirable_weight, n_d,
                         cfg.undesirable_weight, n_u, balance)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        sequences = [s for u in self.units for s in u.sequences + u.kl]
-        self.reference = Reference(cfg, stage, model, tokenizer, model_spec, sequences, rank, world, device)
         self.module = KTOLoss(model, cfg)
 
-    def batches(self, epoch: int) -> list[PreferenceBatch]:
-        return make_batches(self.units, max_len=self.cfg.max_len, micro_batch_size=self.cfg.micro_batch_size,
-                            packing=self.cfg.packing, pad_id=self.pad_id, seed=self.cfg.seed, epoch=epoch)
-
-    def empty(self) -> PreferenceBatch:
-        return empty_batch(self.pad_id)
+    def make_units(self, records: list[tuple[str, dict[str, Any]]], tok: Tokenised) -> tuple[list[Unit], dict[str, int]]:
+        return kto_units(records, tok, self.cfg.seed)
 
     def step_context(self, engine: Any, micro_batches: list[PreferenceBatch], device: Any) -> dict[str, Any]:
         """Counts of the whole step, and z0 from a no-grad pass of the policy over the step's mismatched pairs."""

@@ -366,7 +366,7 @@ class Reference:
         if self.cfg.packing:
             from orca2.train.attention import register
 
-            model.set_attn_implementation(register())
+            model.set_attn_implementation(register(self.cfg.attention))
         return model
 
     def _path(self, stage: Any, settings: dict[str, Any]) -> Path:
@@ -411,3 +411,27 @@ class Reference:
                 batch.ref = self.resident.sequence_logprobs(rows, batch.seq_ids.to(self.device), batch.n_seq).double()
             return
         batch.ref = torch.tensor([self.values[k] for k in batch.keys], dtype=torch.float64)
+
+
+class PreferenceRecipe:
+    """What the DPO and KTO recipes share: tokenised units, the mask check, reference log-probs, micro-batches."""
+
+    def __init__(self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]],
+                 *, model_spec: str, rank: int, world: int, device: Any):
+        self.cfg = cfg
+        tok = Tokenised(tokenizer, cfg.max_len, cfg.overlong)
+        self.units, self.counts = self.make_units(records, tok)
+        tok.check_masks(cfg.mask_check, cfg.seed)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        sequences = list({s.key: s for u in self.units for s in u.sequences + u.kl}.values())
+        self.reference = Reference(cfg, stage, model, tokenizer, model_spec, sequences, rank, world, device)
+
+    def make_units(self, records: list[tuple[str, dict[str, Any]]], tok: Tokenised) -> tuple[list[Unit], dict[str, int]]:
+        raise NotImplementedError
+
+    def batches(self, epoch: int) -> list[PreferenceBatch]:
+        return make_batches(self.units, max_len=self.cfg.max_len, micro_batch_size=self.cfg.micro_batch_size,
+                            packing=self.cfg.packing, pad_id=self.pad_id, seed=self.cfg.seed, epoch=epoch)
+
+    def empty(self) -> PreferenceBatch:
+        return empty_batch(self.pad_id)

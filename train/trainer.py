@@ -49,6 +49,7 @@ class TrainConfig:
     max_len: int = 2048  # tokens per packed row / example
     overlong: Literal["drop", "truncate"] = "drop"  # examples longer than max_len (counted either way)
     packing: bool = True  # best-fit-decreasing packing with per-example attention
+    attention: Literal["auto", "loop", "flex", "flash"] = "auto"  # packed rows' kernel; auto: flash/flex on GPU, loop on CPU
     micro_batch_size: int = 1  # rows per micro-batch (packed rows, or examples / preference groups unpacked)
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     epochs: int = 1  # default for stages that do not say
@@ -149,7 +150,7 @@ def prepare_model(cfg: TrainConfig, model_spec: str, first_stage: bool) -> tuple
     if cfg.packing:  # padding-free rows: attention per example (varlen), no (T, T) mask
         from orca2.train.attention import register
 
-        model.set_attn_implementation(register())
+        model.set_attn_implementation(register(cfg.attention))
     if cfg.train_layers is not None:
         from orca2.train.engine import freeze_below
 
@@ -163,7 +164,6 @@ def prepare_model(cfg: TrainConfig, model_spec: str, first_stage: bool) -> tuple
 def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: str, out_dir: Path,
                 rank: int, world: int) -> dict[str, Any]:
     """Train one stage from `model_spec`; save the final model (HF format) in out_dir/model."""
-    import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -287,6 +287,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     deepspeed_config(cfg, cfg.dtype == "bf16" or (cfg.dtype == "auto" and torch.cuda.is_available()))  # fail early
     check_student(cfg.model)  # before DeepSpeed builds its ops or starts processes
+    if cfg.attention in ("flex", "flash") and not torch.cuda.is_available():
+        raise Orca2Error(f"train: attention {cfg.attention} needs a CUDA GPU (PyTorch's flex attention has no CPU backward; "
+                         "flash-attn is CUDA only); use attention: auto or loop")
     if cfg.reference is not None:
         check_student(cfg.reference)
     check_data_kind(cfg)
