@@ -8,9 +8,11 @@
 2. The same memory measurement for the fused cross-entropy at N = 4,096 (the chunk block is now reused
    within a call: the spread over repeats shows whether the peak is stable).
 3. Training throughput with precomputed vs resident reference: `orca2 train --objective dpo` on the real
-   SmolLM2-135M (local:default), 8 pairs per step of ~512-token sequences, --steps steps after a warm-up
-   step, each mode in its own process (peak RSS of the process). The precomputed run's one-time reference
-   pass is reported on its own.
+   SmolLM2-135M (local:default, fp32, loss_impl fused), 4 pairs per step (GA 2 × one packed 2,048-token
+   row of 2 pairs of ~512-token sequences), --steps steps after a warm-up step, each mode in its own
+   process (peak RSS of the process). Throughput is tokens/s per step, timed from before the step fetches
+   its reference log-probs (stored values, or the resident model's forward); the precomputed run's
+   one-time reference pass (over all 8·(steps+1) pairs of the file) shows only in its wall time.
 
     .venv/bin/python benchmarks/bench_dpo.py [--quick] [--repeats 4] [--rounds 5] [--steps 3]
 Writes bench_out/dpo.json/.csv.

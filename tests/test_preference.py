@@ -141,9 +141,11 @@ def same_logs(a, b, rel=1e-5, keys=("loss", "grad_norm")):
 
 
 @pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_grad_accumulation_equals_batch_and_fused_equals_naive(tmp_path, tiny_model, pref_file, objective):
+def test_grad_accumulation_equals_batch_and_fused_equals_naive(tmp_path, tiny_model, pref_file, objective, caplog):
     common = {"objective": objective, "packing": False, "max_steps": 3}
     ga, summary = train(tmp_path, "ga", pref_file, tiny_model, micro_batch_size=1, grad_accum=4, **common)
+    balance_warned = "outside the paper's range [1, 4/3]" in caplog.text  # 12 desirable vs 24 undesirable: 0.5
+    assert balance_warned == (objective == "kto")
     batch, _ = train(tmp_path, "batch", pref_file, tiny_model, micro_batch_size=4, grad_accum=1, **common)
     fused, _ = train(tmp_path, "fused", pref_file, tiny_model, micro_batch_size=4, grad_accum=1, loss_impl="fused", **common)
     same_logs(ga, batch, keys=("loss", "grad_norm") + (("z0",) if objective == "kto" else ("reward_margin",)))

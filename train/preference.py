@@ -323,20 +323,20 @@ class Reference:
         self.values: dict[str, float] = {}
         self.resident = None
         settings = {"max_len": cfg.max_len, "overlong": cfg.overlong, "chat_template": cfg.chat_template,
-                    "objective": cfg.objective, "seed": cfg.seed, "train_layers": None}
+                    "objective": cfg.objective, "seed": cfg.seed}
         self.header = {"reference": self.spec, "fingerprint": model_fingerprint(self.spec), "settings": settings,
                        "data": list(stage.data), "data_sha256": data_hash(stage.data)}
-        model = None if cfg.reference is None else self._load(tokenizer)
-        if cfg.reference_mode == "resident":
-            if model is None:  # the starting policy, kept as a frozen copy
-                model = self._load(tokenizer)
+        if cfg.reference_mode == "resident":  # a frozen copy (of the starting policy, by default) kept on the device
+            model = self._load(tokenizer)
             self.resident = CausalLMLoss(model.to(device).eval().requires_grad_(False), cfg.loss_impl)
             return
         self.path = self._path(stage, settings)
         if self.path.exists():
             self.values = self._read(sequences)
             return
-        lm = CausalLMLoss(model if model is not None else policy, cfg.loss_impl)
+        # The pass runs the whole reference on this rank's device (also under ZeRO-3, before it partitions the policy).
+        model = self._load(tokenizer) if cfg.reference is not None else policy
+        lm = CausalLMLoss(model.to(device), cfg.loss_impl)
         mine = sequences[rank::world]
         values = sequence_logprobs_of(lm, mine, cfg.max_len, self.pad_id, device,
                                       desc="reference log-probs" if rank == 0 else "")
@@ -353,8 +353,10 @@ class Reference:
             import torch.distributed as dist
 
             dist.barrier()
-        del lm, model  # the reference is freed before training starts
+        del lm, model  # a separate reference is freed before training starts
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _load(self, tokenizer: Any) -> Any:
         from orca2.train.model import load_student, use_chatml
