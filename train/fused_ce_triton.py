@@ -11,7 +11,7 @@ the count of rows for `mean` is a shape, not a reduction.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import triton
@@ -80,6 +80,15 @@ def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, lse_ptr, V, so
 BLOCK_V = 1024  # vocabulary tile of the row kernel (tests shrink it to cover many tiles at small V)
 
 
+def _logit_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  chunk: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start, hidden rows, their (c, V) logits in the input dtype) chunk by chunk, all in one reused block."""
+    blocks = ChunkBlocks(min(chunk, h.shape[0]), weight.shape[0], h.dtype, h.device)
+    for start in range(0, h.shape[0], chunk):
+        hc = h[start:start + chunk]
+        yield start, hc, blocks.logits(hc, weight, bias)
+
+
 def _gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """out = a @ b (out += a @ b when accumulating), in out's dtype. Half-precision operands with an fp32
     `out` on CUDA run on tensor cores with an fp32 result (`out_dtype`; cuBLAS accumulates in fp32);
@@ -119,10 +128,7 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
     d_b = torch.zeros((V,), dtype=torch.float32, device=h.device) if (need_grad and bias is not None) else None
     y = y.contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
-    blocks = ChunkBlocks(min(chunk, n), V, h.dtype, h.device)
-    for start in range(0, n, chunk):
-        hc = h[start:start + chunk]
-        logits = blocks.logits(hc, weight, bias)  # (c, V) in the input dtype: the only place logits exist
+    for start, hc, logits in _logit_chunks(h, weight, bias, chunk):  # (c, V) in the input dtype: the only logits
         c = logits.shape[0]
         loss = torch.empty((c,), dtype=torch.float32, device=h.device)
         lse = torch.empty((c,), dtype=torch.float32, device=h.device)
@@ -171,11 +177,8 @@ def triton_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias
     lse = torch.empty((n,), dtype=torch.float32, device=h.device)
     y = y.contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
-    blocks = ChunkBlocks(min(chunk, n), V, h.dtype, h.device)
-    for start in range(0, n, chunk):
-        hc = h[start:start + chunk]
+    for start, hc, logits in _logit_chunks(h, weight, bias, chunk):
         c = hc.shape[0]
-        logits = blocks.logits(hc, weight, bias)
         _ce_rows_kernel[(c,)](logits, logits.stride(0), y[start:start + c], loss[start:start + c], lse[start:start + c],
                               V, float(softcap or 1.0), 0.0, 0.0, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=False,
                               BLOCK_V=block_v)
@@ -196,11 +199,8 @@ def triton_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     g = g.to(torch.float32).contiguous()
     y = y.contiguous()
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
-    blocks = ChunkBlocks(min(chunk, n), V, h.dtype, h.device)
-    for start in range(0, n, chunk):
-        hc = h[start:start + chunk]
+    for start, hc, logits in _logit_chunks(h, weight, bias, chunk):
         c = hc.shape[0]
-        logits = blocks.logits(hc, weight, bias)
         _logprob_grad_kernel[(c,)](logits, logits.stride(0), y[start:start + c], lse[start:start + c], g[start:start + c],
                                    V, float(softcap or 1.0), HAS_SOFTCAP=bool(softcap), BLOCK_V=block_v)
         _gemm_into(d_h[start:start + c], logits, weight, accumulate=False)
