@@ -269,6 +269,7 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path, tiny_model):
     train(tmp_path, "control", control_file, tiny_model, **common)
     wins, n, margin = held_out_accuracy(tmp_path / "planted" / "model", tiny_model, held_out)
     c_wins, c_n, c_margin = held_out_accuracy(tmp_path / "control" / "model", tiny_model, held_out)
+    print(f"held-out preference accuracy: trained {wins}/{n}, control {c_wins}/{c_n}; mean margin {margin:.2f} vs {c_margin:.2f}")
     low, high = wilson(wins, n)
     _, diff_low, _ = newcombe(wins, n, c_wins, c_n)
     assert n == c_n == 60 and low > 0.5, (wins, n, margin)

@@ -10,15 +10,15 @@ import torch
 
 from orca2.config import load_config
 from orca2.errors import Orca2Error
-from orca2.train import trainer as sft
+from orca2.train import trainer
 
 BASE = {"max_len": 1024, "lr": 1e-3, "warmup_ratio": 0.0, "mask_check": 4, "log_every": 1}
 
 
 def train_in_process(tmp_path, name, data, model, **kw):
-    cfg = load_config(sft.TrainConfig, None, (), {"model": str(model), "data": (str(data),), "output": str(tmp_path / name),
+    cfg = load_config(trainer.TrainConfig, None, (), {"model": str(model), "data": (str(data),), "output": str(tmp_path / name),
                                                   **BASE, **kw})
-    sft.run(cfg)
+    trainer.run(cfg)
     return read_log(tmp_path / name)
 
 
@@ -92,8 +92,8 @@ stages:
   - {{name: flan, data: [{sft_file}], epochs: 1, lr: 0.001}}
   - {{name: gpt4, data: [{sft_file}], epochs: 2, lr: 0.0005}}
 """)
-    cfg = load_config(sft.TrainConfig, config)
-    summary = sft.run(cfg)
+    cfg = load_config(trainer.TrainConfig, config)
+    summary = trainer.run(cfg)
     assert [s["stage"] for s in summary["stages"]] == ["flan", "gpt4"]
     first = read_log(tmp_path / "run" / "stage-0-flan")
     second = read_log(tmp_path / "run" / "stage-1-gpt4")
@@ -112,17 +112,17 @@ stages:
 def test_bad_configs_fail_before_training(tmp_path, tiny_model, sft_file):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
-    cfg = load_config(sft.TrainConfig, None, (), {"model": str(tiny_model), "data": (str(sft_file),), "output": str(tmp_path / "x"),
+    cfg = load_config(trainer.TrainConfig, None, (), {"model": str(tiny_model), "data": (str(sft_file),), "output": str(tmp_path / "x"),
                                                   "deepspeed_config": str(ds)})
     with pytest.raises(Orca2Error, match=r"ds.json: 'train_micro_batch_size_per_gpu' is 8 but the training config says 1"):
-        sft.run(cfg)
+        trainer.run(cfg)
     ds.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(Orca2Error, match="'optimizer' is set by orca2"):
-        sft.run(cfg)
+        trainer.run(cfg)
     with pytest.raises(Orca2Error, match="no such training data file"):
-        sft.run(load_config(sft.TrainConfig, None, (), {"model": str(tiny_model), "data": ("missing.jsonl",), "output": "x"}))
+        trainer.run(load_config(trainer.TrainConfig, None, (), {"model": str(tiny_model), "data": ("missing.jsonl",), "output": "x"}))
     with pytest.raises(Orca2Error, match="either data .* or stages"):
-        load_config(sft.TrainConfig, None, (), {"model": "m", "output": "x"})
+        load_config(trainer.TrainConfig, None, (), {"model": "m", "output": "x"})
     assert not (tmp_path / "x").exists()
 
 

@@ -83,7 +83,7 @@ class Recipe(PreferenceRecipe):
                 policy_kl = engine(mb.to(device), {"kl": True})
             total, count = reference_point(policy_kl.double().cpu(), mb.kl.ref.cpu())
             kl_sum, kl_count = kl_sum + float(total), kl_count + float(count)
-        n = all_reduced({"replies": sum(mb.units for mb in micro_batches),
+        n = all_reduced({"replies": sum(mb.main.n_seq for mb in micro_batches),
                          "desirable": sum(int(mb.labels.sum()) for mb in micro_batches),
                          "kl_sum": kl_sum, "kl_count": kl_count})
         z0 = max(0.0, n["kl_sum"] / n["kl_count"]) if n["kl_count"] else 0.0

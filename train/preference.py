@@ -79,10 +79,6 @@ class PreferenceBatch:
     tokens: int
     capacity: int
 
-    @property
-    def units(self) -> int:
-        return self.main.n_seq
-
     def to(self, device: Any) -> "PreferenceBatch":
         return replace(self, main=self.main.to(device), pairs=self.pairs.to(device), labels=self.labels.to(device),
                        kl=self.kl.to(device) if self.kl is not None else None)
