@@ -281,6 +281,29 @@ def erase(input_path: str | None, output: str | None, generic: str | None, leak:
 
 
 @cli.command()
+@click.argument("judged", nargs=-1)
+@click.option("-o", "--output", default=None, help="Preference records (the input of train --objective dpo|kto).")
+@click.option("--recipe", type=click.Choice(["orca-math", "dno"]), default=None,
+              help="orca-math: teacher and correct replies over wrong ones; dno: 6-point rubric scores with margins.")
+@click.option("--objective", type=click.Choice(["dpo", "kto"]), default=None, help="Pairs (dpo) or labelled replies (kto).")
+@click.option("--replay", multiple=True, help="An earlier round's pairs file, newest first (repeatable).")
+@common_options
+def pairs(judged: tuple[str, ...], output: str | None, recipe: str | None, objective: str | None,
+          replay: tuple[str, ...], config_path: str | None, overrides: tuple[str, ...], seed: int | None) -> None:
+    """Judged replies → preference records (DPO pairs or KTO labels), with replay of earlier rounds."""
+    from orca2.config import load_config
+    from orca2.stages import pairs as stage
+
+    flags = {"judged": judged or None, "output": output, "recipe": recipe, "objective": objective,
+             "replay": replay or None, "seed": seed}
+    r = stage.run(load_config(stage.PairsConfig, config_path, overrides, flags))
+    unit = f"{r.get('pairs', 0)} pairs" if r["objective"] == "dpo" else \
+        f"{r.get('desirable', 0)} desirable + {r.get('undesirable', 0)} undesirable replies"
+    click.echo(f"read {r.get('replies_read', 0)} replies of {r['prompts']} prompts; wrote {unit} for "
+               f"{r.get('prompts_with_pairs', 0)} prompts ({r.get('prompts_without_pairs', 0)} without) to {r['output']}")
+
+
+@cli.command()
 @click.option("--model", default=None, help="Student: local:default | HF folder | file.gguf | hub name.")
 @click.option("--data", multiple=True, help="Training JSONL (one stage; repeatable). Progressive stages go in the config.")
 @click.option("--objective", type=click.Choice(["sft", "dpo", "kto"]), default=None,
