@@ -153,7 +153,8 @@ def _field_flags(cls: type, section: str, defaults: Any) -> list[tuple[str, str,
     return flags
 
 
-def teacher_options(stage: str, with_teacher: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def teacher_options(stage: str, with_teacher: bool = True,
+                    with_strategies: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Model, client and sampling options shared by select, generate and eval, derived from the config classes."""
     import dataclasses
     import importlib
@@ -168,8 +169,9 @@ def teacher_options(stage: str, with_teacher: bool = True) -> Callable[[Callable
     specs = [s for s in specs if s[0] != "sampling_seed"]  # the common --seed sets it
     options = [click.option("--teacher", default=None, help=SPEC_FORMS)] if with_teacher else []
     options += [opt for _, _, opt in specs]
-    options.append(click.option("--strategies", "user_strategies", multiple=True, type=click.Path(),
-                                help="Extra strategy YAML file or folder."))
+    if with_strategies:
+        options.append(click.option("--strategies", "user_strategies", multiple=True, type=click.Path(),
+                                    help="Extra strategy YAML file or folder."))
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
@@ -181,7 +183,11 @@ def teacher_options(stage: str, with_teacher: bool = True) -> Callable[[Callable
 
 def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
     """Map the shared model options onto config keys (client.*, sampling.*)."""
-    flags = {"teacher": kw.pop("teacher", None), "strategies": kw.pop("user_strategies"), "sampling.seed": seed}
+    flags = {"sampling.seed": seed}
+    if "teacher" in kw:
+        flags["teacher"] = kw.pop("teacher")
+    if "user_strategies" in kw:
+        flags["strategies"] = kw.pop("user_strategies")
     for dest in [k for k in kw if k.startswith(("client_", "sampling_"))]:
         section, _, name = dest.partition("_")
         flags[f"{section}.{name}"] = kw.pop(dest)
@@ -278,6 +284,50 @@ def erase(input_path: str | None, output: str | None, generic: str | None, leak:
     if r["notes"]:
         click.echo("notes: " + ", ".join(f"{k} {v}" for k, v in r["notes"].items()))
     click.echo(f"wrote {r['kept']} records to {r['output']}; report: {stage.sidecar(cfg.output, 'report.md')}")
+
+
+@cli.command()
+@click.option("--tasks", "tasks_path", default=None, help="Prompts: task records (or traces / SFT records: the reply is dropped).")
+@click.option("--student", default=None, help="The student: local:<folder|.gguf|default> (engine) or openai:<name> (served).")
+@click.option("-o", "--output", default=None, help="Sampled replies (one record per sample).")
+@click.option("--generic", default=None, help="System prompt the student answers under: cautious (default), empty, a file.")
+@click.option("--limit", type=int, default=None, help="Only the first N prompts.")
+@teacher_options("orca2.stages.sample:SampleConfig", with_teacher=False, with_strategies=False)
+@common_options
+def sample(tasks_path: str | None, student: str | None, output: str | None, generic: str | None, limit: int | None,
+           config_path: str | None, overrides: tuple[str, ...], seed: int | None, **model: Any) -> None:
+    """The student writes K replies per prompt (default K = 4, T = 0.7, top_p = 0.95)."""
+    from orca2.config import load_config
+    from orca2.stages import sample as stage
+
+    flags = {"tasks": tasks_path, "student": student, "output": output, "generic": generic, "limit": limit,
+             **_teacher_flags(model, seed)}
+    s = stage.run(load_config(stage.SampleConfig, config_path, overrides, flags))
+    click.echo(f"{s['samples']} replies to {s['prompts'] - s['failed']}/{s['prompts']} prompts ({s['cached_at_start']} "
+               f"from cache, {s['failed']} failed) → {s['output']}")
+    if s["failed"]:
+        raise Orca2Error(f"{s['failed']} prompts failed (listed in {s['output'].rsplit('.', 1)[0]}.errors.jsonl); "
+                         "re-running the same command retries only these")
+
+
+@cli.command()
+@click.argument("replies", nargs=-1)
+@click.option("--teacher", "teacher_traces", multiple=True, help="Teacher traces for the same prompts (repeatable).")
+@click.option("-o", "--output", default=None, help="Judged replies (teacher replies included).")
+@click.option("--judge", "judge_kind", type=click.Choice(["answer", "llm", "rubric"]), default=None,
+              help="answer: final answer vs gold, else vs the teacher's (offline).")
+@common_options
+def judge(replies: tuple[str, ...], teacher_traces: tuple[str, ...], output: str | None, judge_kind: str | None,
+          config_path: str | None, overrides: tuple[str, ...], seed: int | None) -> None:
+    """Score sampled replies (meta.judge), teacher replies joined as positives-to-be."""
+    from orca2.config import load_config
+    from orca2.stages import judge as stage
+
+    flags = {"replies": replies or None, "teacher": teacher_traces or None, "output": output, "judge": judge_kind}
+    s = stage.run(load_config(stage.JudgeConfig, config_path, overrides, flags))
+    click.echo(f"judged {s.get('student_replies', 0)} student replies: {s.get('correct', 0)} correct, {s.get('wrong', 0)} "
+               f"wrong, {s.get('unjudged_no_reference', 0)} unjudged (no reference; {s['prompts_without_reference']} "
+               f"prompts); {s.get('teacher_replies', 0)} teacher replies → {s['output']}")
 
 
 @cli.command()

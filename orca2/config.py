@@ -118,6 +118,10 @@ def _build(cls: type[T], data: dict[str, Any], loc: _Loc, prefix: str) -> T:
         dotted = f"{prefix}{key}"
         if key not in fields:
             raise Orca2Error(f"{loc.at(dotted)}: unknown key (valid: {', '.join(sorted(fields))})")
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[key]):
+            default = factory()  # a section given in part keeps the field's own defaults for the rest
+            value = {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default)}, **value}
         kwargs[key] = _coerce(value, hints[key], loc, dotted)
     missing = [
         name
