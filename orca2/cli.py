@@ -432,7 +432,6 @@ def eval_(ctx: click.Context, model: str | None, bench: str | None, system_promp
     split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip()) if text else None  # noqa: E731
     flags = {"model": model, "bench": split(bench), "system": split(system_prompts), "output": output, "label": label,
              "limit": limit, "benchmarks": extra_benchmarks, "data_dir": data_dir, **_teacher_flags(teacher, seed)}
-    flags.pop("teacher")
     cfg = load_config(stage.EvalConfig, config_path, overrides, flags)
     report = stage.run(cfg)
     for condition, summary in report["benchmarks"].items():

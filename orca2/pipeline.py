@@ -1,4 +1,4 @@
-"""Stage `run`: the whole chain from one config — tasks → (select) → generate → erase → train → eval.
+"""Stage `run`: the whole chain from one config — tasks → (select) → generate → erase → train → eval → (iterate).
 
 Every stage writes into one run folder and is recorded in <output>/manifest.json: its resolved config,
 the hashes of its inputs and outputs, seconds, record counts, package versions and the seed. Re-running
@@ -6,6 +6,13 @@ skips a stage whose config and inputs are unchanged and whose outputs are still 
 `--from STAGE` redoes that stage and the rest. A failure names the stage and keeps earlier outputs.
 Each section of the config has exactly the keys of that stage's own config, minus the paths the
 pipeline wires (tasks → generate → erase → train → eval).
+
+`iterate:` adds rounds of on-policy preference learning after eval (Orca-Math, DNO): round t takes a fresh
+partition of the run's tasks, lets π_{t-1} sample (orca2 sample), judges the replies against gold or the
+teacher's traces (orca2 judge), builds pairs with replay of earlier rounds (orca2 pairs), trains π_t with
+DPO or KTO against the reference (π_{t-1} by default, as DNO does) and evaluates it like the student.
+Each step of each round is a manifest entry of its own (config hash, inputs, outputs), so a killed run
+resumes inside the round it was in; the best round on the eval report is linked as iterate/best.
 """
 
 from __future__ import annotations
@@ -24,7 +31,27 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text
 
 log = logging.getLogger(__name__)
-STAGES = ("tasks", "select", "generate", "erase", "train", "eval")
+STAGES = ("tasks", "select", "generate", "erase", "train", "eval", "iterate")
+ROUND_STEPS = ("sample", "judge", "pairs", "train", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class IterateConfig:
+    rounds: int = 2
+    recipe: str = "orca-math"  # orca-math | dno (pairs rule)
+    objective: str = "kto"  # dpo | kto
+    prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all tasks, every round)
+    reference: str = "previous"  # previous: π_{t-1} (DNO); initial: the SFT student every round
+    sample: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 sample keys (student and paths wired)
+    judge: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 judge keys
+    pairs: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 pairs keys (replay wired from earlier rounds)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over the train section's (lr, epochs, beta, ...)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.recipe not in ("orca-math", "dno") or self.objective not in ("dpo", "kto"):
+            raise Orca2Error("iterate: rounds >= 1, recipe orca-math|dno and objective dpo|kto required")
+        if self.reference not in ("previous", "initial"):
+            raise Orca2Error(f"iterate.reference must be previous or initial, got {self.reference!r}")
 TOP_KEYS = ("output", "stages", "seed", "assignment", "heldout", *STAGES)
 
 
@@ -75,7 +102,8 @@ class Pipeline:
             raise Orca2Error(f"{path}: missing required key 'output' (the run folder)")
         self.run_dir = Path(data["output"])
         self.seed = int(data.get("seed", 0))
-        self.stages = tuple(data.get("stages") or ("tasks", "generate", "erase", "train", "eval"))
+        default = ("tasks", "generate", "erase", "train", "eval") + (("iterate",) if "iterate" in data else ())
+        self.stages = tuple(data.get("stages") or default)
         for name in self.stages:
             if name not in STAGES:
                 raise Orca2Error(f"{path}:{lines.get('stages', 1)}: unknown stage '{name}' (valid: {', '.join(STAGES)})")
@@ -86,6 +114,8 @@ class Pipeline:
                       "traces": self.run_dir / "traces.jsonl", "sft": self.run_dir / "sft.jsonl",
                       "student": self.run_dir / "student", "eval": self.run_dir / "eval",
                       "heldout": self.run_dir / "heldout.jsonl", "cache": self.run_dir / "cache"}
+        if "iterate" in self.stages and not {"train", "eval"} <= set(self.stages):
+            raise Orca2Error(f"{path}: iterate needs the train and eval stages before it")
         self.configs = {name: self._stage_config(name) for name in self.stages}  # every error before any work
 
     def _section(self, name: str, wired: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -138,6 +168,11 @@ class Pipeline:
             except Orca2Error as exc:
                 raise Orca2Error(f"{self.source}:{self.lines.get('train.model', 1)}: train.model: {exc}") from None
             return cfg
+        if name == "iterate":
+            cfg = build_section(IterateConfig, dict(self.data.get("iterate") or {}), self.source, self.lines, "iterate.")
+            for step in ("sample", "judge", "pairs", "train"):  # the sections build (and fail) before any work
+                self._round_config(cfg, 1, step)
+            return cfg
         from orca2.eval.evaluate import EvalConfig
 
         section = dict(self.data.get("eval") or {})
@@ -163,10 +198,163 @@ class Pipeline:
 
     # --- running ------------------------------------------------------------------------------------
 
+    # --- iterate: rounds of sample → judge → pairs → train → eval --------------------------------------
+
+    def _round_dir(self, t: int) -> Path:
+        return self.run_dir / "iterate" / f"round-{t}"
+
+    def _policy(self, t: int) -> str:
+        """π_t's model folder: the SFT student for t = 0."""
+        return str(self.paths["student"] / "model") if t == 0 else str(self._round_dir(t) / "student" / "model")
+
+    def _round_config(self, it: IterateConfig, t: int, step: str) -> Any:
+        d = self._round_dir(t)
+        cache = {"cache_dir": str(self.paths["cache"])}
+        where = f"iterate.{step}."
+        if step == "sample":
+            from orca2.stages.sample import SampleConfig
+
+            section = {**it.sample, "tasks": str(d / "prompts.jsonl"), "output": str(d / "samples.jsonl"),
+                       "student": f"local:{self._policy(t - 1)}"}
+            section["client"] = {**cache, **section.get("client", {})}
+            return build_section(SampleConfig, section, self.source, self.lines, where)
+        if step == "judge":
+            from orca2.stages.judge import JudgeConfig
+
+            section = {**it.judge, "replies": [str(d / "samples.jsonl")], "output": str(d / "judged.jsonl"),
+                       "teacher": [str(self.paths["traces"])]}
+            return build_section(JudgeConfig, section, self.source, self.lines, where)
+        if step == "pairs":
+            from orca2.stages.pairs import PairsConfig
+
+            replay = [str(self._round_dir(k) / "pairs.jsonl") for k in range(t - 1, 0, -1)]
+            fractions = tuple(it.pairs.get("replay_fractions", (0.3, 0.15)))
+            section = {"recipe": it.recipe, "objective": it.objective, **it.pairs, "judged": [str(d / "judged.jsonl")],
+                       "output": str(d / "pairs.jsonl"), "replay": replay[:len(fractions)]}
+            return build_section(PairsConfig, section, self.source, self.lines, where)
+        if step == "train":
+            from orca2.train.trainer import TrainConfig
+
+            section = {k: v for k, v in (self.data.get("train") or {}).items() if k not in ("stages", "data")}
+            section.update(it.train)
+            reference = self._policy(t - 1) if it.reference == "previous" else self._policy(0)
+            section.update(model=self._policy(t - 1), data=[str(d / "pairs.jsonl")], output=str(d / "student"),
+                           objective=it.objective, reference=reference, chat_template="tokenizer")
+            section.setdefault("seed", self.seed)
+            return build_section(TrainConfig, section, self.source, self.lines, where)
+        student = self.configs["eval"]["student"]
+        return dataclasses.replace(student, model=self._policy(t), label=f"round-{t}",
+                                   output=str(self.paths["eval"] / f"round-{t}"))
+
+    def _round_files(self, it: IterateConfig, t: int, step: str) -> tuple[list[Path], list[Path]]:
+        """(inputs, outputs) of one step of round t, for the manifest."""
+        d = self._round_dir(t)
+        previous = [Path(self._policy(t - 1))]
+        replay = [self._round_dir(k) / "pairs.jsonl" for k in range(t - 1, max(0, t - 3), -1)]
+        return {"sample": ([d / "prompts.jsonl"] + previous, [d / "samples.jsonl"]),
+                "judge": ([d / "samples.jsonl", self.paths["traces"]], [d / "judged.jsonl"]),
+                "pairs": ([d / "judged.jsonl"] + replay, [d / "pairs.jsonl"]),
+                "train": ([d / "pairs.jsonl"] + previous, [d / "student" / "model"]),
+                "eval": ([Path(self._policy(t))], [self.paths["eval"] / f"round-{t}" / "report.json"])}[step]
+
+    def _write_prompts(self, it: IterateConfig, t: int) -> None:
+        """Round t's prompts: a fresh partition of the run's tasks (seeded), or all of them."""
+        import random
+
+        from orca2.io import read_records, write_records
+
+        tasks = list(read_records(self.paths["tasks"]))
+        random.Random(self.seed).shuffle(tasks)
+        if it.prompts_per_round:
+            if t * it.prompts_per_round > len(tasks):
+                raise Orca2Error(f"iterate: {it.rounds} rounds × {it.prompts_per_round} prompts need "
+                                 f"{it.rounds * it.prompts_per_round} tasks; the run has {len(tasks)}")
+            tasks = tasks[(t - 1) * it.prompts_per_round:t * it.prompts_per_round]
+        d = self._round_dir(t)
+        d.mkdir(parents=True, exist_ok=True)
+        write_records(d / "prompts.jsonl", tasks)
+
+    def _run_iterate(self, manifest: dict[str, Any], forced: bool) -> dict[str, Any]:
+        it = self.configs["iterate"]
+        rounds = manifest.setdefault("rounds", {})
+        for t in range(1, it.rounds + 1):
+            self._write_prompts(it, t)
+            record = rounds.setdefault(str(t), {})
+            for step in ROUND_STEPS:
+                cfg = self._round_config(it, t, step)
+                config = config_to_dict(cfg)
+                config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+                ins, outs = self._round_files(it, t, step)
+                inputs = {str(p): file_hash(p) for p in ins}
+                reason = self._why_run(record.get(step), config_hash, inputs, forced)
+                if reason is None:
+                    continue
+                log.info("iterate round %d %s: running (%s)", t, step, reason)
+                resume = record.get(f"{step}_attempt") == config_hash
+                record[f"{step}_attempt"] = config_hash
+                self._save(manifest)
+                start = time.perf_counter()
+                counts = self._run_round_step(step, cfg, resume)
+                record[step] = {"config_hash": config_hash, "inputs": inputs, "counts": counts,
+                                "outputs": {str(p): file_hash(p) for p in outs},
+                                "seconds": round(time.perf_counter() - start, 2)}
+                record.pop(f"{step}_attempt", None)
+                self._save(manifest)
+        return self._best_round(it, manifest)
+
+    def _run_round_step(self, step: str, cfg: Any, resume: bool) -> dict[str, Any]:
+        if step == "sample":
+            from orca2.stages.sample import run as sample_run
+
+            s = sample_run(cfg)
+            if s["failed"]:
+                raise Orca2Error(f"{s['failed']} of {s['prompts']} student requests failed; re-running retries only those")
+            return {k: s[k] for k in ("prompts", "samples", "cached_at_start", "tokens_per_s")}
+        if step == "judge":
+            from orca2.stages.judge import run as judge_run
+
+            return {k: v for k, v in judge_run(cfg).items() if k != "output"}
+        if step == "pairs":
+            from orca2.stages.pairs import run as pairs_run
+
+            return {k: v for k, v in pairs_run(cfg).items() if isinstance(v, (int, float)) or v is None}
+        if step == "train":
+            from orca2.train import trainer
+
+            if not resume and Path(cfg.output).exists():
+                shutil.rmtree(cfg.output)
+            summary = trainer.run(dataclasses.replace(cfg, resume=resume or cfg.resume))
+            if summary.get("stopped"):
+                raise Orca2Error("training stopped early (stop_after); run again to resume it")
+            return {"steps": summary["stages"][0]["steps"], "examples": summary["stages"][0]["examples"]}
+        from orca2.eval.evaluate import run as eval_run
+
+        report = eval_run(cfg)
+        return {c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()} for c, s in report["benchmarks"].items()}
+
+    def _best_round(self, it: IterateConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Accuracy of every round (round 0: the SFT student) on the eval's first system prompt and benchmark."""
+        def accuracy(counts: dict[str, Any]) -> float:
+            first = next(iter(counts.values()))
+            return next(iter(first.values()))
+
+        table = {"0": accuracy(manifest["stages"]["eval"]["counts"]["student"])}
+        table.update({t: accuracy(r["eval"]["counts"]) for t, r in manifest["rounds"].items() if "eval" in r})
+        best = max(table, key=lambda t: (table[t], -int(t)))
+        link = self.run_dir / "iterate" / "best"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(Path(self._policy(int(best))).resolve())
+        manifest["iterate"] = {"accuracy_by_round": table, "best_round": int(best), "best_model": str(link)}
+        self._save(manifest)
+        return manifest["iterate"]
+
     def inputs(self, name: str) -> list[Path]:
         if name == "tasks":  # local source files count as inputs; hub datasets and synthetic do not
             specs = [spec.partition(":")[2] for spec in self.configs["tasks"].sources]
             return [Path(p) for p in specs if p and Path(p).exists()]
+        if name == "iterate":
+            return [self.paths["tasks"], self.paths["traces"], self.paths["student"] / "model"]
         return {"select": [self.paths["tasks"]],
                 "generate": [self.paths["tasks"]] + ([self.paths["assignment"]] if self.paths["assignment"].exists() else []),
                 "erase": [self.paths["traces"]], "train": [self.paths["sft"]],
@@ -176,7 +364,8 @@ class Pipeline:
     def outputs(self, name: str) -> list[Path]:
         return {"tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],
                 "erase": [self.paths["sft"]], "train": [self.paths["student"] / "model"],
-                "eval": [self.paths["eval"] / "student" / "report.json"]}[name]
+                "eval": [self.paths["eval"] / "student" / "report.json"],
+                "iterate": [self.run_dir / "iterate" / "best"]}[name]
 
     def config_dict(self, name: str) -> Any:
         cfg = self.configs[name]
@@ -220,7 +409,7 @@ class Pipeline:
             self._save(manifest)
             start = time.perf_counter()
             try:
-                counts = self._run_stage(name, resume)
+                counts = self._run_iterate(manifest, forced) if name == "iterate" else self._run_stage(name, resume)
             except Orca2Error as exc:
                 raise Orca2Error(f"stage '{name}' failed: {exc} (earlier stages' outputs are kept in {self.run_dir})") from None
             except Exception as exc:  # noqa: BLE001 - name the stage whatever broke

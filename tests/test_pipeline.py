@@ -119,3 +119,53 @@ def test_kill_mid_stage_and_rerun_completes(tmp_path, config, monkeypatch):
     traces = [r["id"] for r in read_records(tmp_path / "run" / "traces.jsonl")]
     tasks = [r["id"] for r in read_records(tmp_path / "run" / "tasks.jsonl")]
     assert traces == tasks
+
+
+ITERATE = """
+iterate:
+  rounds: 2
+  recipe: orca-math
+  objective: kto
+  prompts_per_round: 8
+  sample: {sampling: {n: 2, max_tokens: 12}}
+  train: {max_steps: 2, lr: 0.0005, epochs: 1}
+"""
+
+
+def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, config, data_dir):
+    path = config(extra=ITERATE)
+    first = pipeline.run(str(path))
+    assert first["ran"] == ["tasks", "generate", "erase", "train", "eval", "iterate"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert sorted(manifest["rounds"]) == ["1", "2"]
+    for t in ("1", "2"):
+        assert set(manifest["rounds"][t]) == {"sample", "judge", "pairs", "train", "eval"}
+    r1, r2 = manifest["rounds"]["1"], manifest["rounds"]["2"]
+    assert r1["sample"]["counts"]["prompts"] == 8 and r1["sample"]["counts"]["samples"] == 16
+    assert r1["judge"]["counts"]["teacher_replies"] == 8  # the teacher's traces join as replies
+    assert r1["pairs"]["counts"]["desirable"] >= 8 and r2["pairs"]["counts"].get("replay_t-1", 0) > 0
+    prompts = [{r["id"] for r in read_records(tmp_path / "run" / "iterate" / f"round-{t}" / "prompts.jsonl")} for t in (1, 2)]
+    assert not prompts[0] & prompts[1]  # a fresh partition each round
+    table = manifest["iterate"]["accuracy_by_round"]
+    assert set(table) == {"0", "1", "2"} and manifest["iterate"]["best_round"] in (0, 1, 2)
+    assert (tmp_path / "run" / "iterate" / "best" / "config.json").exists()
+    train_cfg = r2["train"]
+    assert train_cfg["counts"]["steps"] == 2
+    stored = list((tmp_path / "run" / "iterate" / "round-2").glob("pairs.reference-*.jsonl"))
+    header = json.loads(stored[0].read_text().splitlines()[0])["orca2_reference_logps"]
+    assert header["reference"].endswith("round-1/student/model")  # DNO's reference: the previous policy
+
+    assert pipeline.run(str(path))["ran"] == []  # nothing changed
+    # as if killed after round 2's pairs: its train and eval run again, nothing else
+    for step in ("train", "eval"):
+        del manifest["rounds"]["2"][step]
+    del manifest["stages"]["iterate"]
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    seconds = {t: {s: manifest["rounds"][t][s]["seconds"] for s in manifest["rounds"][t]} for t in ("1", "2")}
+    again = pipeline.run(str(path))
+    assert again["ran"] == ["iterate"]
+    after = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for t in ("1", "2"):
+        for step, value in seconds[t].items():
+            assert after["rounds"][t][step]["seconds"] == value  # not re-run
+    assert set(after["rounds"]["2"]) == {"sample", "judge", "pairs", "train", "eval"}
