@@ -169,3 +169,33 @@ def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, 
         for step, value in seconds[t].items():
             assert after["rounds"][t][step]["seconds"] == value  # not re-run
     assert set(after["rounds"]["2"]) == {"sample", "judge", "pairs", "train", "eval"}
+
+
+def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(tmp_path, config, data_dir):
+    """A real SIGKILL while round 1 trains; the re-run neither samples nor judges again and finishes both rounds."""
+    path = config(extra=ITERATE)
+    args = [sys.executable, "-m", "orca2", "run", "--config", str(path)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest_path = tmp_path / "run" / "manifest.json"
+
+    def round_one_paired():
+        try:
+            return "pairs" in json.loads(manifest_path.read_text()).get("rounds", {}).get("1", {})
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not round_one_paired():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = json.loads(manifest_path.read_text())["rounds"]["1"]
+    assert "eval" not in before
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = json.loads(manifest_path.read_text())
+    for step in ("sample", "judge", "pairs"):
+        assert after["rounds"]["1"][step]["seconds"] == before[step]["seconds"]  # not redone
+    assert set(after["rounds"]["2"]) == {"sample", "judge", "pairs", "train", "eval"}
+    assert set(after["iterate"]["accuracy_by_round"]) == {"0", "1", "2"}
