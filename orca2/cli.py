@@ -315,19 +315,23 @@ def sample(tasks_path: str | None, student: str | None, output: str | None, gene
 @click.option("--teacher", "teacher_traces", multiple=True, help="Teacher traces for the same prompts (repeatable).")
 @click.option("-o", "--output", default=None, help="Judged replies (teacher replies included).")
 @click.option("--judge", "judge_kind", type=click.Choice(["answer", "llm", "rubric"]), default=None,
-              help="answer: final answer vs gold, else vs the teacher's (offline).")
+              help="answer: final answer vs gold, else the teacher's (offline); llm: a judge model's verdict; "
+                   "rubric: DNO's 6-point rubric over all replies of a prompt, two orders averaged.")
+@click.option("--model", default=None, help="The judge model for llm and rubric (openai:NAME, batch:NAME, local:PATH).")
+@teacher_options("orca2.stages.judge:JudgeConfig", with_teacher=False, with_strategies=False)
 @common_options
 def judge(replies: tuple[str, ...], teacher_traces: tuple[str, ...], output: str | None, judge_kind: str | None,
-          config_path: str | None, overrides: tuple[str, ...], seed: int | None) -> None:
+          model: str | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
     """Score sampled replies (meta.judge), teacher replies joined as positives-to-be."""
     from orca2.config import load_config
     from orca2.stages import judge as stage
 
-    flags = {"replies": replies or None, "teacher": teacher_traces or None, "output": output, "judge": judge_kind}
+    flags = {"replies": replies or None, "teacher": teacher_traces or None, "output": output, "judge": judge_kind,
+             "model": model, **_teacher_flags(options, seed)}
     s = stage.run(load_config(stage.JudgeConfig, config_path, overrides, flags))
-    click.echo(f"judged {s.get('student_replies', 0)} student replies: {s.get('correct', 0)} correct, {s.get('wrong', 0)} "
-               f"wrong, {s.get('unjudged_no_reference', 0)} unjudged (no reference; {s['prompts_without_reference']} "
-               f"prompts); {s.get('teacher_replies', 0)} teacher replies → {s['output']}")
+    click.echo(f"judged {s.get('student_replies', 0)} student replies ({s.get('correct', 0)} correct, {s.get('wrong', 0)} "
+               f"wrong where the judge says so), {s.get('unjudged', 0)} unjudged ({s.get('unjudged_no_reference', 0)} "
+               f"without a reference answer); {s.get('teacher_replies', 0)} teacher replies → {s['output']}")
 
 
 @cli.command()

@@ -97,9 +97,82 @@ def test_answer_judge_gold_then_teacher_then_counted_and_pairs_follow(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(Orca2Error, match="the rubric judge is not built yet"):
+    with pytest.raises(Orca2Error, match="the rubric judge needs a judge model"):
         load_config(judge_stage.JudgeConfig, None, (), {"replies": ("x",), "output": "y", "judge": "rubric"})
     row = student("A", 0, "x", "1")
     row["messages"] = row["messages"][:-1]
     with pytest.raises(Orca2Error, match=r"samples.jsonl:1: field 'messages': a reply record ends with the assistant's reply"):
         judged(tmp_path, [row])
+
+
+def listed(body):
+    """The replies a rubric request lists, in order."""
+    import re
+
+    text = body["messages"][-1]["content"]
+    return re.findall(r"\[\d+\]\n(.*?)(?=\n\n\[\d+\]\n|\n\nAnswer with)", text, flags=re.S)
+
+
+def rubric(tmp_path, monkeypatch, responder, replies, **kw):
+    """A rubric judge run against `responder` (its own response cache: another judge's answers are not reused)."""
+    import uuid
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-loopback")
+    with LoopbackServer(responder=responder) as server:
+        return judged(tmp_path, replies, judge="rubric", model="openai:judge",
+                      **{"client.base_url": server.base_url, "client.backoff_base": 0.01,
+                         "client.cache_dir": str(tmp_path / uuid.uuid4().hex), **kw})
+
+
+def test_rubric_two_orders_cancel_a_position_bias(tmp_path, monkeypatch):
+    import json
+
+    def first_is_best(body):  # a judge that only looks at positions
+        return json.dumps({"scores": [6] + [2] * (len(listed(body)) - 1)})
+
+    replies = [student("A", 0, "GOOD reply", None), student("A", 1, "bad reply", None)]
+    out, _ = rubric(tmp_path, monkeypatch, first_is_best, replies)
+    a, b = out["A#s0"]["meta"]["judge"], out["A#s1"]["meta"]["judge"]
+    assert a["score"] == b["score"] == 4.0 and a["orders"] == [6.0, 2.0] and b["orders"] == [2.0, 6.0]
+
+    def biased_but_sensible(body):  # quality by content, plus a point for whatever comes first
+        return json.dumps({"scores": [min(6, (5 if "GOOD" in r else 1) + (k == 0)) for k, r in enumerate(listed(body))]})
+
+    out, _ = rubric(tmp_path, monkeypatch, biased_but_sensible, replies)
+    assert out["A#s0"]["meta"]["judge"]["score"] == 5.5 and out["A#s1"]["meta"]["judge"]["score"] == 1.5
+
+
+def test_rubric_repetition_unparsable_retry_then_unjudged(tmp_path, monkeypatch):
+    import json
+
+    calls = {}
+
+    def flaky(body):  # each request's first ask gets prose, a retry (the next seed) gets JSON
+        key = body["messages"][-1]["content"]
+        calls[key] = calls.get(key, 0) + 1
+        return "The first reply is clearly better." if calls[key] == 1 else json.dumps({"scores": [3] * len(listed(body))})
+
+    replies = [student("A", 0, "fine answer", None), student("A", 1, "loop loop loop " * 10, None),
+               student("A", 2, "another answer", None)]
+    out, summary = rubric(tmp_path, monkeypatch, flaky, replies)
+    assert out["A#s1"]["meta"]["judge"]["score"] == 0 and "repetition" in out["A#s1"]["meta"]["judge"]["reason"]
+    assert out["A#s0"]["meta"]["judge"]["score"] == 3.0 and summary["judge_replies_unparsable"] == 2
+    assert summary["rubric_repetition_negatives"] == 1
+    out, summary = rubric(tmp_path, monkeypatch, lambda body: "no idea", replies[:1], parse_attempts=2)
+    assert "error" in out["A#s0"]["meta"]["judge"] and summary["unjudged"] == 1
+
+
+def test_llm_judge_against_gold_or_teacher(tmp_path, monkeypatch):
+    import json
+
+    def says(body):
+        text = body["messages"][-1]["content"]
+        reference = text.split("Reference answer:\n", 1)[1].split("\n", 1)[0]
+        return json.dumps({"correct": reference in text.split("Student's solution:", 1)[1]})
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-loopback")
+    replies = [student("A", 0, "it is 42", "42"), student("A", 1, "it is 41", "42")]
+    with LoopbackServer(responder=says) as server:
+        out, summary = judged(tmp_path, replies, judge="llm", model="openai:judge", **{"client.base_url": server.base_url})
+    assert out["A#s0"]["meta"]["judge"] == {"by": "llm:openai:judge", "correct": True}
+    assert out["A#s1"]["meta"]["judge"]["correct"] is False and summary["correct"] == 1 and summary["wrong"] == 1

@@ -11,24 +11,37 @@ report, and `orca2 pairs` leaves them out (never a silent score of 0).
 
 Teacher traces (`--teacher`, from generate) join as replies with `meta.author: teacher`, under the
 prompt the student saw (the teacher's strategy prompt erased, as in SFT), so `orca2 pairs` can use them as
-positives. The LLM judges (Orca-Math's judge instruction; DNO's 6-point rubric over all replies of a prompt
-in two orders) are not built yet: asking for them is a one-line error.
+positives.
+
+**llm** (Orca-Math's LLM check): a judge model reads the problem, the reference answer (gold, else the
+teacher's) and one reply, and says whether the final answers agree (prompts/judge/answer.txt).
+**rubric** (DNO): all replies of a prompt — the student's K and the teacher's — are scored side by side on
+an additive 6-point scale (prompts/judge/rubric.txt), once in the given order and once reversed, and each
+reply's two scores are averaged, which cancels a judge's preference for a position. A reply whose word
+3-grams repeat heavily (`repetition`, the share of repeated 3-grams) is a negative without a call (score 0).
+A judge reply that does not parse is asked again (`parse_attempts`), then counted as unjudged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Literal
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import orjson
 
 from orca2.answers import score
+from orca2.ask import Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar
-from orca2.records import Record
+from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.ngrams import ngrams, normalise_words
+from orca2.records import Record, user_prompt
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +52,67 @@ class JudgeConfig:
     output: str  # judged.jsonl: every reply with meta.judge, teacher replies included
     judge: Literal["answer", "llm", "rubric"] = "answer"
     teacher: tuple[str, ...] = ()  # teacher traces (orca2 generate output) for the same prompts
+    model: str | None = None  # the judge model (llm, rubric): openai:<name> | batch:<name> | local:<path>
+    client: ClientConfig = field(default_factory=ClientConfig)
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=256))
+    parse_attempts: int = 2  # asks per judgement before an unparsable reply counts as unjudged
+    repetition: float = 0.5  # rubric: a reply whose repeated word 3-grams exceed this share scores 0 without a call
 
     def __post_init__(self) -> None:
         if not self.replies:
             raise Orca2Error("judge: give the sampled replies (orca2 sample output)")
         if self.judge != "answer":
-            raise Orca2Error(f"judge: the {self.judge} judge is not built yet (issue #14); use --judge answer")
+            if self.model is None:
+                raise Orca2Error(f"judge: the {self.judge} judge needs a judge model (--model openai:NAME, ...)")
+            parse_model(self.model)
+        if self.parse_attempts < 1 or not 0 < self.repetition <= 1:
+            raise Orca2Error("judge: parse_attempts >= 1 and 0 < repetition <= 1 required")
 
 
 def _reply(record: Record) -> str:
     return record["messages"][-1]["content"]
+
+
+def repeated_share(text: str, n: int = 3) -> float:
+    """The share of a text's word n-grams that repeat an earlier one (0 for texts shorter than 2n words)."""
+    grams = ngrams(normalise_words(text), n)
+    return 1 - len(set(grams)) / len(grams) if len(grams) >= 2 * n else 0.0
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in a judge's reply (code fences and prose around it allowed), or None."""
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text[match.start():])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def ask_parsed(cfg: JudgeConfig, requests: list[Request], parse: Callable[[str], Any], desc: str,
+               counts: Counter) -> list[Any]:
+    """Ask the judge; a reply `parse` rejects (None) is asked again with the next seed, up to parse_attempts."""
+    results: list[Any] = [None] * len(requests)
+    pending = list(range(len(requests)))
+    for attempt in range(cfg.parse_attempts):
+        if not pending:
+            break
+        sampling = dataclasses.replace(cfg.sampling, n=1, seed=(cfg.sampling.seed or 0) + attempt)
+        with ask(cfg.model, [requests[i] for i in pending], sampling, cfg.client, desc=desc) as answers:
+            still = []
+            for j, i in enumerate(pending):
+                response = answers.response(j)
+                value = parse(response["contents"][0]) if response is not None else None
+                if value is None:
+                    still.append(i)
+                    if response is not None:
+                        counts["judge_replies_unparsable"] += 1
+                else:
+                    results[i] = value
+        pending = still
+    return results
 
 
 def _teacher_answer(record: Record) -> str | None:
@@ -59,6 +123,110 @@ def _teacher_answer(record: Record) -> str | None:
         if value:
             return value
     return None
+
+
+def llm_verdicts(cfg: JudgeConfig, items: list[tuple[Record, str]], counts: Counter) -> list[dict[str, Any]]:
+    """Orca-Math's LLM check: one call per (reply, reference answer)."""
+    from orca2.prompts import read_prompt, render_template
+
+    template = read_prompt("judge/answer.txt")
+    requests = [Request([{"role": "user", "content": render_template(template, "judge/answer.txt",
+                                                                     question=user_prompt(r), reference=ref,
+                                                                     reply=_reply(r))}], {}) for r, ref in items]
+
+    def parse(text: str) -> bool | None:
+        value = (parse_json_object(text) or {}).get("correct")
+        return value if isinstance(value, bool) else None
+
+    verdicts = ask_parsed(cfg, requests, parse, f"judge {cfg.model}", counts)
+    return [{"by": f"llm:{cfg.model}", "correct": v} if v is not None else
+            {"by": f"llm:{cfg.model}", "error": f"unparsable judge reply ({cfg.parse_attempts} tries)"} for v in verdicts]
+
+
+def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Counter) -> dict[int, dict[str, Any]]:
+    """DNO's rubric: each prompt's replies scored side by side in two orders, averaged; by id(record)."""
+    from orca2.prompts import read_prompt, render_template
+
+    template = read_prompt("judge/rubric.txt")
+    verdicts: dict[int, dict[str, Any]] = {}
+    jobs: list[tuple[list[Record], bool]] = []
+    for replies in groups.values():
+        scored = []
+        for r in replies:
+            share = repeated_share(_reply(r))
+            if share > cfg.repetition:
+                verdicts[id(r)] = {"by": f"rubric:{cfg.model}", "score": 0, "max": 6, "reason": f"repetition {share:.2f}"}
+                counts["rubric_repetition_negatives"] += 1
+            else:
+                scored.append(r)
+        if scored:
+            jobs += [(scored, False), (list(reversed(scored)), True)]
+
+    def request(replies: list[Record]) -> Request:
+        listing = "\n\n".join(f"[{k + 1}]\n{_reply(r)}" for k, r in enumerate(replies))
+        text = render_template(template, "judge/rubric.txt", count=str(len(replies)), question=user_prompt(replies[0]),
+                               replies=listing)
+        return Request([{"role": "user", "content": text}], {})
+
+    def parser(n: int) -> Callable[[str], list[float] | None]:
+        def parse(text: str) -> list[float] | None:
+            values = (parse_json_object(text) or {}).get("scores")
+            ok = isinstance(values, list) and len(values) == n and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 6 for v in values)
+            return [float(v) for v in values] if ok else None
+        return parse
+
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for k, (replies, _) in enumerate(jobs):
+        by_size[len(replies)].append(k)
+    results: list[Any] = [None] * len(jobs)
+    for n, ks in by_size.items():
+        for k, value in zip(ks, ask_parsed(cfg, [request(jobs[k][0]) for k in ks], parser(n), f"judge {cfg.model}", counts)):
+            results[k] = value
+    for k in range(0, len(jobs), 2):
+        forward, backward = results[k], results[k + 1]
+        replies = jobs[k][0]
+        for pos, r in enumerate(replies):
+            if forward is None or backward is None:
+                verdicts[id(r)] = {"by": f"rubric:{cfg.model}", "error": f"unparsable judge reply ({cfg.parse_attempts} tries)"}
+                continue
+            a, b = forward[pos], backward[len(replies) - 1 - pos]
+            verdicts[id(r)] = {"by": f"rubric:{cfg.model}", "score": (a + b) / 2, "max": 6, "orders": [a, b]}
+    return verdicts
+
+
+def judge_rows(cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record], counts: Counter) -> list[dict[str, Any]]:
+    """One verdict per row (teacher and student replies), by cfg.judge."""
+    def pid(r: Record) -> str:
+        return r.get("meta", {}).get("prompt_id") or r["id"]
+
+    if cfg.judge == "rubric":
+        groups: dict[str, list[Record]] = defaultdict(list)
+        for r in rows:
+            groups[pid(r)].append(r)
+        by_id = rubric_scores(cfg, groups, counts)
+        return [by_id[id(r)] for r in rows]
+    verdicts: list[dict[str, Any] | None] = [None] * len(rows)
+    asked: list[tuple[int, Record, str]] = []
+    for i, r in enumerate(rows):
+        gold, reference = r.get("answer"), "gold"
+        if r["meta"].get("author") == "teacher" and not gold:  # the teacher is its own prompt's reference
+            verdicts[i] = {"by": cfg.judge, "correct": None, "reference": "self"}
+            continue
+        if not gold and pid(r) in teacher:
+            gold, reference = _teacher_answer(teacher[pid(r)]), "teacher"
+        if not gold:
+            verdicts[i] = {"by": cfg.judge, "error": "no gold answer and no teacher answer for this prompt"}
+            counts["unjudged_no_reference"] += 1
+        elif cfg.judge == "answer":
+            v = score(_reply(r), gold, r["meta"].get("answer_type") if reference == "gold" else None)
+            verdicts[i] = {"by": "answer", "correct": v.correct, "extracted": v.value, "reference": reference}
+        else:
+            asked.append((i, r, gold))
+    if asked:
+        for (i, _, _), verdict in zip(asked, llm_verdicts(cfg, [(r, ref) for _, r, ref in asked], counts)):
+            verdicts[i] = verdict
+    return verdicts  # type: ignore[return-value]
 
 
 def run(cfg: JudgeConfig) -> dict[str, Any]:
@@ -83,34 +251,24 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
                 counts["teacher_replies_without_samples"] += 1
                 continue
             teacher.setdefault(pid, record)  # the first teacher reply of a prompt is its reference
+    rows: list[Record] = []  # the teacher's replies first (under the student's prompt), then the students'
+    for pid, record in teacher.items():
+        meta = {**record.get("meta", {}), "prompt_id": pid, "author": "teacher"}
+        rows.append({"id": f"{pid}#teacher", "task": record["task"], "answer": record.get("answer"), "meta": meta,
+                     "messages": prompt_of[pid] + [{"role": "assistant", "content": _reply(record)}]})
+    rows += [r for _, r in replies]
+    counts["teacher_replies"] = len(teacher)
+    verdicts = judge_rows(cfg, rows, teacher, counts)
     with atomic_writer(cfg.output) as sink:
-        for pid, record in teacher.items():
-            gold = record.get("answer")
-            verdict = score(_reply(record), gold, record.get("meta", {}).get("answer_type")) if gold else None
-            judge = {"by": "answer", "correct": verdict.correct if verdict else None,
-                     "extracted": verdict.value if verdict else None, "reference": "gold" if gold else "self"}
-            meta = {**record.get("meta", {}), "prompt_id": pid, "author": "teacher", "judge": judge}
-            sink.write({"id": f"{pid}#teacher", "task": record["task"],
-                        "messages": prompt_of[pid] + [{"role": "assistant", "content": _reply(record)}],
-                        "answer": gold, "meta": meta})
-            counts["teacher_replies"] += 1
-        for _, record in replies:
-            meta = record.get("meta", {})
-            pid = meta.get("prompt_id") or record["id"]
-            gold, reference = record.get("answer"), "gold"
-            if not gold and pid in teacher:
-                gold, reference = _teacher_answer(teacher[pid]), "teacher"
-            if not gold:
-                judge: dict[str, Any] = {"by": "answer", "error": "no gold answer and no teacher answer for this prompt"}
-                counts["unjudged_no_reference"] += 1
-            else:
-                verdict = score(_reply(record), gold, meta.get("answer_type") if reference == "gold" else None)
-                judge = {"by": "answer", "correct": verdict.correct, "extracted": verdict.value,
-                         "reference": reference}
-                counts["correct" if verdict.correct else "wrong"] += 1
-            sink.write({**record, "meta": {**meta, "judge": judge}})
-            counts["student_replies"] += 1
-    save_config(cfg, sidecar(cfg.output, "config.yaml"))
+        for row, verdict in zip(rows, verdicts):
+            sink.write({**row, "meta": {**row.get("meta", {}), "judge": verdict}})
+            if row["meta"].get("author") != "teacher":
+                counts["student_replies"] += 1
+                if "error" in verdict:
+                    counts["unjudged"] += 1
+                elif "correct" in verdict:
+                    counts["correct" if verdict["correct"] else "wrong"] += 1
+    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
     summary = {"output": cfg.output, "judge": cfg.judge, **dict(counts),
                "prompts_without_reference": len({(r.get("meta", {}).get("prompt_id") or r["id"]) for _, r in replies
                                                  if not r.get("answer") and
