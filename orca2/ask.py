@@ -229,7 +229,12 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
     """
     spec = model if isinstance(model, ModelSpec) else parse_model(model)
     params = sampling.to_dict()
-    keys = [request_key(spec.id, r.messages, params) for r in requests]
+    identity = spec.id
+    if spec.scheme == "local" and spec.target != "default":  # a model retrained in place is another model
+        from orca2.models import model_fingerprint
+
+        identity = f"{spec.id}@{model_fingerprint(str(spec))[:16]}"
+    keys = [request_key(identity, r.messages, params) for r in requests]
     cache = ResponseCache(client.cache_dir or default_cache_dir())
     try:
         cached_at_start = sum(1 for k in keys if k in cache)

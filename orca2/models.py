@@ -48,6 +48,21 @@ class ModelSpec:
         return f"{self.scheme}:{self.target}"
 
 
+def model_fingerprint(spec: str) -> str:
+    """A model's identity for caches: its spec and, for local files or folders, their sizes and modification
+    times — so a model retrained in place is a different model (its answers are not taken from a cache)."""
+    import hashlib
+
+    target = parse_model(spec, paths=True).target
+    path = smollm2_gguf() if target == "default" else Path(target)
+    parts = [spec]
+    if path.exists():
+        weights = (".safetensors", ".bin", ".gguf", ".json", ".model")
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and p.suffix in weights)
+        parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def parse_model(spec: str, *, paths: bool = False) -> ModelSpec:
     """Parse and check a model spec; with `paths`, a bare folder or .gguf path means local:<path>."""
     scheme, sep, target = str(spec).partition(":")

@@ -42,6 +42,9 @@ class IterateConfig:
     objective: str = "kto"  # dpo | kto
     prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all tasks, every round)
     reference: str = "previous"  # previous: π_{t-1} (DNO); initial: the SFT student every round
+    serve: str | None = None  # serve π_t for sampling: a command with {model}, {port}, {name}, e.g. "vllm serve {model} --port {port} --served-model-name {name}"
+    served_name: str = "student"  # prefix of the name the server answers to ({name} = prefix + π_t's fingerprint)
+    serve_timeout: float = 900.0  # seconds to wait for the server to answer
     sample: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 sample keys (student and paths wired)
     judge: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 judge keys
     pairs: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 pairs keys (replay wired from earlier rounds)
@@ -306,7 +309,20 @@ class Pipeline:
         if step == "sample":
             from orca2.stages.sample import run as sample_run
 
-            s = sample_run(cfg)
+            it = self.configs["iterate"]
+            if it.serve:  # π_t served for the step, asked through the OpenAI-compatible path
+                from orca2.serve import served
+
+                from orca2.models import model_fingerprint
+
+                model = cfg.student.partition(":")[2]
+                name = f"{it.served_name}-{model_fingerprint(cfg.student)[:12]}"  # the cache tells π_t from π_t-1
+                with served(it.serve, model, Path(cfg.output).with_name("server.log"), timeout=it.serve_timeout,
+                            name=name) as url:
+                    s = sample_run(dataclasses.replace(cfg, student=f"openai:{name}",
+                                                       client=dataclasses.replace(cfg.client, base_url=url)))
+            else:
+                s = sample_run(cfg)
             if s["failed"]:
                 raise Orca2Error(f"{s['failed']} of {s['prompts']} student requests failed; re-running retries only those")
             return {k: s[k] for k in ("prompts", "samples", "cached_at_start", "tokens_per_s")}

@@ -199,3 +199,14 @@ def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(t
         assert after["rounds"]["1"][step]["seconds"] == before[step]["seconds"]  # not redone
     assert set(after["rounds"]["2"]) == {"sample", "judge", "pairs", "train", "eval"}
     assert set(after["iterate"]["accuracy_by_round"]) == {"0", "1", "2"}
+
+
+def test_iterate_samples_from_a_served_student(tmp_path, config, data_dir, monkeypatch):
+    """iterate.serve: each round starts the server command on π_t, samples through it, and stops it."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    serve = f"{sys.executable} -m orca2.testing.loopback --port {{port}}"
+    path = config(extra=ITERATE.replace("rounds: 2", "rounds: 1") + f"  serve: \"{serve}\"\n")
+    assert pipeline.run(str(path))["ran"][-1] == "iterate"
+    samples = list(read_records(tmp_path / "run" / "iterate" / "round-1" / "samples.jsonl"))
+    assert len(samples) == 16 and samples[0]["meta"]["student"].startswith("openai:student-")
+    assert (tmp_path / "run" / "iterate" / "round-1" / "server.log").exists()

@@ -255,19 +255,6 @@ def kto_units(records: list[tuple[str, dict[str, Any]]], tok: Tokenised, seed: i
 # --- reference log-probs -------------------------------------------------------------------------------
 
 
-def model_fingerprint(spec: str) -> str:
-    """The reference's identity: its spec, and for local files their sizes and modification times."""
-    from orca2.models import parse_model, smollm2_gguf
-
-    target = parse_model(spec, paths=True).target
-    path = smollm2_gguf() if target == "default" else Path(target)
-    parts = [spec]
-    if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json"))
-        parts += [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
 def data_hash(paths: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for path in paths:
@@ -320,6 +307,8 @@ class Reference:
         self.resident = None
         settings = {"max_len": cfg.max_len, "overlong": cfg.overlong, "chat_template": cfg.chat_template,
                     "objective": cfg.objective, "seed": cfg.seed}
+        from orca2.models import model_fingerprint
+
         self.header = {"reference": self.spec, "fingerprint": model_fingerprint(self.spec), "settings": settings,
                        "data": list(stage.data), "data_sha256": data_hash(stage.data)}
         if cfg.reference_mode == "resident":  # a frozen copy (of the starting policy, by default) kept on the device
