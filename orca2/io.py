@@ -297,6 +297,16 @@ def from_hf_dataset(dataset: Any, *, source: str = "dataset") -> Iterator[Record
         yield validate_record(record, f"{source}[{i}]")
 
 
+def write_errors(output: str | os.PathLike[str], errors: list[Any]) -> Path:
+    """<output>.errors.jsonl with these failed rows, or no such file when there are none (a stale one removed)."""
+    path = sidecar(output, "errors.jsonl")
+    if errors:
+        write_records(path, errors)
+    elif path.exists():
+        path.unlink()
+    return path
+
+
 def sidecar(output: str | os.PathLike[str], suffix: str) -> Path:
     """A file beside a stage output sharing its stem: sidecar('out/sft.jsonl', 'config.yaml') → out/sft.config.yaml."""
     path = Path(output)

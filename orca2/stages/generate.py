@@ -19,7 +19,7 @@ import orjson
 from orca2.ask import Answers, Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
-from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_records
+from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_errors
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library, Strategy
 from orca2.models import ClientConfig, Sampling, parse_model, redacted
@@ -146,11 +146,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
                 by_strategy[item.strategy.name] = by_strategy.get(item.strategy.name, 0) + 1
                 finish[trace["meta"]["finish_reason"]] = finish.get(trace["meta"]["finish_reason"], 0) + 1
         cached_at_start = answers.cached_at_start
-    errors_path = sidecar(cfg.output, "errors.jsonl")
-    if errors:
-        write_records(errors_path, errors)
-    elif errors_path.exists():
-        errors_path.unlink()
+    errors_path = write_errors(cfg.output, errors)
     save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
     summary: dict[str, Any] = {
         "output": cfg.output,

@@ -21,7 +21,7 @@ import orjson
 from orca2.ask import Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
-from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_records
+from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_errors
 from orca2.models import ClientConfig, Sampling, parse_model, redacted
 from orca2.records import Record, with_system_prompt
 
@@ -83,11 +83,7 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
                 written += 1
         result = answers.result
         cached = answers.cached_at_start
-    errors_path = sidecar(cfg.output, "errors.jsonl")
-    if errors:
-        write_records(errors_path, errors)
-    elif errors_path.exists():
-        errors_path.unlink()
+    errors_path = write_errors(cfg.output, errors)
     save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
     summary = {"output": cfg.output, "prompts": len(items), "samples": written, "failed": len(errors),
                "cached_at_start": cached, "done_this_run": result.done, "seconds": round(result.seconds, 2),
