@@ -175,7 +175,10 @@ def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(t
     """A real SIGKILL while round 1 trains; the re-run neither samples nor judges again and finishes both rounds."""
     path = config(extra=ITERATE)
     args = [sys.executable, "-m", "orca2", "run", "--config", str(path)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the distributed variables an in-process training run of this session left behind are not the child's
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     manifest_path = tmp_path / "run" / "manifest.json"
 
     def round_one_paired():
@@ -187,12 +190,13 @@ def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(t
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not round_one_paired():
         time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    assert proc.poll() is None, "the run finished before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    log.close()
     before = json.loads(manifest_path.read_text())["rounds"]["1"]
     assert "eval" not in before
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     after = json.loads(manifest_path.read_text())
     for step in ("sample", "judge", "pairs"):
