@@ -230,10 +230,8 @@ class Pipeline:
         if step == "pairs":
             from orca2.stages.pairs import PairsConfig
 
-            replay = [str(self._round_dir(k) / "pairs.jsonl") for k in range(t - 1, 0, -1)]
-            fractions = tuple(it.pairs.get("replay_fractions", (0.3, 0.15)))
             section = {"recipe": it.recipe, "objective": it.objective, **it.pairs, "judged": [str(d / "judged.jsonl")],
-                       "output": str(d / "pairs.jsonl"), "replay": replay[:len(fractions)]}
+                       "output": str(d / "pairs.jsonl"), "replay": [str(p) for p in self._replayed(it, t)]}
             return build_section(PairsConfig, section, self.source, self.lines, where)
         if step == "train":
             from orca2.train.trainer import TrainConfig
@@ -249,11 +247,19 @@ class Pipeline:
         return dataclasses.replace(student, model=self._policy(t), label=f"round-{t}",
                                    output=str(self.paths["eval"] / f"round-{t}"))
 
+    def _replayed(self, it: IterateConfig, t: int) -> list[Path]:
+        """The pairs files round t replays, newest first: one per replay fraction, as far back as there are rounds."""
+        from orca2.stages.pairs import PairsConfig
+
+        fractions = it.pairs.get("replay_fractions", next(f.default for f in dataclasses.fields(PairsConfig)
+                                                          if f.name == "replay_fractions"))
+        return [self._round_dir(k) / "pairs.jsonl" for k in range(t - 1, 0, -1)][:len(fractions)]
+
     def _round_files(self, it: IterateConfig, t: int, step: str) -> tuple[list[Path], list[Path]]:
         """(inputs, outputs) of one step of round t, for the manifest."""
         d = self._round_dir(t)
         previous = [Path(self._policy(t - 1))]
-        replay = [self._round_dir(k) / "pairs.jsonl" for k in range(t - 1, max(0, t - 3), -1)]
+        replay = self._replayed(it, t)
         return {"sample": ([d / "prompts.jsonl"] + previous, [d / "samples.jsonl"]),
                 "judge": ([d / "samples.jsonl", self.paths["traces"]], [d / "judged.jsonl"]),
                 "pairs": ([d / "judged.jsonl"] + replay, [d / "pairs.jsonl"]),

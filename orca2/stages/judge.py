@@ -208,6 +208,7 @@ def judge_rows(cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record],
         return [by_id[id(r)] for r in rows]
     verdicts: list[dict[str, Any] | None] = [None] * len(rows)
     asked: list[tuple[int, Record, str]] = []
+    no_reference: set[str] = set()
     for i, r in enumerate(rows):
         gold, reference = r.get("answer"), "gold"
         if r["meta"].get("author") == "teacher" and not gold:  # the teacher is its own prompt's reference
@@ -218,6 +219,7 @@ def judge_rows(cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record],
         if not gold:
             verdicts[i] = {"by": cfg.judge, "error": "no gold answer and no teacher answer for this prompt"}
             counts["unjudged_no_reference"] += 1
+            no_reference.add(pid(r))
         elif cfg.judge == "answer":
             v = score(_reply(r), gold, r["meta"].get("answer_type") if reference == "gold" else None)
             verdicts[i] = {"by": "answer", "correct": v.correct, "extracted": v.value, "reference": reference}
@@ -226,6 +228,7 @@ def judge_rows(cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record],
     if asked:
         for (i, _, _), verdict in zip(asked, llm_verdicts(cfg, [(r, ref) for _, r, ref in asked], counts)):
             verdicts[i] = verdict
+    counts["prompts_without_reference"] = len(no_reference)
     return verdicts  # type: ignore[return-value]
 
 
@@ -269,10 +272,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
                 elif "correct" in verdict:
                     counts["correct" if verdict["correct"] else "wrong"] += 1
     save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
-    summary = {"output": cfg.output, "judge": cfg.judge, **dict(counts),
-               "prompts_without_reference": len({(r.get("meta", {}).get("prompt_id") or r["id"]) for _, r in replies
-                                                 if not r.get("answer") and
-                                                 (r.get("meta", {}).get("prompt_id") or r["id"]) not in teacher})}
+    summary = {"output": cfg.output, "judge": cfg.judge, "prompts_without_reference": 0, **dict(counts)}
     with atomic_text(sidecar(cfg.output, "summary.json")) as f:
         f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     return summary

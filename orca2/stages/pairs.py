@@ -24,6 +24,7 @@ teacher's, prompts without pairs, and the score histograms.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -139,9 +140,8 @@ def build(groups: dict[str, list[Reply]], cfg: PairsConfig, counts: Counter) -> 
                 others = [(q, r) for q, r in wrong_pool if q != pid]
                 borrowed = rng.sample(others, min(cfg.borrow_negatives, len(others)))
                 for q, r in borrowed:
-                    r = Reply(r.where, r.record, r.author, r.correct, r.score)
-                    r.record = {**r.record, "meta": {**r.record.get("meta", {}), "borrowed_from": q}}
-                    pairs += [(p, r) for p in positives]
+                    marked = dataclasses.replace(r, record={**r.record, "meta": {**r.record.get("meta", {}), "borrowed_from": q}})
+                    pairs += [(p, marked) for p in positives]
                 counts["pairs_borrowed"] += len(borrowed) * len(positives)
         else:
             pairs = dno_pairs(replies, cfg)
