@@ -114,8 +114,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                                             "answer": record.get("answer"), "meta": meta})
     report = {"model": label, "spec": str(spec), "conditions": list(cfg.system), "benchmarks": {}, "failed": len(failed)}
     for condition, rows in by_condition.items():
-        safe = condition.replace("/", "_").replace(":", "-")
-        write_records(output / safe / "items.jsonl", rows)
+        write_records(items_path(output, condition), rows)
         report["benchmarks"].setdefault(condition, summarise(rows, {b.name: b for b, _ in chosen}))
     with atomic_text(output / "report.json") as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -128,6 +127,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         raise Orca2Error(f"{len(failed)} of {len(plan)} items got no response (first: {next(iter(failed.values()))}); "
                          f"the rest are scored in {output}/report.md; re-running retries only the missing ones")
     return report
+
+
+def items_path(output: str | Path, condition: str) -> Path:
+    """Where eval writes one condition's scored items."""
+    return Path(output) / condition.replace("/", "_").replace(":", "-") / "items.jsonl"
 
 
 def summarise(rows: list[dict[str, Any]], benches: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from orca2.errors import Orca2Error
-from orca2.eval.stats import newcombe
+from orca2.eval.stats import mcnemar_exact, newcombe, paired_counts, paired_difference, wilson
 from orca2.eval.usage import CATEGORIES
 
 
@@ -155,3 +155,80 @@ def compare(folders: list[str], output: str) -> str:
     plot_accuracy(reports, out / "compare.png")
     plot_usage(reports, out / "compare_usage.png")
     return text
+
+
+def rounds_report(runs: list[dict[str, Any]], comparisons: list[tuple[str, str]], output: Path,
+                  phases: dict[str, dict[str, float]] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+    """Models scored on the same items, compared pairwise: report.{json,md,png} in `output`.
+
+    runs: {"label", "round", "series", "items"} — items is an eval items.jsonl (meta.correct per item id);
+    comparisons: (label, other) pairs, each with the paired gain (Newcombe method 10) and McNemar's exact p;
+    phases: seconds per round and phase, rendered as a table.
+    """
+    from orca2.io import read_records
+
+    correct = {r["label"]: {row["id"]: bool(row["meta"].get("correct")) for row in read_records(r["items"])} for r in runs}
+    rows = []
+    for r in runs:
+        c, n = sum(correct[r["label"]].values()), len(correct[r["label"]])
+        rows.append({"label": r["label"], "round": r["round"], "series": r["series"], "n": n, "correct": c,
+                     "accuracy": c / n if n else 0.0, "ci95": list(wilson(c, n))})
+    gains = []
+    for x, y in comparisons:
+        a, b, c, d = paired_counts(correct[x], correct[y])
+        diff, low, high = paired_difference(a, b, c, d)
+        gains.append({"model": x, "against": y, "n": a + b + c + d, "both": a, "only_model": b, "only_against": c,
+                      "neither": d, "gain": diff, "ci95": [low, high], "mcnemar_p": mcnemar_exact(b, c)})
+    report = {"runs": rows, "comparisons": gains, "phases_seconds": phases or {}, "notes": notes or []}
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    lines = ["# Rounds of on-policy learning", "", "Held-out accuracy on the same items (95 % Wilson CI).", "",
+             "| model | round | n | accuracy % | 95 % CI |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {r['label']} | {r['round']} | {r['n']} | {_pct(r['accuracy'])} | [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] |"
+              for r in rows]
+    lines += ["", "## Paired comparisons", "",
+              "Gain in points on the same items; 95 % CI by Newcombe's method 10 for paired proportions; "
+              "McNemar's exact two-sided p on the discordant items.", "",
+              "| model | against | n | right only in model | right only in other | gain (pp) | 95 % CI | CI excludes 0 | McNemar p |",
+              "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    lines += [f"| {g['model']} | {g['against']} | {g['n']} | {g['only_model']} | {g['only_against']} | {100 * g['gain']:+.1f} | "
+              f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}] | {'yes' if g['ci95'][0] > 0 or g['ci95'][1] < 0 else 'no'} | "
+              f"{g['mcnemar_p']:.3g} |" for g in gains]
+    if phases:
+        names = list(dict.fromkeys(k for p in phases.values() for k in p))
+        lines += ["", "## Wall-clock by phase (seconds)", "", "| round | " + " | ".join(names) + " | total |",
+                  "|---|" + "---:|" * (len(names) + 1)]
+        for t, p in phases.items():
+            lines.append(f"| {t} | " + " | ".join(f"{p[k]:.0f}" if k in p else "–" for k in names) + f" | {sum(p.values()):.0f} |")
+    lines += [""] + [f"- {note}" for note in notes or []]
+    (output / "report.md").write_text("\n".join(lines).rstrip() + "\n")
+    plot_rounds(rows, output / "report.png")
+    return report
+
+
+def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy by round, one line per series (the loop, its control), with 95 % CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    start = [r for r in rows if r["round"] == 0]
+    for k, name in enumerate(series):
+        points = sorted(start + [r for r in rows if r["series"] == name and r["round"] > 0], key=lambda r: r["round"])
+        xs = [r["round"] + 0.04 * k for r in points]
+        acc = [100 * r["accuracy"] for r in points]
+        err = [[max(0.0, 100 * (r["accuracy"] - r["ci95"][0])) for r in points],
+               [max(0.0, 100 * (r["ci95"][1] - r["accuracy"])) for r in points]]
+        ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xticks(sorted({r["round"] for r in rows}))
+    ax.set_xlabel("round (0: the SFT start)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Accuracy by round, 95 % CIs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,4 +1,4 @@
-"""Confidence intervals for accuracies and their differences (Wilson, Newcombe)."""
+"""Confidence intervals for accuracies and their differences (Wilson, Newcombe; paired: Newcombe method 10, McNemar)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,47 @@ def newcombe(c1: int, n1: int, c2: int, n2: int) -> tuple[float, float, float]:
     (l1, u1), (l2, u2) = wilson(c1, n1), wilson(c2, n2)
     d = p1 - p2
     return d, d - ((p1 - l1) ** 2 + (u2 - p2) ** 2) ** 0.5, d + ((u1 - p1) ** 2 + (p2 - l2) ** 2) ** 0.5
+
+
+def paired_difference(a: int, b: int, c: int, d: int) -> tuple[float, float, float]:
+    """p1 - p2 for two scorings of the same n items, with Newcombe's (1998) method-10 95 % interval.
+
+    a: both right, b: only the first right, c: only the second right, d: neither. The two Wilson intervals
+    are combined as in `newcombe`, less the covariance the pairing brings (the phi coefficient of the 2×2
+    table, its numerator shrunk by n/2 as Newcombe does; 0 when a margin is empty).
+    """
+    n = a + b + c + d
+    if n == 0:
+        return (0.0, 0.0, 0.0)
+    p1, p2 = (a + b) / n, (a + c) / n
+    (l1, u1), (l2, u2) = wilson(a + b, n), wilson(a + c, n)
+    margins = (a + b) * (c + d) * (a + c) * (b + d)
+    if margins == 0:
+        phi = 0.0
+    else:
+        cross = a * d - b * c
+        phi = (max(cross - n / 2, 0.0) if cross > 0 else cross) / math.sqrt(margins)
+    dl, du = p1 - l1, u1 - p1
+    el, eu = p2 - l2, u2 - p2
+    diff = p1 - p2
+    low = diff - math.sqrt(max(dl * dl - 2 * phi * dl * eu + eu * eu, 0.0))
+    high = diff + math.sqrt(max(du * du - 2 * phi * du * el + el * el, 0.0))
+    return diff, max(-1.0, low), min(1.0, high)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs b (first right only) and c against Binomial(b + c, 1/2)."""
+    m = b + c
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2 ** m
+    return min(1.0, 2 * tail)
+
+
+def paired_counts(first: dict[str, bool], second: dict[str, bool]) -> tuple[int, int, int, int]:
+    """(a, b, c, d) of the 2×2 table over the items both scorings have: both, first only, second only, neither."""
+    common = first.keys() & second.keys()
+    a = sum(first[k] and second[k] for k in common)
+    b = sum(first[k] and not second[k] for k in common)
+    c = sum(second[k] and not first[k] for k in common)
+    return a, b, c, len(common) - a - b - c

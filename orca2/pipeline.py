@@ -33,6 +33,7 @@ from orca2.io import atomic_text
 log = logging.getLogger(__name__)
 STAGES = ("tasks", "select", "generate", "erase", "train", "eval", "iterate")
 ROUND_STEPS = ("sample", "judge", "pairs", "train", "eval")
+CONTROL_STEPS = ("control", "control_eval")  # iterate.control: equal-compute SFT on the round's teacher traces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,8 @@ class IterateConfig:
     judge: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 judge keys
     pairs: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 pairs keys (replay wired from earlier rounds)
     train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over the train section's (lr, epochs, beta, ...)
+    control: bool = False  # an equal-compute control: each round, SFT of the previous control on the round's teacher traces for as many optimizer steps as the round's preference training
+    control_train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over the train section's for the control
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.recipe not in ("orca-math", "dno") or self.objective not in ("dpo", "kto"):
@@ -206,11 +209,13 @@ class Pipeline:
     def _round_dir(self, t: int) -> Path:
         return self.run_dir / "iterate" / f"round-{t}"
 
-    def _policy(self, t: int) -> str:
-        """π_t's model folder: the SFT student for t = 0."""
-        return str(self.paths["student"] / "model") if t == 0 else str(self._round_dir(t) / "student" / "model")
+    def _policy(self, t: int, control: bool = False) -> str:
+        """π_t's model folder (or the control's after t rounds): the SFT student for t = 0."""
+        if t == 0:
+            return str(self.paths["student"] / "model")
+        return str(self._round_dir(t) / ("control" if control else "student") / "model")
 
-    def _round_config(self, it: IterateConfig, t: int, step: str) -> Any:
+    def _round_config(self, it: IterateConfig, t: int, step: str, steps: int | None = None) -> Any:
         d = self._round_dir(t)
         cache = {"cache_dir": str(self.paths["cache"])}
         where = f"iterate.{step}."
@@ -243,9 +248,21 @@ class Pipeline:
                            objective=it.objective, reference=reference, chat_template="tokenizer")
             section.setdefault("seed", self.seed)
             return build_section(TrainConfig, section, self.source, self.lines, where)
+        if step == "control":  # as many SFT steps as the round's preference training took, on the teacher's traces
+            from orca2.train.trainer import TrainConfig
+
+            if not steps:
+                raise Orca2Error(f"iterate round {t}: the control needs the round's training step count")
+            section = {k: v for k, v in (self.data.get("train") or {}).items() if k not in ("stages", "data")}
+            section.update(it.control_train)
+            section.update(model=self._policy(t - 1, control=True), data=[str(d / "control.jsonl")],
+                           output=str(d / "control"), objective="sft", max_steps=steps, epochs=steps)
+            section.setdefault("seed", self.seed)
+            return build_section(TrainConfig, section, self.source, self.lines, "iterate.control_train.")
+        control = step == "control_eval"
+        label = f"control-{t}" if control else f"round-{t}"
         student = self.configs["eval"]["student"]
-        return dataclasses.replace(student, model=self._policy(t), label=f"round-{t}",
-                                   output=str(self.paths["eval"] / f"round-{t}"))
+        return dataclasses.replace(student, model=self._policy(t, control), label=label, output=str(self.paths["eval"] / label))
 
     def _replayed(self, it: IterateConfig, t: int) -> list[Path]:
         """The pairs files round t replays, newest first: one per replay fraction, as far back as there are rounds."""
@@ -264,7 +281,10 @@ class Pipeline:
                 "judge": ([d / "samples.jsonl", self.paths["traces"]], [d / "judged.jsonl"]),
                 "pairs": ([d / "judged.jsonl"] + replay, [d / "pairs.jsonl"]),
                 "train": ([d / "pairs.jsonl"] + previous, [d / "student" / "model"]),
-                "eval": ([Path(self._policy(t))], [self.paths["eval"] / f"round-{t}" / "report.json"])}[step]
+                "eval": ([Path(self._policy(t))], [self.paths["eval"] / f"round-{t}" / "report.json"]),
+                "control": ([d / "control.jsonl", Path(self._policy(t - 1, control=True))], [d / "control" / "model"]),
+                "control_eval": ([Path(self._policy(t, control=True))],
+                                 [self.paths["eval"] / f"control-{t}" / "report.json"])}[step]
 
     def _write_prompts(self, it: IterateConfig, t: int) -> None:
         """Round t's prompts: a fresh partition of the run's tasks (seeded), or all of them."""
@@ -282,6 +302,9 @@ class Pipeline:
         d = self._round_dir(t)
         d.mkdir(parents=True, exist_ok=True)
         write_records(d / "prompts.jsonl", tasks)
+        if it.control:  # the control learns from the teacher's (erased) traces of the same prompts
+            ids = {r["id"] for r in tasks}
+            write_records(d / "control.jsonl", [r for r in read_records(self.paths["sft"]) if r["id"] in ids])
 
     def _run_iterate(self, manifest: dict[str, Any], forced: bool) -> dict[str, Any]:
         it = self.configs["iterate"]
@@ -289,8 +312,8 @@ class Pipeline:
         for t in range(1, it.rounds + 1):
             self._write_prompts(it, t)
             record = rounds.setdefault(str(t), {})
-            for step in ROUND_STEPS:
-                cfg = self._round_config(it, t, step)
+            for step in ROUND_STEPS + (CONTROL_STEPS if it.control else ()):
+                cfg = self._round_config(it, t, step, record.get("train", {}).get("counts", {}).get("steps"))
                 config = config_to_dict(cfg)
                 config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
                 ins, outs = self._round_files(it, t, step)
@@ -340,7 +363,7 @@ class Pipeline:
             from orca2.stages.pairs import run as pairs_run
 
             return {k: v for k, v in pairs_run(cfg).items() if isinstance(v, (int, float)) or v is None}
-        if step == "train":
+        if step in ("train", "control"):
             from orca2.train import trainer
 
             if not resume and Path(cfg.output).exists():
@@ -348,7 +371,8 @@ class Pipeline:
             summary = trainer.run(dataclasses.replace(cfg, resume=resume or cfg.resume))
             if summary.get("stopped"):
                 raise Orca2Error("training stopped early (stop_after); run again to resume it")
-            return {"steps": summary["stages"][0]["steps"], "examples": summary["stages"][0]["examples"]}
+            stage = summary["stages"][0]
+            return {k: stage.get(k) for k in ("steps", "examples", "reference_seconds", "seconds")}
         from orca2.eval.evaluate import run as eval_run
 
         report = eval_run(cfg)
@@ -368,8 +392,45 @@ class Pipeline:
             link.unlink()
         link.symlink_to(Path(self._policy(int(best))).resolve())
         manifest["iterate"] = {"accuracy_by_round": table, "best_round": int(best), "best_model": str(link)}
+        if it.control:
+            manifest["iterate"]["control_accuracy_by_round"] = {
+                t: accuracy(r["control_eval"]["counts"]) for t, r in manifest["rounds"].items() if "control_eval" in r}
+        manifest["iterate"]["report"] = str(self._rounds_report(it, manifest) / "report.md")
         self._save(manifest)
         return manifest["iterate"]
+
+    def _rounds_report(self, it: IterateConfig, manifest: dict[str, Any]) -> Path:
+        """iterate/report.{md,json,png}: the SFT start, each round and its control on the same held-out items —
+        accuracies, paired gains with CIs and McNemar's p — and the wall-clock of every phase."""
+        from orca2.eval.evaluate import items_path
+        from orca2.eval.report import rounds_report
+
+        condition = self.configs["eval"]["student"].system[0]
+        runs = [{"label": "SFT start", "round": 0, "series": "start",
+                 "items": items_path(self.paths["eval"] / "student", condition)}]
+        comparisons = []
+        for t in range(1, it.rounds + 1):
+            runs.append({"label": f"round {t}", "round": t, "series": f"{it.recipe} {it.objective}",
+                         "items": items_path(self.paths["eval"] / f"round-{t}", condition)})
+            comparisons.append((f"round {t}", "SFT start"))
+            if it.control:
+                runs.append({"label": f"control {t}", "round": t, "series": "SFT control (equal steps)",
+                             "items": items_path(self.paths["eval"] / f"control-{t}", condition)})
+                comparisons += [(f"round {t}", f"control {t}"), (f"control {t}", "SFT start")]
+        stages = manifest["stages"]
+        phases = {"0 (SFT start)": {"train": stages["train"]["seconds"], "eval": stages["eval"]["seconds"]}}
+        notes = []
+        for t, r in sorted(manifest["rounds"].items(), key=lambda x: int(x[0])):
+            reference = r["train"]["counts"].get("reference_seconds") or 0.0
+            phases[t] = {"sample": r["sample"]["seconds"], "judge": r["judge"]["seconds"], "pairs": r["pairs"]["seconds"],
+                         "reference pass": reference, "train": r["train"]["seconds"] - reference, "eval": r["eval"]["seconds"]}
+            if "control" in r:
+                phases[t].update({"control train": r["control"]["seconds"], "control eval": r["control_eval"]["seconds"]})
+            c = r["sample"]["counts"]
+            notes.append(f"round {t}: {c['samples']} samples of {c['prompts']} prompts at {c['tokens_per_s']} tokens/s; "
+                         f"{r['train']['counts']['steps']} optimizer steps" + (" (the control: as many SFT steps)" if it.control else ""))
+        rounds_report(runs, comparisons, self.run_dir / "iterate", phases, notes)
+        return self.run_dir / "iterate"
 
     def inputs(self, name: str) -> list[Path]:
         if name == "tasks":  # local source files count as inputs; hub datasets and synthetic do not

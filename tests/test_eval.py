@@ -210,3 +210,39 @@ def test_gains_against_the_base_best_condition_per_task_and_benchmark():
     d, low, high = newcombe(16, 20, 11, 20)
     assert rows[2] == f"| **g (all tasks)** | empty | 55.0 | cautious | 80.0 | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | no |"
     assert len(rows) == 3  # task c has no base cell; the macro-averaged benchmark m gets no difference CI
+
+
+def test_mcnemar_exact_against_hand_computed_binomial_tails():
+    from orca2.eval.stats import mcnemar_exact
+
+    assert mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 2 ** 7)  # P(X <= 1 | 7, 1/2) = 8/128, two-sided
+    assert mcnemar_exact(6, 1) == mcnemar_exact(1, 6)
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_counts_and_the_paired_interval():
+    import random
+
+    from orca2.eval.stats import newcombe, paired_counts, paired_difference
+
+    first = {"a": True, "b": True, "c": False, "d": False, "e": True}
+    second = {"a": True, "b": False, "c": True, "d": False, "x": True}  # "e" and "x" are not common: left out
+    assert paired_counts(first, second) == (1, 1, 1, 1)
+    # uncorrelated tables (phi = 0 after Newcombe's n/2 shrinkage) give the unpaired interval
+    assert paired_difference(12, 8, 6, 4) == pytest.approx(newcombe(20, 30, 18, 30))  # a·d = b·c
+    # positively correlated scorings (the usual case: the same items are hard for both) narrow it
+    d, low, high = paired_difference(40, 12, 4, 44)
+    _, ulow, uhigh = newcombe(52, 100, 44, 100)
+    assert d == pytest.approx(0.08) and ulow < low < d < high < uhigh
+    # coverage: simulated pairs of correlated scorings with a known difference p1 - p2 = 0.1
+    rng = random.Random(0)
+    covered, reps = 0, 1500
+    for _ in range(reps):
+        cells = [0, 0, 0, 0]
+        for _ in range(120):
+            u = rng.random()  # P(both) .40, P(first only) .20, P(second only) .10, P(neither) .30
+            cells[0 if u < 0.4 else 1 if u < 0.6 else 2 if u < 0.7 else 3] += 1
+        _, low, high = paired_difference(*cells)
+        covered += low <= 0.1 <= high
+    assert 0.93 <= covered / reps <= 0.975

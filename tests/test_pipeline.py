@@ -133,13 +133,33 @@ iterate:
 
 
 def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, config, data_dir):
-    path = config(extra=ITERATE)
+    path = config(extra=ITERATE + "  control: true\n")
     first = pipeline.run(str(path))
     assert first["ran"] == ["tasks", "generate", "erase", "train", "eval", "iterate"]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert sorted(manifest["rounds"]) == ["1", "2"]
+    steps = {"sample", "judge", "pairs", "train", "eval", "control", "control_eval"}
+    sft = {r["id"] for r in read_records(tmp_path / "run" / "sft.jsonl")}
     for t in ("1", "2"):
-        assert set(manifest["rounds"][t]) == {"sample", "judge", "pairs", "train", "eval"}
+        r, d = manifest["rounds"][t], tmp_path / "run" / "iterate" / f"round-{t}"
+        assert set(r) == steps
+        # the equal-compute control: as many SFT steps, on the teacher's traces of the round's prompts
+        assert r["control"]["counts"]["steps"] == r["train"]["counts"]["steps"] == 2
+        assert r["control"]["counts"]["reference_seconds"] == 0 and r["train"]["counts"]["reference_seconds"] > 0
+        prompts = {x["id"] for x in read_records(d / "prompts.jsonl")}
+        assert {x["id"] for x in read_records(d / "control.jsonl")} == prompts & sft
+        control_cfg = json.loads((d / "control" / "summary.json").read_text())
+        assert control_cfg["objective"] == "sft"
+    assert (tmp_path / "run" / "iterate" / "round-2" / "control" / "model" / "config.json").exists()
+    assert set(manifest["iterate"]["control_accuracy_by_round"]) == {"1", "2"}
+    report = json.loads((tmp_path / "run" / "iterate" / "report.json").read_text())
+    assert [r["label"] for r in report["runs"]] == ["SFT start", "round 1", "control 1", "round 2", "control 2"]
+    assert all(r["n"] == 6 for r in report["runs"])  # the held-out items, the same for every model
+    assert ("round 2", "control 2") in {(g["model"], g["against"]) for g in report["comparisons"]}
+    assert set(report["phases_seconds"]["2"]) == {"sample", "judge", "pairs", "reference pass", "train", "eval",
+                                                  "control train", "control eval"}
+    assert (tmp_path / "run" / "iterate" / "report.png").stat().st_size > 0
+    assert "McNemar" in (tmp_path / "run" / "iterate" / "report.md").read_text()
     r1, r2 = manifest["rounds"]["1"], manifest["rounds"]["2"]
     assert r1["sample"]["counts"]["prompts"] == 8 and r1["sample"]["counts"]["samples"] == 16
     assert r1["judge"]["counts"]["teacher_replies"] == 8  # the teacher's traces join as replies
@@ -168,7 +188,7 @@ def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, 
     for t in ("1", "2"):
         for step, value in seconds[t].items():
             assert after["rounds"][t][step]["seconds"] == value  # not re-run
-    assert set(after["rounds"]["2"]) == {"sample", "judge", "pairs", "train", "eval"}
+    assert set(after["rounds"]["2"]) == steps
 
 
 def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(tmp_path, config, data_dir):

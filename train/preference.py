@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,7 @@ class Reference:
         self.device = device
         self.values: dict[str, float] = {}
         self.resident = None
+        self.seconds = 0.0  # the reference pass's wall-clock (0 when read from the store or resident)
         settings = {"max_len": cfg.max_len, "overlong": cfg.overlong, "chat_template": cfg.chat_template,
                     "objective": cfg.objective, "seed": cfg.seed}
         from orca2.models import model_fingerprint
@@ -320,6 +322,7 @@ class Reference:
             self.values = self._read(sequences)
             return
         # The pass runs the whole reference on this rank's device (also under ZeRO-3, before it partitions the policy).
+        start = time.perf_counter()
         model = self._load(tokenizer) if cfg.reference is not None else policy
         lm = CausalLMLoss(model.to(device), cfg.loss_impl)
         mine = sequences[rank::world]
@@ -332,6 +335,7 @@ class Reference:
             dist.all_gather_object(gathered, values)
             values = {k: v for part in gathered for k, v in part.items()}
         self.values = values
+        self.seconds = time.perf_counter() - start
         if rank == 0:
             self._write(values)
         if world > 1:

@@ -172,6 +172,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
     device = get_accelerator().device_name()
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device != "cpu")
     model, tokenizer = prepare_model(cfg, model_spec, index == 0)
+    started = time.perf_counter()
     recipe_module = importlib.import_module(f"orca2.train.{cfg.objective}")
     recipe: Recipe = recipe_module.Recipe(cfg, stage, model, tokenizer, _read_stage_records(stage),
                                           model_spec=model_spec, rank=rank, world=world, device=device)
@@ -247,8 +248,11 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
     final = out_dir / "model"
     ds.save_hf(engine, model, tokenizer, final, cfg.zero_stage, rank)
     dist.barrier()
+    reference = getattr(recipe, "reference", None)
     summary = {"stage": stage.name, "objective": cfg.objective, "steps": step, "examples": recipe.counts,
-               "packing_efficiency": packed_tokens / capacity if capacity else None, "model": str(final)}
+               "packing_efficiency": packed_tokens / capacity if capacity else None, "model": str(final),
+               "reference_seconds": round(reference.seconds if reference is not None else 0.0, 2),
+               "seconds": round(time.perf_counter() - started, 2)}  # data, reference pass, steps and save
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.destroy() if hasattr(engine, "destroy") else None
