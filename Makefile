@@ -1,13 +1,15 @@
 # orca2 — set up, run the built-in demo, test.
 #   make demo   create .venv, install everything (CPU PyTorch), run the toolkit's main job offline
+#   make loop-demo   the on-policy loop offline: SFT start → KTO round(s) vs an equal-compute SFT control
 #   make test   create .venv, install everything, run the default (CPU, quick) test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 DEMO   ?= runs/demo
+LOOP_DEMO ?= runs/loop-demo
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo loop-demo test test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/orca2 run --config configs/demo.yaml -o $(DEMO)
 	cat $(DEMO)/eval/compare.md
+
+# Orca-Math's loop on synthetic word problems (configs/loop-demo.yaml): an SFT start, rounds of sampling,
+# the rule judge, KTO against the previous policy; an equal-compute SFT control; paired comparisons.
+loop-demo: setup
+	$(BIN)/orca2 run --config configs/loop-demo.yaml -o $(LOOP_DEMO)
+	cat $(LOOP_DEMO)/iterate/report.md
 
 test: setup
 	$(BIN)/python -m pytest -q

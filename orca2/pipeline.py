@@ -42,6 +42,7 @@ class IterateConfig:
     recipe: str = "orca-math"  # orca-math | dno (pairs rule)
     objective: str = "kto"  # dpo | kto
     prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all tasks, every round)
+    partitions: int | None = None  # or: the tasks split into this many equal partitions, round t takes partition (t-1) mod N (DNO: 3 partitions, 6 rounds)
     reference: str = "previous"  # previous: π_{t-1} (DNO); initial: the SFT student every round
     serve: str | None = None  # serve π_t for sampling: a command with {model}, {port}, {name}, e.g. "vllm serve {model} --port {port} --served-model-name {name}"
     served_name: str = "student"  # prefix of the name the server answers to ({name} = prefix + π_t's fingerprint)
@@ -56,6 +57,8 @@ class IterateConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.recipe not in ("orca-math", "dno") or self.objective not in ("dpo", "kto"):
             raise Orca2Error("iterate: rounds >= 1, recipe orca-math|dno and objective dpo|kto required")
+        if self.partitions is not None and (self.partitions < 1 or self.prompts_per_round is not None):
+            raise Orca2Error("iterate: give prompts_per_round or partitions (>= 1), not both")
         if self.reference not in ("previous", "initial"):
             raise Orca2Error(f"iterate.reference must be previous or initial, got {self.reference!r}")
 TOP_KEYS = ("output", "stages", "seed", "assignment", "heldout", *STAGES)
@@ -176,8 +179,8 @@ class Pipeline:
             return cfg
         if name == "iterate":
             cfg = build_section(IterateConfig, dict(self.data.get("iterate") or {}), self.source, self.lines, "iterate.")
-            for step in ("sample", "judge", "pairs", "train"):  # the sections build (and fail) before any work
-                self._round_config(cfg, 1, step)
+            for step in ("sample", "judge", "pairs", "train") + (("control",) if cfg.control else ()):
+                self._round_config(cfg, 1, step, steps=1)  # the sections build (and fail) before any work
             return cfg
         from orca2.eval.evaluate import EvalConfig
 
@@ -287,7 +290,7 @@ class Pipeline:
                                  [self.paths["eval"] / f"control-{t}" / "report.json"])}[step]
 
     def _write_prompts(self, it: IterateConfig, t: int) -> None:
-        """Round t's prompts: a fresh partition of the run's tasks (seeded), or all of them."""
+        """Round t's prompts: a fresh partition of the run's tasks (seeded), a partition in turn, or all of them."""
         import random
 
         from orca2.io import read_records, write_records
@@ -299,6 +302,8 @@ class Pipeline:
                 raise Orca2Error(f"iterate: {it.rounds} rounds × {it.prompts_per_round} prompts need "
                                  f"{it.rounds * it.prompts_per_round} tasks; the run has {len(tasks)}")
             tasks = tasks[(t - 1) * it.prompts_per_round:t * it.prompts_per_round]
+        elif it.partitions:
+            tasks = tasks[(t - 1) % it.partitions::it.partitions]  # every task in exactly one partition
         d = self._round_dir(t)
         d.mkdir(parents=True, exist_ok=True)
         write_records(d / "prompts.jsonl", tasks)

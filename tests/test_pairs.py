@@ -64,6 +64,14 @@ def test_orca_math_kto_labels_and_no_borrowing(tmp_path):
     assert texts(out["A"], "chosen") == ["teacher A"] and texts(out["A"], "rejected") == ["A wrong"]
     assert texts(out["B"], "chosen") == ["B right"] and "rejected" not in out["B"] or out["B"]["rejected"] == []
     assert "pairs" not in out["A"] and report["desirable"] == 2 and report["undesirable"] == 1
+    # a sample word for word like the teacher's (or another sample) is stored once, and counted
+    rows += [reply("A", 2, "teacher A", correct=True), reply("A", 3, "A wrong", correct=False), reply("A", 4, "A wrong 2", correct=False)]
+    out, report = run(tmp_path, rows, objective="kto")
+    assert texts(out["A"], "chosen") == ["teacher A"] and texts(out["A"], "rejected") == ["A wrong", "A wrong 2"]
+    assert report["identical_replies_merged"] == 2 and report["desirable"] + report["undesirable"] + 2 == len(rows)
+    assert report["answer_verdicts"]["student"] == {"right": 2, "wrong": 3}
+    md = (tmp_path / "pairs.report.md").read_text()
+    assert "stored once: 2" in md and "| student | 2 | 3 |" in md
 
 
 def test_dno_margins_ties_and_a_student_over_the_teacher(tmp_path):

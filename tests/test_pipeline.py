@@ -234,3 +234,36 @@ def test_iterate_samples_from_a_served_student(tmp_path, config, data_dir, monke
     samples = list(read_records(tmp_path / "run" / "iterate" / "round-1" / "samples.jsonl"))
     assert len(samples) == 16 and samples[0]["meta"]["student"].startswith("openai:student-")
     assert (tmp_path / "run" / "iterate" / "round-1" / "server.log").exists()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "loop-demo.yaml", "orca-math-7b/run.yaml", "dno-7b/run.yaml"])
+def test_shipped_run_configs_build_before_any_work(name, tmp_path):
+    """Every section of the shipped configs builds (keys, types, models, iterate's steps) and names known strategies."""
+    import yaml
+
+    from orca2.strategies import Assignment, Library
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
+    built = pipeline.Pipeline(path)
+    assert "eval" in built.configs
+    assignment = tmp_path / "assignment.yaml"
+    assignment.write_text(yaml.safe_dump(built.data["assignment"]))
+    Assignment.load(assignment, Library.load())
+
+
+def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
+    """iterate.partitions: every task in exactly one partition; round t takes partition (t - 1) mod N."""
+    from orca2.io import write_records
+
+    path = config(extra=ITERATE.replace("prompts_per_round: 8", "partitions: 3"))
+    run = pipeline.Pipeline(str(path))
+    write_records(run.paths["tasks"], [{"id": f"t{i}", "task": "x", "messages": [{"role": "user", "content": str(i)}]}
+                                       for i in range(10)])
+    rounds = []
+    for t in (1, 2, 3, 4):
+        run._write_prompts(run.configs["iterate"], t)
+        rounds.append([r["id"] for r in read_records(run._round_dir(t) / "prompts.jsonl")])
+    assert sorted(sum(rounds[:3], [])) == sorted(f"t{i}" for i in range(10))
+    assert rounds[3] == rounds[0] and sorted(map(len, rounds[:3])) == [3, 3, 4]
+    with pytest.raises(Orca2Error, match="prompts_per_round or partitions"):
+        pipeline.Pipeline(str(config(extra=ITERATE + "  partitions: 2\n")))

@@ -163,9 +163,11 @@ def _record(pid: str, first: Record, pairs: list[tuple[Reply, Reply]], labelled:
     chosen: list[Reply] = []
     rejected: list[Reply] = []
 
-    def index(side: list[Reply], reply: Reply) -> int:
+    def index(side: list[Reply], reply: Reply, count: bool = False) -> int:
         for i, r in enumerate(side):
             if r.content == reply.content:
+                if count:  # a reply word for word like one already labelled (e.g. a sample equal to the teacher's)
+                    counts["identical_replies_merged"] += 1
                 return i
         side.append(reply)
         return len(side) - 1
@@ -179,7 +181,7 @@ def _record(pid: str, first: Record, pairs: list[tuple[Reply, Reply]], labelled:
         counts["pairs_student_over_teacher"] += sum(1 for p, n in pairs if p.author == "student" and n.author == "teacher")
     else:
         for reply, good in labelled:
-            index(chosen if good else rejected, reply)
+            index(chosen if good else rejected, reply, count=True)
         counts["desirable"] += len(chosen)
         counts["undesirable"] += len(rejected)
     record["chosen"] = [r.as_reply(score=r.score, correct=r.correct) for r in chosen]
@@ -232,7 +234,11 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     histogram = {author: dict(sorted(Counter(r.score for rs in groups.values() for r in rs
                                              if r.author == author and r.score is not None).items()))
                  for author in ("student", "teacher")}
+    verdicts = {author: {"right": sum(r.correct is True for rs in groups.values() for r in rs if r.author == author),
+                         "wrong": sum(r.correct is False for rs in groups.values() for r in rs if r.author == author)}
+                for author in ("student", "teacher")}
     report = {"recipe": cfg.recipe, "objective": cfg.objective, "prompts": len(groups), **dict(counts),
+              "answer_verdicts": verdicts,
               "student_over_teacher_share": counts["pairs_student_over_teacher"] / counts["pairs"] if counts["pairs"] else None,
               "score_histogram": histogram, "output": cfg.output}
     accounted = counts["replies_in_prompts_with_pairs"] + counts["replies_unjudged"] + counts["replies_in_prompts_without_pairs"]
@@ -257,9 +263,11 @@ def _write_report(report: dict[str, Any], output: str) -> None:
                   f"student ≻ teacher: {report.get('pairs_student_over_teacher', 0)}"
                   + (f" ({share:.1%})" if share is not None else "")]
     else:
-        lines += [f"- desirable: {report.get('desirable', 0)}, undesirable: {report.get('undesirable', 0)}"]
+        lines += [f"- desirable: {report.get('desirable', 0)}, undesirable: {report.get('undesirable', 0)} "
+                  f"(replies word for word like one already labelled, stored once: {report.get('identical_replies_merged', 0)})"]
     lines += [f"- replayed from round t-{k[-1]}: {v}" for k, v in report.items() if k.startswith("replay_t-")]
-    lines += ["", "| author | score histogram |", "|---|---|"]
-    lines += [f"| {a} | {', '.join(f'{s}: {n}' for s, n in h.items()) or '—'} |" for a, h in report["score_histogram"].items()]
+    lines += ["", "| author | right | wrong | score histogram |", "|---|---:|---:|---|"]
+    lines += [f"| {a} | {report['answer_verdicts'][a]['right']} | {report['answer_verdicts'][a]['wrong']} | "
+              f"{', '.join(f'{s}: {n}' for s, n in h.items()) or '—'} |" for a, h in report["score_histogram"].items()]
     with atomic_text(sidecar(output, "report.md")) as f:
         f.write("\n".join(lines) + "\n")
