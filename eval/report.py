@@ -195,7 +195,8 @@ def rounds_report(runs: list[dict[str, Any]], comparisons: list[tuple[str, str]]
               f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}] | {'yes' if g['ci95'][0] > 0 or g['ci95'][1] < 0 else 'no'} | "
               f"{g['mcnemar_p']:.3g} |" for g in gains]
     if phases:
-        names = list(dict.fromkeys(k for p in phases.values() for k in p))
+        order = ["sample", "judge", "pairs", "reference pass", "train", "eval", "control train", "control eval"]
+        names = sorted({k for p in phases.values() for k in p}, key=lambda k: (order.index(k) if k in order else len(order), k))
         lines += ["", "## Wall-clock by phase (seconds)", "", "| round | " + " | ".join(names) + " | total |",
                   "|---|" + "---:|" * (len(names) + 1)]
         for t, p in phases.items():

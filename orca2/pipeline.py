@@ -227,6 +227,7 @@ class Pipeline:
 
             section = {**it.sample, "tasks": str(d / "prompts.jsonl"), "output": str(d / "samples.jsonl"),
                        "student": f"local:{self._policy(t - 1)}"}
+            section.setdefault("generic", (self.data.get("erase") or {}).get("generic", "cautious"))  # as trained
             section["client"] = {**cache, **section.get("client", {})}
             return build_section(SampleConfig, section, self.source, self.lines, where)
         if step == "judge":
@@ -432,7 +433,8 @@ class Pipeline:
             if "control" in r:
                 phases[t].update({"control train": r["control"]["seconds"], "control eval": r["control_eval"]["seconds"]})
             c = r["sample"]["counts"]
-            notes.append(f"round {t}: {c['samples']} samples of {c['prompts']} prompts at {c['tokens_per_s']} tokens/s; "
+            speed = f"{c['tokens_per_s']:.1f} tokens/s" if c.get("tokens_per_s") else "read from the cache"
+            notes.append(f"round {t}: {c['samples']} samples of {c['prompts']} prompts ({speed}); "
                          f"{r['train']['counts']['steps']} optimizer steps" + (" (the control: as many SFT steps)" if it.control else ""))
         rounds_report(runs, comparisons, self.run_dir / "iterate", phases, notes)
         return self.run_dir / "iterate"

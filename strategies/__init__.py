@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +153,14 @@ def render_messages(strategy: Strategy | str, user: str, task: str | None = None
 
 @dataclass(frozen=True)
 class Assignment:
-    """Task-name patterns (fnmatch globs, first match wins) → strategy names, with an optional default."""
+    """Task-name patterns (fnmatch globs, first match wins) → strategy names, with an optional default.
 
-    rules: tuple[tuple[str, str], ...]
-    default: str | None = None
+    A pattern (or the default) may name a list of strategies: a *mix*, each record of a matching task taught
+    under one of them, chosen by a hash of the record's id (stable across runs, even shares over many records).
+    """
+
+    rules: tuple[tuple[str, str | tuple[str, ...]], ...]
+    default: str | tuple[str, ...] | None = None
     source: str = "<assignment>"
 
     @classmethod
@@ -172,32 +177,36 @@ class Assignment:
         tasks = data.get("tasks") or {}
         if not isinstance(tasks, dict):
             raise Orca2Error(f"{path}:{lines.get('tasks', 1)}: field 'tasks' must map task patterns to strategy names")
-        default = data.get("default")
-        if default is not None and not isinstance(default, str):
-            raise Orca2Error(f"{path}:{lines.get('default', 1)}: field 'default' must be a strategy name")
         library = library or Library.load()
-        checks = [("default", default)] + [(f"tasks.{k}", v) for k, v in tasks.items()]
-        for key, name in checks:
-            if name is None:
-                continue
-            if not isinstance(name, str) or name not in library:
-                raise Orca2Error(
-                    f"{path}:{lines.get(key, 1)}: field '{key}': unknown strategy {name!r} (valid: {', '.join(library.names())})"
-                )
-        return cls(tuple((str(k), v) for k, v in tasks.items()), default, str(path))
 
-    def strategy_for(self, task: str) -> str:
-        """The strategy name for a task: the first matching pattern, else the default."""
-        for pattern, name in self.rules:
-            if fnmatch.fnmatchcase(task, pattern):
-                return name
-        if self.default is None:
+        def names(key: str, value: Any) -> str | tuple[str, ...] | None:
+            if value is None:
+                return None
+            mix = isinstance(value, list)
+            for name in value if mix else [value]:
+                if not isinstance(name, str) or name not in library:
+                    raise Orca2Error(f"{path}:{lines.get(key, 1)}: field '{key}': unknown strategy {name!r} "
+                                     f"(valid: {', '.join(library.names())})")
+            if mix and (not value or len(set(value)) != len(value)):
+                raise Orca2Error(f"{path}:{lines.get(key, 1)}: field '{key}': a mix lists distinct strategies")
+            return tuple(value) if mix else value
+
+        default = names("default", data.get("default"))
+        return cls(tuple((str(k), names(f"tasks.{k}", v)) for k, v in tasks.items()), default, str(path))
+
+    def strategy_for(self, task: str, record_id: str = "") -> str:
+        """The strategy name for a task's record: the first matching pattern, else the default; from a mix,
+        the one the record id's hash picks."""
+        choice = next((name for pattern, name in self.rules if fnmatch.fnmatchcase(task, pattern)), self.default)
+        if choice is None:
             raise Orca2Error(f"{self.source}: no pattern matches task '{task}' and there is no 'default'")
-        return self.default
+        if isinstance(choice, tuple):
+            return choice[int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) % len(choice)]
+        return choice
 
     def to_yaml(self) -> str:
         data: dict[str, Any] = {}
         if self.default is not None:
-            data["default"] = self.default
-        data["tasks"] = {pattern: name for pattern, name in self.rules}
+            data["default"] = list(self.default) if isinstance(self.default, tuple) else self.default
+        data["tasks"] = {pattern: list(name) if isinstance(name, tuple) else name for pattern, name in self.rules}
         return yaml.safe_dump(data, sort_keys=False)

@@ -265,5 +265,9 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
         rounds.append([r["id"] for r in read_records(run._round_dir(t) / "prompts.jsonl")])
     assert sorted(sum(rounds[:3], [])) == sorted(f"t{i}" for i in range(10))
     assert rounds[3] == rounds[0] and sorted(map(len, rounds[:3])) == [3, 3, 4]
+    # the student samples under the generic prompt erase trained it with
+    assert run._round_config(run.configs["iterate"], 1, "sample").generic == "cautious"
+    empty = pipeline.Pipeline(str(path), ("erase.generic=empty",))
+    assert empty._round_config(empty.configs["iterate"], 1, "sample").generic == "empty"
     with pytest.raises(Orca2Error, match="prompts_per_round or partitions"):
         pipeline.Pipeline(str(config(extra=ITERATE + "  partitions: 2\n")))

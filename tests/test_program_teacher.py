@@ -42,3 +42,19 @@ def test_non_synthetic_tasks_are_refused_with_a_reason(tmp_path):
     assert summary["failed"] == 1
     error = next(read_records(tmp_path / "t.errors.jsonl"))["error"]
     assert "only answers built-in synthetic tasks" in error
+
+
+def test_a_mixed_assignment_teaches_one_task_under_several_strategies(tmp_path):
+    from orca2.strategies import Assignment
+
+    tasks = tmp_path / "tasks.jsonl"
+    make_tasks(TasksConfig(sources=("synthetic:word-problem",), output=str(tasks), per_kind=40, seed=1))
+    (tmp_path / "assign.yaml").write_text("default: [direct-answer, step-by-step]\n")
+    summary = run(load_config(GenerateConfig, None, (), {"tasks": str(tasks), "output": str(tmp_path / "t.jsonl"),
+                                                         "teacher": "program:synthetic", "assign": str(tmp_path / "assign.yaml")}))
+    assignment = Assignment.load(tmp_path / "assign.yaml")
+    traces = list(read_records(tmp_path / "t.jsonl"))
+    assert set(summary["by_strategy"]) == {"direct-answer", "step-by-step"} and sum(summary["by_strategy"].values()) == 40
+    for t in traces:
+        assert t["meta"]["strategy"] == assignment.strategy_for(t["task"], t["id"])
+        assert classify(t["messages"][-1]["content"]) == STYLE[t["meta"]["strategy"]]

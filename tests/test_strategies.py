@@ -1,3 +1,4 @@
+import dataclasses
 import pytest
 
 from orca2 import strategies
@@ -131,4 +132,23 @@ def test_assignment_errors_name_file_line_and_valid_names(tmp_path):
         Assignment.load(path).strategy_for("bbh/snarks")
     path.write_text("defaults: step-by-step\n")
     with pytest.raises(Orca2Error, match=r"assign.yaml:1: unknown key 'defaults'"):
+        Assignment.load(path)
+
+
+def test_assignment_mix_spreads_a_task_over_strategies_by_record_id(tmp_path):
+    path = tmp_path / "assign.yaml"
+    path.write_text("default: [direct-answer, step-by-step]\ntasks:\n  gsm8k: step-by-step\n")
+    assignment = Assignment.load(path)
+    picks = [assignment.strategy_for("synthetic/word-problem", f"item-{i}") for i in range(1000)]
+    assert set(picks) == {"direct-answer", "step-by-step"} and 450 <= picks.count("direct-answer") <= 550
+    again = Assignment.load(path)  # the same record gets the same strategy in every run
+    assert picks == [again.strategy_for("synthetic/word-problem", f"item-{i}") for i in range(1000)]
+    assert assignment.strategy_for("gsm8k", "item-1") == "step-by-step"
+    (tmp_path / "again.yaml").write_text(assignment.to_yaml())
+    assert Assignment.load(tmp_path / "again.yaml") == dataclasses.replace(assignment, source=str(tmp_path / "again.yaml"))
+    path.write_text("default: [direct-answer, direct-answer]\n")
+    with pytest.raises(Orca2Error, match=r"assign.yaml:1: field 'default': a mix lists distinct strategies"):
+        Assignment.load(path)
+    path.write_text("tasks:\n  gsm8k: [step-by-step, think-harder]\n")
+    with pytest.raises(Orca2Error, match=r"assign.yaml:2: field 'tasks.gsm8k': unknown strategy 'think-harder'"):
         Assignment.load(path)

@@ -69,7 +69,7 @@ class Prepared:
 
 
 def prepare(path: str, chooser: Any, library: Library, limit: int | None) -> Iterator[Prepared]:
-    """Stream tasks with their strategy messages; `chooser(task) -> strategy name`."""
+    """Stream tasks with their strategy messages; `chooser(task, record_id) -> strategy name`."""
     for count, (lineno, record) in enumerate(read_numbered(path)):
         if limit is not None and count >= limit:
             return
@@ -77,7 +77,7 @@ def prepare(path: str, chooser: Any, library: Library, limit: int | None) -> Ite
             raise Orca2Error(f"{path}:{lineno}: field 'messages': the last message must be the user's task, "
                              f"got a {record['messages'][-1]['role']} message")
         try:
-            strategy = library.get(chooser(record["task"]))
+            strategy = library.get(chooser(record["task"], record["id"]))
         except Orca2Error as exc:
             raise Orca2Error(f"{path}:{lineno}: task '{record['task']}': {exc}") from None
         messages = with_system_prompt(record["messages"], strategy.system_text(record["task"]))
@@ -117,7 +117,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         chooser = assignment.strategy_for
     else:
         library.get(cfg.strategy)  # type: ignore[arg-type]
-        chooser = lambda task: cfg.strategy  # noqa: E731
+        chooser = lambda task, record_id: cfg.strategy  # noqa: E731
     spec = parse_model(cfg.teacher)
     requests = [p.request() for p in prepare(cfg.tasks, chooser, library, cfg.limit)]
     errors: list[Record] = []
