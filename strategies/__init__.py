@@ -151,16 +151,20 @@ def render_messages(strategy: Strategy | str, user: str, task: str | None = None
 # --- assignments: which strategy each task gets ------------------------------------------------------
 
 
+Mix = tuple[tuple[str, float], ...]  # (strategy, weight) pairs
+
+
 @dataclass(frozen=True)
 class Assignment:
     """Task-name patterns (fnmatch globs, first match wins) → strategy names, with an optional default.
 
-    A pattern (or the default) may name a list of strategies: a *mix*, each record of a matching task taught
-    under one of them, chosen by a hash of the record's id (stable across runs, even shares over many records).
+    A pattern (or the default) may name a *mix*: a list of strategies (equal shares) or a mapping strategy →
+    weight. Each record of a matching task is taught under one of them, chosen by a hash of the record's id
+    (stable across runs; over many records the shares follow the weights).
     """
 
-    rules: tuple[tuple[str, str | tuple[str, ...]], ...]
-    default: str | tuple[str, ...] | None = None
+    rules: tuple[tuple[str, str | Mix], ...]
+    default: str | Mix | None = None
     source: str = "<assignment>"
 
     @classmethod
@@ -179,34 +183,48 @@ class Assignment:
             raise Orca2Error(f"{path}:{lines.get('tasks', 1)}: field 'tasks' must map task patterns to strategy names")
         library = library or Library.load()
 
-        def names(key: str, value: Any) -> str | tuple[str, ...] | None:
+        def names(key: str, value: Any) -> str | Mix | None:
+            where = f"{path}:{lines.get(key, 1)}: field '{key}'"
             if value is None:
                 return None
-            mix = isinstance(value, list)
+            if isinstance(value, list):
+                if len(set(map(str, value))) != len(value):
+                    raise Orca2Error(f"{where}: a mix lists distinct strategies")
+                value = {name: 1.0 for name in value}
+            mix = isinstance(value, dict)
             for name in value if mix else [value]:
                 if not isinstance(name, str) or name not in library:
-                    raise Orca2Error(f"{path}:{lines.get(key, 1)}: field '{key}': unknown strategy {name!r} "
-                                     f"(valid: {', '.join(library.names())})")
-            if mix and (not value or len(set(value)) != len(value)):
-                raise Orca2Error(f"{path}:{lines.get(key, 1)}: field '{key}': a mix lists distinct strategies")
-            return tuple(value) if mix else value
+                    raise Orca2Error(f"{where}: unknown strategy {name!r} (valid: {', '.join(library.names())})")
+            if not mix:
+                return value
+            if not value or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in value.values()):
+                raise Orca2Error(f"{where}: a mix maps strategies to positive weights")
+            return tuple((name, float(w)) for name, w in value.items())
 
         default = names("default", data.get("default"))
         return cls(tuple((str(k), names(f"tasks.{k}", v)) for k, v in tasks.items()), default, str(path))
 
     def strategy_for(self, task: str, record_id: str = "") -> str:
         """The strategy name for a task's record: the first matching pattern, else the default; from a mix,
-        the one the record id's hash picks."""
+        the one the record id's hash falls on."""
         choice = next((name for pattern, name in self.rules if fnmatch.fnmatchcase(task, pattern)), self.default)
         if choice is None:
             raise Orca2Error(f"{self.source}: no pattern matches task '{task}' and there is no 'default'")
-        if isinstance(choice, tuple):
-            return choice[int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) % len(choice)]
-        return choice
+        if isinstance(choice, str):
+            return choice
+        point = int(hashlib.sha256(record_id.encode()).hexdigest()[:12], 16) / 16 ** 12 * sum(w for _, w in choice)
+        for name, weight in choice:
+            point -= weight
+            if point < 0:
+                return name
+        return choice[-1][0]
 
     def to_yaml(self) -> str:
+        def plain(value: str | Mix) -> Any:
+            return value if isinstance(value, str) else dict(value)
+
         data: dict[str, Any] = {}
         if self.default is not None:
-            data["default"] = list(self.default) if isinstance(self.default, tuple) else self.default
-        data["tasks"] = {pattern: list(name) if isinstance(name, tuple) else name for pattern, name in self.rules}
+            data["default"] = plain(self.default)
+        data["tasks"] = {pattern: plain(name) for pattern, name in self.rules}
         return yaml.safe_dump(data, sort_keys=False)

@@ -146,6 +146,13 @@ def test_assignment_mix_spreads_a_task_over_strategies_by_record_id(tmp_path):
     assert assignment.strategy_for("gsm8k", "item-1") == "step-by-step"
     (tmp_path / "again.yaml").write_text(assignment.to_yaml())
     assert Assignment.load(tmp_path / "again.yaml") == dataclasses.replace(assignment, source=str(tmp_path / "again.yaml"))
+    path.write_text("default: {direct-answer: 3, step-by-step: 1}\n")  # weights
+    weighted = Assignment.load(path)
+    picks = [weighted.strategy_for("t", f"item-{i}") for i in range(2000)]
+    assert 1400 <= picks.count("direct-answer") <= 1600
+    path.write_text("default: {direct-answer: 0, step-by-step: 1}\n")
+    with pytest.raises(Orca2Error, match=r"assign.yaml:1: field 'default': a mix maps strategies to positive weights"):
+        Assignment.load(path)
     path.write_text("default: [direct-answer, direct-answer]\n")
     with pytest.raises(Orca2Error, match=r"assign.yaml:1: field 'default': a mix lists distinct strategies"):
         Assignment.load(path)
