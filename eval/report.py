@@ -82,6 +82,22 @@ def render_gains(base: dict[str, Any], other: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _whiskers(cells: list[dict[str, Any] | None]) -> list[list[float]]:
+    """Error bars (in points) below and above each accuracy from its 95 % CI; clamped at 0, because at 100 %
+    the Wilson bound can round a hair below the accuracy (matplotlib refuses negative error bars)."""
+    return [[max(0.0, 100 * (c["accuracy"] - c["ci95"][0])) if c else 0 for c in cells],
+            [max(0.0, 100 * (c["ci95"][1] - c["accuracy"])) if c else 0 for c in cells]]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy(reports: list[dict[str, Any]], path: Path) -> Path:
     """Grouped bars: benchmark accuracy per model × condition, with 95 % CI error bars."""
     import matplotlib
@@ -96,20 +112,14 @@ def plot_accuracy(reports: list[dict[str, Any]], path: Path) -> Path:
     for k, (name, overall) in enumerate(series):
         xs = [i + k * width for i in range(len(benches))]
         acc = [100 * overall[b]["accuracy"] if b in overall else 0 for b in benches]
-        # clamped at 0: at 100 % the Wilson bound can round a hair below the accuracy (matplotlib refuses yerr < 0)
-        err = [[max(0.0, 100 * (overall[b]["accuracy"] - overall[b]["ci95"][0])) if b in overall else 0 for b in benches],
-               [max(0.0, 100 * (overall[b]["ci95"][1] - overall[b]["accuracy"])) if b in overall else 0 for b in benches]]
-        ax.bar(xs, acc, width, yerr=err, capsize=3, label=name)
+        ax.bar(xs, acc, width, yerr=_whiskers([overall.get(b) for b in benches]), capsize=3, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(benches))])
     ax.set_xticklabels(benches)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("Accuracy with 95 % confidence intervals")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_usage(reports: list[dict[str, Any]], path: Path) -> Path:
@@ -132,10 +142,7 @@ def plot_usage(reports: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("% of responses")
     ax.set_title("Strategy used in the responses, per task")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def compare(folders: list[str], output: str) -> str:
@@ -215,21 +222,16 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series = list(dict.fromkeys(r["series"] for r in rows))
+    series = list(dict.fromkeys(r["series"] for r in rows if r["round"] > 0)) or ["start"]  # each line starts at round 0
     start = [r for r in rows if r["round"] == 0]
     for k, name in enumerate(series):
         points = sorted(start + [r for r in rows if r["series"] == name and r["round"] > 0], key=lambda r: r["round"])
         xs = [r["round"] + 0.04 * k for r in points]
         acc = [100 * r["accuracy"] for r in points]
-        err = [[max(0.0, 100 * (r["accuracy"] - r["ci95"][0])) for r in points],
-               [max(0.0, 100 * (r["ci95"][1] - r["accuracy"])) for r in points]]
-        ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, acc, yerr=_whiskers(points), marker="o", capsize=3, label=name)
     ax.set_xticks(sorted({r["round"] for r in rows}))
     ax.set_xlabel("round (0: the SFT start)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Accuracy by round, 95 % CIs")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

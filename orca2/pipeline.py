@@ -51,8 +51,8 @@ class IterateConfig:
     judge: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 judge keys
     pairs: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 pairs keys (replay wired from earlier rounds)
     train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over the train section's (lr, epochs, beta, ...)
-    control: bool = False  # an equal-compute control: each round, SFT of the previous control on the round's teacher traces for as many optimizer steps as the round's preference training
-    control_train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over the train section's for the control
+    control: bool = False  # an equal-compute control: each round, SFT of the previous control on the round's teacher traces for as many optimizer steps as the round's preference training, with its learning rate and schedule
+    control_train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over those (train section, then iterate.train less the preference keys)
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.recipe not in ("orca-math", "dno") or self.objective not in ("dpo", "kto"):
@@ -253,11 +253,12 @@ class Pipeline:
             section.setdefault("seed", self.seed)
             return build_section(TrainConfig, section, self.source, self.lines, where)
         if step == "control":  # as many SFT steps as the round's preference training took, on the teacher's traces
-            from orca2.train.trainer import TrainConfig
+            from orca2.train.trainer import PREFERENCE_KEYS, TrainConfig
 
             if not steps:
                 raise Orca2Error(f"iterate round {t}: the control needs the round's training step count")
             section = {k: v for k, v in (self.data.get("train") or {}).items() if k not in ("stages", "data")}
+            section.update({k: v for k, v in it.train.items() if k not in PREFERENCE_KEYS})  # the round's optimiser settings
             section.update(it.control_train)
             section.update(model=self._policy(t - 1, control=True), data=[str(d / "control.jsonl")],
                            output=str(d / "control"), objective="sft", max_steps=steps, epochs=steps)

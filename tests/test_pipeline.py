@@ -265,6 +265,10 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
         rounds.append([r["id"] for r in read_records(run._round_dir(t) / "prompts.jsonl")])
     assert sorted(sum(rounds[:3], [])) == sorted(f"t{i}" for i in range(10))
     assert rounds[3] == rounds[0] and sorted(map(len, rounds[:3])) == [3, 3, 4]
+    # the control: the round's learning rate and step count, SFT on the teacher's traces of the round's prompts
+    control = run._round_config(run.configs["iterate"], 1, "control", steps=3)
+    assert (control.objective, control.lr, control.max_steps, control.data) == (
+        "sft", 0.0005, 3, (str(run._round_dir(1) / "control.jsonl"),))
     # the student samples under the generic prompt erase trained it with
     assert run._round_config(run.configs["iterate"], 1, "sample").generic == "cautious"
     empty = pipeline.Pipeline(str(path), ("erase.generic=empty",))

@@ -38,6 +38,10 @@ class StageConfig:
     max_steps: int | None = None  # stop this stage after this many optimizer steps
 
 
+PREFERENCE_KEYS = ("beta", "label_smoothing", "sft_weight", "desirable_weight", "undesirable_weight", "reference",
+                   "reference_mode", "reference_logps")  # TrainConfig keys that only dpo and kto read
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str  # local:default | HF folder | file.gguf | hub name
