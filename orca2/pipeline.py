@@ -42,7 +42,7 @@ class IterateConfig:
     recipe: str = "orca-math"  # orca-math | dno (pairs rule)
     objective: str = "kto"  # dpo | kto
     prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all tasks, every round)
-    partitions: int | None = None  # or: the tasks split into this many equal partitions, round t takes partition (t-1) mod N (DNO: 3 partitions, 6 rounds)
+    partitions: int | None = None  # or: the tasks split into this many near-equal partitions, round t takes partition (t-1) mod N (DNO: 3 partitions, 6 rounds)
     reference: str = "previous"  # previous: π_{t-1} (DNO); initial: the SFT student every round
     serve: str | None = None  # serve π_t for sampling: a command with {model}, {port}, {name}, e.g. "vllm serve {model} --port {port} --served-model-name {name}"
     served_name: str = "student"  # prefix of the name the server answers to ({name} = prefix + π_t's fingerprint)
