@@ -306,7 +306,7 @@ def sample(tasks_path: str | None, student: str | None, output: str | None, gene
     click.echo(f"{s['samples']} replies to {s['prompts'] - s['failed']}/{s['prompts']} prompts ({s['cached_at_start']} "
                f"from cache, {s['failed']} failed) → {s['output']}")
     if s["failed"]:
-        raise Orca2Error(f"{s['failed']} prompts failed (listed in {s['output'].rsplit('.', 1)[0]}.errors.jsonl); "
+        raise Orca2Error(f"{s['failed']} prompts failed (listed in {s['errors']}); "
                          "re-running the same command retries only these")
 
 

@@ -245,8 +245,7 @@ class Pipeline:
         if step == "train":
             from orca2.train.trainer import TrainConfig
 
-            section = {k: v for k, v in (self.data.get("train") or {}).items() if k not in ("stages", "data")}
-            section.update(it.train)
+            section = {**self._train_section(), **it.train}
             reference = self._policy(t - 1) if it.reference == "previous" else self._policy(0)
             section.update(model=self._policy(t - 1), data=[str(d / "pairs.jsonl")], output=str(d / "student"),
                            objective=it.objective, reference=reference, chat_template="tokenizer")
@@ -257,9 +256,8 @@ class Pipeline:
 
             if not steps:
                 raise Orca2Error(f"iterate round {t}: the control needs the round's training step count")
-            section = {k: v for k, v in (self.data.get("train") or {}).items() if k not in ("stages", "data")}
-            section.update({k: v for k, v in it.train.items() if k not in PREFERENCE_KEYS})  # the round's optimiser settings
-            section.update(it.control_train)
+            section = {**self._train_section(), **{k: v for k, v in it.train.items() if k not in PREFERENCE_KEYS},
+                       **it.control_train}  # the round's optimiser settings, then the control's own
             section.update(model=self._policy(t - 1, control=True), data=[str(d / "control.jsonl")],
                            output=str(d / "control"), objective="sft", max_steps=steps, epochs=steps)
             section.setdefault("seed", self.seed)
@@ -268,6 +266,10 @@ class Pipeline:
         label = f"control-{t}" if control else f"round-{t}"
         student = self.configs["eval"]["student"]
         return dataclasses.replace(student, model=self._policy(t, control), label=label, output=str(self.paths["eval"] / label))
+
+    def _train_section(self) -> dict[str, Any]:
+        """The train section's keys a round's training inherits (its data and stages are the round's own)."""
+        return {k: v for k, v in (self.data.get("train") or {}).items() if k not in ("stages", "data")}
 
     def _replayed(self, it: IterateConfig, t: int) -> list[Path]:
         """The pairs files round t replays, newest first: one per replay fraction, as far back as there are rounds."""

@@ -190,6 +190,12 @@ def user_prompt(record: Record) -> str:
     raise Orca2Error(f"record {record.get('id')!r}: no user message")
 
 
+def prompt_id(record: Record) -> str:
+    """The prompt a reply answers: meta.prompt_id as `orca2 sample` and `judge` write it, else the record's own id
+    (teacher traces keep their task's id)."""
+    return record.get("meta", {}).get("prompt_id") or record["id"]
+
+
 def assistant_reply(record: Record) -> str | None:
     """The content of the last message when it is the assistant's, else None."""
     messages = record["messages"]

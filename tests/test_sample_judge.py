@@ -46,7 +46,17 @@ def test_served_student_through_the_openai_path(tmp_path, tasks_file, monkeypatc
     monkeypatch.setenv("OPENAI_API_KEY", "sk-loopback")
     with LoopbackServer() as server:
         summary = sample(tmp_path, tasks_file, "openai:student", **{"client.base_url": server.base_url, "sampling.n": 2})
-    assert summary["samples"] == 12 and summary["failed"] == 0
+    assert summary["samples"] == 12 and summary["failed"] == 0 and "errors" not in summary
+    # prompts whose requests fail are listed in the errors file; the same run again retries only those
+    from orca2.testing.loopback import Faults
+
+    with LoopbackServer(faults=Faults(fail_first=1)) as server:
+        flags = {"client.base_url": server.base_url, "client.max_attempts": 1, "sampling.n": 2, "sampling.seed": 7}  # not cached
+        failed = sample(tmp_path, tasks_file, "openai:student", name="again.jsonl", **flags)
+        assert failed["failed"] == 6 and failed["samples"] == 0
+        assert len(list(read_records(failed["errors"]))) == 6
+        done = sample(tmp_path, tasks_file, "openai:student", name="again.jsonl", **flags)
+    assert done["failed"] == 0 and done["samples"] == 12 and not (tmp_path / "again.errors.jsonl").exists()
 
 
 def judged(tmp_path, replies, teacher=(), **kw):

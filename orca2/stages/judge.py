@@ -41,7 +41,7 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar
 from orca2.models import ClientConfig, Sampling, parse_model, redacted
 from orca2.ngrams import ngrams, normalise_words
-from orca2.records import Record, user_prompt
+from orca2.records import Record, prompt_id, user_prompt
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,10 @@ def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Cou
 
 def judge_rows(cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record], counts: Counter) -> list[dict[str, Any]]:
     """One verdict per row (teacher and student replies), by cfg.judge."""
-    def pid(r: Record) -> str:
-        return r.get("meta", {}).get("prompt_id") or r["id"]
-
     if cfg.judge == "rubric":
         groups: dict[str, list[Record]] = defaultdict(list)
         for r in rows:
-            groups[pid(r)].append(r)
+            groups[prompt_id(r)].append(r)
         by_id = rubric_scores(cfg, groups, counts)
         return [by_id[id(r)] for r in rows]
     verdicts: list[dict[str, Any] | None] = [None] * len(rows)
@@ -214,12 +211,12 @@ def judge_rows(cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record],
         if r["meta"].get("author") == "teacher" and not gold:  # the teacher is its own prompt's reference
             verdicts[i] = {"by": cfg.judge, "correct": None, "reference": "self"}
             continue
-        if not gold and pid(r) in teacher:
-            gold, reference = _teacher_answer(teacher[pid(r)]), "teacher"
+        if not gold and prompt_id(r) in teacher:
+            gold, reference = _teacher_answer(teacher[prompt_id(r)]), "teacher"
         if not gold:
             verdicts[i] = {"by": cfg.judge, "error": "no gold answer and no teacher answer for this prompt"}
             counts["unjudged_no_reference"] += 1
-            no_reference.add(pid(r))
+            no_reference.add(prompt_id(r))
         elif cfg.judge == "answer":
             v = score(_reply(r), gold, r["meta"].get("answer_type") if reference == "gold" else None)
             verdicts[i] = {"by": "answer", "correct": v.correct, "extracted": v.value, "reference": reference}
@@ -242,7 +239,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
             replies.append((f"{path}:{line}", record))
     prompt_of: dict[str, list[dict[str, str]]] = {}
     for _, r in replies:
-        prompt_of.setdefault(r.get("meta", {}).get("prompt_id") or r["id"], r["messages"][:-1])
+        prompt_of.setdefault(prompt_id(r), r["messages"][:-1])
     teacher: dict[str, Record] = {}
     for path in cfg.teacher:
         for line, record in read_numbered(path):

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, read_numbered, sidecar, write_records
-from orca2.records import Record, preference_pairs
+from orca2.records import Record, preference_pairs, prompt_id
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ def read_replies(paths: tuple[str, ...], counts: Counter) -> dict[str, list[Repl
                 else:
                     counts["replies_unjudged"] += 1
                     continue
-            prompt_id = meta.get("prompt_id") or record["id"]
-            groups[prompt_id].append(Reply(where, record, author, judge.get("correct"), judge.get("score")))
+            groups[prompt_id(record)].append(Reply(where, record, author, judge.get("correct"), judge.get("score")))
     return groups
 
 

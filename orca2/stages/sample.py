@@ -89,6 +89,8 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
                "cached_at_start": cached, "done_this_run": result.done, "seconds": round(result.seconds, 2),
                "completion_tokens_this_run": result.completion_tokens,
                "tokens_per_s": result.completion_tokens / result.seconds if result.seconds else None}
+    if errors:
+        summary["errors"] = str(errors_path)
     with atomic_text(sidecar(cfg.output, "summary.json")) as f:
         f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     if errors:
