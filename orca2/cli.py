@@ -476,18 +476,13 @@ def launcher_command(nproc: int | None, hostfile: str | None) -> list[str]:
     """The deepspeed launcher with a free rendezvous port (its default 29500 may be held by another job)."""
     import os
 
+    from orca2.serve import free_port
+
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
     launcher += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
     return launcher + ["--master_port", os.environ.get("MASTER_PORT") or str(free_port())]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it), for the launcher's rendezvous."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

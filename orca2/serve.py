@@ -27,6 +27,7 @@ from orca2.errors import Orca2Error
 
 
 def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it): a server's, or the launcher's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ def init_distributed() -> tuple[int, int]:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from orca2.serve import free_port
+
+        port = free_port()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
