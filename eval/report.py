@@ -89,7 +89,7 @@ def _whiskers(cells: list[dict[str, Any] | None]) -> list[list[float]]:
             [max(0.0, 100 * (c["ci95"][1] - c["accuracy"])) if c else 0 for c in cells]]
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -119,7 +119,7 @@ def plot_accuracy(reports: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("Accuracy with 95 % confidence intervals")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_usage(reports: list[dict[str, Any]], path: Path) -> Path:
@@ -142,7 +142,7 @@ def plot_usage(reports: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("% of responses")
     ax.set_title("Strategy used in the responses, per task")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare(folders: list[str], output: str) -> str:
@@ -234,4 +234,4 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Accuracy by round, 95 % CIs")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

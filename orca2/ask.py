@@ -17,11 +17,12 @@ A fatal error (bad key, unknown model) or `abort_after` failures in a row stop t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -260,3 +261,40 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
         cache.close()
         raise
     return Answers(spec, sampling, keys, cache, result, cached_at_start)
+
+
+def ask_parsed(model: str | ModelSpec, requests: list[Request], parse: Callable[[str], Any] | list[Callable[[str], Any]],
+               sampling: Sampling,
+               client: ClientConfig, attempts: int, *, desc: str = "ask",
+               usage: dict[str, int] | None = None) -> tuple[list[Any], int]:
+    """Ask, and ask again (the next seed) where `parse` finds nothing usable in the reply (returns None).
+    `parse` is one function for every request, or one per request.
+
+    Returns (the parsed value of each request or None after `attempts` asks, the number of replies that did
+    not parse). Every attempt goes through `ask`, so a re-run pays for no reply twice. n must be 1. `usage`
+    (a Counter) adds up calls, prompt_tokens and completion_tokens of every reply, cached ones included.
+    """
+    results: list[Any] = [None] * len(requests)
+    parsers = parse if isinstance(parse, list) else [parse] * len(requests)
+    pending = list(range(len(requests)))
+    unparsable = 0
+    for attempt in range(attempts):
+        if not pending:
+            break
+        asked = dataclasses.replace(sampling, n=1, seed=(sampling.seed or 0) + attempt)
+        with ask(model, [requests[i] for i in pending], asked, client, desc=desc) as answers:
+            still = []
+            for j, i in enumerate(pending):
+                response = answers.response(j)
+                if response is not None and usage is not None:
+                    usage["calls"] += 1
+                    usage["prompt_tokens"] += response["prompt_tokens"]
+                    usage["completion_tokens"] += response["completion_tokens"]
+                value = parsers[i](response["contents"][0]) if response is not None else None
+                if value is None:
+                    still.append(i)
+                    unparsable += response is not None
+                else:
+                    results[i] = value
+        pending = still
+    return results, unparsable

@@ -77,3 +77,18 @@ class ContaminationIndex:
                     if tuple(words[i:i + len(item)]) == item:
                         return Match(eval_id, " ".join(item))
         return None
+
+
+def build_contamination_index(sources: tuple[str, ...], n: int) -> ContaminationIndex:
+    """Index the user prompts of every evaluation record, read with the task-source adapters."""
+    from orca2.errors import Orca2Error
+    from orca2.records import user_prompt
+    from orca2.sources import open_source
+
+    index = ContaminationIndex(n)
+    for spec in sources:
+        for where, item in open_source(spec):
+            if isinstance(item, Orca2Error):
+                raise item
+            index.add(user_prompt(item), item["id"])
+    return index

@@ -24,6 +24,16 @@ def ngrams(words: list[str], n: int) -> list[str]:
     return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (Li et al., 2016): distinct word n-grams over all word n-grams of the texts (0 when there are none)."""
+    total, seen = 0, set()
+    for text in texts:
+        grams = ngrams(normalise_words(text), n)
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
 class MinHasher:
     """Vectorised MinHash over word shingles: signatures for a batch of texts in a few numpy operations.
 

@@ -26,7 +26,7 @@ import orjson
 
 from orca2.answers import score
 from orca2.config import save_config
-from orca2.decontam import ContaminationIndex
+from orca2.decontam import build_contamination_index
 from orca2.dedup import ExactDeduper, NearDeduper
 from orca2.errors import Orca2Error
 from orca2.io import AppendWriter, atomic_text, atomic_writer, read_numbered, sidecar
@@ -77,19 +77,6 @@ def _token_counter(cfg: EraseConfig) -> Any:
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     return lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True))
-
-
-def build_contamination_index(sources: tuple[str, ...], n: int) -> ContaminationIndex:
-    """Index the user prompts of every evaluation record, read with the task-source adapters."""
-    from orca2.sources import open_source
-
-    index = ContaminationIndex(n)
-    for spec in sources:
-        for where, item in open_source(spec):
-            if isinstance(item, Orca2Error):
-                raise item
-            index.add(user_prompt(item), item["id"])
-    return index
 
 
 def run(cfg: EraseConfig) -> dict[str, Any]:

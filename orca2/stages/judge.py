@@ -24,10 +24,7 @@ A judge reply that does not parse is asked again (`parse_attempts`), then counte
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -35,12 +32,13 @@ from typing import Any, Callable, Literal
 import orjson
 
 from orca2.answers import score
-from orca2.ask import Request, ask
+from orca2.ask import Request, ask_parsed
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar
 from orca2.models import ClientConfig, Sampling, parse_model, redacted
 from orca2.ngrams import ngrams, normalise_words
+from orca2.parse import parse_json_object
 from orca2.records import Record, prompt_id, user_prompt
 
 log = logging.getLogger(__name__)
@@ -79,40 +77,11 @@ def repeated_share(text: str, n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if len(grams) >= 2 * n else 0.0
 
 
-def parse_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object in a judge's reply (code fences and prose around it allowed), or None."""
-    for match in re.finditer(r"\{", text):
-        try:
-            value, _ = json.JSONDecoder().raw_decode(text[match.start():])
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
-
-
-def ask_parsed(cfg: JudgeConfig, requests: list[Request], parse: Callable[[str], Any], desc: str,
-               counts: Counter) -> list[Any]:
-    """Ask the judge; a reply `parse` rejects (None) is asked again with the next seed, up to parse_attempts."""
-    results: list[Any] = [None] * len(requests)
-    pending = list(range(len(requests)))
-    for attempt in range(cfg.parse_attempts):
-        if not pending:
-            break
-        sampling = dataclasses.replace(cfg.sampling, n=1, seed=(cfg.sampling.seed or 0) + attempt)
-        with ask(cfg.model, [requests[i] for i in pending], sampling, cfg.client, desc=desc) as answers:
-            still = []
-            for j, i in enumerate(pending):
-                response = answers.response(j)
-                value = parse(response["contents"][0]) if response is not None else None
-                if value is None:
-                    still.append(i)
-                    if response is not None:
-                        counts["judge_replies_unparsable"] += 1
-                else:
-                    results[i] = value
-        pending = still
-    return results
+def _ask(cfg: JudgeConfig, requests: list[Request], parse: Callable[[str], Any], counts: Counter) -> list[Any]:
+    values, unparsable = ask_parsed(cfg.model, requests, parse, cfg.sampling, cfg.client, cfg.parse_attempts,
+                                    desc=f"judge {cfg.model}")
+    counts["judge_replies_unparsable"] += unparsable
+    return values
 
 
 def _teacher_answer(record: Record) -> str | None:
@@ -138,7 +107,7 @@ def llm_verdicts(cfg: JudgeConfig, items: list[tuple[Record, str]], counts: Coun
         value = (parse_json_object(text) or {}).get("correct")
         return value if isinstance(value, bool) else None
 
-    verdicts = ask_parsed(cfg, requests, parse, f"judge {cfg.model}", counts)
+    verdicts = _ask(cfg, requests, parse, counts)
     return [{"by": f"llm:{cfg.model}", "correct": v} if v is not None else
             {"by": f"llm:{cfg.model}", "error": f"unparsable judge reply ({cfg.parse_attempts} tries)"} for v in verdicts]
 
@@ -181,7 +150,7 @@ def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Cou
         by_size[len(replies)].append(k)
     results: list[Any] = [None] * len(jobs)
     for n, ks in by_size.items():
-        for k, value in zip(ks, ask_parsed(cfg, [request(jobs[k][0]) for k in ks], parser(n), f"judge {cfg.model}", counts)):
+        for k, value in zip(ks, _ask(cfg, [request(jobs[k][0]) for k in ks], parser(n), counts)):
             results[k] = value
     for k in range(0, len(jobs), 2):
         forward, backward = results[k], results[k + 1]
