@@ -195,6 +195,49 @@ def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
 
 
 @cli.command()
+@click.option("--docs", multiple=True, help="Document source (repeatable): a file or folder, jsonl:PATH, hf:NAME[@SPLIT].")
+@click.option("--flow", default=None, help="A built-in flow (reading-comprehension, text-modification, orca-math) or a flow YAML.")
+@click.option("-o", "--output", default=None, help="Task records to write (the input of generate).")
+@click.option("--model", default=None, help="The model every agent asks (default local:default); models.AGENT overrides one.")
+@click.option("--text-field", default=None, help="jsonl/hf documents: the text column (default text).")
+@click.option("--passage-size", type=int, default=None, help="Characters per passage at most (default 2000).")
+@click.option("--rounds", type=int, default=None, help="Suggester/editor rounds (default: the flow's).")
+@click.option("--decontaminate", multiple=True, metavar="SOURCE", help="Eval set to decontaminate against (repeatable).")
+@click.option("--list", "list_flows", is_flag=True, help="List the built-in flows and the 17 skills, then exit.")
+@teacher_options("orca2.stages.instruct:InstructConfig", with_teacher=False, with_strategies=False)
+@common_options
+def instruct(docs: tuple[str, ...], flow: str | None, output: str | None, model: str | None, text_field: str | None,
+             passage_size: int | None, rounds: int | None, decontaminate: tuple[str, ...], list_flows: bool,
+             config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
+    """Documents → agent flows (transformation, seed instructions, suggester/editor rounds) → task records."""
+    from orca2.config import load_config
+
+    if list_flows:
+        from orca2.flows import builtin_flows, load_flow, skills
+
+        for name in builtin_flows():
+            f = load_flow(name)
+            click.echo(f"{name}: {f.description} ({len(f.transformations)} transformations, {len(f.types)} types, "
+                       f"{f.refine.rounds} refinement rounds)")
+        click.echo("\nskills (AgentInstruct's 17):")
+        for skill in skills():
+            click.echo(f"  {skill['name']}: {skill['flow'] or 'no flow yet'}")
+        return
+    from orca2.stages import instruct as stage
+
+    flags = {"docs": docs or None, "flow": flow, "output": output, "model": model, "text_field": text_field,
+             "passage_size": passage_size, "rounds": rounds, "decontaminate": decontaminate or None, "seed": seed,
+             **_teacher_flags(options, seed)}
+    r = stage.run(load_config(stage.InstructConfig, config_path, overrides, flags))
+    dropped = ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items() if v) or "none"
+    click.echo(f"{r['documents']} documents → {r['passages']} passages → {r['candidates']} candidates "
+               f"({r['agent_calls']} agent calls) → {r['kept']} task records in {r['output']} (dropped: {dropped})")
+    from orca2.io import sidecar
+
+    click.echo(f"report: {sidecar(r['output'], 'report.md')}")
+
+
+@cli.command()
 @click.option("--tasks", "tasks_path", default=None, help="Task records (from `orca2 tasks`).")
 @click.option("--assign", default=None, help="Assignment YAML: task pattern → strategy.")
 @click.option("--strategy", default=None, help="One strategy for every task (instead of --assign).")

@@ -1,11 +1,12 @@
-"""Stage `run`: the whole chain from one config — tasks → (select) → generate → erase → train → eval → (iterate).
+"""Stage `run`: the whole chain from one config — (instruct) → tasks → (select) → generate → erase → train → eval → (iterate).
 
 Every stage writes into one run folder and is recorded in <output>/manifest.json: its resolved config,
 the hashes of its inputs and outputs, seconds, record counts, package versions and the seed. Re-running
 skips a stage whose config and inputs are unchanged and whose outputs are still as it left them;
 `--from STAGE` redoes that stage and the rest. A failure names the stage and keeps earlier outputs.
 Each section of the config has exactly the keys of that stage's own config, minus the paths the
-pipeline wires (tasks → generate → erase → train → eval).
+pipeline wires (instruct → tasks → generate → erase → train → eval): `instruct:` makes task records from
+documents with an agent flow, and the tasks stage reads them beside its own sources.
 
 `iterate:` adds rounds of on-policy preference learning after eval (Orca-Math, DNO): round t takes a fresh
 partition of the run's tasks, lets π_{t-1} sample (orca2 sample), judges the replies against gold or the
@@ -31,7 +32,7 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text
 
 log = logging.getLogger(__name__)
-STAGES = ("tasks", "select", "generate", "erase", "train", "eval", "iterate")
+STAGES = ("instruct", "tasks", "select", "generate", "erase", "train", "eval", "iterate")
 ROUND_STEPS = ("sample", "judge", "pairs", "train", "eval")
 CONTROL_STEPS = ("control", "control_eval")  # iterate.control: equal-compute SFT on the round's teacher traces
 
@@ -111,7 +112,8 @@ class Pipeline:
             raise Orca2Error(f"{path}: missing required key 'output' (the run folder)")
         self.run_dir = Path(data["output"])
         self.seed = int(data.get("seed", 0))
-        default = ("tasks", "generate", "erase", "train", "eval") + (("iterate",) if "iterate" in data else ())
+        default = (("instruct",) if "instruct" in data else ()) + ("tasks", "generate", "erase", "train", "eval") \
+            + (("iterate",) if "iterate" in data else ())
         self.stages = tuple(data.get("stages") or default)
         for name in self.stages:
             if name not in STAGES:
@@ -119,7 +121,7 @@ class Pipeline:
         order = [STAGES.index(s) for s in self.stages]
         if order != sorted(order):
             raise Orca2Error(f"{path}: stages must keep the order {' → '.join(STAGES)}")
-        self.paths = {"tasks": self.run_dir / "tasks.jsonl", "assignment": self.run_dir / "assignment.yaml",
+        self.paths = {"instruct": self.run_dir / "instruct.jsonl", "tasks": self.run_dir / "tasks.jsonl", "assignment": self.run_dir / "assignment.yaml",
                       "traces": self.run_dir / "traces.jsonl", "sft": self.run_dir / "sft.jsonl",
                       "student": self.run_dir / "student", "eval": self.run_dir / "eval",
                       "heldout": self.run_dir / "heldout.jsonl", "cache": self.run_dir / "cache"}
@@ -139,11 +141,20 @@ class Pipeline:
     def _stage_config(self, name: str) -> Any:
         seed = self.seed
         cache = {"cache_dir": str(self.paths["cache"])}
+        if name == "instruct":
+            from orca2.stages.instruct import InstructConfig
+
+            section, prefix = self._section(name, {"output": str(self.paths["instruct"])})
+            section.setdefault("seed", seed)
+            section["client"] = {**cache, **section.get("client", {})}
+            return build_section(InstructConfig, section, self.source, self.lines, prefix)
         if name == "tasks":
             from orca2.stages.tasks import TasksConfig
 
             section, prefix = self._section(name, {"output": str(self.paths["tasks"])})
             section.setdefault("seed", seed)
+            if "instruct" in self.stages:  # the flow's task records join the tasks' own sources
+                section["sources"] = [*(section.get("sources") or ()), f"jsonl:{self.paths['instruct']}"]
             return build_section(TasksConfig, section, self.source, self.lines, prefix)
         if name == "select":
             from orca2.stages.select import SelectConfig
@@ -443,6 +454,10 @@ class Pipeline:
         return self.run_dir / "iterate"
 
     def inputs(self, name: str) -> list[Path]:
+        if name == "instruct":  # local document files and folders, and the flow file when it is one
+            cfg = self.configs["instruct"]
+            local = [Path(d.partition(":")[2] if d.startswith("jsonl:") else d) for d in cfg.docs if not d.startswith("hf:")]
+            return [p for p in local if p.exists()] + ([Path(cfg.flow)] if Path(cfg.flow).is_file() else [])
         if name == "tasks":  # local source files count as inputs; hub datasets and synthetic do not
             specs = [spec.partition(":")[2] for spec in self.configs["tasks"].sources]
             return [Path(p) for p in specs if p and Path(p).exists()]
@@ -455,7 +470,7 @@ class Pipeline:
                 + ([self.paths["heldout"]] if "heldout" in self.data else [])}[name]
 
     def outputs(self, name: str) -> list[Path]:
-        return {"tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],
+        return {"instruct": [self.paths["instruct"]], "tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],
                 "erase": [self.paths["sft"]], "train": [self.paths["student"] / "model"],
                 "eval": [self.paths["eval"] / "student" / "report.json"],
                 "iterate": [self.run_dir / "iterate" / "best"]}[name]
@@ -552,6 +567,11 @@ class Pipeline:
 
     def _run_stage(self, name: str, resume: bool) -> dict[str, Any]:
         cfg = self.configs[name]
+        if name == "instruct":
+            from orca2.stages.instruct import run as stage_run
+
+            report = stage_run(cfg)
+            return {k: report[k] for k in ("documents", "passages", "candidates", "kept", "dropped", "agent_calls")}
         if name == "tasks":
             from orca2.stages.tasks import run as stage_run
 

@@ -360,13 +360,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--responder", choices=("default", "flow"), default="default",
+                        help="flow: answer as the agents of the shipped instruct flows (orca2.testing.agents)")
     for name in Faults.__dataclass_fields__:
         if name not in ("require_key",):
             default = getattr(Faults(), name)
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args()
     faults = Faults(**{k: getattr(args, k) for k in Faults.__dataclass_fields__ if k != "require_key"})
-    server = LoopbackServer(faults=faults, port=args.port).start()
+    responder = default_responder
+    if args.responder == "flow":
+        from orca2.testing.agents import flow_responder as responder
+    server = LoopbackServer(responder, faults=faults, port=args.port).start()
     print(server.base_url, flush=True)
     try:
         threading.Event().wait()

@@ -1,0 +1,92 @@
+"""Is a reading-comprehension question answerable from its passage? A check that needs no model.
+
+An item (question, answer, evidence) is grounded when both hold:
+  1. **evidence found**: the quote the question's author gave is in the passage — at least `quote_share`
+     (default 0.8) of its word 3-grams occur in the passage (a quote under 3 words: all its words occur);
+     a flow without an evidence field skips this;
+  2. **answer recoverable**: the answer's content words (stop words, yes/no/true/false left out) occur in
+     the passage at least `word_share` (default 0.75) of the time, and each number in the answer (in digits) is one of
+     the passage's numbers (in digits or words: one … twenty, dozen, half) or one operation (+, −, ×, ÷) away from two of them — numerical questions
+     compute their answers from the passage's numbers, never from nowhere.
+An answer that is only "true", "yes", a blank's filler that is in the passage, or a derivable number
+passes on its evidence. Words are compared after lower-casing, without punctuation, with a plural "s"
+stripped, so "bridges" in the answer finds "bridge" in the passage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from orca2.ngrams import ngrams, normalise_words
+
+STOP_WORDS = frozenset("""a an the and or but if then of to in on at by for with from as is are was were be been being it its
+this that these those there their they them he she his her him we our you your i my me not no yes true false do does did
+has have had will would can could should may might must so than which who whom whose what when where why how all any
+each both either neither one about into over after before under between because while also only very more most less
+such same other""".split())
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+          "seventeen eighteen nineteen twenty").split()
+NUMBER_WORDS = {**{w: float(i) for i, w in enumerate(_WORDS)}, "thirty": 30.0, "forty": 40.0, "fifty": 50.0,
+                "sixty": 60.0, "seventy": 70.0, "eighty": 80.0, "ninety": 90.0, "hundred": 100.0, "dozen": 12.0,
+                "twice": 2.0, "half": 0.5, "double": 2.0, "triple": 3.0}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    grounded: bool
+    reason: str  # "ok" or what failed
+
+
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _numbers(text: str, words: bool = False) -> list[float]:
+    """The numbers written in digits; with `words`, also those written as words (one … twenty, dozen, half …)."""
+    found = [float(m.group().replace(",", "")) for m in _NUMBER.finditer(text)]
+    return found + [NUMBER_WORDS[w] for w in normalise_words(text) if w in NUMBER_WORDS] if words else found
+
+
+def _derivable(value: float, numbers: list[float]) -> bool:
+    """`value` is one of `numbers` or one +, −, ×, ÷ of two of them (within 1e-6 relative)."""
+    def close(x: float) -> bool:
+        return abs(x - value) <= 1e-6 * max(1.0, abs(value))
+
+    if any(close(n) for n in numbers):
+        return True
+    for a, b in itertools.permutations(set(numbers), 2):
+        if close(a + b) or close(a - b) or close(a * b) or (b != 0 and close(a / b)):
+            return True
+    return False
+
+
+def check(passage: str, answer: str, evidence: str | None = None, *, quote_share: float = 0.8,
+          word_share: float = 0.75) -> Verdict:
+    words = normalise_words(passage)
+    if evidence is not None:
+        quote = normalise_words(evidence)
+        if not quote:
+            return Verdict(False, "empty evidence")
+        if len(quote) < 3:
+            found = all(w in set(words) for w in quote)
+        else:
+            have = set(ngrams(words, 3))
+            grams = ngrams(quote, 3)
+            found = sum(g in have for g in grams) >= quote_share * len(grams)
+        if not found:
+            return Verdict(False, "evidence not in the passage")
+    stems = {_stem(w) for w in words}
+    content = [_stem(w) for w in normalise_words(re.sub(_NUMBER, " ", answer)) if w not in STOP_WORDS]
+    if content and sum(w in stems for w in content) < word_share * len(content):
+        missing = [w for w in content if w not in stems][:3]
+        return Verdict(False, f"answer words not in the passage: {', '.join(missing)}")
+    known = _numbers(passage, words=True)
+    for value in _numbers(answer):
+        if not _derivable(value, known):
+            return Verdict(False, f"answer number {value:g} not derivable from the passage's numbers")
+    if not content and not _numbers(answer) and not answer.strip():
+        return Verdict(False, "empty answer")
+    return Verdict(True, "ok")
