@@ -81,17 +81,16 @@ def read_documents(source: str, *, text_field: str = "text", id_field: str | Non
         yield Document(str(file.relative_to(path)) if path.is_dir() else file.name, text, str(file))
 
 
-def _pieces(paragraph: str, size: int) -> list[str]:
-    """A paragraph cut into pieces of at most `size` characters at the coarsest boundary that allows it."""
+def _pieces(paragraph: str, size: int, joiner: str = "\n\n") -> list[tuple[str, str]]:
+    """A paragraph cut into pieces of at most `size` characters at the coarsest boundary that allows it, each
+    with the text that joins it to the piece before (a paragraph break, or the line, sentence or word break)."""
     if len(paragraph) <= size:
-        return [paragraph]
-    for separator in (r"\n", r"(?<=[.!?])\s+", r"\s+"):
+        return [(paragraph, joiner)]
+    for separator, glue in ((r"\n", "\n"), (r"(?<=[.!?])\s+", " "), (r"\s+", " ")):
         parts = [p for p in re.split(separator, paragraph) if p.strip()]
-        if len(parts) > 1 and all(len(p) <= size for p in parts):
-            return parts
         if len(parts) > 1:
-            return [q for p in parts for q in _pieces(p, size)]
-    return [paragraph[i:i + size] for i in range(0, len(paragraph), size)]
+            return [q for k, p in enumerate(parts) for q in _pieces(p, size, joiner if k == 0 else glue)]
+    return [(paragraph[i:i + size], joiner if i == 0 else "") for i in range(0, len(paragraph), size)]
 
 
 def split_passages(document: Document, size: int, min_size: int = 1) -> tuple[list[Passage], int]:
@@ -99,8 +98,8 @@ def split_passages(document: Document, size: int, min_size: int = 1) -> tuple[li
     pieces = [q for p in re.split(r"\n\s*\n", document.text) if p.strip() for q in _pieces(p.strip(), size)]
     texts: list[str] = []
     current = ""
-    for piece in pieces:
-        joined = f"{current}\n\n{piece}" if current else piece
+    for piece, joiner in pieces:
+        joined = f"{current}{joiner}{piece}" if current else piece
         if len(joined) <= size:
             current = joined
         else:

@@ -312,3 +312,40 @@ def test_instruct_section_of_orca2_run_feeds_tasks_and_generate(tmp_path, docs):
     assert counts["candidates"] == 4 * 2 * 2 and len(made) == counts["kept"] > 0
     assert [t["id"] for t in tasks] == [m["id"] for m in made]
     assert len(list(read_records(tmp_path / "run" / "traces.jsonl"))) == len(made)
+
+
+def test_every_agent_step_can_go_through_the_batch_api(tmp_path, docs, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    with LoopbackServer(flow_responder) as server:
+        client = ClientConfig(base_url=server.base_url, cache_dir=str(tmp_path / "cache"), poll_interval=0.01)
+        report = run(config(tmp_path, server, model="batch:agent", client=client))
+        created = server.stats.batches_created
+        assert server.stats.requests == 0 and created == 4  # one batch per step: transform, seed, suggester, editor
+        again = run(config(tmp_path, server, model="batch:agent", client=client))
+        assert server.stats.batches_created == created  # all from the cache
+    assert report["kept"] == again["kept"] == 48 and max(server.stats.batch_items_by_custom_id.values()) == 1
+
+
+def test_reply_parsers():
+    from orca2.parse import parse_fenced, parse_json_list, parse_json_object, parse_text
+
+    assert parse_json_list('Here:\n```json\n[{"q": "a"}, {"q": "b"}]\n```') == [{"q": "a"}, {"q": "b"}]
+    assert parse_json_list('{"questions": [{"q": "a"}], "note": "x"}') == [{"q": "a"}]
+    assert parse_json_list('[1, 2] and {"x": [3]}') == [1, 2]
+    assert parse_json_list("no list [here") is None
+    assert parse_json_object('The verdict: {"correct": true} as asked') == {"correct": True}
+    assert parse_json_object('{"broken": ') is None
+    assert parse_fenced("a\n```python\nprint(1)\n```\nand\n```\nx\n```") == ["print(1)", "x"]
+    assert parse_fenced("no fences") is None and parse_text("  \n ") is None and parse_text(" hi ") == "hi"
+
+
+def test_passages_pack_paragraphs_and_cut_long_ones():
+    from orca2.documents import Document, split_passages
+
+    text = "First para one.\n\nSecond para two.\n\n" + "A long sentence here. " * 20
+    passages, short = split_passages(Document("d", text, "d"), 100, min_size=20)
+    assert all(len(p.text) <= 100 for p in passages) and short == 0
+    assert passages[0].text.startswith("First para one.\n\nSecond para two.\n\nA long sentence here. A long") and passages[0].id == "d#0"
+    assert " ".join(p.text for p in passages).split() == text.split()  # nothing lost, nothing repeated
+    tiny, dropped = split_passages(Document("d", "tiny\n\n" + "x" * 50, "d"), 30, min_size=10)
+    assert dropped == 1 and [p.text for p in tiny] == ["x" * 30, "x" * 20]
