@@ -320,6 +320,9 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
     transformed = runner.transform(passages)
     seeded = runner.seed(transformed)
     chains = runner.refine(seeded, rounds)
+    counts["passages_with_items"] = len({i.passage.id for i in seeded})
+    assert counts["passages"] == counts["passages_with_items"] + counts["passages_lost_at_transform"] \
+        + counts["passages_lost_at_seed"], counts
     if cfg.keep_rounds == "all":
         candidates = [i for level in chains for i in level]
     else:

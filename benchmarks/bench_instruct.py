@@ -1,0 +1,135 @@
+"""Benchmark `orca2 instruct`'s own cost: flow overhead per agent call and throughput under latency.
+
+Both runs ask the loopback server (its own process, answering as every agent of the shipped flows:
+orca2.testing.agents) with the reading-comprehension flow over synthetic documents.
+
+  overhead    ≈ 10,000 agent calls, a server with zero latency, 64 in flight. Overhead per call =
+              (the flow's wall-clock − the wall-clock of the same number of bare chat calls of the same
+              size, sent with the same `openai` client and concurrency) / calls: everything the flow adds —
+              documents, passages, prompts, the cache, parsing, quality control, the report. Also: the
+              same flow re-run from its cache (no model at all), per call. Target ≤ 1 ms.
+  throughput  a server that takes 200 ms per call, 64 in flight: calls/s against the ideal 64 / 0.2 = 320.
+              Target ≥ 90 % of ideal.
+
+    .venv/bin/python benchmarks/bench_instruct.py [--calls 10000] [--throughput-calls 6000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from results import save_and_print
+
+from orca2.models import ClientConfig
+from orca2.stages.instruct import InstructConfig, run
+
+CALLS_PER_PASSAGE = 0.8 + 2 + 6 + 6  # transform (4 of 5 transformations ask), 2 seed calls, 6 suggester, 6 editor
+WORDS = ("river council bridge engineer market harvest winter colony library museum railway village bank ledger "
+         "storm valley school garden factory harbour festival treaty").split()
+
+
+def write_documents(folder: Path, passages: int, seed: int = 0) -> None:
+    """`passages` paragraphs of 3-4 plain sentences with numbers, five paragraphs per file."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(0, passages, 5):
+        paragraphs = []
+        for _ in range(min(5, passages - f)):
+            sentences = [f"The {rng.choice(WORDS)} of {rng.choice(WORDS).title()}ford opened in {rng.randint(1800, 2000)} "
+                         f"after {rng.randint(2, 9)} years of work by {rng.randint(10, 900)} people." for _ in range(rng.randint(3, 4))]
+            paragraphs.append(" ".join(sentences))
+        (folder / f"doc{f:05d}.txt").write_text("\n\n".join(paragraphs))
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "orca2.testing.loopback", "--responder", "flow", *args],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def flow_run(docs: Path, url: str, cache: Path, output: Path, concurrency: int) -> tuple[float, dict]:
+    cfg = InstructConfig(docs=(str(docs),), flow="reading-comprehension", output=str(output), model="openai:agent",
+                         passage_size=400, plots=False,
+                         client=ClientConfig(base_url=url, api_key="bench", cache_dir=str(cache), concurrency=concurrency))
+    start = time.perf_counter()
+    report = run(cfg)
+    return time.perf_counter() - start, report
+
+
+async def bare_calls(url: str, n: int, chars: int, concurrency: int) -> float:
+    """n chat calls of `chars` characters each, with the `openai` client alone: the model's share of the time."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0)
+    gate = asyncio.Semaphore(concurrency)
+    filler = "word " * (chars // 5)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await client.chat.completions.create(model="agent", messages=[{"role": "user", "content": f"{i} {filler}"}],
+                                                 max_tokens=256)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await client.close()
+    return time.perf_counter() - start
+
+
+def bench_overhead(calls: int, concurrency: int) -> dict:
+    proc, url = start_server("--latency", "0")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            docs = Path(tmp) / "docs"
+            write_documents(docs, round(calls / CALLS_PER_PASSAGE))
+            wall, report = flow_run(docs, url, Path(tmp) / "cache", Path(tmp) / "tasks.jsonl", concurrency)
+            n = report["agent_calls"]
+            chars = sum(a["prompt_tokens"] for a in report["agents"].values()) * 6 // max(1, n)  # loopback counts words
+            bare = asyncio.run(bare_calls(url, n, chars, concurrency))
+            cached, again = flow_run(docs, url, Path(tmp) / "cache", Path(tmp) / "again.jsonl", concurrency)
+            assert again["kept"] == report["kept"]
+        return {"bench": "overhead", "agent_calls": n, "concurrency": concurrency, "records": report["kept"],
+                "flow_s": wall, "bare_calls_s": bare, "overhead_ms_per_call": 1000 * (wall - bare) / n,
+                "cached_rerun_s": cached, "cached_rerun_ms_per_call": 1000 * cached / n}
+    finally:
+        proc.terminate()
+
+
+def bench_throughput(calls: int, concurrency: int, latency: float) -> dict:
+    proc, url = start_server("--latency", str(latency))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            docs = Path(tmp) / "docs"
+            write_documents(docs, round(calls / CALLS_PER_PASSAGE))
+            wall, report = flow_run(docs, url, Path(tmp) / "cache", Path(tmp) / "tasks.jsonl", concurrency)
+        n = report["agent_calls"]
+        ideal = concurrency / latency
+        return {"bench": "throughput", "agent_calls": n, "concurrency": concurrency, "latency_s": latency, "flow_s": wall,
+                "calls_per_s": n / wall, "ideal_calls_per_s": ideal, "fraction_of_ideal": n / wall / ideal,
+                "steps": 4}
+    finally:
+        proc.terminate()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument("--throughput-calls", type=int, default=6_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency", type=float, default=0.2)
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    rows = [bench_overhead(args.calls, args.concurrency),
+            bench_throughput(args.throughput_calls, args.concurrency, args.latency)]
+    save_and_print("instruct", rows)
+
+
+if __name__ == "__main__":
+    main()
