@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -123,21 +124,24 @@ def backoff_delay(attempt: int, cfg: ClientConfig, retry_after: float | None, rn
     return rng.uniform(0, min(cfg.backoff_max, cfg.backoff_base * 2 ** (attempt - 1)))
 
 
-async def _per_request(backend: Any, pending: list[tuple[str, Request]], sampling: Sampling, cfg: ClientConfig,
-                       sink: Sink) -> None:
-    rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
-    tpm = TokenBucket(cfg.tpm) if cfg.tpm else None
-    rng = random.Random(0)
-    queue = iter(pending)
+class _Requester:
+    """One request to a per-request backend, with the client's RPM/TPM limits and retries; the outcome goes to the sink."""
 
-    async def one(key: str, request: Request) -> None:
+    def __init__(self, backend: Any, cfg: ClientConfig, sink: Sink):
+        self.backend, self.cfg, self.sink = backend, cfg, sink
+        self.rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
+        self.tpm = TokenBucket(cfg.tpm) if cfg.tpm else None
+        self.rng = random.Random(0)
+
+    async def one(self, key: str, request: Request, sampling: Sampling) -> None:
+        cfg, sink = self.cfg, self.sink
         for attempt in range(1, cfg.max_attempts + 1):
-            if rpm:
-                await rpm.acquire(1)
-            if tpm:
-                await tpm.acquire(_estimate_tokens(request.messages, sampling))
+            if self.rpm:
+                await self.rpm.acquire(1)
+            if self.tpm:
+                await self.tpm.acquire(_estimate_tokens(request.messages, sampling))
             try:
-                response = await backend.complete(request.messages, sampling)
+                response = await self.backend.complete(request.messages, sampling)
             except ModelError as exc:
                 if exc.fatal:
                     sink.abort(exc.reason)
@@ -146,17 +150,23 @@ async def _per_request(backend: Any, pending: list[tuple[str, Request]], samplin
                     sink.failed(key, f"{exc.reason} (after {attempt} attempt{'s' * (attempt > 1)})")
                     return
                 sink.retried()
-                await asyncio.sleep(backoff_delay(attempt, cfg, exc.retry_after, rng))
+                await asyncio.sleep(backoff_delay(attempt, cfg, exc.retry_after, self.rng))
                 continue
             response.attempts = attempt
             sink.done(key, response)
             return
 
+
+async def _per_request(backend: Any, pending: list[tuple[str, Request]], sampling: Sampling, cfg: ClientConfig,
+                       sink: Sink) -> None:
+    requester = _Requester(backend, cfg, sink)
+    queue = iter(pending)
+
     async def worker() -> None:
         for key, request in queue:  # one shared iterator: each request is taken by exactly one worker
             if sink.aborted:
                 return
-            await one(key, request)
+            await requester.one(key, request, sampling)
 
     try:
         await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, len(pending)))))
@@ -222,6 +232,15 @@ class Answers:
         self.close()
 
 
+def _identity(spec: ModelSpec) -> str:
+    """The model's part of a cache key: a local model retrained in place is another model."""
+    if spec.scheme == "local" and spec.target != "default":
+        from orca2.models import model_fingerprint
+
+        return f"{spec.id}@{model_fingerprint(str(spec))[:16]}"
+    return spec.id
+
+
 def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, client: ClientConfig, *,
         desc: str = "ask", library: Any = None) -> Answers:
     """Answer every request not yet in the cache; return all answers in order (close them, or use `with`).
@@ -230,11 +249,7 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
     """
     spec = model if isinstance(model, ModelSpec) else parse_model(model)
     params = sampling.to_dict()
-    identity = spec.id
-    if spec.scheme == "local" and spec.target != "default":  # a model retrained in place is another model
-        from orca2.models import model_fingerprint
-
-        identity = f"{spec.id}@{model_fingerprint(str(spec))[:16]}"
+    identity = _identity(spec)
     keys = [request_key(identity, r.messages, params) for r in requests]
     cache = ResponseCache(client.cache_dir or default_cache_dir())
     try:
@@ -263,19 +278,14 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
     return Answers(spec, sampling, keys, cache, result, cached_at_start)
 
 
-def ask_parsed(model: str | ModelSpec, requests: list[Request], parse: Callable[[str], Any] | list[Callable[[str], Any]],
-               sampling: Sampling,
-               client: ClientConfig, attempts: int, *, desc: str = "ask",
-               usage: dict[str, int] | None = None) -> tuple[list[Any], int]:
+def ask_parsed(model: str | ModelSpec, requests: list[Request], parse: Callable[[str], Any], sampling: Sampling,
+               client: ClientConfig, attempts: int, *, desc: str = "ask") -> tuple[list[Any], int]:
     """Ask, and ask again (the next seed) where `parse` finds nothing usable in the reply (returns None).
-    `parse` is one function for every request, or one per request.
 
     Returns (the parsed value of each request or None after `attempts` asks, the number of replies that did
-    not parse). Every attempt goes through `ask`, so a re-run pays for no reply twice. n must be 1. `usage`
-    (a Counter) adds up calls, prompt_tokens and completion_tokens of every reply, cached ones included.
+    not parse). Every attempt goes through `ask`, so a re-run pays for no reply twice. n must be 1.
     """
     results: list[Any] = [None] * len(requests)
-    parsers = parse if isinstance(parse, list) else [parse] * len(requests)
     pending = list(range(len(requests)))
     unparsable = 0
     for attempt in range(attempts):
@@ -286,11 +296,7 @@ def ask_parsed(model: str | ModelSpec, requests: list[Request], parse: Callable[
             still = []
             for j, i in enumerate(pending):
                 response = answers.response(j)
-                if response is not None and usage is not None:
-                    usage["calls"] += 1
-                    usage["prompt_tokens"] += response["prompt_tokens"]
-                    usage["completion_tokens"] += response["completion_tokens"]
-                value = parsers[i](response["contents"][0]) if response is not None else None
+                value = parse(response["contents"][0]) if response is not None else None
                 if value is None:
                     still.append(i)
                     unparsable += response is not None
@@ -298,3 +304,156 @@ def ask_parsed(model: str | ModelSpec, requests: list[Request], parse: Callable[
                     results[i] = value
         pending = still
     return results, unparsable
+
+
+@dataclass
+class _Job:
+    spec: ModelSpec
+    request: Request
+    sampling: Sampling
+    callback: Callable[[dict[str, Any] | None], None]
+
+
+class AskQueue:
+    """Requests whose next request depends on a reply (agent flows): `put` jobs, each with a callback that gets
+    the response (a dict as in the cache, or None when it failed for good) and may put more; `run` until none
+    is left.
+
+    Every request goes through the cache as in `ask`: a killed run, run again, asks only what is missing.
+    When every model put is asked per request (`openai:`), jobs **stream**: each is sent as soon as it is
+    put, at most `client.concurrency` in flight, with ask's limits and retries, so no request waits for the
+    slowest one of an earlier step. Otherwise (Batch API, local engine, program) jobs go in **rounds**: all jobs
+    put so far, one bulk `ask` per (model, sampling), then their callbacks. Identical requests are asked once.
+    A run that stops early (a fatal error, `abort_after` failures in a row) raises after what finished is cached.
+    """
+
+    def __init__(self, models: list[str], client: ClientConfig, desc: str = "ask", library: Any = None):
+        self.specs = {m: parse_model(m) for m in models}  # every model the jobs will name
+        self.client, self.desc, self.library = client, desc, library
+        self.streaming = all(spec.scheme == "openai" for spec in self.specs.values())
+        self.jobs: deque[_Job] = deque()
+        self.results: dict[str, AskResult] = {}  # model id → what this run asked of it
+        self.cached = 0  # jobs answered from the cache
+
+    def put(self, model: str, request: Request, sampling: Sampling, callback: Callable[[dict[str, Any] | None], None]) -> None:
+        if model not in self.specs:
+            raise Orca2Error(f"AskQueue: model {model} was not named when the queue was made")
+        self.jobs.append(_Job(self.specs[model], request, sampling, callback))
+        self._woken()
+
+    def _woken(self) -> None:  # replaced while streaming
+        pass
+
+    def run(self) -> None:
+        if self.streaming:
+            asyncio.run(self._stream())
+        else:
+            self._rounds()
+        aborted = [f"{model}: {r.aborted}" for model, r in self.results.items() if r.aborted]
+        if aborted:
+            raise Orca2Error(f"run stopped early ({'; '.join(aborted)}); finished responses are cached, so running "
+                             "again asks only what is missing")
+
+    def _rounds(self) -> None:
+        while self.jobs:
+            batch, self.jobs = list(self.jobs), deque()
+            groups: dict[tuple[str, str], list[_Job]] = {}
+            for job in batch:
+                groups.setdefault((job.spec.id, repr(job.sampling)), []).append(job)
+            for group in groups.values():
+                head = group[0]
+                with ask(head.spec, [j.request for j in group], head.sampling, self.client, desc=self.desc,
+                         library=self.library) as answers:
+                    result = self.results.setdefault(head.spec.id, AskResult())
+                    for field_ in ("requested", "done", "retries", "prompt_tokens", "completion_tokens"):
+                        setattr(result, field_, getattr(result, field_) + getattr(answers.result, field_))
+                    result.failures.update(answers.result.failures)
+                    result.aborted = result.aborted or answers.result.aborted
+                    self.cached += answers.cached_at_start
+                    responses = [answers.response(i) for i in range(len(group))]
+                for job, response in zip(group, responses):
+                    job.callback(response)
+
+    async def _stream(self) -> None:
+        cache = ResponseCache(self.client.cache_dir or default_cache_dir())
+        bar = tqdm(total=len(self.jobs), desc=self.desc, unit="req", mininterval=0.5, dynamic_ncols=True)
+        requesters: dict[str, _Requester] = {}
+        waiting: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}  # key in flight → its callbacks
+        sleepers: deque[asyncio.Future] = deque()  # idle workers, each woken by one new job
+        params_of: dict[Sampling, dict[str, Any]] = {}  # Sampling is frozen: its dict once, not per job
+        state = {"in_flight": 0}
+
+        def wake_one() -> None:
+            while sleepers:
+                sleeper = sleepers.popleft()
+                if not sleeper.done():
+                    sleeper.set_result(None)
+                    return
+
+        def wake_all() -> None:
+            while sleepers:
+                wake_one()
+
+        def woken() -> None:
+            bar.total += 1
+            wake_one()
+
+        self._woken = woken  # type: ignore[method-assign]
+
+        def requester(spec: ModelSpec) -> _Requester:
+            if spec.id not in requesters:
+                result = self.results.setdefault(spec.id, AskResult())
+                requesters[spec.id] = _Requester(make_backend(spec, self.client, self.library), self.client,
+                                                 Sink(cache, result, bar, self.client.abort_after))
+            return requesters[spec.id]
+
+        async def worker() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                if any(r.sink.aborted for r in requesters.values()):
+                    wake_all()
+                    return
+                if not self.jobs:
+                    if state["in_flight"] == 0:
+                        wake_all()  # nothing left anywhere: the others may stop too
+                        return
+                    sleeper = loop.create_future()
+                    sleepers.append(sleeper)
+                    await sleeper
+                    continue
+                job = self.jobs.popleft()
+                params = params_of.get(job.sampling) or params_of.setdefault(job.sampling, job.sampling.to_dict())
+                key = request_key(_identity(job.spec), job.request.messages, params)
+                if key in cache:
+                    self.cached += 1
+                    bar.update(1)
+                    job.callback(cache.get(key))
+                    continue
+                if key in waiting:  # the same request is in flight: share its answer
+                    bar.update(1)
+                    waiting[key].append(job.callback)
+                    continue
+                waiting[key] = [job.callback]
+                state["in_flight"] += 1
+                r = requester(job.spec)
+                r.sink.result.requested += 1
+                try:
+                    await r.one(key, job.request, job.sampling)
+                finally:
+                    state["in_flight"] -= 1
+                response = cache.get(key)
+                for callback in waiting.pop(key):
+                    callback(response)
+                if state["in_flight"] == 0 and not self.jobs:
+                    wake_all()
+
+        start = time.perf_counter()
+        try:
+            await asyncio.gather(*(worker() for _ in range(self.client.concurrency)))
+        finally:
+            self._woken = lambda: None  # type: ignore[method-assign]
+            for r in requesters.values():
+                r.sink.result.seconds = time.perf_counter() - start
+                await r.backend.aclose()
+            bar.close()
+            cache.close()

@@ -15,6 +15,7 @@ stripped, so "bridges" in the answer finds "bridge" in the passage.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -63,29 +64,34 @@ def _derivable(value: float, numbers: list[float]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=256)
+def _facts(passage: str) -> tuple[frozenset[str], frozenset[str], frozenset[str], tuple[float, ...]]:
+    """A passage's words, stemmed words, word 3-grams and numbers: computed once for all its questions."""
+    words = normalise_words(passage)
+    return (frozenset(words), frozenset(_stem(w) for w in words), frozenset(ngrams(words, 3)),
+            tuple(_numbers(passage, words=True)))
+
+
 def check(passage: str, answer: str, evidence: str | None = None, *, quote_share: float = 0.8,
           word_share: float = 0.75) -> Verdict:
-    words = normalise_words(passage)
+    vocabulary, stems, trigrams, known = _facts(passage)
     if evidence is not None:
         quote = normalise_words(evidence)
         if not quote:
             return Verdict(False, "empty evidence")
         if len(quote) < 3:
-            found = all(w in set(words) for w in quote)
+            found = all(w in vocabulary for w in quote)
         else:
-            have = set(ngrams(words, 3))
             grams = ngrams(quote, 3)
-            found = sum(g in have for g in grams) >= quote_share * len(grams)
+            found = sum(g in trigrams for g in grams) >= quote_share * len(grams)
         if not found:
             return Verdict(False, "evidence not in the passage")
-    stems = {_stem(w) for w in words}
     content = [_stem(w) for w in normalise_words(re.sub(_NUMBER, " ", answer)) if w not in STOP_WORDS]
     if content and sum(w in stems for w in content) < word_share * len(content):
         missing = [w for w in content if w not in stems][:3]
         return Verdict(False, f"answer words not in the passage: {', '.join(missing)}")
-    known = _numbers(passage, words=True)
     for value in _numbers(answer):
-        if not _derivable(value, known):
+        if not _derivable(value, list(known)):
             return Verdict(False, f"answer number {value:g} not derivable from the passage's numbers")
     if not content and not _numbers(answer) and not answer.strip():
         return Verdict(False, "empty answer")

@@ -349,3 +349,39 @@ def test_passages_pack_paragraphs_and_cut_long_ones():
     assert " ".join(p.text for p in passages).split() == text.split()  # nothing lost, nothing repeated
     tiny, dropped = split_passages(Document("d", "tiny\n\n" + "x" * 50, "d"), 30, min_size=10)
     assert dropped == 1 and [p.text for p in tiny] == ["x" * 30, "x" * 20]
+
+
+def test_ask_queue_streams_a_chain_past_a_slow_request_and_stops_on_a_fatal_error(tmp_path):
+    from orca2.ask import AskQueue, Request
+    from orca2.models import Sampling
+
+    done: dict[str, float] = {}
+    start = time.perf_counter()
+    with LoopbackServer(faults=Faults(slow="SLOW", slow_latency=1.0, latency=0.01)) as server:
+        client = ClientConfig(base_url=server.base_url, api_key="x", cache_dir=str(tmp_path / "cache"), concurrency=4)
+        queue = AskQueue(["openai:m"], client)
+
+        def ask(text, then=None):
+            def answered(response):
+                done[text] = time.perf_counter() - start
+                assert response is not None and text[:20] in response["contents"][0]
+                if then:
+                    then()
+            queue.put("openai:m", Request([{"role": "user", "content": text}]), Sampling(), answered)
+
+        ask("a SLOW first step")
+        ask("fast step 1", lambda: ask("fast step 2", lambda: ask("fast step 3")))
+        queue.run()
+        assert queue.streaming and done["fast step 3"] < 0.5 < 1.0 <= done["a SLOW first step"]
+        again = AskQueue(["openai:m"], client)  # everything from the cache, nothing asked
+        again.put("openai:m", Request([{"role": "user", "content": "fast step 1"}]), Sampling(), lambda r: None)
+        asked = server.stats.requests
+        again.run()
+        assert again.cached == 1 and server.stats.requests == asked
+    with LoopbackServer(faults=Faults(require_key="right")) as server:
+        client = ClientConfig(base_url=server.base_url, api_key="wrong", cache_dir=str(tmp_path / "c2"))
+        queue = AskQueue(["openai:m"], client)
+        for i in range(5):
+            queue.put("openai:m", Request([{"role": "user", "content": f"q{i}"}]), Sampling(), lambda r: None)
+        with pytest.raises(Orca2Error, match=r"run stopped early \(openai:m: 401 authentication failed.*asks only what is missing"):
+            queue.run()

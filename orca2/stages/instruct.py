@@ -20,6 +20,7 @@ lost (with the step that lost them); candidates = kept + dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter, defaultdict
@@ -28,13 +29,13 @@ from typing import Any, Callable, Literal
 
 import orjson
 
-from orca2.ask import Request, ask_parsed
+from orca2.ask import AskQueue, Request
 from orca2.config import save_config
 from orca2.decontam import build_contamination_index
 from orca2.dedup import ExactDeduper, NearDeduper
 from orca2.documents import Passage, read_documents, split_passages
 from orca2.errors import Orca2Error
-from orca2.flows import Flow, load_flow
+from orca2.flows import AGENTS, Flow, load_flow
 from orca2.grounding import check as grounding_check
 from orca2.io import atomic_text, atomic_writer, sidecar
 from orca2.models import ClientConfig, Sampling, parse_model, redacted
@@ -106,6 +107,7 @@ class Item:
     round: int
     fields: dict[str, str]
     models: dict[str, str]  # agent → model that wrote this item's steps
+    order: tuple[int, int]  # (passage position, type position): output order, whatever order replies came in
     parent: "Item | None" = None
     suggestions: str | None = None
 
@@ -113,29 +115,49 @@ class Item:
     def id(self) -> str:
         return f"{self.passage.id}/{self.type}/{self.index}/r{self.round}"
 
+    @property
+    def sort_key(self) -> tuple[int, int, int, int]:
+        return (*self.order, self.index, self.round)
+
 
 class FlowRun:
-    """Runs one flow's agents over passages, step by step, every step one batched `ask`."""
+    """One flow over passages, written as callbacks on an AskQueue: each reply puts the requests it makes
+    possible (a transformed passage its seed calls, a seed reply its items' suggester calls, ...), so with a
+    per-request model every chain moves on as soon as its own reply is in."""
 
-    def __init__(self, flow: Flow, cfg: InstructConfig, counts: Counter, usage: dict[str, Counter]):
-        self.flow, self.cfg, self.counts, self.usage = flow, cfg, counts, usage
+    def __init__(self, flow: Flow, cfg: InstructConfig, rounds: int, counts: Counter, usage: dict[str, Counter]):
+        self.flow, self.cfg, self.rounds, self.counts, self.usage = flow, cfg, rounds, counts, usage
         self.types = {t.name: t for t in flow.types}
+        self.queue = AskQueue(sorted({self.model(a) for a in AGENTS}), cfg.client, desc=f"instruct {flow.name}")
+        self.items: list[Item] = []
 
     def model(self, agent: str) -> str:
         return self.cfg.models.get(agent, self.cfg.model)
 
-    def ask(self, agent: str, prompts: list[str], values: list[dict[str, Any]],
-            parse: Callable[[str], Any] | list[Callable[[str], Any]]) -> list[Any]:
-        """One request per (prompt file, values), all in one batched ask; the parsed replies (None: unparsable
-        after every try, or failed)."""
-        if not values:
-            return []
-        requests = [Request([{"role": "user", "content": fill(self.flow.prompts[p], v)}]) for p, v in zip(prompts, values)]
-        results, unparsable = ask_parsed(self.model(agent), requests, parse, self.cfg.sampling, self.cfg.client,
-                                         self.cfg.parse_attempts, desc=f"instruct {agent}", usage=self.usage[agent])
-        self.counts[f"{agent}_unparsable_replies"] += unparsable
-        self.counts[f"{agent}_calls_lost"] += sum(r is None for r in results)
-        return results
+    def call(self, agent: str, prompt: str, values: dict[str, Any], parse: Callable[[str], Any],
+             then: Callable[[Any], None], attempt: int = 0) -> None:
+        """Ask `agent`; `then` gets the parsed reply, or None once it failed or did not parse `parse_attempts` times."""
+        messages = [{"role": "user", "content": fill(self.flow.prompts[prompt], values)}]
+        sampling = dataclasses.replace(self.cfg.sampling, n=1, seed=(self.cfg.sampling.seed or 0) + attempt)
+
+        def answered(response: dict[str, Any] | None) -> None:
+            if response is None:
+                self.counts[f"{agent}_calls_lost"] += 1
+                return then(None)
+            usage = self.usage[agent]
+            usage["calls"] += 1
+            usage["prompt_tokens"] += response["prompt_tokens"]
+            usage["completion_tokens"] += response["completion_tokens"]
+            value = parse(response["contents"][0])
+            if value is not None:
+                return then(value)
+            self.counts[f"{agent}_unparsable_replies"] += 1
+            if attempt + 1 < self.cfg.parse_attempts:
+                return self.call(agent, prompt, values, parse, then, attempt + 1)
+            self.counts[f"{agent}_calls_lost"] += 1
+            then(None)
+
+        self.queue.put(self.model(agent), Request(messages), sampling, answered)
 
     def item_parser(self, kind: str, many: bool) -> Callable[[str], Any]:
         """A parser for seed (a list of items) or editor (one item) replies: objects with every item field."""
@@ -163,72 +185,71 @@ class FlowRun:
 
         return parse
 
-    def transform(self, passages: list[Passage]) -> list[tuple[Passage, str, str]]:
-        """(passage, text, transformation name) per passage that survived its transformation."""
-        chosen = [random.Random(f"{self.cfg.seed}:{p.id}").choice(self.flow.transformations) for p in passages]
-        asked = [i for i, t in enumerate(chosen) if t.prompt is not None]
-        texts = self.ask("transform", [chosen[i].prompt for i in asked], [{"passage": passages[i].text} for i in asked],  # type: ignore[misc]
-                         [_as_text(PARSERS[chosen[i].parse]) for i in asked])
-        replies = dict(zip(asked, texts))
-        out = []
-        for i, (p, t) in enumerate(zip(passages, chosen)):
-            text = p.text if t.prompt is None else replies[i]
-            if text is None:
-                self.counts["passages_lost_at_transform"] += 1
+    def run(self, passages: list[Passage]) -> list[Item]:
+        """Every item of every round, in (passage, type, item, round) order."""
+        for position, p in enumerate(passages):
+            t = random.Random(f"{self.cfg.seed}:{p.id}").choice(self.flow.transformations)
+            if t.prompt is None:
+                self.transformed(position, p, t.name, p.text)
             else:
-                out.append((p, text, t.name))
-        return out
+                self.call("transform", t.prompt, {"passage": p.text}, _as_text(PARSERS[t.parse]),
+                          lambda text, position=position, p=p, name=t.name: self.transformed(position, p, name, text))
+        self.queue.run()
+        return sorted(self.items, key=lambda i: i.sort_key)
 
-    def seed(self, transformed: list[tuple[Passage, str, str]]) -> list[Item]:
+    def transformed(self, position: int, p: Passage, name: str, text: str | None) -> None:
+        if text is None:
+            self.counts["passages_lost_at_transform"] += 1
+            return
         k = self.cfg.types_per_passage or self.flow.types_per_passage
         count = self.cfg.per_call or self.flow.per_call
-        if k > len(self.flow.types):
-            raise Orca2Error(f"instruct: types_per_passage {k} > the flow's {len(self.flow.types)} types")
-        jobs = [(p, text, name, t) for p, text, name in transformed
-                for t in random.Random(f"{self.cfg.seed}:{p.id}:types").sample(self.flow.types, k)]
-        values = [{"passage": text, "type": t.name, "definition": t.definition, "example": t.example, "count": str(count)}
-                  for _, text, _, t in jobs]
-        replies = self.ask("seed", [self.flow.seed.prompt] * len(values), values, self.item_parser(self.flow.seed.parse, many=True))
-        items, lost_passages = [], {p.id for p, _, _ in transformed}
-        for (p, text, name, t), reply in zip(jobs, replies):
-            if reply is None:
-                continue
-            good, malformed = reply
-            self.counts["seed_malformed_items"] += malformed
-            self.counts["seed_items_over_count"] += max(0, len(good) - count)
-            lost_passages.discard(p.id)
-            items += [Item(p, text, name, t.name, j, 0, fields, {"transform": self.model("transform") if name != "identity"
-                                                                 else "none", "seed": self.model("seed")})
-                      for j, fields in enumerate(good[:count])]
-        self.counts["passages_lost_at_seed"] += len(lost_passages)
-        return items
+        types = random.Random(f"{self.cfg.seed}:{p.id}:types").sample(self.flow.types, k)
+        state = {"pending": len(types), "items": 0}
+        parse = self.item_parser(self.flow.seed.parse, many=True)
+        models = {"transform": self.model("transform") if name != "identity" else "none", "seed": self.model("seed")}
+        for type_position, t in enumerate(types):
+            values = {"passage": text, "type": t.name, "definition": t.definition, "example": t.example, "count": str(count)}
 
-    def refine(self, items: list[Item], rounds: int) -> list[list[Item]]:
-        """Every round's items: [round 0, round 1, ...]; an item whose suggester or editor fails ends its chain."""
-        chains = [items]
+            def seeded(reply: Any, t=t, order=(position, type_position)) -> None:
+                state["pending"] -= 1
+                if reply is not None:
+                    good, malformed = reply
+                    self.counts["seed_malformed_items"] += malformed
+                    self.counts["seed_items_over_count"] += max(0, len(good) - count)
+                    for j, fields in enumerate(good[:count]):
+                        self.add(Item(p, text, name, t.name, j, 0, fields, models, order))
+                    state["items"] += 1
+                if state["pending"] == 0 and not state["items"]:
+                    self.counts["passages_lost_at_seed"] += 1
+
+            self.call("seed", self.flow.seed.prompt, values, parse, seeded)
+
+    def add(self, item: Item) -> None:
+        """Keep an item and, while rounds remain, ask the suggester about it, then the editor."""
+        self.items.append(item)
+        if item.round >= self.rounds:
+            return
         refine = self.flow.refine
-        for r in range(1, rounds + 1):
-            current = chains[-1]
-            base = [{"passage": i.text, "type": i.type, "definition": self.types[i.type].definition, **i.fields} for i in current]
-            suggestions = self.ask("suggester", [refine.suggester.prompt] * len(base), base,  # type: ignore[union-attr]
-                                   _as_text(PARSERS[refine.suggester.parse]))  # type: ignore[union-attr]
-            asked = [(i, v, s) for i, v, s in zip(current, base, suggestions) if s is not None]
-            self.counts["chains_ended_at_suggester"] += len(current) - len(asked)
-            edited = self.ask("editor", [refine.editor.prompt] * len(asked),  # type: ignore[union-attr]
-                              [{**v, "suggestions": s} for _, v, s in asked],
-                              self.item_parser(refine.editor.parse, many=False))  # type: ignore[union-attr]
-            nxt = []
-            for (item, _, s), fields in zip(asked, edited):
+        values = {"passage": item.text, "type": item.type, "definition": self.types[item.type].definition, **item.fields}
+
+        def suggested(suggestions: str | None) -> None:
+            if suggestions is None:
+                self.counts["chains_ended_at_suggester"] += 1
+                return
+
+            def edited(fields: dict[str, str] | None) -> None:
                 if fields is None:
                     self.counts["chains_ended_at_editor"] += 1
-                    continue
-                nxt.append(Item(item.passage, item.text, item.transformation, item.type, item.index, r, fields,
-                                {**item.models, "suggester": self.model("suggester"), "editor": self.model("editor")},
-                                parent=item, suggestions=s))
-            chains.append(nxt)
-            if not nxt:
-                break
-        return chains
+                    return
+                self.add(Item(item.passage, item.text, item.transformation, item.type, item.index, item.round + 1, fields,
+                              {**item.models, "suggester": self.model("suggester"), "editor": self.model("editor")},
+                              item.order, parent=item, suggestions=suggestions))
+
+            self.call("editor", refine.editor.prompt, {**values, "suggestions": suggestions},  # type: ignore[union-attr]
+                      self.item_parser(refine.editor.parse, many=False), edited)  # type: ignore[union-attr]
+
+        self.call("suggester", refine.suggester.prompt, values, _as_text(PARSERS[refine.suggester.parse]),  # type: ignore[union-attr]
+                  suggested)
 
 
 def _as_text(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
@@ -262,7 +283,7 @@ def quality(flow: Flow, cfg: InstructConfig, items: list[Item]) -> list[tuple[It
     exact = ExactDeduper() if cfg.dedup != "off" else None
     near = NearDeduper(cfg.near_threshold) if cfg.dedup == "near" else None
     main = flow.item_fields[0]
-    out = []
+    out: list[tuple[Item, dict[str, Any], str | None]] = []
     for item in items:
         record = to_record(flow, item)
         instruction = item.fields[main]
@@ -284,9 +305,13 @@ def quality(flow: Flow, cfg: InstructConfig, items: list[Item]) -> list[tuple[It
                 reason = "contaminated"
         if reason is None and exact is not None and exact.check(instruction, record["id"]) is not None:
             reason = "duplicate"
-        if reason is None and near is not None and near.check_batch([instruction], [record["id"]])[0] is not None:
-            reason = "near_duplicate"
         out.append((item, record, reason))
+    if near is not None:  # in one batch, in order: the same verdicts as one at a time
+        alive = [k for k, (_, _, reason) in enumerate(out) if reason is None]
+        found = near.check_batch([out[k][0].fields[main] for k in alive], [out[k][1]["id"] for k in alive])
+        for k, match in zip(alive, found):
+            if match is not None:
+                out[k] = (out[k][0], out[k][1], "near_duplicate")
     return out
 
 
@@ -316,18 +341,19 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
         raise Orca2Error(f"{', '.join(cfg.docs)}: no passages of at least {cfg.min_passage} characters")
     counts["passages"] = len(passages)
     usage: dict[str, Counter] = defaultdict(Counter)
-    runner = FlowRun(flow, cfg, counts, usage)
-    transformed = runner.transform(passages)
-    seeded = runner.seed(transformed)
-    chains = runner.refine(seeded, rounds)
-    counts["passages_with_items"] = len({i.passage.id for i in seeded})
+    types_per_passage = cfg.types_per_passage or flow.types_per_passage
+    if types_per_passage > len(flow.types):
+        raise Orca2Error(f"instruct: types_per_passage {types_per_passage} > the flow's {len(flow.types)} types")
+    items = FlowRun(flow, cfg, rounds, counts, usage).run(passages)
+    chains = [[i for i in items if i.round == r] for r in range(max((i.round for i in items), default=0) + 1)]
+    counts["passages_with_items"] = len({i.passage.id for i in items})
     assert counts["passages"] == counts["passages_with_items"] + counts["passages_lost_at_transform"] \
         + counts["passages_lost_at_seed"], counts
     if cfg.keep_rounds == "all":
-        candidates = [i for level in chains for i in level]
+        candidates = items
     else:
-        parents = {id(i.parent) for level in chains for i in level if i.parent is not None}
-        candidates = [i for level in chains for i in level if id(i) not in parents]
+        parents = {id(i.parent) for i in items if i.parent is not None}
+        candidates = [i for i in items if id(i) not in parents]
     judged = quality(flow, cfg, candidates)
     dropped: Counter = Counter()
     kept: list[tuple[Item, dict[str, Any]]] = []

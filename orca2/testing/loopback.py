@@ -39,6 +39,8 @@ class Faults:
     rate_length: float = 0.0  # fraction answered with finish_reason "length"
     fail_first: int = 0  # the first N attempts of every distinct prompt get a 500
     require_key: str | None = None  # answer 401 unless this bearer token is sent
+    slow: str = ""  # requests whose last message contains this text wait `slow_latency` seconds instead of `latency`
+    slow_latency: float = 1.0
     seed: int = 0
     batch_polls: int = 1  # status polls a batch spends in each of validating and in_progress
     batch_item_fail_rate: float = 0.0  # fraction of batch items answered 500 in the error file (first attempt of a prompt)
@@ -119,8 +121,9 @@ class LoopbackServer:
             attempt = self.stats.attempts_by_prompt[key]
             outcome = "500" if attempt <= f.fail_first else self._draw()
             self.stats.by_outcome[outcome] += 1
-        if f.latency:
-            await asyncio.sleep(f.latency)
+        wait = f.slow_latency if f.slow and f.slow in messages[-1].get("content", "") else f.latency
+        if wait:
+            await asyncio.sleep(wait)
         if outcome == "429":
             return web.json_response({"error": {"message": "Rate limit reached", "type": "requests"}}, status=429,
                                      headers={"Retry-After": str(f.retry_after)})
