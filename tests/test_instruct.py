@@ -385,3 +385,18 @@ def test_ask_queue_streams_a_chain_past_a_slow_request_and_stops_on_a_fatal_erro
             queue.put("openai:m", Request([{"role": "user", "content": f"q{i}"}]), Sampling(), lambda r: None)
         with pytest.raises(Orca2Error, match=r"run stopped early \(openai:m: 401 authentication failed.*asks only what is missing"):
             queue.run()
+
+
+def test_documents_from_an_hf_dataset_column_and_the_list_command(tmp_path):
+    import datasets
+
+    from orca2.documents import read_documents
+
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"body": [BRIDGE, BEES], "name": ["bridge", "bees"]}).save_to_disk(str(folder))
+    docs = list(read_documents(f"hf:{folder}", text_field="body", id_field="name"))
+    assert [d.id for d in docs] == ["bridge", "bees"] and docs[1].text == BEES
+    with pytest.raises(Orca2Error, match=r"no column 'text' \(columns: body, name\)"):
+        list(read_documents(f"hf:{folder}"))
+    listed = subprocess.run([sys.executable, "-m", "orca2", "instruct", "--list"], capture_output=True, text=True)
+    assert listed.returncode == 0 and "reading-comprehension:" in listed.stdout and "web-agent: no flow yet" in listed.stdout
