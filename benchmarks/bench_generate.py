@@ -15,17 +15,11 @@ import sys
 import tempfile
 import time
 
-from results import save_and_print
+from results import save_and_print, start_server
 
 from orca2.ask import Request, ask
 from orca2.models import ClientConfig, Sampling
 
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    """The loopback server in its own process, so its CPU is not charged to the client."""
-    proc = subprocess.Popen([sys.executable, "-m", "orca2.testing.loopback", *args], stdout=subprocess.PIPE, text=True)
-    return proc, proc.stdout.readline().strip()
 
 
 def bench_throughput(n: int, concurrency: int, latency: float) -> dict:

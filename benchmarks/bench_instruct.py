@@ -17,17 +17,17 @@ orca2.testing.agents) with the reading-comprehension flow over synthetic documen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would cost the measured client time
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
-from results import save_and_print
+from results import save_and_print, start_server
 
 from orca2.ask import Request, ask
 from orca2.models import ClientConfig, Sampling
@@ -51,12 +51,6 @@ def write_documents(folder: Path, passages: int, seed: int = 0) -> None:
         (folder / f"doc{f:05d}.txt").write_text("\n\n".join(paragraphs))
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "orca2.testing.loopback", "--responder", "flow", *args],
-                            stdout=subprocess.PIPE, text=True)
-    return proc, proc.stdout.readline().strip()
-
-
 def flow_run(docs: Path, url: str, cache: Path, output: Path, concurrency: int) -> tuple[float, dict]:
     cfg = InstructConfig(docs=(str(docs),), flow="reading-comprehension", output=str(output), model="openai:agent",
                          passage_size=400, plots=False,
@@ -78,39 +72,38 @@ def ask_alone(url: str, n: int, chars: int, concurrency: int, cache: Path) -> fl
     return time.perf_counter() - start
 
 
-def bench_overhead(calls: int, concurrency: int) -> dict:
-    proc, url = start_server("--latency", "0")
+@contextlib.contextmanager
+def flow_setting(latency: float, calls: int) -> Iterator[tuple[str, Path, Path]]:
+    """(server URL, a temporary folder, documents for about `calls` agent calls) for one measurement."""
+    proc, url = start_server("--responder", "flow", "--latency", str(latency))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            docs = Path(tmp) / "docs"
-            write_documents(docs, round(calls / CALLS_PER_PASSAGE))
-            wall, report = flow_run(docs, url, Path(tmp) / "cache", Path(tmp) / "tasks.jsonl", concurrency)
-            n = report["agent_calls"]
-            chars = sum(a["prompt_tokens"] for a in report["agents"].values()) * 6 // max(1, n)  # loopback counts words
-            bare = ask_alone(url, n, chars, concurrency, Path(tmp) / "cache-alone")
-            cached, again = flow_run(docs, url, Path(tmp) / "cache", Path(tmp) / "again.jsonl", concurrency)
-            assert again["kept"] == report["kept"]
-        return {"bench": "overhead", "agent_calls": n, "concurrency": concurrency, "records": report["kept"],
-                "flow_s": wall, "ask_alone_s": bare, "overhead_ms_per_call": 1000 * (wall - bare) / n,
-                "cached_rerun_s": cached, "cached_rerun_ms_per_call": 1000 * cached / n}
+            write_documents(Path(tmp) / "docs", round(calls / CALLS_PER_PASSAGE))
+            yield url, Path(tmp), Path(tmp) / "docs"
     finally:
         proc.terminate()
+
+
+def bench_overhead(calls: int, concurrency: int) -> dict:
+    with flow_setting(0.0, calls) as (url, tmp, docs):
+        wall, report = flow_run(docs, url, tmp / "cache", tmp / "tasks.jsonl", concurrency)
+        n = report["agent_calls"]
+        chars = sum(a["prompt_tokens"] for a in report["agents"].values()) * 6 // max(1, n)  # loopback counts words
+        alone = ask_alone(url, n, chars, concurrency, tmp / "cache-alone")
+        cached, again = flow_run(docs, url, tmp / "cache", tmp / "again.jsonl", concurrency)
+        assert again["kept"] == report["kept"]
+    return {"bench": "overhead", "agent_calls": n, "concurrency": concurrency, "records": report["kept"],
+            "flow_s": wall, "ask_alone_s": alone, "overhead_ms_per_call": 1000 * (wall - alone) / n,
+            "cached_rerun_s": cached, "cached_rerun_ms_per_call": 1000 * cached / n}
 
 
 def bench_throughput(calls: int, concurrency: int, latency: float) -> dict:
-    proc, url = start_server("--latency", str(latency))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            docs = Path(tmp) / "docs"
-            write_documents(docs, round(calls / CALLS_PER_PASSAGE))
-            wall, report = flow_run(docs, url, Path(tmp) / "cache", Path(tmp) / "tasks.jsonl", concurrency)
-        n = report["agent_calls"]
-        ideal = concurrency / latency
-        return {"bench": "throughput", "agent_calls": n, "concurrency": concurrency, "latency_s": latency, "flow_s": wall,
-                "calls_per_s": n / wall, "ideal_calls_per_s": ideal, "fraction_of_ideal": n / wall / ideal,
-                "steps": 4}
-    finally:
-        proc.terminate()
+    with flow_setting(latency, calls) as (url, tmp, docs):
+        wall, report = flow_run(docs, url, tmp / "cache", tmp / "tasks.jsonl", concurrency)
+    n = report["agent_calls"]
+    ideal = concurrency / latency
+    return {"bench": "throughput", "agent_calls": n, "concurrency": concurrency, "latency_s": latency, "flow_s": wall,
+            "calls_per_s": n / wall, "ideal_calls_per_s": ideal, "fraction_of_ideal": n / wall / ideal}
 
 
 def main() -> None:

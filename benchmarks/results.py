@@ -1,9 +1,12 @@
-"""Shared by the benchmark scripts: save a table of rows as bench_out/<name>.{json,csv} and print it."""
+"""Shared by the benchmark scripts: save a table of rows as bench_out/<name>.{json,csv} and print it; start the
+loopback server in its own process."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,3 +22,9 @@ def save_and_print(name: str, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
     for row in rows:
         print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """The loopback server in its own process, so its CPU is not charged to the client: (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, "-m", "orca2.testing.loopback", *args], stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
