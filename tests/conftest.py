@@ -57,7 +57,7 @@ def build_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: i
     chars = sorted(set(string.printable) - set("\x0b\x0c")) + ["×", "÷", "—", "’"]
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character, newlines too
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         unk_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -4,9 +4,10 @@
 
 Each passage gets one transformation (seeded), then `types_per_passage` instruction types of the flow's
 taxonomy, a seed call per type, then `rounds` of suggester → editor per item (orca2.flows says how a flow
-is written). Every agent call goes through orca2.ask — the cache makes a killed run resume without paying
-twice, and a changed prompt file changes only the keys of its own step and the steps fed by it. A reply
-that does not parse is asked again (`parse_attempts`), then counted.
+is written). Every agent call goes through orca2.ask's AskQueue — with a per-request model each chain moves on
+the moment its own reply is in (Batch API and local models go in rounds); the cache makes a killed run resume
+without paying twice, and a changed prompt file changes only the keys of its own step and the steps fed by
+it. A reply that does not parse is asked again (`parse_attempts`, the next seed), then counted.
 
 Every item of every round becomes a candidate task record (`keep_rounds: last` keeps each chain's last
 round only); quality control then drops, in this order and counted: empty, too_long, ungrounded (flows
