@@ -14,8 +14,8 @@ from orca2.prompts import render_template
 from orca2.records import Record, make_record, user_prompt
 
 EVAL_DIR = Path(__file__).parent
-LOADERS = ("gsm8k", "bbh", "jsonl", "hf", "multiple_choice")
-KEYS = ("loader", "path", "answer_type", "template", "aggregate", "reference", "fields", "columns")
+LOADERS = ("gsm8k", "bbh", "jsonl", "hf", "multiple_choice", "orcabench")
+KEYS = ("loader", "path", "answer_type", "template", "aggregate", "reference", "fields", "columns", "traits", "judge")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class Benchmark:
     fields: dict[str, str] = field(default_factory=dict)  # multiple_choice: question, choices, answer, task
     columns: dict[str, str] = field(default_factory=dict)  # jsonl / hf: prompt, answer, id, task
     source: str = ""
+    traits: str | None = None  # orcabench: the held-out users' BigFive traits (persona infer output)
+    judge: str = "program:persona"  # orcabench: consistency judge, and BigFive inference of the generated posts
 
 
 def default_data_dir() -> Path:
@@ -62,7 +64,8 @@ def load_registry(extra: tuple[str, ...] = ()) -> dict[str, Benchmark]:
             registry[str(name)] = Benchmark(str(name), entry["loader"], entry["path"], answer_type,
                                             entry.get("template", "{question}"), entry.get("aggregate", "micro"),
                                             dict(entry.get("reference") or {}), dict(entry.get("fields") or {}),
-                                            dict(entry.get("columns") or {}), str(path))
+                                            dict(entry.get("columns") or {}), str(path), entry.get("traits"),
+                                            entry.get("judge", "program:persona"))
     return registry
 
 

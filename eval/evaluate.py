@@ -86,6 +86,18 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     registry = load_registry(cfg.benchmarks)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     chosen = select(registry, cfg.bench)
+    roleplay = {}  # OrcaBench entries: generation metrics, not accuracy (eval/orcabench.py)
+    for bench in [b for b, _ in chosen if b.loader == "orcabench"]:
+        from orca2.eval.orcabench import evaluate as orcabench
+
+        roleplay[bench.name] = orcabench(spec, label, bench, cfg, Path(cfg.output))
+    chosen = [(b, t) for b, t in chosen if b.loader != "orcabench"]
+    if not chosen:
+        report = {"model": label, "spec": str(spec), "orcabench": roleplay}
+        with atomic_text(Path(cfg.output) / "report.json") as f:
+            f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        save_config(redacted(cfg), Path(cfg.output) / "config.yaml")
+        return report
     items = [(bench, load_items(bench, task, data_dir, cfg.limit)) for bench, task in chosen]  # one entry per --bench name
     for condition in cfg.system:
         system_text(condition, library, "x")  # unknown names fail now, before any request
@@ -113,6 +125,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
                                             "messages": request.messages + [{"role": "assistant", "content": content}],
                                             "answer": record.get("answer"), "meta": meta})
     report = {"model": label, "spec": str(spec), "conditions": list(cfg.system), "benchmarks": {}, "failed": len(failed)}
+    if roleplay:
+        report["orcabench"] = roleplay
     for condition, rows in by_condition.items():
         write_records(items_path(output, condition), rows)
         report["benchmarks"].setdefault(condition, summarise(rows, {b.name: b for b, _ in chosen}))

@@ -185,9 +185,9 @@ def make_backend(spec: ModelSpec, client: ClientConfig, library: Any = None) -> 
 
         return BatchBackend(spec.target, client)
     if spec.scheme == "program":
-        from orca2.backends.program import ProgramBackend
+        from orca2.backends.program import program_backend
 
-        return ProgramBackend(spec.target, library)
+        return program_backend(spec.target, library)
     from orca2.backends.local import LocalBackend
 
     return LocalBackend(spec.target, client)

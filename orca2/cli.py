@@ -237,6 +237,87 @@ def instruct(docs: tuple[str, ...], flow: str | None, output: str | None, model:
     click.echo(f"report: {sidecar(r['output'], 'report.md')}")
 
 
+@cli.group()
+def persona() -> None:
+    """Personality-conditioned role-play: synth, infer, augment, build (then train; OrcaBench in eval)."""
+
+
+@persona.command("synth")
+@click.option("-o", "--output", default=None, help="Posts to write; the truth goes beside them (<output>.truth.jsonl).")
+@click.option("--users", type=int, default=None, help="Synthetic users (default 60).")
+@click.option("--posts", type=int, default=None, help="Posts per user (default 30).")
+@common_options
+def persona_synth(output: str | None, users: int | None, posts: int | None, config_path: str | None,
+                  overrides: tuple[str, ...], seed: int | None) -> None:
+    """Synthetic users with known BigFive levels; their posts written by a program from facet phrase banks."""
+    from orca2.config import load_config
+    from orca2.stages import persona as stage
+
+    r = stage.synth(load_config(stage.SynthConfig, config_path, overrides,
+                                {"output": output, "users": users, "posts": posts, "seed": seed}))
+    click.echo(f"wrote {r['posts']} posts of {r['users']} users to {r['output']} (truth: {r['truth']})")
+
+
+@persona.command("infer")
+@click.option("--posts", "posts_path", default=None, help="Posts JSONL: user, text, time?, media?")
+@click.option("-o", "--output", default=None, help="Traits JSONL (one row per user: 35 numbers and a report).")
+@click.option("--judge", default=None, help="The judge model (default program:persona, the offline rule judge).")
+@click.option("--chunk", type=int, default=None, help="Posts per judge call (default 10).")
+@click.option("--truth", default=None, help="A truth file (persona synth): Spearman's rho per domain in the report.")
+@teacher_options("orca2.stages.persona:InferConfig", with_teacher=False, with_strategies=False)
+@common_options
+def persona_infer(posts_path: str | None, output: str | None, judge: str | None, chunk: int | None, truth: str | None,
+                  config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
+    """Each user's BigFive facets from their posts, judged chunk by chunk."""
+    from orca2.config import load_config
+    from orca2.stages import persona as stage
+
+    flags = {"posts": posts_path, "output": output, "judge": judge, "chunk": chunk, "truth": truth, "seed": seed,
+             **_teacher_flags(options, seed)}
+    r = stage.infer(load_config(stage.InferConfig, config_path, overrides, flags))
+    click.echo(f"traits of {r['users']} users → {r['output']}")
+    from orca2.io import sidecar
+
+    click.echo(sidecar(r["output"], "report.md").read_text(), nl=False)
+
+
+@persona.command("augment")
+@click.option("--posts", "posts_path", default=None, help="Posts JSONL.")
+@click.option("--traits", default=None, help="persona infer output.")
+@click.option("-o", "--output", default=None, help="Augmented posts JSONL.")
+@click.option("--model", default=None, help="The model that writes profiles and activities (default program:persona).")
+@teacher_options("orca2.stages.persona:AugmentConfig", with_teacher=False, with_strategies=False)
+@common_options
+def persona_augment(posts_path: str | None, traits: str | None, output: str | None, model: str | None,
+                    config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
+    """Per user a profile and knowledge; per post its psychological activity and what it relates to."""
+    from orca2.config import load_config
+    from orca2.stages import persona as stage
+
+    flags = {"posts": posts_path, "traits": traits, "output": output, "model": model, **_teacher_flags(options, seed)}
+    r = stage.augment(load_config(stage.AugmentConfig, config_path, overrides, flags))
+    click.echo(f"{r['counts'].get('posts_augmented', 0)} posts augmented → {r['output']}")
+
+
+@persona.command("build")
+@click.option("--augmented", default=None, help="persona augment output.")
+@click.option("--traits", default=None, help="persona infer output.")
+@click.option("-o", "--output", default=None, help="PCIP training records.")
+@click.option("--variant", type=click.Choice(["ptit", "psit"]), default=None, help="Traits as text (ptit) or a summary (psit).")
+@click.option("--holdout", type=float, default=None, help="Share of users held out for OrcaBench (default 0).")
+@common_options
+def persona_build(augmented: str | None, traits: str | None, output: str | None, variant: str | None,
+                  holdout: float | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None) -> None:
+    """PCIP records (PTIT or PSIT) in the one record format, for orca2 train."""
+    from orca2.config import load_config
+    from orca2.stages import persona as stage
+
+    flags = {"augmented": augmented, "traits": traits, "output": output, "variant": variant, "holdout": holdout,
+             "seed": seed}
+    r = stage.build(load_config(stage.BuildConfig, config_path, overrides, flags))
+    click.echo(f"{r['train_records']} training records → {r['output']}; {r['heldout_records']} held-out → {r['heldout']}")
+
+
 @cli.command()
 @click.option("--tasks", "tasks_path", default=None, help="Task records (from `orca2 tasks`).")
 @click.option("--assign", default=None, help="Assignment YAML: task pattern → strategy.")
@@ -481,11 +562,17 @@ def eval_(ctx: click.Context, model: str | None, bench: str | None, system_promp
              "limit": limit, "benchmarks": extra_benchmarks, "data_dir": data_dir, **_teacher_flags(teacher, seed)}
     cfg = load_config(stage.EvalConfig, config_path, overrides, flags)
     report = stage.run(cfg)
-    for condition, summary in report["benchmarks"].items():
+    for name, bench in report.get("orcabench", {}).items():
+        m = bench["metrics"]
+        click.echo(f"{report['model']} | {name}: BLEU {m['bleu']['value']:.2f}, ROUGE-L {m['rougeL']['value']:.3f}, "
+                   f"BigFive cosine {m['cosine']['value']:.3f} ({bench['users']} users); "
+                   f"report: {cfg.output}/orcabench/report.md")
+    for condition, summary in report.get("benchmarks", {}).items():
         for name, o in summary["overall"].items():
             click.echo(f"{report['model']} | {condition} | {name}: {100 * o['accuracy']:.1f}% "
                        f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] over {o['n']} items")
-    click.echo(f"report: {cfg.output}/report.md")
+    if "benchmarks" in report:
+        click.echo(f"report: {cfg.output}/report.md")
 
 
 @eval_.command("compare")

@@ -3,7 +3,7 @@
     openai:MODEL        any OpenAI-compatible server (OpenAI, Azure, vLLM, llama.cpp), one request at a time
     batch:MODEL         the OpenAI Batch API: half price, answers within the completion window
     local:PATH|default  an HF folder or a .gguf file run in this process (default: SmolLM2-135M-Instruct)
-    program:NAME        a program that writes exact answers (program:synthetic)
+    program:NAME        a program that writes exact answers (program:synthetic) or plays the role-play agents by rule (program:persona)
 
 Every stage names models this way and no other; `parse_model` is the one parser. This module is light
 (no torch, transformers or openai at import); `load_local_model` imports them when called.
@@ -20,8 +20,8 @@ from typing import Any
 from orca2.errors import Orca2Error
 
 SCHEMES = ("openai", "batch", "local", "program")
-PROGRAMS = ("synthetic",)
-SPEC_FORMS = "openai:<model>, batch:<model>, local:<folder|file.gguf|default>, program:synthetic"
+PROGRAMS = ("synthetic", "persona")
+SPEC_FORMS = "openai:<model>, batch:<model>, local:<folder|file.gguf|default>, program:synthetic|persona"
 
 
 def option(default: Any, help: str) -> Any:

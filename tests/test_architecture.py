@@ -78,7 +78,7 @@ def test_stages_and_backends_are_imported_only_from_above():
 def test_the_folder_listing_shows_the_architecture():
     listing = sorted(p.name for p in (REPO / "orca2").iterdir())
     assert {"stages", "backends", "testing"} <= set(listing)
-    assert sorted(p.stem for p in (REPO / "orca2" / "stages").glob("[!_]*.py")) == ["erase", "generate", "instruct", "judge", "pairs", "sample", "select", "tasks"]
+    assert sorted(p.stem for p in (REPO / "orca2" / "stages").glob("[!_]*.py")) == ["erase", "generate", "instruct", "judge", "pairs", "persona", "sample", "select", "tasks"]
     assert sorted(p.stem for p in (REPO / "orca2" / "backends").glob("[!_]*.py")) == ["batch", "local", "openai", "program"]
 
 

@@ -1,4 +1,5 @@
-"""`program:synthetic` — a worked-solution teacher for the built-in synthetic tasks.
+"""`program:synthetic` — a worked-solution teacher for the built-in synthetic tasks; `program:persona` — the
+offline rule judge and writer of the role-play stages (PersonaProgram, below).
 
 The synthetic generator knows each task's computation (meta.synthetic: steps and facts), so this
 teacher writes a correct solution *in the style of the requested strategy*: a bare answer under
@@ -42,7 +43,7 @@ class ProgramBackend:
 
     def __init__(self, name: str = "synthetic", library: Library | None = None):
         if name != "synthetic":
-            raise Orca2Error(f"unknown program model 'program:{name}' (valid: program:synthetic)")
+            raise Orca2Error(f"unknown program model 'program:{name}' (valid: program:synthetic, program:persona)")
         self.spec = f"program:{name}"
         self.library = library or Library.load()
 
@@ -65,6 +66,48 @@ class ProgramBackend:
         words = len(text.split())
         return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
                         completion_tokens=words * sampling.n, latency_s=0.0, model=self.spec)
+
+    def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
+        for key, request in pending:
+            try:
+                sink.done(key, self.complete_one(request.messages, request.context, sampling))
+            except ModelError as exc:
+                sink.failed(key, exc.reason)
+
+
+def program_backend(name: str, library: Library | None = None) -> Any:
+    """The program a `program:NAME` spec names."""
+    return PersonaProgram() if name == "persona" else ProgramBackend(name, library)
+
+
+class PersonaProgram:
+    """`program:persona`: answers the role-play agents by rule, from the request's context (what the agent was
+    given), so the persona chain runs offline — a stand-in that shows the mechanics, labelled as such. The
+    rules live in orca2.persona (rule_marks, rule_profile, rule_activity, rule_summary, rule_consistent)."""
+
+    spec = "program:persona"
+
+    def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
+        import json
+
+        from orca2 import persona
+
+        c = context or {}
+        agent = c.get("agent")
+        if agent == "infer":
+            text = json.dumps({"shown": sorted(persona.rule_marks(c["posts"]))})
+        elif agent == "profile":
+            text = json.dumps(persona.rule_profile(c["posts"]))
+        elif agent == "activity":
+            text = json.dumps(persona.rule_activity(c["post"], c["profile"]))
+        elif agent == "summary":
+            text = persona.rule_summary(c["report"])
+        elif agent == "consistency":
+            text = json.dumps({"consistent": persona.rule_consistent(c["aspect"], c["reference"], c["post"])})
+        else:
+            raise ModelError(f"program:persona does not play the agent {agent!r}", retryable=False)
+        return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
+                        completion_tokens=len(text.split()) * sampling.n, latency_s=0.0, model=self.spec)
 
     def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
         for key, request in pending:

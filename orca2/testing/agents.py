@@ -68,3 +68,25 @@ def flow_responder(body: dict[str, Any]) -> str:
         items = [{name: _value(name, sentences[j % len(sentences)], f"{label} {j}") for name in fields} for j in range(count)]
         return "Here they are:\n```json\n" + json.dumps(items) + "\n```"
     return "I do not know this agent."
+
+
+def persona_responder(body: dict[str, Any]) -> str:
+    """The role-play agents (prompts/persona/*.txt) answered by orca2.persona's rules, read from the prompt."""
+    from orca2 import persona
+
+    prompt = _user(body)
+
+    def listed(marker: str) -> list[str]:
+        block = prompt.split(marker, 1)[1].split("\n\n", 1)[0]
+        return [line[2:] for line in block.splitlines() if line.startswith("- ")]
+
+    def field(name: str) -> str:
+        return re.search(rf"^{name}: (.*)$", prompt, re.M).group(1)
+
+    if "personality facets listed" in prompt:
+        return json.dumps({"shown": sorted(persona.rule_marks(listed("\nPosts:\n")))})
+    if "Write a short profile" in prompt:
+        return json.dumps(persona.rule_profile(listed("\nPosts:\n")))
+    if "psychological activity behind the post" in prompt:
+        return json.dumps(persona.rule_activity(field("Post"), field("Profile")))
+    return "I do not know this agent."

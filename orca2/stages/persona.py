@@ -1,0 +1,325 @@
+"""Stages of personality-conditioned role-play (Orca, arXiv 2411.10006): synth, infer, augment, build.
+
+    orca2 persona synth --users 60 --posts 30 -o posts.jsonl            # synthetic users with known BigFive levels
+    orca2 persona infer --posts posts.jsonl -o traits.jsonl [--judge openai:gpt-4o]
+    orca2 persona augment --posts posts.jsonl --traits traits.jsonl -o augmented.jsonl [--model ...]
+    orca2 persona build --augmented augmented.jsonl --traits traits.jsonl -o pcip.jsonl --variant ptit|psit
+
+**infer**: each user's posts in chunks (orca2.persona: 10 posts by default); the judge marks which of the 30
+facets a chunk shows (prompts/persona/infer.txt); the user's 35 numbers average the chunks; a trait report in
+words. A reply that does not parse is asked again, then the chunk counts as unjudged (the user's vector
+averages the judged chunks; a user with none is counted and left out). Facet names outside the 30 are
+dropped from the reply and counted (`facet_names_unknown`); the rest of the reply stands.
+With `--truth` (synth's truth file) the report gives Spearman's ρ per domain between inferred and true
+levels, with a bootstrap 95 % CI over users.
+**augment**: per user a profile and background knowledge (prompts/persona/profile.txt, from their first
+`profile_posts` posts); per post the psychological activity behind it and whether it relates to the profile
+and to the personality (activity.txt). Counted: users without a profile and posts without an activity (left
+out, after the retries).
+**build**: PCIP records in the one record format — the system prompt carries the profile, personality and
+knowledge sections (pcip-system.txt), the user turn asks for the next post, the reply is the JSON the paper
+asks for (psychological activity, post, media). PTIT: the personality section is the trait report; PSIT: a
+second-person summary of it, written by `summarizer` (summary.txt). Ablations: `with_activity: false`,
+`fraction` of the posts. `holdout` users go to <output>.heldout.jsonl for OrcaBench (`orca2 eval`).
+
+Every model call goes through orca2.ask (cache, resume after kill -9, limits, Batch API). `program:persona`
+is the offline rule judge and writer (orca2.backends.program), so the chain runs with no key.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from orca2.ask import Request, ask_parsed
+from orca2.config import save_config
+from orca2.errors import Orca2Error
+from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
+from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.parse import parse_json_object, parse_text
+from orca2.persona import DOMAINS, Post, infer_users, read_posts, spearman, synthetic_users, trait_report, vector
+from orca2.prompts import read_prompt, render_template
+
+log = logging.getLogger(__name__)
+
+
+def _rows(path: str) -> list[dict[str, Any]]:
+    """A JSONL of plain rows (posts, traits, augmented posts: per-user data, not records)."""
+    rows = []
+    for line, row in iter_json_lines(path):
+        if not isinstance(row, dict) or "user" not in row:
+            raise Orca2Error(f"{path}:{line}: field 'user' is missing (a row of posts, traits or augmented posts)")
+        rows.append(row)
+    return rows
+
+
+def _judge_sampling() -> Sampling:
+    return Sampling(temperature=0.0, max_tokens=512)
+
+
+# --- synth ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SynthConfig:
+    output: str  # posts.jsonl; the truth goes to <output>.truth.jsonl
+    users: int = 60
+    posts: int = 30  # per user
+    rate: float = 0.08  # chance per post and facet at the top level (scaled by level / 6)
+    seed: int = 0
+
+
+def synth(cfg: SynthConfig) -> dict[str, Any]:
+    posts, truth = synthetic_users(cfg.users, cfg.posts, cfg.seed, cfg.rate)
+    write_records(cfg.output, posts)
+    write_records(sidecar(cfg.output, "truth.jsonl"), truth)
+    return {"output": cfg.output, "truth": str(sidecar(cfg.output, "truth.jsonl")), "users": cfg.users, "posts": len(posts)}
+
+
+# --- infer ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InferConfig:
+    posts: str  # JSONL of {"user", "text", "time"?, "media"?}
+    output: str  # traits.jsonl: one row per user
+    judge: str = "program:persona"  # openai:<model> | batch:<model> | local:<path> | program:persona (offline rule)
+    chunk: int = 10  # posts per judge call
+    min_posts: int = 3  # users with fewer posts are counted and left out
+    truth: str | None = None  # synth's truth file: Spearman ρ per domain in the report
+    client: ClientConfig = field(default_factory=ClientConfig)
+    sampling: Sampling = field(default_factory=_judge_sampling)
+    parse_attempts: int = 2
+    bootstrap: int = 1000  # resamples for the CIs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        parse_model(self.judge)
+        if self.chunk < 1 or self.min_posts < 1 or self.parse_attempts < 1:
+            raise Orca2Error("persona infer: chunk, min_posts and parse_attempts must be >= 1")
+
+
+def bootstrap_ci(pairs: list[tuple[float, float]], stat: Any, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile 95 % CI of stat(resampled pairs) over `resamples` resamples of the pairs (users)."""
+    rng = random.Random(seed)
+    values = sorted(v for v in (stat([rng.choice(pairs) for _ in pairs]) for _ in range(resamples)) if v == v)
+    if not values:
+        return float("nan"), float("nan")
+    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
+
+
+def infer(cfg: InferConfig) -> dict[str, Any]:
+    counts: Counter = Counter()
+    users = read_posts(cfg.posts, counts, cfg.min_posts)
+    if not users:
+        raise Orca2Error(f"{cfg.posts}: no user with at least {cfg.min_posts} posts (counts: {dict(counts)})")
+    traits = infer_users({u: [p.text for p in posts] for u, posts in users.items()}, cfg.judge, cfg.chunk, cfg.client, cfg.sampling, cfg.parse_attempts, counts)
+    rows = [{"user": u, "judge": cfg.judge, "chunks": t["chunks"], "domains": t["domains"], "facets": t["facets"],
+             "vector": vector(t), "report": trait_report(t)} for u, t in traits.items()]
+    write_records(cfg.output, rows)
+    report: dict[str, Any] = {"output": cfg.output, "judge": cfg.judge, "users": len(rows), "counts": dict(counts)}
+    if cfg.truth:
+        truth = {r["user"]: r["domains"] for r in _rows(cfg.truth)}
+        common = [u for u in traits if u in truth]
+        report["truth"] = {"users": len(common), "spearman": {}}
+        for d in DOMAINS:
+            pairs = [(float(truth[u][d]), traits[u]["domains"][d]) for u in common]
+            rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) > 2 else float("nan")
+            low, high = bootstrap_ci(pairs, lambda ps: spearman([a for a, _ in ps], [b for _, b in ps]), cfg.bootstrap,
+                                     cfg.seed) if len(pairs) > 2 else (float("nan"), float("nan"))
+            report["truth"]["spearman"][d] = {"rho": rho, "ci95": [low, high]}
+    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    _write_report(cfg.output, report, _render_infer(report))
+    return report
+
+
+def _render_infer(report: dict[str, Any]) -> str:
+    c = report["counts"]
+    lines = [f"# persona infer ({report['judge']})", "",
+             f"{c.get('posts_read', 0)} posts read; {c.get('users', 0)} users kept; {report['users']} with traits.", "",
+             "| count | n |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(c.items())]
+    if "truth" in report:
+        lines += ["", f"Against the synthetic truth ({report['truth']['users']} users): Spearman's ρ per domain, "
+                  "bootstrap 95 % CI over users.", "", "| domain | ρ | 95 % CI |", "|---|---:|---|"]
+        for d, s in report["truth"]["spearman"].items():
+            lines.append(f"| {d} | {s['rho']:.3f} | [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_report(output: str, report: dict[str, Any], markdown: str) -> None:
+    with atomic_text(sidecar(output, "report.json")) as f:
+        f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+    with atomic_text(sidecar(output, "report.md")) as f:
+        f.write(markdown)
+
+
+# --- augment --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    posts: str
+    traits: str  # persona infer output
+    output: str  # augmented.jsonl: one row per post, with the user's profile and the post's activity
+    model: str = "program:persona"
+    profile_posts: int = 20  # posts the profile agent reads per user
+    min_posts: int = 3
+    client: ClientConfig = field(default_factory=ClientConfig)
+    sampling: Sampling = field(default_factory=_judge_sampling)
+    parse_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        parse_model(self.model)
+
+
+def augment(cfg: AugmentConfig) -> dict[str, Any]:
+    counts: Counter = Counter()
+    users = read_posts(cfg.posts, counts, cfg.min_posts)
+    traits = {r["user"]: r for r in _rows(cfg.traits)}
+    missing = [u for u in users if u not in traits]
+    counts["users_without_traits"] = len(missing)
+    users = {u: p for u, p in users.items() if u in traits}
+    if not users:
+        raise Orca2Error(f"{cfg.traits}: none of the users of {cfg.posts} has traits (run persona infer first)")
+    template = read_prompt("persona/profile.txt")
+    requests = [Request([{"role": "user", "content": render_template(
+        template, "persona/profile.txt", posts="\n".join(f"- {p.text}" for p in posts[:cfg.profile_posts]))}],
+        {"agent": "profile", "posts": [p.text for p in posts[:cfg.profile_posts]]}) for posts in users.values()]
+
+    def profile(text: str) -> dict[str, str] | None:
+        value = parse_json_object(text) or {}
+        ok = all(isinstance(value.get(k), str) and value[k].strip() for k in ("profile", "knowledge"))
+        return {"profile": value["profile"].strip(), "knowledge": value["knowledge"].strip()} if ok else None
+
+    profiles, unparsable = ask_parsed(cfg.model, requests, profile, cfg.sampling, cfg.client, cfg.parse_attempts,
+                                      desc="persona profile")
+    counts["profile_replies_unparsable"] += unparsable
+    by_user = {}
+    for user, p in zip(users, profiles):
+        if p is None:
+            counts["users_without_profile"] += 1
+        else:
+            by_user[user] = p
+    template = read_prompt("persona/activity.txt")
+    plan: list[tuple[Post, dict[str, str]]] = [(post, by_user[u]) for u, posts in users.items() if u in by_user for post in posts]
+    requests = [Request([{"role": "user", "content": render_template(
+        template, "persona/activity.txt", profile=prof["profile"], personality=traits[post.user]["report"], post=post.text)}],
+        {"agent": "activity", "post": post.text, "profile": prof["profile"], "domains": traits[post.user]["domains"]})
+        for post, prof in plan]
+
+    def activity(text: str) -> dict[str, Any] | None:
+        value = parse_json_object(text) or {}
+        ok = (isinstance(value.get("activity"), str) and value["activity"].strip()
+              and all(isinstance(value.get(k), bool) for k in ("relates_to_profile", "relates_to_personality")))
+        return {k: value[k] for k in ("activity", "relates_to_profile", "relates_to_personality")} if ok else None
+
+    activities, unparsable = ask_parsed(cfg.model, requests, activity, cfg.sampling, cfg.client, cfg.parse_attempts,
+                                        desc="persona activity")
+    counts["activity_replies_unparsable"] += unparsable
+    rows = []
+    for (post, prof), act in zip(plan, activities):
+        if act is None:
+            counts["posts_without_activity"] += 1
+            continue
+        rows.append({"user": post.user, "text": post.text, "time": post.time, "media": post.media, **prof, **act})
+    write_records(cfg.output, rows)
+    counts["posts_augmented"] = len(rows)
+    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    report = {"output": cfg.output, "model": cfg.model, "counts": dict(counts)}
+    _write_report(cfg.output, report, "# persona augment\n\n| count | n |\n|---|---:|\n"
+                  + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())))
+    return report
+
+
+# --- build ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildConfig:
+    augmented: str  # persona augment output
+    traits: str
+    output: str  # PCIP records (train on them); held-out users' records go to <output>.heldout.jsonl
+    variant: Literal["ptit", "psit"] = "ptit"  # trait report as text | a second-person summary
+    summarizer: str = "program:persona"  # psit: who writes the summary
+    with_activity: bool = True  # ablation: no psychological activity in the reply
+    fraction: float = 1.0  # ablation: keep this share of each user's posts (seeded)
+    holdout: float = 0.0  # share of users held out for OrcaBench (seeded)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=256))
+    parse_attempts: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        parse_model(self.summarizer)
+        if not 0 < self.fraction <= 1 or not 0 <= self.holdout < 1:
+            raise Orca2Error("persona build: need 0 < fraction <= 1 and 0 <= holdout < 1")
+
+
+REPLY_KEYS = ("psychological_activity", "post", "media")
+
+
+def pcip_messages(row: dict[str, Any], personality: str, with_activity: bool) -> list[dict[str, str]]:
+    """The PCIP prompt (system + user turn) and the reply the model should write, as chat messages."""
+    keys = REPLY_KEYS if with_activity else REPLY_KEYS[1:]
+    fmt = "{" + ", ".join(f'"{k}": ...' for k in keys) + "}"
+    system = render_template(read_prompt("persona/pcip-system.txt"), "persona/pcip-system.txt", profile=row["profile"],
+                             personality=personality, knowledge=row["knowledge"], reply_format=fmt)
+    when = f"It is {row['time']}. " if row.get("time") else ""
+    user = render_template(read_prompt("persona/pcip-user.txt"), "persona/pcip-user.txt", when=when)
+    reply = {"psychological_activity": row["activity"], "post": row["text"], "media": row.get("media")}
+    content = orjson.dumps({k: reply[k] for k in keys}).decode()
+    return [{"role": "system", "content": system}, {"role": "user", "content": user},
+            {"role": "assistant", "content": content}]
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    counts: Counter = Counter()
+    traits = {r["user"]: r for r in _rows(cfg.traits)}
+    rows = list(_rows(cfg.augmented))
+    users = list(dict.fromkeys(r["user"] for r in rows))
+    personality = {u: traits[u]["report"] for u in users if u in traits}
+    counts["users_without_traits"] = len(users) - len(personality)
+    if cfg.variant == "psit":
+        template = read_prompt("persona/summary.txt")
+        asked = list(personality)
+        requests = [Request([{"role": "user", "content": render_template(template, "persona/summary.txt",
+                                                                          report=personality[u])}],
+                            {"agent": "summary", "report": personality[u]}) for u in asked]
+        summaries, unparsable = ask_parsed(cfg.summarizer, requests, parse_text, cfg.sampling, cfg.client,
+                                           cfg.parse_attempts, desc="persona summary")
+        counts["summary_replies_unparsable"] += unparsable
+        for u, s in zip(asked, summaries):
+            if s is None:
+                counts["users_without_summary"] += 1
+                del personality[u]
+            else:
+                personality[u] = s
+    rng = random.Random(cfg.seed)
+    held = set(rng.sample(list(personality), round(cfg.holdout * len(personality)))) if cfg.holdout else set()
+    train, heldout = [], []
+    for user in personality:
+        mine = [r for r in rows if r["user"] == user]
+        kept = mine if user in held or cfg.fraction == 1 else random.Random(f"{cfg.seed}:{user}").sample(
+            mine, max(1, round(cfg.fraction * len(mine))))
+        counts["posts_left_out_by_fraction"] += len(mine) - len(kept)
+        for k, row in enumerate(kept):
+            record = {"id": f"persona/{user}/{k}", "task": f"persona/{cfg.variant}", "answer": None,
+                      "messages": pcip_messages(row, personality[user], cfg.with_activity),
+                      "meta": {"persona": {"user": user, "variant": cfg.variant, "with_activity": cfg.with_activity,
+                                           "post": row["text"], "media": row.get("media"), "profile": row["profile"],
+                                           "knowledge": row["knowledge"], "personality": personality[user],
+                                           "relates_to_profile": row["relates_to_profile"],
+                                           "relates_to_personality": row["relates_to_personality"]}}}
+            (heldout if user in held else train).append(record)
+    counts["posts_without_user_traits"] = sum(1 for r in rows if r["user"] not in personality)
+    write_records(cfg.output, train)
+    heldout_path = sidecar(cfg.output, "heldout.jsonl")
+    write_records(heldout_path, heldout)
+    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    report = {"output": cfg.output, "heldout": str(heldout_path), "variant": cfg.variant, "train_records": len(train),
+              "heldout_records": len(heldout), "heldout_users": len(held), "counts": dict(counts)}
+    _write_report(cfg.output, report, f"# persona build ({cfg.variant})\n\n{len(train)} training records, "
+                  f"{len(heldout)} held-out records of {len(held)} users.\n\n| count | n |\n|---|---:|\n"
+                  + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())))
+    return report
