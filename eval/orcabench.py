@@ -36,7 +36,8 @@ from orca2.eval.textmetrics import corpus_bleu, distinct_n, rouge_scores
 from orca2.io import atomic_text, iter_json_lines, read_records, write_records
 from orca2.models import ModelSpec, Sampling
 from orca2.parse import parse_json_object
-from orca2.persona import chunks, consistency, infer_users
+from orca2.bigfive import infer_users
+from orca2.persona import chunks, consistency
 
 ASPECTS = ("profile", "knowledge", "personality")
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "profile", "knowledge", "personality",

@@ -21,18 +21,13 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from orca2.errors import Orca2Error
 from orca2.io import iter_json_lines
 from orca2.prompts import PROMPTS_DIR
-
-if TYPE_CHECKING:
-    from collections import Counter
-
-    from orca2.models import ClientConfig, Sampling
 
 DOMAINS = ("Openness", "Conscientiousness", "Extraversion", "Agreeableness", "Neuroticism")
 
@@ -142,56 +137,6 @@ def consistency(truth: dict[str, float], predicted: dict[str, float]) -> dict[st
     cosine = dot / (math.sqrt(sum(a * a for a in t)) * math.sqrt(sum(b * b for b in p)))
     return {"cosine": cosine, "euclidean": math.sqrt(sum((a - b) ** 2 for a, b in zip(t, p))),
             "manhattan": sum(abs(a - b) for a, b in zip(t, p))}
-
-
-def facet_parser(counts: Counter) -> Any:
-    """A judge reply → the set of facets shown; names outside the 30 are dropped and counted (case ignored)."""
-    from orca2.parse import parse_json_object
-
-    known = {f.lower(): f for f in facets()}
-
-    def parse(text: str) -> set[str] | None:
-        value = (parse_json_object(text) or {}).get("shown")
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return None
-        unknown = [v for v in value if v.strip().lower() not in known]
-        counts["facet_names_unknown"] += len(unknown)
-        return {known[v.strip().lower()] for v in value if v.strip().lower() in known}
-
-    return parse
-
-
-def infer_users(users: dict[str, list[str]], judge: str, chunk: int, client: ClientConfig, sampling: Sampling,
-                attempts: int, counts: Counter, desc: str = "persona infer") -> dict[str, dict[str, Any]]:
-    """user → traits (aggregate of the judged chunks) from each user's post texts; counts chunks, unjudged
-    chunks (unparsable after `attempts` asks) and users left without any judged chunk."""
-    from orca2.ask import Request, ask_parsed
-    from orca2.prompts import read_prompt, render_template
-
-    table = facet_table()
-    listing = "\n".join(f"{d}: {f} — {desc_}" for d in DOMAINS for f, desc_ in table[d].items())
-    template = read_prompt("persona/infer.txt")
-    plan = [(user, part) for user, posts in users.items() for part in chunks(posts, chunk)]
-    requests = [Request([{"role": "user", "content": render_template(
-        template, "persona/infer.txt", count=str(len(part)), facets=listing,
-        posts="\n".join(f"- {p}" for p in part))}], {"agent": "infer", "posts": list(part)})
-        for _, part in plan]
-    marks, unparsable = ask_parsed(judge, requests, facet_parser(counts), sampling, client, attempts, desc=desc)
-    counts["judge_replies_unparsable"] += unparsable
-    by_user: dict[str, list[set[str]]] = {u: [] for u in users}
-    for (user, _), m in zip(plan, marks):
-        counts["chunks"] += 1
-        if m is None:
-            counts["chunks_unjudged"] += 1
-        else:
-            by_user[user].append(m)
-    out = {}
-    for user, judged in by_user.items():
-        if not judged:
-            counts["users_unjudged"] += 1
-            continue
-        out[user] = aggregate(judged)
-    return out
 
 
 # --- the synthetic-persona source -----------------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_chunking_and_the_post_accounting_rules(tmp_path):
 
 
 def test_a_judge_reply_with_unknown_facet_names_keeps_the_known_ones_and_counts_the_rest():
-    from orca2.persona import facet_parser
+    from orca2.bigfive import facet_parser
 
     counts = Counter()
     parse = facet_parser(counts)

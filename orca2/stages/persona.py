@@ -42,7 +42,8 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
 from orca2.models import ClientConfig, Sampling, parse_model, redacted
 from orca2.parse import parse_json_object, parse_text
-from orca2.persona import DOMAINS, Post, infer_users, read_posts, spearman, synthetic_users, trait_report, vector
+from orca2.bigfive import infer_users
+from orca2.persona import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 from orca2.prompts import read_prompt, render_template
 
 log = logging.getLogger(__name__)
