@@ -188,6 +188,25 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_reports(by_model: dict[str, dict[str, Any]]) -> str:
+    """Markdown: each OrcaBench metric (rows) for each model (columns), value [95 % CI]."""
+    labels = list(by_model)
+    benches = list(next(iter(by_model.values())))
+    lines = []
+    for bench in benches:
+        lines += [f"# OrcaBench ({bench}): " + " vs ".join(labels), "", "| metric | " + " | ".join(labels) + " |",
+                  "|---|" + "---:|" * len(labels)]
+        for metric in METRICS:
+            cells = []
+            for label in labels:
+                m = by_model[label][bench]["metrics"][metric]
+                ci = m["ci95"]
+                cells.append(f"{m['value']:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Bars with CI whiskers for the metrics on a 0–1 scale (BLEU / 100)."""
     import matplotlib

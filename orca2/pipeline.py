@@ -32,7 +32,7 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text
 
 log = logging.getLogger(__name__)
-STAGES = ("instruct", "tasks", "select", "generate", "erase", "train", "eval", "iterate")
+STAGES = ("instruct", "tasks", "select", "generate", "erase", "persona", "train", "eval", "iterate")
 ROUND_STEPS = ("sample", "judge", "pairs", "train", "eval")
 CONTROL_STEPS = ("control", "control_eval")  # iterate.control: equal-compute SFT on the round's teacher traces
 
@@ -114,6 +114,8 @@ class Pipeline:
         self.seed = int(data.get("seed", 0))
         default = (("instruct",) if "instruct" in data else ()) + ("tasks", "generate", "erase", "train", "eval") \
             + (("iterate",) if "iterate" in data else ())
+        if "persona" in data:  # role-play: the persona chain makes the training data and the eval set
+            default = ("persona", "train", "eval")
         self.stages = tuple(data.get("stages") or default)
         for name in self.stages:
             if name not in STAGES:
@@ -124,7 +126,8 @@ class Pipeline:
         self.paths = {"instruct": self.run_dir / "instruct.jsonl", "tasks": self.run_dir / "tasks.jsonl", "assignment": self.run_dir / "assignment.yaml",
                       "traces": self.run_dir / "traces.jsonl", "sft": self.run_dir / "sft.jsonl",
                       "student": self.run_dir / "student", "eval": self.run_dir / "eval",
-                      "heldout": self.run_dir / "heldout.jsonl", "cache": self.run_dir / "cache"}
+                      "heldout": self.run_dir / "heldout.jsonl", "cache": self.run_dir / "cache",
+                      "persona": self.run_dir / "persona"}
         if "iterate" in self.stages and not {"train", "eval"} <= set(self.stages):
             raise Orca2Error(f"{path}: iterate needs the train and eval stages before it")
         self.configs = {name: self._stage_config(name) for name in self.stages}  # every error before any work
@@ -176,11 +179,14 @@ class Pipeline:
 
             section, prefix = self._section(name, {"input": str(self.paths["traces"]), "output": str(self.paths["sft"])})
             return build_section(EraseConfig, section, self.source, self.lines, prefix)
+        if name == "persona":
+            return self._persona_configs()
         if name == "train":
             from orca2.models import check_student
             from orca2.train.trainer import TrainConfig
 
-            section, prefix = self._section(name, {"data": (str(self.paths["sft"]),), "output": str(self.paths["student"])})
+            data = self.paths["persona"] / "pcip.jsonl" if "persona" in self.stages else self.paths["sft"]
+            section, prefix = self._section(name, {"data": (str(data),), "output": str(self.paths["student"])})
             section.setdefault("seed", seed)
             cfg = build_section(TrainConfig, section, self.source, self.lines, prefix)
             try:
@@ -199,11 +205,13 @@ class Pipeline:
         base_model = section.pop("base_model", None)
         base_system = tuple(section.pop("base_system", ()) or ())
         section.setdefault("system", ["cautious"])
+        if "persona" in self.stages:  # OrcaBench on the users persona build held out
+            section.setdefault("bench", ["orcabench"])
         section.setdefault("bench", ["heldout"] if "heldout" in self.data else ["gsm8k"])
         model = str(self.paths["student"] / "model") if "train" in self.stages else section.pop("model", None)
         if model is None:
             raise Orca2Error(f"{self.source}: eval needs eval.model when the pipeline has no train stage")
-        extra = [str(self.paths["eval"] / "benchmarks.yaml")] if "heldout" in self.data else []
+        extra = [str(self.paths["eval"] / "benchmarks.yaml")] if "heldout" in self.data or "persona" in self.stages else []
         wired = {"output": str(self.paths["eval"] / "student"), "label": "student",
                  "benchmarks": tuple(extra) + tuple(section.pop("benchmarks", ()) or ())}
         section.update(wired)
@@ -215,6 +223,40 @@ class Pipeline:
             base = dataclasses.replace(student, model=base_model, label="base", output=str(self.paths["eval"] / "base"),
                                        system=base_system or student.system)
         return {"student": student, "base": base}
+
+    def _persona_configs(self) -> dict[str, Any]:
+        """persona: {posts: PATH | synthetic, synth:, infer:, augment:, build:} → each step's config, paths wired."""
+        from orca2.stages.persona import AugmentConfig, BuildConfig, InferConfig, SynthConfig
+
+        data = dict(self.data.get("persona") or {})
+        for key in data:
+            if key not in ("posts", "synth", "infer", "augment", "build"):
+                raise Orca2Error(f"{self.source}:{self.lines.get(f'persona.{key}', 1)}: unknown key 'persona.{key}' "
+                                 "(valid: posts, synth, infer, augment, build)")
+        d = self.paths["persona"]
+        cache = {"cache_dir": str(self.paths["cache"])}
+        posts = data.get("posts", "synthetic")
+        configs: dict[str, Any] = {}
+        if posts == "synthetic":
+            configs["synth"] = build_section(SynthConfig, {"seed": self.seed, **(data.get("synth") or {}),
+                                                           "output": str(d / "posts.jsonl")}, self.source, self.lines,
+                                             "persona.synth.")
+            posts = str(d / "posts.jsonl")
+        wired = {"infer": (InferConfig, {"posts": posts, "output": str(d / "traits.jsonl")}),
+                 "augment": (AugmentConfig, {"posts": posts, "traits": str(d / "traits.jsonl"),
+                                             "output": str(d / "augmented.jsonl")}),
+                 "build": (BuildConfig, {"augmented": str(d / "augmented.jsonl"), "traits": str(d / "traits.jsonl"),
+                                         "output": str(d / "pcip.jsonl")})}
+        for step, (cls, paths) in wired.items():
+            section = {**(data.get(step) or {}), **paths}
+            if step == "infer" and "synth" in configs:
+                section.setdefault("truth", str(d / "posts.truth.jsonl"))
+            if step == "build":
+                section.setdefault("holdout", 0.2)
+                section.setdefault("seed", self.seed)
+            section["client"] = {**cache, **section.get("client", {})}
+            configs[step] = build_section(cls, section, self.source, self.lines, f"persona.{step}.")
+        return configs
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -463,14 +505,21 @@ class Pipeline:
             return [Path(p) for p in specs if p and Path(p).exists()]
         if name == "iterate":
             return [self.paths["tasks"], self.paths["traces"], self.paths["student"] / "model"]
+        if name == "persona":
+            posts = self.configs["persona"]["infer"].posts
+            return [] if "synth" in self.configs["persona"] else [Path(posts)]
+        if name == "train" and "persona" in self.stages:
+            return [self.paths["persona"] / "pcip.jsonl"]
         return {"select": [self.paths["tasks"]],
                 "generate": [self.paths["tasks"]] + ([self.paths["assignment"]] if self.paths["assignment"].exists() else []),
                 "erase": [self.paths["traces"]], "train": [self.paths["sft"]],
                 "eval": ([self.paths["student"] / "model"] if "train" in self.stages else [])
-                + ([self.paths["heldout"]] if "heldout" in self.data else [])}[name]
+                + ([self.paths["heldout"]] if "heldout" in self.data else [])
+                + ([self.paths["persona"] / "pcip.heldout.jsonl"] if "persona" in self.stages else [])}[name]
 
     def outputs(self, name: str) -> list[Path]:
-        return {"instruct": [self.paths["instruct"]], "tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],
+        return {"persona": [self.paths["persona"] / "pcip.jsonl", self.paths["persona"] / "pcip.heldout.jsonl"],
+                "instruct": [self.paths["instruct"]], "tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],
                 "erase": [self.paths["sft"]], "train": [self.paths["student"] / "model"],
                 "eval": [self.paths["eval"] / "student" / "report.json"],
                 "iterate": [self.run_dir / "iterate" / "best"]}[name]
@@ -497,6 +546,13 @@ class Pipeline:
             Assignment.load(self.paths["assignment"])  # unknown strategies fail before any stage runs
         if "heldout" in self.data:
             self._write_heldout()
+        if "persona" in self.stages:
+            d = self.paths["persona"].resolve()
+            self.paths["eval"].mkdir(parents=True, exist_ok=True)
+            judge = self.configs["persona"]["infer"].judge
+            (self.paths["eval"] / "benchmarks.yaml").write_text(
+                f"orcabench:\n  loader: orcabench\n  path: {d / 'pcip.heldout.jsonl'}\n  traits: {d / 'traits.jsonl'}\n"
+                f"  judge: {judge}\n")
         forced = False
         ran, skipped = [], []
         for name in self.stages:
@@ -567,6 +623,20 @@ class Pipeline:
 
     def _run_stage(self, name: str, resume: bool) -> dict[str, Any]:
         cfg = self.configs[name]
+        if name == "persona":
+            from orca2.stages import persona
+
+            counts: dict[str, Any] = {}
+            if "synth" in cfg:
+                counts["synth"] = persona.synth(cfg["synth"])
+            inferred = persona.infer(cfg["infer"])
+            counts["infer"] = {"users": inferred["users"], **({"spearman": {d: round(v["rho"], 3) for d, v in
+                                                                         inferred["truth"]["spearman"].items()}}
+                                                              if "truth" in inferred else {})}
+            counts["augment"] = persona.augment(cfg["augment"])["counts"]
+            built = persona.build(cfg["build"])
+            counts["build"] = {k: built[k] for k in ("train_records", "heldout_records", "heldout_users")}
+            return counts
         if name == "instruct":
             from orca2.stages.instruct import run as stage_run
 
@@ -610,9 +680,16 @@ class Pipeline:
         if cfg["base"] is not None:
             reports["base"] = eval_run(cfg["base"])
         reports["student"] = eval_run(cfg["student"])
-        if cfg["base"] is not None:
+        if cfg["base"] is not None and "benchmarks" in reports["student"]:
             compare([cfg["base"].output, cfg["student"].output], str(self.paths["eval"]))
-        return {who: {c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()} for c, s in r["benchmarks"].items()}
+        if cfg["base"] is not None and "orcabench" in reports["student"]:
+            from orca2.eval.orcabench import compare_reports
+
+            with atomic_text(self.paths["eval"] / "orcabench-compare.md") as f:
+                f.write(compare_reports({who: r["orcabench"] for who, r in reports.items()}))
+        return {who: {**{c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()}
+                          for c, s in r.get("benchmarks", {}).items()},
+                      **{b: {m: round(v["value"], 4) for m, v in o["metrics"].items()} for b, o in r.get("orcabench", {}).items()}}
                 for who, r in reports.items()}
 
 

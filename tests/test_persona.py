@@ -269,3 +269,32 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
     with pytest.raises(Orca2Error, match=r"unknown program model 'program:nobody'"):
         stage.InferConfig(posts="p", output="o", judge="program:nobody")
     orjson.dumps  # noqa: B018 - imported for symmetry with the other tests' helpers
+
+
+def test_persona_section_of_orca2_run_trains_and_benchmarks_a_tiny_student(tmp_path, tiny_model):
+    from orca2 import pipeline
+
+    path = tmp_path / "persona.yaml"
+    path.write_text(f"""
+output: {tmp_path / "run"}
+seed: 0
+persona:
+  synth: {{users: 6, posts: 10}}
+  build: {{variant: ptit, holdout: 0.34}}
+train: {{model: "{tiny_model}", max_len: 1024, lr: 0.001, warmup_ratio: 0.0, mask_check: 2}}
+eval:
+  base_model: "{tiny_model}"
+  sampling: {{max_tokens: 16}}
+""")
+    first = pipeline.run(str(path))
+    assert first["ran"] == ["persona", "train", "eval"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    counts = manifest["stages"]["persona"]["counts"]
+    assert counts["build"] == {"train_records": 40, "heldout_records": 20, "heldout_users": 2}
+    assert set(counts["infer"]["spearman"]) == set(DOMAINS)
+    student = manifest["stages"]["eval"]["counts"]["student"]["orcabench"]
+    assert set(student) >= {"bleu", "rouge1", "cosine", "profile"}
+    assert "orcabench" in manifest["stages"]["eval"]["counts"]["base"]
+    compare = (tmp_path / "run" / "eval" / "orcabench-compare.md").read_text()
+    assert "| rougeL |" in compare and "base" in compare and "student" in compare
+    assert pipeline.run(str(path))["ran"] == []  # unchanged: all skipped
