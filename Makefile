@@ -1,6 +1,7 @@
 # orca2 — set up, run the built-in demo, test.
 #   make demo   create .venv, install everything (CPU PyTorch), run the toolkit's main job offline
 #   make loop-demo   the on-policy loop offline: SFT start → KTO round(s) vs an equal-compute SFT control
+#   make persona-demo  role-play offline: synthetic personas → traits → PCIP → SFT → OrcaBench
 #   make test   create .venv, install everything, run the default (CPU, quick) test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,8 +9,9 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 DEMO   ?= runs/demo
 LOOP_DEMO ?= runs/loop-demo
+PERSONA_DEMO ?= runs/persona-demo
 
-.PHONY: setup demo loop-demo test test-slow bench clean
+.PHONY: setup demo loop-demo persona-demo test test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,12 @@ demo: setup
 loop-demo: setup
 	$(BIN)/orca2 run --config configs/loop-demo.yaml -o $(LOOP_DEMO)
 	cat $(LOOP_DEMO)/iterate/report.md
+
+# Orca's role-play chain offline (configs/persona-demo.yaml): synthetic personas → BigFive inference checked
+# against the truth → profiles and activities → PCIP records → SFT → OrcaBench, base vs student.
+persona-demo: setup
+	$(BIN)/orca2 run --config configs/persona-demo.yaml -o $(PERSONA_DEMO)
+	cat $(PERSONA_DEMO)/persona/traits.report.md $(PERSONA_DEMO)/eval/orcabench-compare.md
 
 test: setup
 	$(BIN)/python -m pytest -q

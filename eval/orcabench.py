@@ -10,7 +10,9 @@ A benchmark entry with `loader: orcabench` (e.g. in a --benchmarks YAML):
 
 The model answers each record's prompt (system: profile, personality, knowledge; user: write your next post);
 the post is read from its JSON reply (a reply that is not JSON counts whole, and is counted). Metrics:
-  - corpus BLEU, ROUGE-1/2/L F1 and Distinct-1/2 of the generated posts against the real ones (eval.textmetrics);
+  - corpus BLEU and ROUGE-1/2/L F1 of the generated posts against the real ones (eval.textmetrics); Distinct-1/2
+    per user (their generated posts), averaged over users — and over all posts as `distinct1_corpus` (no CI: a
+    corpus ratio is not a mean over users);
   - the judge's yes/no on profile, knowledge and personality consistency (prompts/persona/judge-consistency.txt);
     profile only counted where the real post relates to the profile, personality where it relates to the
     personality (persona augment's flags);
@@ -56,8 +58,12 @@ def metrics(rows: list[dict[str, Any]], bigfive: dict[str, dict[str, float]]) ->
     """Every metric over a set of item rows (and the per-user BigFive consistencies of their users)."""
     hyp = [r["generated"] for r in rows]
     ref = [r["reference"] for r in rows]
-    out = {"bleu": corpus_bleu(hyp, ref), **rouge_scores(hyp, ref), "distinct1": distinct_n(hyp, 1),
-           "distinct2": distinct_n(hyp, 2)}
+    by_user: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        by_user[r["user"]].append(r["generated"])
+    out = {"bleu": corpus_bleu(hyp, ref), **rouge_scores(hyp, ref)}
+    for n in (1, 2):  # per user, then averaged: a corpus ratio would shrink whenever a resample repeats a user
+        out[f"distinct{n}"] = sum(distinct_n(posts, n) for posts in by_user.values()) / len(by_user) if by_user else 0.0
     for aspect in ASPECTS:
         verdicts = [r["judge"][aspect] for r in rows if r["judge"].get(aspect) is not None]
         out[aspect] = sum(verdicts) / len(verdicts) if verdicts else float("nan")
@@ -138,8 +144,9 @@ def evaluate(spec: ModelSpec, label: str, bench: Any, cfg: Any, output: Path, re
     ci = bootstrap(rows, bigfive, resamples, 0)
     folder = output / "orcabench"
     write_records(folder / "items.jsonl", [{**r, "bigfive": bigfive.get(r["user"])} for r in rows])
+    corpus = {f"distinct{n}_corpus": {"value": distinct_n([r["generated"] for r in rows], n), "ci95": None} for n in (1, 2)}
     report = {"model": label, "benchmark": bench.name, "users": len(users), "items": len(rows), "judge": bench.judge,
-              "metrics": {m: {"value": values[m], "ci95": ci.get(m)} for m in METRICS}, "counts": dict(counts),
+              "metrics": {**{m: {"value": values[m], "ci95": ci.get(m)} for m in METRICS}, **corpus}, "counts": dict(counts),
               "chunk": 10, "chunks_per_user": {u: len(chunks(p, 10)) for u, p in users.items()}}
     with atomic_text(folder / "report.json") as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -196,7 +203,7 @@ def compare_reports(by_model: dict[str, dict[str, Any]]) -> str:
     for bench in benches:
         lines += [f"# OrcaBench ({bench}): " + " vs ".join(labels), "", "| metric | " + " | ".join(labels) + " |",
                   "|---|" + "---:|" * len(labels)]
-        for metric in METRICS:
+        for metric in by_model[labels[0]][bench]["metrics"]:
             cells = []
             for label in labels:
                 m = by_model[label][bench]["metrics"][metric]
