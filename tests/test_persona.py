@@ -108,12 +108,19 @@ def test_bleu_and_rouge_agree_with_sacrebleu_and_rouge_score():
     assert rouge_scores(hyp, ref) == pytest.approx(expected)
 
 
-def chain(tmp_path, users=40, posts=30, judge="program:persona", client=None):
+def chain(tmp_path, users=40, posts=30, judge="program:persona", client=None, **build):
+    """synth → infer (→ augment → build, when build options are given), offline; returns infer's (or build's) report."""
     client = client or ClientConfig(cache_dir=str(tmp_path / "cache"))
     s = stage.synth(stage.SynthConfig(output=str(tmp_path / "posts.jsonl"), users=users, posts=posts, seed=1))
     inferred = stage.infer(stage.InferConfig(posts=s["output"], output=str(tmp_path / "traits.jsonl"), judge=judge,
                                              truth=s["truth"], client=client, bootstrap=200))
-    return s, inferred
+    if not build:
+        return s, inferred
+    augmented = stage.augment(stage.AugmentConfig(posts=s["output"], traits=str(tmp_path / "traits.jsonl"),
+                                                  output=str(tmp_path / "aug.jsonl"), client=client))
+    assert augmented["counts"]["posts_augmented"] == users * posts
+    return stage.build(stage.BuildConfig(augmented=str(tmp_path / "aug.jsonl"), traits=str(tmp_path / "traits.jsonl"),
+                                         output=str(tmp_path / "pcip.jsonl"), client=client, **build))
 
 
 def test_inference_on_synthetic_personas_recovers_each_domains_ordering(tmp_path):
@@ -140,13 +147,7 @@ def test_ptit_and_psit_records_render_with_the_chat_template_and_mask_only_the_r
 
     from orca2.train.data import IGNORE, end_of_turn_ids, tokenize_example
 
-    chain(tmp_path, users=6, posts=12)
-    aug = stage.augment(stage.AugmentConfig(posts=str(tmp_path / "posts.jsonl"), traits=str(tmp_path / "traits.jsonl"),
-                                            output=str(tmp_path / "aug.jsonl"), client=ClientConfig(cache_dir=str(tmp_path / "cache"))))
-    assert aug["counts"]["posts_augmented"] == 72
-    built = stage.build(stage.BuildConfig(augmented=str(tmp_path / "aug.jsonl"), traits=str(tmp_path / "traits.jsonl"),
-                                          output=str(tmp_path / "pcip.jsonl"), variant=variant, holdout=0.34,
-                                          client=ClientConfig(cache_dir=str(tmp_path / "cache"))))
+    built = chain(tmp_path, users=6, posts=12, variant=variant, holdout=0.34)
     assert built["train_records"] == 48 and built["heldout_records"] == 24 and built["heldout_users"] == 2
     records = [r for _, r in iter_json_lines(tmp_path / "pcip.jsonl")]
     system = records[0]["messages"][0]["content"]
@@ -169,12 +170,7 @@ def test_ptit_and_psit_records_render_with_the_chat_template_and_mask_only_the_r
 
 
 def test_build_ablations_without_activity_and_a_fraction(tmp_path):
-    chain(tmp_path, users=4, posts=10)
-    cache = ClientConfig(cache_dir=str(tmp_path / "cache"))
-    stage.augment(stage.AugmentConfig(posts=str(tmp_path / "posts.jsonl"), traits=str(tmp_path / "traits.jsonl"),
-                                      output=str(tmp_path / "aug.jsonl"), client=cache))
-    r = stage.build(stage.BuildConfig(augmented=str(tmp_path / "aug.jsonl"), traits=str(tmp_path / "traits.jsonl"),
-                                      output=str(tmp_path / "pcip.jsonl"), with_activity=False, fraction=0.5, client=cache))
+    r = chain(tmp_path, users=4, posts=10, with_activity=False, fraction=0.5)
     assert r["train_records"] == 20 and r["counts"]["posts_left_out_by_fraction"] == 20
     record = next(iter_json_lines(tmp_path / "pcip.jsonl"))[1]
     assert set(json.loads(record["messages"][-1]["content"])) == {"post", "media"}
@@ -223,12 +219,7 @@ def test_kill_9_then_resume_asks_nothing_twice(tmp_path, step):
 def test_orcabench_end_to_end_with_a_loopback_student(tmp_path):
     from orca2.eval.evaluate import EvalConfig, run
 
-    chain(tmp_path, users=10, posts=20)
-    cache = ClientConfig(cache_dir=str(tmp_path / "cache"))
-    stage.augment(stage.AugmentConfig(posts=str(tmp_path / "posts.jsonl"), traits=str(tmp_path / "traits.jsonl"),
-                                      output=str(tmp_path / "aug.jsonl"), client=cache))
-    built = stage.build(stage.BuildConfig(augmented=str(tmp_path / "aug.jsonl"), traits=str(tmp_path / "traits.jsonl"),
-                                          output=str(tmp_path / "pcip.jsonl"), holdout=0.5, client=cache))
+    built = chain(tmp_path, users=10, posts=20, holdout=0.5)
     (tmp_path / "bench.yaml").write_text(f"orcabench:\n  loader: orcabench\n  path: {built['heldout']}\n"
                                          f"  traits: {tmp_path / 'traits.jsonl'}\n")
 

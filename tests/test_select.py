@@ -4,7 +4,7 @@ from orca2.config import load_config
 from orca2.errors import Orca2Error
 from orca2.stages.generate import GenerateConfig
 from orca2.stages.generate import run as generate
-from orca2.io import read_records
+from orca2.io import read_records, write_records
 from orca2.testing.loopback import LoopbackServer
 from orca2.stages.select import SelectConfig, dev_slices, run
 from orca2.strategies import Assignment, get
@@ -75,3 +75,87 @@ def test_select_without_gold_answers(tmp_path):
     path.write_text('{"id": "a", "task": "t", "messages": [{"role": "user", "content": "q"}]}\n')
     with pytest.raises(Orca2Error, match="no task records with gold answers"):
         run(load_config(SelectConfig, None, (), {"tasks": str(path), "output": str(tmp_path / "a.yaml"), "teacher": "openai:x"}))
+
+
+# --- student probes -------------------------------------------------------------------------------------
+
+def test_the_probe_selection_rule_on_hand_built_results():
+    from orca2.stages.select import choose_by_probe
+
+    teacher = {"a": {"mean_completion_tokens": 50}, "b": {"mean_completion_tokens": 10}, "c": {"mean_completion_tokens": 5}}
+
+    def probe(acc, low, high):
+        return {"accuracy": acc, "ci95": [low, high]}
+
+    # a clear winner, no overlap
+    winner, rule = choose_by_probe({"a": probe(0.9, 0.8, 0.95), "b": probe(0.3, 0.2, 0.45), "c": probe(0.1, 0.0, 0.2)},
+                                   teacher, ["a", "b", "c"])
+    assert winner == "a" and rule == "best student probe"
+    # a tie in accuracy: fewer teacher tokens wins; the tied one overlaps
+    winner, rule = choose_by_probe({"a": probe(0.5, 0.3, 0.7), "b": probe(0.5, 0.3, 0.7), "c": probe(0.0, 0.0, 0.1)},
+                                   teacher, ["a", "b", "c"])
+    assert winner == "b" and "tie with a: fewer teacher tokens" in rule and "overlaps a" in rule
+    # overlapping CIs are said; a failed probe is out and named
+    winner, rule = choose_by_probe({"a": {"failed": "no supervised tokens"}, "b": probe(0.6, 0.4, 0.75),
+                                    "c": probe(0.45, 0.3, 0.6)}, teacher, ["a", "b", "c"])
+    assert winner == "b" and "overlaps c" in rule and "probe failed: a" in rule
+    with pytest.raises(Orca2Error, match="every probe of this task failed"):
+        choose_by_probe({"a": {"failed": "x"}}, teacher, ["a"])
+
+
+def secret_tasks(path, n=40):
+    write_records(path, [{"id": f"secret/{i}", "task": "secret", "answer": "blue", "meta": {"answer_type": "text"},
+                          "messages": [{"role": "user", "content": f"Secret question number {i}?"}]} for i in range(n)])
+
+
+def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_reruns_train_nothing(tmp_path, tiny_model):
+    """The teacher is right under both strategies; under step-by-step its traces open with 60 random characters, so
+    a student answering in 24 tokens never reaches the answer. Teacher accuracy ties; the probes do not."""
+    import random
+
+    from orca2.strategies import Library
+
+    library = Library.load()
+    direct = library.get("direct-answer").system_text("secret")
+    rng = random.Random(0)
+
+    def teacher(body):
+        if body["messages"][0]["content"] == direct:
+            return "The answer is: blue"
+        noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(60))
+        return f"{noise}\nThe answer is: blue"
+
+    secret_tasks(tmp_path / "tasks.jsonl")
+    with LoopbackServer(teacher) as server:
+        def select(**kw):
+            flags = {"tasks": str(tmp_path / "tasks.jsonl"), "output": str(tmp_path / "assign.yaml"),
+                     "teacher": "openai:teacher", "candidates": ("direct-answer", "step-by-step"), "dev_size": 8,
+                     "client.base_url": server.base_url, "client.api_key": "x", "client.cache_dir": str(tmp_path / "cache"),
+                     "student.model": str(tiny_model), "student.traces": 16, "student.steps": 150, "student.lr": 0.01,
+                     "student.max_tokens": 24, **kw}
+            return run(load_config(SelectConfig, None, ("student.train_layers=null",), flags))  # every layer learns
+
+        report = select()
+        probes = report["probes"]["secret"]
+        assert report["table"]["secret"]["direct-answer"]["accuracy"] == report["table"]["secret"]["step-by-step"]["accuracy"] == 1.0
+        assert probes["direct-answer"]["accuracy"] >= 0.75 and probes["step-by-step"]["accuracy"] == 0.0, probes
+        assert report["chosen"] == {"secret": "direct-answer"} and report["rules"]["secret"].startswith("best student probe")
+        assert "student" in (tmp_path / "assign.table.md").read_text() and (tmp_path / "assign.table.png").exists()
+        assert not any(p.name == "train" for p in (tmp_path / "assign.probes").glob("*/*"))  # weights deleted, results kept
+        asked = server.stats.ok
+        again = select()
+        assert all(p["cached"] for p in again["probes"]["secret"].values()) and server.stats.ok == asked
+        assert again["chosen"] == report["chosen"]
+
+
+def test_probe_bad_inputs_fail_in_one_line_before_any_probe(tmp_path, tiny_model):
+    secret_tasks(tmp_path / "tasks.jsonl", n=8)
+    base = {"tasks": str(tmp_path / "tasks.jsonl"), "output": str(tmp_path / "assign.yaml"), "teacher": "program:synthetic",
+            "candidates": ("direct-answer",), "dev_size": 8, "client.cache_dir": str(tmp_path / "cache"),
+            "student.model": str(tiny_model)}
+    with pytest.raises(Orca2Error, match="leaves no training step"):
+        load_config(SelectConfig, None, (), {**base, "student.steps": 0})
+    with pytest.raises(Orca2Error, match="is served, and a probe fine-tunes the student"):
+        load_config(SelectConfig, None, (), {**base, "student.model": "openai:gpt-4o"})
+    with pytest.raises(Orca2Error, match="task 'secret' has no items with gold answers beyond its dev slice"):
+        run(load_config(SelectConfig, None, (), base))

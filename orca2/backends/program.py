@@ -38,7 +38,21 @@ def write_solution(strategy: str, steps: list[str], facts: list[str], answer: st
     raise ModelError(f"program:synthetic cannot write in the style of strategy '{strategy}'", retryable=False)
 
 
-class ProgramBackend:
+class _Program:
+    """A program model: `complete_one` per request, answered in order, instantly."""
+
+    def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
+        raise NotImplementedError
+
+    def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
+        for key, request in pending:
+            try:
+                sink.done(key, self.complete_one(request.messages, request.context, sampling))
+            except ModelError as exc:
+                sink.failed(key, exc.reason)
+
+
+class ProgramBackend(_Program):
     """Answers synthetic tasks exactly, from the generator's worked solution carried in the task's meta."""
 
     def __init__(self, name: str = "synthetic", library: Library | None = None):
@@ -67,12 +81,6 @@ class ProgramBackend:
         return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
                         completion_tokens=words * sampling.n, latency_s=0.0, model=self.spec)
 
-    def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
-        for key, request in pending:
-            try:
-                sink.done(key, self.complete_one(request.messages, request.context, sampling))
-            except ModelError as exc:
-                sink.failed(key, exc.reason)
 
 
 def program_backend(name: str, library: Library | None = None) -> Any:
@@ -80,7 +88,7 @@ def program_backend(name: str, library: Library | None = None) -> Any:
     return PersonaProgram() if name == "persona" else ProgramBackend(name, library)
 
 
-class PersonaProgram:
+class PersonaProgram(_Program):
     """`program:persona`: answers the role-play agents by rule, from the request's context (what the agent was
     given), so the persona chain runs offline — a stand-in that shows the mechanics, labelled as such. The
     rules live in orca2.persona (rule_marks, rule_profile, rule_activity, rule_summary, rule_consistent)."""
@@ -109,9 +117,3 @@ class PersonaProgram:
         return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
                         completion_tokens=len(text.split()) * sampling.n, latency_s=0.0, model=self.spec)
 
-    def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
-        for key, request in pending:
-            try:
-                sink.done(key, self.complete_one(request.messages, request.context, sampling))
-            except ModelError as exc:
-                sink.failed(key, exc.reason)

@@ -5,6 +5,16 @@ under each candidate strategy; answers are scored with the shared extractor. The
 task wins (ties: fewer completion tokens, then the candidates' order); the default is the best overall.
 Orca 2 chose strategies by hand; this measures the choice. Responses land in the same cache as
 `generate`, so the dev items are not paid for twice.
+
+**Student probes** (`student:` section): the teacher's accuracy cannot tell which strategy a small student
+can *learn* — the teacher is often right under all of them. With `student`, each (task, strategy) gets a
+probe: the teacher answers `traces` other items of the task under the strategy, its correct answers are
+erased to the generic prompt (as the real run will train), the student is fine-tuned on them for `steps`
+optimizer steps (top `train_layers` layers, the shared training engine), and the probe answers the dev
+slice under the generic prompt. The best probe accuracy wins (ties: fewer teacher tokens, then the
+candidates' order); a strategy whose probe failed to train is out; where the winner's 95 % CI overlaps
+another's, the table says so. Probes are cached by (student, strategy, data hash, budget, dev items): a
+re-run trains none again. The probe's weights are deleted once it is scored (its result is kept).
 """
 
 from __future__ import annotations
@@ -30,6 +40,20 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    model: str  # the student: local:default | local:<folder or .gguf> | an HF folder (a served model cannot be fine-tuned)
+    traces: int = 48  # items per task the teacher answers for each probe's training data (correct ones kept)
+    steps: int = 24  # optimizer steps per probe
+    train_layers: int | None = 4  # the top N layers learn (CPU budget); None: all
+    lr: float = 5e-4
+    max_len: int = 512
+    grad_accum: int = 1
+    generic: str = "cautious"  # the prompt the probes train and answer under (as erase will write)
+    max_tokens: int = 160  # the probe's answers on the dev slice
+    folder: str | None = None  # where probe results are kept (default: <output stem>.probes beside the assignment)
+
+
+@dataclass(frozen=True)
 class SelectConfig:
     tasks: str  # task records with gold answers
     output: str  # assignment YAML to write
@@ -39,11 +63,21 @@ class SelectConfig:
     strategies: tuple[str, ...] = ()  # extra strategy YAML files or folders
     client: ClientConfig = field(default_factory=ClientConfig)
     sampling: Sampling = field(default_factory=Sampling)
+    student: ProbeConfig | None = None  # choose by what the student learns (probes), not by the teacher's accuracy
 
     def __post_init__(self) -> None:
         parse_model(self.teacher)
         if self.dev_size < 1:
             raise Orca2Error("select: dev_size must be >= 1")
+        if self.student is not None:
+            p = self.student
+            if p.steps < 1 or p.traces < 1 or p.max_tokens < 1:
+                raise Orca2Error(f"select.student: a budget of {p.steps} steps on {p.traces} traces leaves no training "
+                                 "step (steps >= 1 and traces >= 1 required)")
+            spec = parse_model(p.model, paths=True)
+            if spec.scheme != "local":
+                raise Orca2Error(f"select.student: {p.model} is served, and a probe fine-tunes the student; give the "
+                                 "local model it serves (local:default, a folder or a .gguf)")
 
 
 def _glob_literal(name: str) -> str:
@@ -51,13 +85,16 @@ def _glob_literal(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def dev_slices(path: str, size: int, seed: int) -> tuple[dict[str, list[Record]], int]:
-    """Per task, `size` items with gold answers drawn by seed (constant memory per task); and how many had no answer."""
+def dev_slices(path: str, size: int, seed: int, exclude: frozenset[str] = frozenset()) -> tuple[dict[str, list[Record]], int]:
+    """Per task, `size` items with gold answers drawn by seed (constant memory per task), none of `exclude`; and
+    how many had no answer."""
     heaps: dict[str, list[tuple[bytes, int, Record]]] = {}
     no_answer = 0
     for lineno, record in read_numbered(path):
         if not record.get("answer"):
             no_answer += 1
+            continue
+        if record["id"] in exclude:
             continue
         rank = hashlib.sha256(f"{seed}:{record['id']}".encode()).digest()
         heap = heaps.setdefault(record["task"], [])
@@ -112,20 +149,32 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
                          "mean_completion_tokens": c["tokens"] / max(1, c["n"]), "n": c["n"], "failed": c["failed"]}
         table[task] = row
     chosen = {task: _best(row, candidates) for task, row in table.items()}
+    rules = {task: "best teacher accuracy (ties: fewer tokens)" for task in table}
+    probes: dict[str, dict[str, Any]] = {}
+    if cfg.student is not None:
+        probes = run_probes(cfg, library, candidates, slices, table)
+        for task in table:
+            chosen[task], rules[task] = choose_by_probe(probes[task], table[task], candidates)
     overall = {name: _mean([table[t][name]["accuracy"] for t in table]) for name in candidates}
     default = max(candidates, key=lambda n: (overall[n] if overall[n] is not None else -1, -candidates.index(n)))
+    if probes:
+        overall = {name: _mean([probes[t][name].get("accuracy") for t in table]) for name in candidates}
+        default = max(candidates, key=lambda n: (overall[n] if overall[n] is not None else -1, -candidates.index(n)))
+    report = {"teacher": spec, "candidates": candidates, "dev_size": cfg.dev_size, "table": table, "chosen": chosen,
+              "rules": rules, "probes": probes, "default": default, "overall_accuracy": overall,
+              "skipped_without_answer": no_answer, "requests_this_run": done}
     assignment = Assignment(tuple((_glob_literal(t), s) for t, s in chosen.items()), default, cfg.output)
+    judged = f"student probes of {cfg.student.model}" if cfg.student else f"teacher {spec}"
     with atomic_text(cfg.output) as f:
-        f.write(f"# Written by `orca2 select` with teacher {spec}: the best of {len(candidates)} strategies per task\n"
+        f.write(f"# Written by `orca2 select` ({judged}): the best of {len(candidates)} strategies per task\n"
                 f"# on dev slices of up to {cfg.dev_size} items (table: {sidecar(cfg.output, 'table.md').name}).\n")
         f.write(assignment.to_yaml())
-    report = {"teacher": spec, "candidates": candidates, "dev_size": cfg.dev_size, "table": table, "chosen": chosen,
-              "default": default, "overall_accuracy": overall, "skipped_without_answer": no_answer,
-              "requests_this_run": done}
     with atomic_text(sidecar(cfg.output, "table.json")) as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     with atomic_text(sidecar(cfg.output, "table.md")) as f:
-        f.write(render_table(table, candidates, chosen))
+        f.write(render_table(table, candidates, chosen, probes, rules))
+    if probes:
+        report["plot"] = str(plot_probes(table, probes, candidates, sidecar(cfg.output, "table.png")))
     save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
     return report
 
@@ -143,15 +192,170 @@ def _best(row: dict[str, dict[str, Any]], candidates: list[str]) -> str:
     return max(candidates, key=rank)
 
 
-def render_table(table: dict[str, dict[str, Any]], candidates: list[str], chosen: dict[str, str]) -> str:
-    """Markdown: task × strategy, each cell 'accuracy % (mean completion tokens)', the winner in bold."""
-    lines = ["| task | n | " + " | ".join(candidates) + " | chosen |", "|---|---:|" + "---:|" * len(candidates) + "---|"]
+def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slices: dict[str, list[Record]],
+               table: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """task → strategy → probe result ({accuracy, n, correct, ci95, traces, seconds, cached} or {failed: reason})."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from orca2.eval.stats import wilson
+    from orca2.io import write_records
+    from orca2.models import check_student, model_fingerprint
+    from orca2.prompts import generic_prompt
+    from orca2.train import trainer
+
+    p = cfg.student
+    assert p is not None
+    check_student(p.model)
+    generic = generic_prompt(p.generic)
+    seed = cfg.sampling.seed or 0
+    dev_ids = frozenset(r["id"] for records in slices.values() for r in records)
+    pool, _ = dev_slices(cfg.tasks, p.traces, seed + 1, exclude=dev_ids)
+    for task in slices:
+        if not pool.get(task):
+            raise Orca2Error(f"select.student: task '{task}' has no items with gold answers beyond its dev slice to "
+                             "train probes on (give more tasks or a smaller dev_size)")
+    # the teacher under each strategy on the probe items (the same cache as generate: these are paid once)
+    plan = [(task, name, r) for task in slices for name in candidates for r in pool[task]]
+    requests = [Request(with_system_prompt(r["messages"], library.get(name).system_text(task)),
+                        {**r.get("meta", {}), "answer": r.get("answer"), "task": task}) for task, name, r in plan]
+    traces: dict[tuple[str, str], list[Record]] = {}
+    with ask(cfg.teacher, requests, cfg.sampling, cfg.client, desc="select probe traces", library=library) as answers:
+        for i, (task, name, r) in enumerate(plan):
+            response = answers.response(i)
+            kept = traces.setdefault((task, name), [])
+            if response is None:
+                continue
+            reply = response["contents"][0]
+            if score(reply, r["answer"], r.get("meta", {}).get("answer_type")).correct:  # erase drops wrong answers
+                kept.append({"id": r["id"], "task": task, "answer": r["answer"], "meta": {"strategy": name},
+                             "messages": with_system_prompt(r["messages"], generic) + [{"role": "assistant", "content": reply}]})
+    empty = [(t, n) for (t, n), kept in traces.items() if not kept]
+    if empty:
+        raise Orca2Error(f"select.student: strategy '{empty[0][1]}' has no correct teacher traces for task '{empty[0][0]}' "
+                         f"({len(empty)} such pairs), so its probe has nothing to learn from")
+    folder = Path(p.folder) if p.folder else sidecar(cfg.output, "probes")
+    budget = {k: getattr(p, k) for k in ("steps", "train_layers", "lr", "max_len", "grad_accum", "generic", "max_tokens")}
+    student_id = f"{p.model}@{model_fingerprint(p.model)}"
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for task, dev in slices.items():
+        dev_requests = [Request(with_system_prompt(r["messages"], generic)) for r in dev]
+        for name in candidates:
+            data = traces[(task, name)]
+            key = hashlib.sha256(orjson.dumps({"student": student_id, "strategy": name, "budget": budget, "seed": seed,
+                                               "data": data, "dev": [r["id"] for r in dev]},
+                                              option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+            here = folder / f"{_safe(task)}-{name}-{key}"
+            result_path = here / "result.json"
+            if result_path.exists():  # this probe ran before: its result stands, nothing trains
+                out.setdefault(task, {})[name] = {**orjson.loads(result_path.read_bytes()), "cached": True}
+                continue
+            start = time.perf_counter()
+            write_records(here / "data.jsonl", data)
+            try:
+                trained = trainer.run(trainer.TrainConfig(
+                    model=p.model, output=str(here / "train"), data=(str(here / "data.jsonl"),), max_steps=p.steps,
+                    epochs=p.steps, lr=p.lr, train_layers=p.train_layers, max_len=p.max_len, grad_accum=p.grad_accum,
+                    zero_stage=0, warmup_ratio=0.0, seed=seed, mask_check=2, save_every=0))
+                model = f"local:{trained['model']}"
+                with ask(model, dev_requests, Sampling(max_tokens=p.max_tokens), cfg.client,
+                         desc=f"probe {task} {name}") as answers:
+                    replies = [answers.response(i) for i in range(len(dev))]
+                correct = sum(bool(rep) and score(rep["contents"][0], r["answer"], r.get("meta", {}).get("answer_type")).correct
+                              for rep, r in zip(replies, dev))
+                n = len(dev)
+                result = {"accuracy": correct / n, "correct": correct, "n": n, "ci95": list(wilson(correct, n)),
+                          "traces": len(data), "steps": trained["stages"][0]["steps"],
+                          "seconds": round(time.perf_counter() - start, 1)}
+            except Orca2Error as exc:  # a probe that cannot train is out of the running, with its reason
+                result = {"failed": str(exc), "traces": len(data), "seconds": round(time.perf_counter() - start, 1)}
+            with atomic_text(result_path) as f:
+                f.write(orjson.dumps(result).decode())
+            shutil.rmtree(here / "train", ignore_errors=True)  # the weights: hundreds of MB per probe
+            out.setdefault(task, {})[name] = {**result, "cached": False}
+    return out
+
+
+def _safe(task: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
+
+
+def choose_by_probe(probes: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]],
+                    candidates: list[str]) -> tuple[str, str]:
+    """(winner, the rule that decided it): best probe accuracy; ties → fewer teacher tokens, then the candidates'
+    order; failed probes are out; strategies whose 95 % CI overlaps the winner's are named."""
+    alive = [n for n in candidates if "accuracy" in probes.get(n, {})]
+    if not alive:
+        reasons = "; ".join(f"{n}: {probes.get(n, {}).get('failed', 'no probe')}" for n in candidates)
+        raise Orca2Error(f"select.student: every probe of this task failed ({reasons})")
+
+    def rank(n: str) -> tuple[float, float, int]:
+        return (probes[n]["accuracy"], -teacher[n]["mean_completion_tokens"], -candidates.index(n))
+
+    winner = max(alive, key=rank)
+    best = probes[winner]
+    tied = [n for n in alive if n != winner and probes[n]["accuracy"] == best["accuracy"]]
+    rule = "best student probe" + (f" (tie with {', '.join(tied)}: fewer teacher tokens)" if tied else "")
+    low = best["ci95"][0]
+    overlap = [n for n in alive if n != winner and probes[n]["ci95"][1] >= low]
+    if overlap:
+        rule += f"; 95 % CI overlaps {', '.join(overlap)} (not a clear difference)"
+    failed = [n for n in candidates if "failed" in probes.get(n, {})]
+    if failed:
+        rule += f"; probe failed: {', '.join(failed)}"
+    return winner, rule
+
+
+def render_table(table: dict[str, dict[str, Any]], candidates: list[str], chosen: dict[str, str],
+                 probes: dict[str, dict[str, Any]] | None = None, rules: dict[str, str] | None = None) -> str:
+    """Markdown: task × strategy, each cell the teacher's 'accuracy % (mean completion tokens)' and, with probes,
+    the student probe's accuracy [95 % CI] and seconds; the winner in bold; the rule that decided each row."""
+    probes = probes or {}
+    lines = ["| task | n | " + " | ".join(candidates) + " | chosen | rule |", "|---|---:|" + "---:|" * len(candidates) + "---|---|"]
     for task, row in table.items():
         n = max(c["n"] for c in row.values())
         cells = []
         for name in candidates:
             c = row[name]
             text = "–" if c["accuracy"] is None else f"{100 * c['accuracy']:.0f}% ({c['mean_completion_tokens']:.0f} tok)"
+            text = f"teacher {text}" if probes else text
+            probe = probes.get(task, {}).get(name)
+            if probe is not None:
+                text += (f"; probe failed ({probe['failed'][:60]})" if "failed" in probe else
+                         f"; student {100 * probe['accuracy']:.0f}% [{100 * probe['ci95'][0]:.0f}, {100 * probe['ci95'][1]:.0f}]"
+                         f" ({probe['seconds']:.0f} s{', cached' if probe.get('cached') else ''})")
             cells.append(f"**{text}**" if name == chosen[task] else text)
-        lines.append(f"| {task} | {n} | " + " | ".join(cells) + f" | {chosen[task]} |")
+        rule = (rules or {}).get(task, "best teacher accuracy (ties: fewer tokens)")
+        lines.append(f"| {task} | {n} | " + " | ".join(cells) + f" | {chosen[task]} | {rule} |")
     return "\n".join(lines) + "\n"
+
+
+def plot_probes(table: dict[str, dict[str, Any]], probes: dict[str, dict[str, Any]], candidates: list[str], path: Any) -> Any:
+    """Grouped bars per task: each strategy's student probe accuracy with its 95 % CI, and the teacher's as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from orca2.eval.report import save_figure
+
+    tasks = list(table)
+    width = 0.8 / len(candidates)
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(tasks) * len(candidates) / 2), 3.8))
+    for k, name in enumerate(candidates):
+        xs = [i + (k - (len(candidates) - 1) / 2) * width for i in range(len(tasks))]
+        cells = [probes[t].get(name, {}) for t in tasks]
+        acc = [100 * c.get("accuracy", 0.0) for c in cells]
+        err = [[max(0.0, a - 100 * c["ci95"][0]) if "ci95" in c else 0 for a, c in zip(acc, cells)],
+               [max(0.0, 100 * c["ci95"][1] - a) if "ci95" in c else 0 for a, c in zip(acc, cells)]]
+        ax.bar(xs, acc, width, yerr=err, capsize=3, label=f"{name} (student probe)")
+        teacher = [100 * (table[t][name]["accuracy"] or 0) for t in tasks]
+        ax.plot(xs, teacher, "k.", markersize=8)
+    ax.plot([], [], "k.", label="teacher")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, fontsize=8)
+    ax.set_ylabel("dev accuracy %")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
