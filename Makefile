@@ -32,6 +32,7 @@ setup: $(VENV)/.installed
 # under assigned strategies → prompt erasure → SFT of SmolLM2-135M on CPU → eval of base vs student.
 demo: setup
 	$(BIN)/orca2 run --config configs/demo.yaml -o $(DEMO)
+	cat $(DEMO)/assignment.table.md
 	cat $(DEMO)/eval/compare.md
 
 # Orca-Math's loop on synthetic word problems (configs/loop-demo.yaml): an SFT start, rounds of sampling,

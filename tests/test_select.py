@@ -159,3 +159,25 @@ def test_probe_bad_inputs_fail_in_one_line_before_any_probe(tmp_path, tiny_model
         load_config(SelectConfig, None, (), {**base, "student.model": "openai:gpt-4o"})
     with pytest.raises(Orca2Error, match="task 'secret' has no items with gold answers beyond its dev slice"):
         run(load_config(SelectConfig, None, (), base))
+
+
+def test_probe_inputs_without_gold_or_without_traces_fail_before_any_probe(tmp_path, tiny_model):
+    from orca2.io import write_records as write
+
+    secret_tasks(tmp_path / "tasks.jsonl", n=30)
+    rows = list(read_records(tmp_path / "tasks.jsonl"))
+    write(tmp_path / "mixed.jsonl", rows + [{"id": "open/0", "task": "open", "answer": None,
+                                             "messages": [{"role": "user", "content": "Tell me a story."}]}])
+
+    def teacher(body):  # right under direct-answer, always wrong under step-by-step
+        return "The answer is: blue" if "step" not in body["messages"][0]["content"].lower() else "The answer is: red"
+
+    with LoopbackServer(teacher) as server:
+        base = {"tasks": str(tmp_path / "tasks.jsonl"), "output": str(tmp_path / "assign.yaml"), "teacher": "openai:t",
+                "candidates": ("direct-answer", "step-by-step"), "dev_size": 8, "client.base_url": server.base_url,
+                "client.api_key": "x", "client.cache_dir": str(tmp_path / "cache"), "student.model": str(tiny_model)}
+        with pytest.raises(Orca2Error, match="task 'open' has no items with gold answers, so its probes cannot be scored"):
+            run(load_config(SelectConfig, None, (), {**base, "tasks": str(tmp_path / "mixed.jsonl")}))
+        with pytest.raises(Orca2Error, match="strategy 'step-by-step' has no correct teacher traces for task 'secret'"):
+            run(load_config(SelectConfig, None, (), base))
+    assert not (tmp_path / "assign.probes").exists()  # no probe started

@@ -210,6 +210,10 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
     check_student(p.model)
     generic = generic_prompt(p.generic)
     seed = cfg.sampling.seed or 0
+    without_gold = sorted({r["task"] for _, r in read_numbered(cfg.tasks)} - set(slices))
+    if without_gold:
+        raise Orca2Error(f"select.student: task '{without_gold[0]}' has no items with gold answers, so its probes "
+                         f"cannot be scored ({len(without_gold)} such tasks)")
     dev_ids = frozenset(r["id"] for records in slices.values() for r in records)
     pool, _ = dev_slices(cfg.tasks, p.traces, seed + 1, exclude=dev_ids)
     for task in slices:
