@@ -236,7 +236,8 @@ def test_iterate_samples_from_a_served_student(tmp_path, config, data_dir, monke
     assert (tmp_path / "run" / "iterate" / "round-1" / "server.log").exists()
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "loop-demo.yaml", "orca-math-7b/run.yaml", "dno-7b/run.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "loop-demo.yaml", "orca-math-7b/run.yaml", "dno-7b/run.yaml",
+                                  "persona-demo.yaml"])
 def test_shipped_run_configs_build_before_any_work(name, tmp_path):
     """Every section of the shipped configs builds (keys, types, models, iterate's steps) and names known strategies."""
     import yaml
@@ -246,9 +247,15 @@ def test_shipped_run_configs_build_before_any_work(name, tmp_path):
     path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
     built = pipeline.Pipeline(path)
     assert "eval" in built.configs
-    assignment = tmp_path / "assignment.yaml"
-    assignment.write_text(yaml.safe_dump(built.data["assignment"]))
-    Assignment.load(assignment, Library.load())
+    library = Library.load()
+    if "select" in built.configs:  # the strategies are chosen by select (the demo: by student probes)
+        assert built.configs["select"].student is not None or name != "demo.yaml"
+        for candidate in built.configs["select"].candidates:
+            library.get(candidate)
+    elif "assignment" in built.data:
+        assignment = tmp_path / "assignment.yaml"
+        assignment.write_text(yaml.safe_dump(built.data["assignment"]))
+        Assignment.load(assignment, library)
 
 
 def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
