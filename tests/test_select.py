@@ -108,12 +108,18 @@ def secret_tasks(path, n=40):
                           "messages": [{"role": "user", "content": f"Secret question number {i}?"}]} for i in range(n)])
 
 
-def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_reruns_train_nothing(tmp_path, tiny_model):
+def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_reruns_train_nothing(tmp_path, tiny_model,
+                                                                                                     monkeypatch):
     """The teacher is right under both strategies; under step-by-step its traces open with 60 random characters, so
     a student answering in 24 tokens never reaches the answer. Teacher accuracy ties; the probes do not."""
     import random
 
     from orca2.strategies import Library
+    from orca2.train import model as student_module
+
+    loads = []
+    real_load = student_module._load_student
+    monkeypatch.setattr(student_module, "_load_student", lambda *a: loads.append(a) or real_load(*a))
 
     library = Library.load()
     direct = library.get("direct-answer").system_text("secret")
@@ -136,6 +142,7 @@ def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_
             return run(load_config(SelectConfig, None, ("student.train_layers=null",), flags))  # every layer learns
 
         report = select()
+        assert len(loads) == 1  # two probes, one load of the student: each trains its own copy
         probes = report["probes"]["secret"]
         assert report["table"]["secret"]["direct-answer"]["accuracy"] == report["table"]["secret"]["step-by-step"]["accuracy"] == 1.0
         assert probes["direct-answer"]["accuracy"] >= 0.75 and probes["step-by-step"]["accuracy"] == 0.0, probes

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -12,8 +14,32 @@ from orca2.errors import Orca2Error
 from orca2.train.data import CHATML_TEMPLATE, IGNORE, MicroBatch
 
 
+_SHARED: dict[tuple[str, Any], tuple[Any, Any]] | None = None  # while `shared_students` is active: spec → loaded base
+
+
+@contextlib.contextmanager
+def shared_students() -> Iterator[None]:
+    """While active, `load_student` loads each student once and hands every caller its own copy: many short
+    trainings of one base (select's probes) share one load instead of dequantising the weights each time."""
+    global _SHARED
+    _SHARED = {}
+    try:
+        yield
+    finally:
+        _SHARED = None
+
+
 def load_student(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) from 'local:default' (SmolLM2-135M-Instruct, dequantised), a .gguf file, an HF folder or a hub name."""
+    if _SHARED is not None:
+        if (spec, dtype) not in _SHARED:
+            _SHARED[(spec, dtype)] = _load_student(spec, dtype)
+        model, tokenizer = _SHARED[(spec, dtype)]
+        return copy.deepcopy(model).train(), copy.deepcopy(tokenizer)
+    return _load_student(spec, dtype)
+
+
+def _load_student(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from orca2.models import check_student, load_local_model, parse_model

@@ -10,7 +10,8 @@ Orca 2 chose strategies by hand; this measures the choice. Responses land in the
 can *learn* — the teacher is often right under all of them. With `student`, each (task, strategy) gets a
 probe: the teacher answers `traces` other items of the task under the strategy, its correct answers are
 erased to the generic prompt (as the real run will train), the student is fine-tuned on them for `steps`
-optimizer steps (top `train_layers` layers, the shared training engine), and the probe answers the dev
+optimizer steps (top `train_layers` layers, the shared training engine; the probes share one loaded student,
+each training its own copy), and the probe answers the dev
 slice under the generic prompt. The best probe accuracy wins (ties: fewer teacher tokens, then the
 candidates' order); a strategy whose probe failed to train is out; where the winner's 95 % CI overlaps
 another's, the table says so. Probes are cached by (student, strategy, data hash, budget, dev items): a
@@ -195,15 +196,11 @@ def _best(row: dict[str, dict[str, Any]], candidates: list[str]) -> str:
 def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slices: dict[str, list[Record]],
                table: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """task → strategy → probe result ({accuracy, n, correct, ci95, traces, seconds, cached} or {failed: reason})."""
-    import shutil
-    import time
     from pathlib import Path
 
-    from orca2.eval.stats import wilson
-    from orca2.io import write_records
     from orca2.models import check_student, model_fingerprint
     from orca2.prompts import generic_prompt
-    from orca2.train import trainer
+    from orca2.train.model import shared_students
 
     p = cfg.student
     assert p is not None
@@ -243,42 +240,57 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
     budget = {k: getattr(p, k) for k in ("steps", "train_layers", "lr", "max_len", "grad_accum", "generic", "max_tokens")}
     student_id = f"{p.model}@{model_fingerprint(p.model)}"
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for task, dev in slices.items():
-        dev_requests = [Request(with_system_prompt(r["messages"], generic)) for r in dev]
-        for name in candidates:
-            data = traces[(task, name)]
-            key = hashlib.sha256(orjson.dumps({"student": student_id, "strategy": name, "budget": budget, "seed": seed,
-                                               "data": data, "dev": [r["id"] for r in dev]},
-                                              option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-            here = folder / f"{_safe(task)}-{name}-{key}"
-            result_path = here / "result.json"
-            if result_path.exists():  # this probe ran before: its result stands, nothing trains
-                out.setdefault(task, {})[name] = {**orjson.loads(result_path.read_bytes()), "cached": True}
-                continue
-            start = time.perf_counter()
-            write_records(here / "data.jsonl", data)
-            try:
-                trained = trainer.run(trainer.TrainConfig(
-                    model=p.model, output=str(here / "train"), data=(str(here / "data.jsonl"),), max_steps=p.steps,
-                    epochs=p.steps, lr=p.lr, train_layers=p.train_layers, max_len=p.max_len, grad_accum=p.grad_accum,
-                    zero_stage=0, warmup_ratio=0.0, seed=seed, mask_check=2, save_every=0))
-                model = f"local:{trained['model']}"
-                with ask(model, dev_requests, Sampling(max_tokens=p.max_tokens), cfg.client,
-                         desc=f"probe {task} {name}") as answers:
-                    replies = [answers.response(i) for i in range(len(dev))]
-                correct = sum(bool(rep) and score(rep["contents"][0], r["answer"], r.get("meta", {}).get("answer_type")).correct
-                              for rep, r in zip(replies, dev))
-                n = len(dev)
-                result = {"accuracy": correct / n, "correct": correct, "n": n, "ci95": list(wilson(correct, n)),
-                          "traces": len(data), "steps": trained["stages"][0]["steps"],
-                          "seconds": round(time.perf_counter() - start, 1)}
-            except Orca2Error as exc:  # a probe that cannot train is out of the running, with its reason
-                result = {"failed": str(exc), "traces": len(data), "seconds": round(time.perf_counter() - start, 1)}
-            with atomic_text(result_path) as f:
-                f.write(orjson.dumps(result).decode())
-            shutil.rmtree(here / "train", ignore_errors=True)  # the weights: hundreds of MB per probe
-            out.setdefault(task, {})[name] = {**result, "cached": False}
+    with shared_students():  # every probe starts from one loaded copy of the student
+        for task, dev in slices.items():
+            _probe_task(cfg, p, task, dev, candidates, traces, folder, budget, student_id, seed, generic, out)
     return out
+
+
+def _probe_task(cfg: SelectConfig, p: ProbeConfig, task: str, dev: list[Record], candidates: list[str],
+                traces: dict[tuple[str, str], list[Record]], folder: Any, budget: dict[str, Any], student_id: str,
+                seed: int, generic: str, out: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Train, score and record (or read back) each candidate's probe for one task."""
+    import shutil
+    import time
+
+    from orca2.eval.stats import wilson
+    from orca2.io import write_records
+    from orca2.train import trainer
+
+    dev_requests = [Request(with_system_prompt(r["messages"], generic)) for r in dev]
+    for name in candidates:
+        data = traces[(task, name)]
+        key = hashlib.sha256(orjson.dumps({"student": student_id, "strategy": name, "budget": budget, "seed": seed,
+                                           "data": data, "dev": [r["id"] for r in dev]},
+                                          option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+        here = folder / f"{_safe(task)}-{name}-{key}"
+        result_path = here / "result.json"
+        if result_path.exists():  # this probe ran before: its result stands, nothing trains
+            out.setdefault(task, {})[name] = {**orjson.loads(result_path.read_bytes()), "cached": True}
+            continue
+        start = time.perf_counter()
+        write_records(here / "data.jsonl", data)
+        try:
+            trained = trainer.run(trainer.TrainConfig(
+                model=p.model, output=str(here / "train"), data=(str(here / "data.jsonl"),), max_steps=p.steps,
+                epochs=p.steps, lr=p.lr, train_layers=p.train_layers, max_len=p.max_len, grad_accum=p.grad_accum,
+                zero_stage=0, warmup_ratio=0.0, seed=seed, mask_check=2, save_every=0))
+            model = f"local:{trained['model']}"
+            with ask(model, dev_requests, Sampling(max_tokens=p.max_tokens), cfg.client,
+                     desc=f"probe {task} {name}") as answers:
+                replies = [answers.response(i) for i in range(len(dev))]
+            correct = sum(bool(rep) and score(rep["contents"][0], r["answer"], r.get("meta", {}).get("answer_type")).correct
+                          for rep, r in zip(replies, dev))
+            n = len(dev)
+            result = {"accuracy": correct / n, "correct": correct, "n": n, "ci95": list(wilson(correct, n)),
+                      "traces": len(data), "steps": trained["stages"][0]["steps"],
+                      "seconds": round(time.perf_counter() - start, 1)}
+        except Orca2Error as exc:  # a probe that cannot train is out of the running, with its reason
+            result = {"failed": str(exc), "traces": len(data), "seconds": round(time.perf_counter() - start, 1)}
+        with atomic_text(result_path) as f:
+            f.write(orjson.dumps(result).decode())
+        shutil.rmtree(here / "train", ignore_errors=True)  # the weights: hundreds of MB per probe
+        out.setdefault(task, {})[name] = {**result, "cached": False}
 
 
 def _safe(task: str) -> str:
