@@ -80,7 +80,7 @@ def select(registry: dict[str, Benchmark], names: tuple[str, ...]) -> list[tuple
     return chosen
 
 
-def _resolve(path: str, data_dir: Path) -> str:
+def resolve_path(path: str, data_dir: Path) -> str:
     if path.startswith("hf:") or Path(path).is_absolute():
         return path
     return str(data_dir / path)
@@ -96,7 +96,7 @@ def _dig(row: dict[str, Any], dotted: str) -> Any:
 def _multiple_choice(bench: Benchmark, data_dir: Path) -> Iterator[Record]:
     from orca2.io import iter_json_lines
 
-    path = _resolve(bench.path, data_dir)
+    path = resolve_path(bench.path, data_dir)
     if path.startswith("hf:"):
         from orca2.sources import load_hf
 
@@ -127,7 +127,7 @@ def load_items(bench: Benchmark, task_filter: str | None, data_dir: Path, limit:
     else:
         from orca2.sources import open_source
 
-        spec = f"{bench.loader}:{_resolve(bench.path, data_dir)}"
+        spec = f"{bench.loader}:{resolve_path(bench.path, data_dir)}"
         path = Path(spec.split(":", 1)[1])
         if bench.loader != "hf" and not path.exists():
             raise Orca2Error(f"benchmark '{bench.name}': {path} not found (set ORCA2_DATA_DIR or the entry's path)")

@@ -25,7 +25,6 @@ Written to <output>/orcabench/{items.jsonl, report.json, report.md, metrics.png}
 
 from __future__ import annotations
 
-import random
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -34,12 +33,13 @@ import orjson
 
 from orca2.ask import Request, ask, ask_parsed
 from orca2.errors import Orca2Error
+from orca2.eval.stats import bootstrap_ci
 from orca2.eval.textmetrics import corpus_bleu, distinct_n, rouge_scores
 from orca2.io import atomic_text, iter_json_lines, read_records, write_records
 from orca2.models import ModelSpec, Sampling
 from orca2.parse import parse_json_object
 from orca2.bigfive import infer_users
-from orca2.persona import chunks, consistency
+from orca2.traits import chunks, consistency
 
 ASPECTS = ("profile", "knowledge", "personality")
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "profile", "knowledge", "personality",
@@ -79,32 +79,24 @@ def bootstrap(rows: list[dict[str, Any]], bigfive: dict[str, dict[str, float]], 
     by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_user[r["user"]].append(r)
-    users = list(by_user)
-    rng = random.Random(seed)
-    draws: dict[str, list[float]] = defaultdict(list)
-    for _ in range(resamples):
-        picked = [rng.choice(users) for _ in users]
+
+    def statistic(picked: list[str]) -> dict[str, float]:
         sample, scores = [], {}
         for k, u in enumerate(picked):  # a user drawn twice counts twice (their own copy of the rows)
             sample += [{**r, "user": f"{u}#{k}"} for r in by_user[u]]
             if u in bigfive:
                 scores[f"{u}#{k}"] = bigfive[u]
-        for name, value in metrics(sample, scores).items():
-            if value == value:
-                draws[name].append(value)
-    ci = {}
-    for name, values in draws.items():
-        values.sort()
-        ci[name] = [values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]]
-    return ci
+        return metrics(sample, scores)
+
+    return bootstrap_ci(list(by_user), statistic, resamples, seed)
 
 
 def evaluate(spec: ModelSpec, label: str, bench: Any, cfg: Any, output: Path, resamples: int = 1000) -> dict[str, Any]:
     """Run OrcaBench for one model; write items, report and plot; return the report."""
-    from orca2.eval.benchmarks import _resolve, default_data_dir
+    from orca2.eval.benchmarks import resolve_path, default_data_dir
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    path, traits_path = Path(_resolve(bench.path, data_dir)), bench.traits
+    path, traits_path = Path(resolve_path(bench.path, data_dir)), bench.traits
     if not path.exists() or not traits_path or not Path(traits_path).exists():
         raise Orca2Error(f"benchmark '{bench.name}' ({bench.source}): needs 'path' (held-out PCIP records) and "
                          f"'traits' (persona infer output) that exist; got {path} and {traits_path}")

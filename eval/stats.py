@@ -1,8 +1,10 @@
-"""Confidence intervals for accuracies and their differences (Wilson, Newcombe; paired: Newcombe method 10, McNemar)."""
+"""Confidence intervals for accuracies and their differences (Wilson, Newcombe; paired: Newcombe method 10, McNemar), and percentile bootstrap CIs over units (users)."""
 
 from __future__ import annotations
 
 import math
+import random
+from typing import Any, Callable
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -65,3 +67,20 @@ def paired_counts(first: dict[str, bool], second: dict[str, bool]) -> tuple[int,
     b = sum(first[k] and not second[k] for k in common)
     c = sum(second[k] and not first[k] for k in common)
     return a, b, c, len(common) - a - b - c
+
+
+def bootstrap_ci(units: list[Any], statistic: Callable[[list[Any]], dict[str, float]], resamples: int = 1000,
+                 seed: int = 0) -> dict[str, list[float]]:
+    """Percentile 95 % CIs of each named value of statistic(resample), resampling `units` (users, pairs) with
+    replacement; resamples where a value is nan (undefined) are left out of that value's interval."""
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        for name, value in statistic([rng.choice(units) for _ in units]).items():
+            if value == value:
+                draws.setdefault(name, []).append(value)
+    out = {}
+    for name, values in draws.items():
+        values.sort()
+        out[name] = [values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]]
+    return out

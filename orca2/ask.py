@@ -334,15 +334,14 @@ class AskQueue:
         self.jobs: deque[_Job] = deque()
         self.results: dict[str, AskResult] = {}  # model id → what this run asked of it
         self.cached = 0  # jobs answered from the cache
+        self._wake: Callable[[], None] | None = None  # set while streaming: a new job wakes one idle worker
 
     def put(self, model: str, request: Request, sampling: Sampling, callback: Callable[[dict[str, Any] | None], None]) -> None:
         if model not in self.specs:
             raise Orca2Error(f"AskQueue: model {model} was not named when the queue was made")
         self.jobs.append(_Job(self.specs[model], request, sampling, callback))
-        self._woken()
-
-    def _woken(self) -> None:  # replaced while streaming
-        pass
+        if self._wake is not None:
+            self._wake()
 
     def run(self) -> None:
         if self.streaming:
@@ -398,7 +397,7 @@ class AskQueue:
             bar.total += 1
             wake_one()
 
-        self._woken = woken  # type: ignore[method-assign]
+        self._wake = woken
 
         def requester(spec: ModelSpec) -> _Requester:
             if spec.id not in requesters:
@@ -451,7 +450,7 @@ class AskQueue:
         try:
             await asyncio.gather(*(worker() for _ in range(self.client.concurrency)))
         finally:
-            self._woken = lambda: None  # type: ignore[method-assign]
+            self._wake = None
             for r in requesters.values():
                 r.sink.result.seconds = time.perf_counter() - start
                 await r.backend.aclose()

@@ -11,7 +11,6 @@ import sys
 import time
 from collections import Counter
 
-import orjson
 import pytest
 
 from orca2.errors import Orca2Error
@@ -19,7 +18,7 @@ from orca2.eval.textmetrics import corpus_bleu, rouge_l, rouge_n, rouge_scores
 from orca2.io import iter_json_lines, write_records
 from orca2.models import ClientConfig
 from orca2.ngrams import distinct_n
-from orca2.persona import (DOMAINS, aggregate, chunks, consistency, facet_table, facets, read_posts, spearman,
+from orca2.traits import (DOMAINS, aggregate, chunks, consistency, facet_table, facets, read_posts, spearman,
                            trait_report, vector)
 from orca2.stages import persona as stage
 from orca2.testing.agents import persona_responder
@@ -31,9 +30,7 @@ def rows(path):
 
 
 def test_35_numbers_from_hand_built_facet_marks():
-    table = facet_table()
-    o, c = table["Openness"], table["Conscientiousness"]
-    marks = [{o["Imagination"] and "Imagination", "Intellect", "Orderliness"},  # chunk 1: O 2, C 1
+    marks = [{"Imagination", "Intellect", "Orderliness"},  # chunk 1: O 2, C 1
              {"Imagination", "Artistic Interests", "Emotionality", "Anxiety"},  # chunk 2: O 3, N 1
              set()]  # chunk 3: nothing shown
     t = aggregate(marks)
@@ -44,7 +41,7 @@ def test_35_numbers_from_hand_built_facet_marks():
     v = vector(t)
     assert v[0] == 5 / 3 and v[1] == 2 / 3 and v[7] == 1 / 3  # Openness, Imagination, Conscientiousness
     assert "Openness: low (1.7 of 6); shows imagination." in trait_report(t)
-    assert list(c)[0] == "Self-Efficacy"
+    assert list(facet_table()["Conscientiousness"])[0] == "Self-Efficacy"
 
 
 def test_chunking_and_the_post_accounting_rules(tmp_path):
@@ -259,7 +256,6 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
         stage.build(stage.BuildConfig(augmented=str(bad), traits=str(bad), output=str(tmp_path / "o.jsonl")))
     with pytest.raises(Orca2Error, match=r"unknown program model 'program:nobody'"):
         stage.InferConfig(posts="p", output="o", judge="program:nobody")
-    orjson.dumps  # noqa: B018 - imported for symmetry with the other tests' helpers
 
 
 def test_persona_section_of_orca2_run_trains_and_benchmarks_a_tiny_student(tmp_path, tiny_model):

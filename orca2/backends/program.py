@@ -91,27 +91,27 @@ def program_backend(name: str, library: Library | None = None) -> Any:
 class PersonaProgram(_Program):
     """`program:persona`: answers the role-play agents by rule, from the request's context (what the agent was
     given), so the persona chain runs offline — a stand-in that shows the mechanics, labelled as such. The
-    rules live in orca2.persona (rule_marks, rule_profile, rule_activity, rule_summary, rule_consistent)."""
+    rules live in orca2.traits (rule_marks, rule_profile, rule_activity, rule_summary, rule_consistent)."""
 
     spec = "program:persona"
 
     def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
         import json
 
-        from orca2 import persona
+        from orca2 import traits
 
         c = context or {}
         agent = c.get("agent")
         if agent == "infer":
-            text = json.dumps({"shown": sorted(persona.rule_marks(c["posts"]))})
+            text = json.dumps({"shown": sorted(traits.rule_marks(c["posts"]))})
         elif agent == "profile":
-            text = json.dumps(persona.rule_profile(c["posts"]))
+            text = json.dumps(traits.rule_profile(c["posts"]))
         elif agent == "activity":
-            text = json.dumps(persona.rule_activity(c["post"], c["profile"]))
+            text = json.dumps(traits.rule_activity(c["post"], c["profile"]))
         elif agent == "summary":
-            text = persona.rule_summary(c["report"])
+            text = traits.rule_summary(c["report"])
         elif agent == "consistency":
-            text = json.dumps({"consistent": persona.rule_consistent(c["aspect"], c["reference"], c["post"])})
+            text = json.dumps({"consistent": traits.rule_consistent(c["aspect"], c["reference"], c["post"])})
         else:
             raise ModelError(f"program:persona does not play the agent {agent!r}", retryable=False)
         return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),

@@ -131,6 +131,11 @@ class FlowRun:
         self.types = {t.name: t for t in flow.types}
         self.queue = AskQueue(sorted({self.model(a) for a in AGENTS}), cfg.client, desc=f"instruct {flow.name}")
         self.items: list[Item] = []
+        self.seed_parser = self.item_parser(flow.seed.parse, many=True)  # built once, used for every call
+        refine = flow.refine
+        if refine.suggester is not None and refine.editor is not None:
+            self.suggestion_parser = _as_text(PARSERS[refine.suggester.parse])
+            self.editor_parser = self.item_parser(refine.editor.parse, many=False)
 
     def model(self, agent: str) -> str:
         return self.cfg.models.get(agent, self.cfg.model)
@@ -206,7 +211,6 @@ class FlowRun:
         count = self.cfg.per_call or self.flow.per_call
         types = random.Random(f"{self.cfg.seed}:{p.id}:types").sample(self.flow.types, k)
         state = {"pending": len(types), "items": 0}
-        parse = self.item_parser(self.flow.seed.parse, many=True)
         models = {"transform": self.model("transform") if name != "identity" else "none", "seed": self.model("seed")}
         for type_position, t in enumerate(types):
             values = {"passage": text, "type": t.name, "definition": t.definition, "example": t.example, "count": str(count)}
@@ -223,7 +227,7 @@ class FlowRun:
                 if state["pending"] == 0 and not state["items"]:
                     self.counts["passages_lost_at_seed"] += 1
 
-            self.call("seed", self.flow.seed.prompt, values, parse, seeded)
+            self.call("seed", self.flow.seed.prompt, values, self.seed_parser, seeded)
 
     def add(self, item: Item) -> None:
         """Keep an item and, while rounds remain, ask the suggester about it, then the editor."""
@@ -247,10 +251,9 @@ class FlowRun:
                               item.order, parent=item, suggestions=suggestions))
 
             self.call("editor", refine.editor.prompt, {**values, "suggestions": suggestions},  # type: ignore[union-attr]
-                      self.item_parser(refine.editor.parse, many=False), edited)  # type: ignore[union-attr]
+                      self.editor_parser, edited)
 
-        self.call("suggester", refine.suggester.prompt, values, _as_text(PARSERS[refine.suggester.parse]),  # type: ignore[union-attr]
-                  suggested)
+        self.call("suggester", refine.suggester.prompt, values, self.suggestion_parser, suggested)  # type: ignore[union-attr]
 
 
 def _as_text(parse: Callable[[str], Any]) -> Callable[[str], str | None]:

@@ -5,7 +5,7 @@
     orca2 persona augment --posts posts.jsonl --traits traits.jsonl -o augmented.jsonl [--model ...]
     orca2 persona build --augmented augmented.jsonl --traits traits.jsonl -o pcip.jsonl --variant ptit|psit
 
-**infer**: each user's posts in chunks (orca2.persona: 10 posts by default); the judge marks which of the 30
+**infer**: each user's posts in chunks (orca2.traits: 10 posts by default); the judge marks which of the 30
 facets a chunk shows (prompts/persona/infer.txt); the user's 35 numbers average the chunks; a trait report in
 words. A reply that does not parse is asked again, then the chunk counts as unjudged (the user's vector
 averages the judged chunks; a user with none is counted and left out). Facet names outside the 30 are
@@ -38,12 +38,13 @@ import orjson
 
 from orca2.ask import Request, ask_parsed
 from orca2.config import save_config
+from orca2.eval.stats import bootstrap_ci
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
 from orca2.models import ClientConfig, Sampling, parse_model, redacted
 from orca2.parse import parse_json_object, parse_text
 from orca2.bigfive import infer_users
-from orca2.persona import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
+from orca2.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 from orca2.prompts import read_prompt, render_template
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,6 @@ class InferConfig:
             raise Orca2Error("persona infer: chunk, min_posts and parse_attempts must be >= 1")
 
 
-def bootstrap_ci(pairs: list[tuple[float, float]], stat: Any, resamples: int, seed: int) -> tuple[float, float]:
-    """Percentile 95 % CI of stat(resampled pairs) over `resamples` resamples of the pairs (users)."""
-    rng = random.Random(seed)
-    values = sorted(v for v in (stat([rng.choice(pairs) for _ in pairs]) for _ in range(resamples)) if v == v)
-    if not values:
-        return float("nan"), float("nan")
-    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
-
-
 def infer(cfg: InferConfig) -> dict[str, Any]:
     counts: Counter = Counter()
     users = read_posts(cfg.posts, counts, cfg.min_posts)
@@ -129,8 +121,9 @@ def infer(cfg: InferConfig) -> dict[str, Any]:
         for d in DOMAINS:
             pairs = [(float(truth[u][d]), traits[u]["domains"][d]) for u in common]
             rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) > 2 else float("nan")
-            low, high = bootstrap_ci(pairs, lambda ps: spearman([a for a, _ in ps], [b for _, b in ps]), cfg.bootstrap,
-                                     cfg.seed) if len(pairs) > 2 else (float("nan"), float("nan"))
+            ci = bootstrap_ci(pairs, lambda ps: {"rho": spearman([a for a, _ in ps], [b for _, b in ps])},
+                              cfg.bootstrap, cfg.seed) if len(pairs) > 2 else {}
+            low, high = ci.get("rho", [float("nan"), float("nan")])
             report["truth"]["spearman"][d] = {"rho": rho, "ci95": [low, high]}
     save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
     _write_report(cfg.output, report, _render_infer(report))

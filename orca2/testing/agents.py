@@ -71,8 +71,8 @@ def flow_responder(body: dict[str, Any]) -> str:
 
 
 def persona_responder(body: dict[str, Any]) -> str:
-    """The role-play agents (prompts/persona/*.txt) answered by orca2.persona's rules, read from the prompt."""
-    from orca2 import persona
+    """The role-play agents (prompts/persona/*.txt) answered by orca2.traits' rules, read from the prompt."""
+    from orca2 import traits
 
     prompt = _user(body)
 
@@ -84,9 +84,9 @@ def persona_responder(body: dict[str, Any]) -> str:
         return re.search(rf"^{name}: (.*)$", prompt, re.M).group(1)
 
     if "personality facets listed" in prompt:
-        return json.dumps({"shown": sorted(persona.rule_marks(listed("\nPosts:\n")))})
+        return json.dumps({"shown": sorted(traits.rule_marks(listed("\nPosts:\n")))})
     if "Write a short profile" in prompt:
-        return json.dumps(persona.rule_profile(listed("\nPosts:\n")))
+        return json.dumps(traits.rule_profile(listed("\nPosts:\n")))
     if "psychological activity behind the post" in prompt:
-        return json.dumps(persona.rule_activity(field("Post"), field("Profile")))
+        return json.dumps(traits.rule_activity(field("Post"), field("Profile")))
     return "I do not know this agent."
