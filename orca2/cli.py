@@ -464,15 +464,17 @@ def judge(replies: tuple[str, ...], teacher_traces: tuple[str, ...], output: str
 @click.option("--recipe", type=click.Choice(["orca-math", "dno"]), default=None,
               help="orca-math: teacher and correct replies over wrong ones; dno: 6-point rubric scores with margins.")
 @click.option("--objective", type=click.Choice(["dpo", "kto"]), default=None, help="Pairs (dpo) or labelled replies (kto).")
+@click.option("--cut", type=click.Choice(["none", "first-difference"]), default=None,
+              help="dpo: cut each pair after the first line its replies differ in (partial replies).")
 @click.option("--replay", multiple=True, help="An earlier round's pairs file, newest first (repeatable).")
 @common_options
-def pairs(judged: tuple[str, ...], output: str | None, recipe: str | None, objective: str | None,
+def pairs(judged: tuple[str, ...], output: str | None, recipe: str | None, objective: str | None, cut: str | None,
           replay: tuple[str, ...], config_path: str | None, overrides: tuple[str, ...], seed: int | None) -> None:
     """Judged replies → preference records (DPO pairs or KTO labels), with replay of earlier rounds."""
     from orca2.config import load_config
     from orca2.stages import pairs as stage
 
-    flags = {"judged": judged or None, "output": output, "recipe": recipe, "objective": objective,
+    flags = {"judged": judged or None, "output": output, "recipe": recipe, "objective": objective, "cut": cut,
              "replay": replay or None, "seed": seed}
     r = stage.run(load_config(stage.PairsConfig, config_path, overrides, flags))
     unit = f"{r.get('pairs', 0)} pairs" if r["objective"] == "dpo" else \

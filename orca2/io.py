@@ -233,6 +233,12 @@ def _to_trl(records: Any, format: str) -> Any:
     def reply(r: dict[str, Any]) -> list[dict[str, str]]:
         return [{"role": "assistant", "content": r["content"]}]
 
+    records = list(records)
+    for r in records:
+        if any(x.get("partial") for side in ("chosen", "rejected") for x in r.get(side, [])):
+            raise Orca2Error(f"to_hf_dataset: record {r['id']!r} has a partial reply (cut pairs), which TRL's "
+                             "columns cannot express (they would train an end-of-turn after it)")
+
     def rows() -> Iterator[dict[str, Any]]:
         for r in records:
             prompt = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]

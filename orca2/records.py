@@ -13,6 +13,9 @@ user's turn) plus the replies, each written once however many pairs it is in:
           "rejected": [{"content": "...", "meta": {"author": "student", "sample": 2, "score": 2}}, ...],
           "pairs": [[0, 1], [0, 2]]}   # optional: the (chosen, rejected) index pairs DPO trains; default all
 
+A reply with `"partial": true` is the start of a turn (e.g. a pair cut at its first differing line,
+`orca2 pairs --cut first-difference`): its tokens are trained, no end-of-turn token after them.
+
 For KTO a chosen reply is desirable and a rejected one undesirable. TRL's row formats (prompt/chosen/
 rejected and prompt/completion/label) are read as preference records too (`from_trl_row`).
 """
@@ -25,7 +28,7 @@ from orca2.errors import Orca2Error
 
 ROLES = ("system", "user", "assistant")
 FIELDS = ("id", "task", "messages", "answer", "meta", "error", "chosen", "rejected", "pairs")
-REPLY_FIELDS = ("content", "meta")
+REPLY_FIELDS = ("content", "meta", "partial")
 
 
 class Message(TypedDict):
@@ -101,9 +104,11 @@ def _validate_preference(obj: dict[str, Any], where: str) -> None:
                 raise Orca2Error(f"{where}: field '{side}[{i}]' must be an object with a string 'content'")
             extra = sorted(set(reply) - set(REPLY_FIELDS))
             if extra:
-                raise Orca2Error(f"{where}: field '{side}[{i}]' has unknown keys {extra} (valid: content, meta)")
+                raise Orca2Error(f"{where}: field '{side}[{i}]' has unknown keys {extra} (valid: content, meta, partial)")
             if not isinstance(reply.get("meta", {}), dict):
                 raise Orca2Error(f"{where}: field '{side}[{i}].meta' must be an object")
+            if not isinstance(reply.get("partial", False), bool):
+                raise Orca2Error(f"{where}: field '{side}[{i}].partial' must be true or false")
     if not obj.get("chosen") and not obj.get("rejected"):
         raise Orca2Error(f"{where}: field 'chosen': a preference record needs at least one chosen or rejected reply")
     if "pairs" in obj:

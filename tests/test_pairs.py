@@ -129,3 +129,32 @@ def test_output_trains_and_bad_input(tmp_path, run_cli):
         load_config(stage.PairsConfig, None, (), {"judged": ("x",), "output": "y", "replay": ("a", "b"),
                                                   "replay_fractions": (0.6, 0.5)})
     assert json.loads((tmp_path / "p.report.json").read_text())["pairs"] == 1
+
+
+def test_cut_at_the_first_differing_line(tmp_path):
+    teacher = "1. Start: 16.\n2. 16 + 9 = 25.\n3. 25 ÷ 5 = 5.\n4. 5 × 2 = 10.\nThe answer is: 10"
+    slip = "1. Start: 16.\n2. 16 + 9 = 25.\n3. 25 ÷ 5 = 6.\n4. 6 × 2 = 12.\nThe answer is: 12"  # right on a wrong value after
+    skip = "1. Start: 16.\n2. 16 + 9 = 25.\n3. 25 ÷ 5 = 5.\n4. 5 × 2 = 10."  # stops before the answer line
+    other = "Sixteen plus nine is 25, a fifth is 5, doubled 10.\nThe answer is: 11"  # shares no line
+    rows = [reply("A", 0, teacher, author="teacher"), reply("A", 1, slip, correct=False), reply("A", 2, skip, correct=False),
+            reply("A", 3, other, correct=False), reply("A", 4, teacher, correct=True)]
+    out, report = run(tmp_path, rows, cut="first-difference", borrow_negatives=0)
+    a = out["A"]
+    pairs = {(a["chosen"][c]["content"], a["chosen"][c].get("partial", False),
+              a["rejected"][r]["content"], a["rejected"][r].get("partial", False)) for c, r in a["pairs"]}
+    head = "1. Start: 16.\n2. 16 + 9 = 25.\n3. 25 ÷ 5 = "
+    assert pairs == {(head + "5.", True, head + "6.", True),  # the slip alone: nothing after it is pushed down
+                     (teacher, False, skip, False),  # the answer line against the end of the turn: both whole
+                     (teacher, False, other, False)}  # no shared line: whole
+    assert report["pairs_cut"] == 2 and report["pairs_left_whole"] == 4 and report["pairs"] == 3  # before/after merging
+    assert texts(a, "chosen") == [head + "5.", teacher]  # a cut reply and a whole one with other text: two replies
+    md = (tmp_path / "pairs.report.md").read_text()
+    assert "2 cut at their first differing line, 4 left whole" in md
+    # a partial reply is not merged with a whole reply of the same text
+    rows = [reply("B", 0, "x\ny", author="teacher"), reply("B", 1, "x\nz", correct=False),
+            reply("B", 2, "x\ny\nw", correct=True), reply("B", 3, "x\ny\nv", correct=False)]
+    out, _ = run(tmp_path, rows, cut="first-difference", borrow_negatives=0)
+    chosen = [(x["content"], x.get("partial", False)) for x in out["B"]["chosen"]]
+    assert ("x\ny", False) in chosen and ("x\ny", True) in chosen
+    with pytest.raises(Orca2Error, match="cut must be none or first-difference .dpo only."):
+        load_config(stage.PairsConfig, None, (), {"judged": ("x",), "output": "y", "objective": "kto", "cut": "first-difference"})

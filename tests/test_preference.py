@@ -3,6 +3,7 @@ GA / 2-rank equivalence under ZeRO-2 and ZeRO-3, precomputed = resident referenc
 planted preference that a tiny model learns (held-out accuracy with a CI, against a shuffled-label control)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -231,6 +232,45 @@ def test_bad_input_is_one_line_before_any_step(tmp_path, tiny_model, pref_file, 
     with pytest.raises(Orca2Error, match=r"stored reference log-probs belong to other data .* delete the file"):
         train(tmp_path, "f", pref_file, tiny_model, objective="dpo", max_steps=1)
     assert not any((tmp_path / n / "train_log.jsonl").exists() for n in "abcdf")
+
+
+def test_partial_replies_end_without_end_of_turn_and_train(tmp_path, tiny_model):
+    """A partial reply (a pair cut at its first difference) is the whole reply's sequence less the end-of-turn token
+    and what follows: its log-prob is the whole reply's minus log p(end-of-turn), and a file of them trains."""
+    from transformers import AutoTokenizer
+
+    from orca2.train.model import CausalLMLoss, load_student
+    from orca2.train.preference import IGNORE, Tokenised, collate_sequences
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    t = Tokenised(tok, 1024, "drop")
+    record = preference_records(1)[0]
+    content = record["chosen"][0]["content"]
+    whole = t.sequence("w", "f:1", record, content).example
+    part = t.sequence("p", "f:1", record, content, partial=True).example
+    eot = next(i for i in range(len(whole.labels)) if whole.labels[i] in t.eot and whole.labels[i] != IGNORE)
+    assert part.input_ids == whole.input_ids[:eot] and part.labels == whole.labels[:eot]
+    assert not t.eot & set(part.input_ids[-3:]) and tok.decode(part.input_ids[-5:]) == content[-5:]
+    model, _ = load_student(str(tiny_model))
+    batch = collate_sequences([t.sequence("w", "f:1", record, content), t.sequence("p", "f:1", record, content, partial=True)],
+                              False, 0, 0)
+    with torch.no_grad():
+        lp = CausalLMLoss(model.eval()).sequence_logprobs(batch.rows, batch.seq_ids, batch.n_seq)
+        logits = model(torch.tensor([whole.input_ids[:eot]])).logits[0, -1].double()
+    assert float(lp[0] - lp[1]) == pytest.approx(float(torch.log_softmax(logits, -1)[whole.input_ids[eot]]), abs=1e-4)
+    records = preference_records(6)
+    for r in records:  # cut both sides after their first line, as orca2 pairs --cut first-difference writes them
+        for side in ("chosen", "rejected"):
+            r[side] = [{"content": x["content"].split("\n")[0] + "\n" + x["content"].split("\n")[1][:4], "partial": True}
+                       if "\n" in x["content"] else x for x in r[side]]
+    path = tmp_path / "cut.jsonl"
+    write_records(path, records)
+    log, summary = train(tmp_path, "cut", path, tiny_model, objective="dpo", max_steps=2, sft_weight=1.0, mask_check=12)
+    assert len(log) == 2 and all(math.isfinite(x["loss"]) for x in log)
+    with pytest.raises(Orca2Error, match="has a partial reply .cut pairs., which TRL's columns cannot express"):
+        to_hf_dataset(records, "dpo")
+    with pytest.raises(Orca2Error, match=r"f:1: field 'chosen\[0\].partial' must be true or false"):
+        validate_record({**records[0], "chosen": [{"content": "x", "partial": "yes"}]}, "f:1")
 
 
 def held_out_accuracy(model_dir, reference_dir, records):

@@ -156,11 +156,19 @@ class Tokenised:
         self.overlong = overlong
         self.checked: list[tuple[Example, dict[str, Any]]] = []
 
-    def sequence(self, key: str, where: str, record: dict[str, Any], reply: str, overlong: str | None = None) -> Sequence | None:
-        """The tokenised conversation, truncated to max_len (overlong: truncate) or None (drop)."""
+    def sequence(self, key: str, where: str, record: dict[str, Any], reply: str, overlong: str | None = None,
+                 partial: bool = False) -> Sequence | None:
+        """The tokenised conversation, truncated to max_len (overlong: truncate) or None (drop).
+
+        A partial reply (the start of a turn) ends with its own last token: the end-of-turn token and what
+        the template adds after it are cut off, so neither is trained nor scored."""
         overlong = overlong or self.overlong
         messages = record["messages"] + [{"role": "assistant", "content": reply}]
         example = tokenize_example(where, messages, self.tokenizer, self.eot)
+        if partial:
+            end = max(i for i, y in enumerate(example.labels) if y != IGNORE)
+            if example.labels[end] in self.eot:
+                example = Example(example.id, example.input_ids[:end], example.labels[:end])
         if len(example.input_ids) > self.max_len:
             if overlong == "drop":
                 return None
@@ -196,7 +204,8 @@ def dpo_units(records: list[tuple[str, dict[str, Any]]], tok: Tokenised, packing
         seqs = {}
         for side in ("chosen", "rejected"):
             for i, reply in enumerate(record[side]):
-                seqs[(side, i)] = tok.sequence(f"{record['id']}/{side}/{i}", where, record, reply["content"])
+                seqs[(side, i)] = tok.sequence(f"{record['id']}/{side}/{i}", where, record, reply["content"],
+                                               partial=reply.get("partial", False))
         kept = [(c, r) for c, r in pairs if seqs[("chosen", c)] is not None and seqs[("rejected", r)] is not None]
         counts["pairs_dropped_too_long"] += len(pairs) - len(kept)
         if not kept:
@@ -229,7 +238,8 @@ def kto_units(records: list[tuple[str, dict[str, Any]]], tok: Tokenised, seed: i
         for side, label in (("chosen", True), ("rejected", False)):
             for i, reply in enumerate(record.get(side, [])):
                 counts["replies_read"] += 1
-                seq = tok.sequence(f"{record['id']}/{side}/{i}", where, record, reply["content"])
+                seq = tok.sequence(f"{record['id']}/{side}/{i}", where, record, reply["content"],
+                                   partial=reply.get("partial", False))
                 if seq is None:
                     counts["replies_dropped_too_long"] += 1
                     continue

@@ -13,6 +13,11 @@ Input: reply records — the prompt's messages plus one assistant reply — with
 - **dno** (Direct Nash Optimization, arXiv 2404.03715): positives score ≥ `positive_min` (of 6); each is
   paired with every reply of its prompt at least `margin` points lower (`margin_own` when the positive
   is the student's own reply); KTO: positives desirable, replies below `positive_min - margin` undesirable.
+- **cut** `first-difference` (DPO; Step-DPO's idea, arXiv 2406.18629): a pair whose two replies share their
+  first lines is cut after the first line where they differ, both sides then `partial` (trained without an
+  end-of-turn token). What follows a first slip is often right on a wrong value ("10 - 7 = 3" after a
+  wrong 10); trained whole, the rejected side pushes down those right steps too. Pairs that share no
+  line (or a borrowed negative) stay whole; both counts are reported.
 - **replay**: pairs of earlier rounds (`--replay`, newest first) are mixed in so that they make at most
   `replay_fractions` (default 30 % from t−1, 15 % from t−2) of the output, sampled per pair with the seed;
   their reference log-probs are recomputed by training (the file is new data for the new reference).
@@ -50,6 +55,7 @@ class PairsConfig:
     positive_min: int = 5  # dno: a positive scores at least this (of 6)
     margin: int = 2  # dno: a negative scores at least this much below its positive
     margin_own: int = 1  # dno: ... when the positive is the student's own reply
+    cut: Literal["none", "first-difference"] = "none"  # dpo: cut each pair after the first line its replies differ in
     replay: tuple[str, ...] = ()  # earlier rounds' pairs files, newest first (t-1, t-2, ...)
     replay_fractions: tuple[float, ...] = (0.3, 0.15)  # at most this share of the output from each
     seed: int = 0
@@ -61,6 +67,8 @@ class PairsConfig:
             raise Orca2Error(f"pairs: {len(self.replay)} replay files but {len(self.replay_fractions)} replay_fractions")
         if sum(self.replay_fractions[:len(self.replay)]) >= 1 or any(f < 0 for f in self.replay_fractions):
             raise Orca2Error("pairs: replay_fractions must be >= 0 and sum to less than 1")
+        if self.cut not in ("none", "first-difference") or (self.cut != "none" and self.objective != "dpo"):
+            raise Orca2Error(f"pairs: cut must be none or first-difference (dpo only), got {self.cut!r} with {self.objective}")
 
 
 @dataclass
@@ -70,14 +78,16 @@ class Reply:
     author: str
     correct: bool | None
     score: float | None
+    cut_to: str | None = None  # the reply's first lines (a pair cut at its first difference): a partial reply
 
     @property
     def content(self) -> str:
-        return self.record["messages"][-1]["content"]
+        return self.record["messages"][-1]["content"] if self.cut_to is None else self.cut_to
 
     def as_reply(self, **extra: Any) -> dict[str, Any]:
         meta = {k: v for k, v in self.record.get("meta", {}).items() if k != "prompt_id"}
-        return {"content": self.content, "meta": {**meta, **extra}}
+        reply = {"content": self.content, "meta": {**meta, **extra}}
+        return reply if self.cut_to is None else {**reply, "partial": True}
 
 
 def read_replies(paths: tuple[str, ...], counts: Counter) -> dict[str, list[Reply]]:
@@ -122,6 +132,22 @@ def dno_pairs(replies: list[Reply], cfg: PairsConfig) -> list[tuple[Reply, Reply
     return pairs
 
 
+def cut_at_first_difference(chosen: Reply, rejected: Reply) -> tuple[Reply, Reply] | None:
+    """Both replies up to and including the first line they differ in (None when they share no line).
+
+    A reply that ends at that line (or is the shorter one's whole text) stays whole, end-of-turn included:
+    "stop here" against "one more line" is a contrast too."""
+    a, b = chosen.content.split("\n"), rejected.content.split("\n")
+    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if k == 0:
+        return None
+
+    def cut(reply: Reply, lines: list[str]) -> Reply:
+        return reply if k + 1 >= len(lines) else dataclasses.replace(reply, cut_to="\n".join(lines[:k + 1]))
+
+    return cut(chosen, a), cut(rejected, b)
+
+
 def build(groups: dict[str, list[Reply]], cfg: PairsConfig, counts: Counter) -> list[Record]:
     """One preference record per prompt that has pairs (dpo) or labelled replies (kto)."""
     rng = random.Random(cfg.seed)
@@ -147,6 +173,8 @@ def build(groups: dict[str, list[Reply]], cfg: PairsConfig, counts: Counter) -> 
             low = cfg.positive_min - cfg.margin
             labelled = [(r, True) for r in replies if r.score is not None and r.score >= cfg.positive_min]
             labelled += [(r, False) for r in replies if r.score is not None and r.score <= low]
+        if cfg.cut == "first-difference":
+            pairs = [cut_pair(p, n, counts) for p, n in pairs]
         if (cfg.objective == "dpo" and not pairs) or (cfg.objective == "kto" and not labelled):
             counts["prompts_without_pairs"] += 1
             counts["replies_in_prompts_without_pairs"] += len(replies)
@@ -157,6 +185,13 @@ def build(groups: dict[str, list[Reply]], cfg: PairsConfig, counts: Counter) -> 
     return out
 
 
+def cut_pair(chosen: Reply, rejected: Reply, counts: Counter) -> tuple[Reply, Reply]:
+    """The pair cut at its first differing line, counted (before identical pairs merge) as cut or left whole."""
+    cut = cut_at_first_difference(chosen, rejected) or (chosen, rejected)
+    counts["pairs_cut" if any(r.cut_to is not None for r in cut) else "pairs_left_whole"] += 1
+    return cut
+
+
 def _record(pid: str, first: Record, pairs: list[tuple[Reply, Reply]], labelled: list[tuple[Reply, bool]],
             cfg: PairsConfig, counts: Counter) -> Record:
     chosen: list[Reply] = []
@@ -164,7 +199,7 @@ def _record(pid: str, first: Record, pairs: list[tuple[Reply, Reply]], labelled:
 
     def index(side: list[Reply], reply: Reply, count: bool = False) -> int:
         for i, r in enumerate(side):
-            if r.content == reply.content:
+            if r.content == reply.content and (r.cut_to is None) == (reply.cut_to is None):
                 if count:  # a reply word for word like one already labelled (e.g. a sample equal to the teacher's)
                     counts["identical_replies_merged"] += 1
                 return i
@@ -261,6 +296,10 @@ def _write_report(report: dict[str, Any], output: str) -> None:
         lines += [f"- pairs: {report.get('pairs', 0)} (borrowed negatives: {report.get('pairs_borrowed', 0)}); "
                   f"student ≻ teacher: {report.get('pairs_student_over_teacher', 0)}"
                   + (f" ({share:.1%})" if share is not None else "")]
+        if "pairs_cut" in report or "pairs_left_whole" in report:
+            lines += [f"- before identical pairs merge: {report.get('pairs_cut', 0)} cut at their first differing line, "
+                      f"{report.get('pairs_left_whole', 0)} left whole (no shared first line, or the difference is in "
+                      "the last line)"]
     else:
         lines += [f"- desirable: {report.get('desirable', 0)}, undesirable: {report.get('undesirable', 0)} "
                   f"(replies word for word like one already labelled, stored once: {report.get('identical_replies_merged', 0)})"]
