@@ -189,6 +189,10 @@ def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, 
         for step, value in seconds[t].items():
             assert after["rounds"][t][step]["seconds"] == value  # not re-run
     assert set(after["rounds"]["2"]) == steps
+    # other pairs in round 2 (less replay): its pairs, train and eval run again, with new reference log-probs
+    path.write_text(path.read_text().replace("  control: true\n", "  control: true\n  pairs: {replay_fractions: [0.2]}\n"))
+    assert pipeline.run(str(path))["ran"] == ["iterate"]
+    assert len(list((tmp_path / "run" / "iterate" / "round-2").glob("pairs.reference-*.jsonl"))) == 1
 
 
 def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(tmp_path, config, data_dir):
