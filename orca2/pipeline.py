@@ -45,6 +45,7 @@ class IterateConfig:
     prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all tasks, every round)
     partitions: int | None = None  # or: the tasks split into this many near-equal partitions, round t takes partition (t-1) mod N (DNO: 3 partitions, 6 rounds)
     reference: str = "previous"  # previous: π_{t-1} (DNO); initial: the SFT student every round
+    fresh_prompts: bool = False  # the rounds' prompts are kept out of the SFT start (it trains on the other tasks), so each round meets prompts new to the policy, as DNO's did
     serve: str | None = None  # serve π_t for sampling: a command with {model}, {port}, {name}, e.g. "vllm serve {model} --port {port} --served-model-name {name}"
     served_name: str = "student"  # prefix of the name the server answers to ({name} = prefix + π_t's fingerprint)
     serve_timeout: float = 900.0  # seconds to wait for the server to answer
@@ -62,6 +63,8 @@ class IterateConfig:
             raise Orca2Error("iterate: give prompts_per_round or partitions (>= 1), not both")
         if self.reference not in ("previous", "initial"):
             raise Orca2Error(f"iterate.reference must be previous or initial, got {self.reference!r}")
+        if self.fresh_prompts and not self.prompts_per_round:
+            raise Orca2Error("iterate.fresh_prompts needs prompts_per_round (the rounds' prompts, set aside before the SFT start)")
 TOP_KEYS = ("output", "stages", "seed", "assignment", "heldout", *STAGES)
 
 
@@ -138,6 +141,7 @@ class Pipeline:
             raise Orca2Error(f"{path}: stages must keep the order {' → '.join(STAGES)}")
         self.paths = {"instruct": self.run_dir / "instruct.jsonl", "tasks": self.run_dir / "tasks.jsonl", "assignment": self.run_dir / "assignment.yaml",
                       "traces": self.run_dir / "traces.jsonl", "sft": self.run_dir / "sft.jsonl",
+                      "sft_start": self.run_dir / "sft.start.jsonl",
                       "student": self.run_dir / "student", "eval": self.run_dir / "eval",
                       "heldout": self.run_dir / "heldout.jsonl", "cache": self.run_dir / "cache",
                       "persona": self.run_dir / "persona"}
@@ -198,7 +202,7 @@ class Pipeline:
             from orca2.models import check_student
             from orca2.train.trainer import TrainConfig
 
-            data = self.paths["persona"] / "pcip.jsonl" if "persona" in self.stages else self.paths["sft"]
+            data = self.paths["persona"] / "pcip.jsonl" if "persona" in self.stages else self._sft_data()
             section, prefix = self._section(name, {"data": (str(data),), "output": str(self.paths["student"])})
             section.setdefault("seed", seed)
             cfg = build_section(TrainConfig, section, self.source, self.lines, prefix)
@@ -359,21 +363,44 @@ class Pipeline:
                 "control_eval": ([Path(self._policy(t, control=True))],
                                  [self.paths["eval"] / f"control-{t}" / "report.json"])}[step]
 
-    def _write_prompts(self, it: IterateConfig, t: int) -> None:
+    def _round_prompts(self, it: IterateConfig, t: int) -> list[dict[str, Any]]:
         """Round t's prompts: a fresh partition of the run's tasks (seeded), a partition in turn, or all of them."""
         import random
 
-        from orca2.io import read_records, write_records
+        from orca2.io import read_records
 
         tasks = list(read_records(self.paths["tasks"]))
         random.Random(self.seed).shuffle(tasks)
         if it.prompts_per_round:
-            if t * it.prompts_per_round > len(tasks):
+            if it.rounds * it.prompts_per_round > len(tasks) - (1 if it.fresh_prompts else 0):
                 raise Orca2Error(f"iterate: {it.rounds} rounds × {it.prompts_per_round} prompts need "
-                                 f"{it.rounds * it.prompts_per_round} tasks; the run has {len(tasks)}")
-            tasks = tasks[(t - 1) * it.prompts_per_round:t * it.prompts_per_round]
-        elif it.partitions:
-            tasks = tasks[(t - 1) % it.partitions::it.partitions]  # every task in exactly one partition
+                                 f"{it.rounds * it.prompts_per_round} tasks" + (" and more for the SFT start (fresh_prompts)"
+                                                                                if it.fresh_prompts else "")
+                                 + f"; the run has {len(tasks)}")
+            return tasks[(t - 1) * it.prompts_per_round:t * it.prompts_per_round]
+        if it.partitions:
+            return tasks[(t - 1) % it.partitions::it.partitions]  # every task in exactly one partition
+        return tasks
+
+    def _sft_data(self) -> Path:
+        """The SFT start's data: the erased traces, less the rounds' prompts under iterate.fresh_prompts."""
+        fresh = "iterate" in self.stages and (self.data.get("iterate") or {}).get("fresh_prompts")  # read before iterate's config is built
+        return self.paths["sft_start"] if fresh else self.paths["sft"]
+
+    def _write_sft_start(self) -> None:
+        from orca2.io import read_records, write_records
+
+        it = self.configs["iterate"]
+        kept = {r["id"] for t in range(1, it.rounds + 1) for r in self._round_prompts(it, t)}
+        records = list(read_records(self.paths["sft"]))
+        write_records(self.paths["sft_start"], [r for r in records if r["id"] not in kept])
+        log.info("SFT start: %d of %d erased traces; %d prompts kept for %d rounds (iterate.fresh_prompts)",
+                 sum(r["id"] not in kept for r in records), len(records), len(kept), it.rounds)
+
+    def _write_prompts(self, it: IterateConfig, t: int) -> None:
+        from orca2.io import read_records, write_records
+
+        tasks = self._round_prompts(it, t)
         d = self._round_dir(t)
         d.mkdir(parents=True, exist_ok=True)
         write_records(d / "prompts.jsonl", tasks)
@@ -527,7 +554,7 @@ class Pipeline:
             return [self.paths["persona"] / "pcip.jsonl"]
         return {"select": [self.paths["tasks"]],
                 "generate": [self.paths["tasks"]] + ([self.paths["assignment"]] if self.paths["assignment"].exists() else []),
-                "erase": [self.paths["traces"]], "train": [self.paths["sft"]],
+                "erase": [self.paths["traces"]], "train": [self._sft_data()],
                 "eval": ([self.paths["student"] / "model"] if "train" in self.stages else [])
                 + ([self.paths["heldout"]] if "heldout" in self.data else [])
                 + ([self.paths["persona"] / "pcip.heldout.jsonl"] if "persona" in self.stages else [])}[name]
@@ -572,6 +599,8 @@ class Pipeline:
         ran, skipped = [], []
         for name in self.stages:
             forced = forced or name == from_stage
+            if name == "train" and self._sft_data() != self.paths["sft"]:
+                self._write_sft_start()
             config = self.config_dict(name)
             config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
             inputs = {str(p): file_hash(p) for p in self.inputs(name)}

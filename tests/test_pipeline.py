@@ -196,8 +196,9 @@ def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, 
 
 
 def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(tmp_path, config, data_dir):
-    """A real SIGKILL while round 1 trains; the re-run neither samples nor judges again and finishes both rounds."""
-    path = config(extra=ITERATE)
+    """A real SIGKILL while round 1 trains; the re-run neither samples nor judges again and finishes both rounds.
+    With fresh_prompts: the SFT start never saw a round's prompt."""
+    path = config(extra=ITERATE + "  fresh_prompts: true\n")
     args = [sys.executable, "-m", "orca2", "run", "--config", str(path)]
     # the distributed variables an in-process training run of this session left behind are not the child's
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -227,6 +228,11 @@ def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(t
         assert after["rounds"]["1"][step]["seconds"] == before[step]["seconds"]  # not redone
     assert set(after["rounds"]["2"]) == {"sample", "judge", "pairs", "train", "eval"}
     assert set(after["iterate"]["accuracy_by_round"]) == {"0", "1", "2"}
+    start = {r["id"] for r in read_records(tmp_path / "run" / "sft.start.jsonl")}
+    prompts = {r["id"] for t in (1, 2) for r in read_records(tmp_path / "run" / "iterate" / f"round-{t}" / "prompts.jsonl")}
+    assert len(prompts) == 16 and not start & prompts
+    assert start | prompts == {r["id"] for r in read_records(tmp_path / "run" / "sft.jsonl")}
+    assert after["stages"]["train"]["counts"]["stages"][0]["examples"]["read"] == len(start) == 8
 
 
 def test_iterate_samples_from_a_served_student(tmp_path, config, data_dir, monkeypatch):
@@ -286,3 +292,13 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
     assert empty._round_config(empty.configs["iterate"], 1, "sample").generic == "empty"
     with pytest.raises(Orca2Error, match="prompts_per_round or partitions"):
         pipeline.Pipeline(str(config(extra=ITERATE + "  partitions: 2\n")))
+    with pytest.raises(Orca2Error, match="fresh_prompts needs prompts_per_round"):
+        pipeline.Pipeline(str(config(extra=ITERATE.replace("prompts_per_round: 8", "partitions: 3") + "  fresh_prompts: true\n")))
+    fresh = pipeline.Pipeline(str(config(extra=ITERATE.replace("prompts_per_round: 8", "prompts_per_round: 5")
+                                         + "  fresh_prompts: true\n")))
+    assert fresh.configs["train"].data == (str(fresh.paths["sft_start"]),) and fresh.inputs("train") == [fresh.paths["sft_start"]]
+    write_records(fresh.paths["tasks"], [{"id": f"t{i}", "task": "x", "messages": [{"role": "user", "content": str(i)}]}
+                                         for i in range(10)])
+    with pytest.raises(Orca2Error, match=r"2 rounds × 5 prompts need 10 tasks and more for the SFT start .fresh_prompts.; "
+                                         "the run has 10"):
+        fresh._write_sft_start()
