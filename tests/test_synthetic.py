@@ -102,3 +102,29 @@ def test_deterministic_and_split_disjoint():
 def test_unknown_kind():
     with pytest.raises(Orca2Error, match="valid: arithmetic"):
         generate_item("calculus", 0)
+
+
+def test_first_error_census_of_word_problems():
+    """scripts/first_errors.py: the first line unlike the exact steps, classified (the loop demo's error census)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("first_errors", Path(__file__).parents[1] / "scripts" / "first_errors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    steps = ["Mia starts with 16 cards.", "The boxes hold 3 × 4 = 12 cards, so 16 + 12 = 28 cards.",
+             "After giving 7 away: 28 - 7 = 21 cards.", "Mia has 21 cards now."]
+
+    def reply(*lines):
+        return "\n".join(f"{i + 1}. {line}" for i, line in enumerate(lines)) + "\nThe answer is: x"
+
+    cases = {reply(steps[0], "The boxes hold 3 × 4 = 12 cards, so 16 + 12 = 29 cards."): "slip +",
+             reply(steps[0], "The boxes hold 3 × 4 = 14 cards, so 16 + 14 = 30 cards."): "slip ×",
+             reply(steps[0], steps[1], "After giving 7 away: 28 - 7 = 20 cards."): "slip -",
+             reply(steps[0], steps[1], "After giving 7 away: 28 + 7 = 35 cards."): "wrong operation",
+             reply(steps[0], steps[1], "After giving 7 away: 27 - 7 = 20 cards."): "wrong operand",
+             reply(steps[0], steps[1], "Mia has 28 cards now."): "stops early",
+             reply(steps[0]): "stops early",  # the answer line where a computation belongs
+             reply(steps[0], "Mia likes cards."): "other"}
+    for text, kind in cases.items():
+        assert module.first_error(text, steps) == kind, (text, kind)
