@@ -149,12 +149,20 @@ def test_cut_at_the_first_differing_line(tmp_path):
     assert report["pairs_cut"] == 2 and report["pairs_left_whole"] == 4 and report["pairs"] == 3  # before/after merging
     assert texts(a, "chosen") == [head + "5.", teacher]  # a cut reply and a whole one with other text: two replies
     md = (tmp_path / "pairs.report.md").read_text()
-    assert "2 cut at their first differing line, 4 left whole" in md
+    assert "2 cut at their first differing line, 4 left whole (no shared first line" in md
     # a partial reply is not merged with a whole reply of the same text
     rows = [reply("B", 0, "x\ny", author="teacher"), reply("B", 1, "x\nz", correct=False),
             reply("B", 2, "x\ny\nw", correct=True), reply("B", 3, "x\ny\nv", correct=False)]
     out, _ = run(tmp_path, rows, cut="first-difference", borrow_negatives=0)
     chosen = [(x["content"], x.get("partial", False)) for x in out["B"]["chosen"]]
     assert ("x\ny", False) in chosen and ("x\ny", True) in chosen
+    # a borrowed negative (another prompt's reply) stays whole, even when its first line happens to match
+    rows = [reply("C", 0, "x\ny\nz", author="teacher"), reply("D", 0, "x\nq\nr", author="teacher"),
+            reply("D", 1, "x\nw\nv", correct=False)]
+    out, report = run(tmp_path, rows, cut="first-difference")
+    c = out["C"]
+    assert texts(c, "rejected") == ["x\nw\nv"] and c["rejected"][0]["meta"]["borrowed_from"] == "D"
+    assert "partial" not in c["rejected"][0] and "partial" not in c["chosen"][0]
+    assert report["pairs_cut"] == 1 and report["pairs_left_whole"] == 1  # D's own pair is cut, C's borrowed one not
     with pytest.raises(Orca2Error, match="cut must be none or first-difference .dpo only."):
         load_config(stage.PairsConfig, None, (), {"judged": ("x",), "output": "y", "objective": "kto", "cut": "first-difference"})

@@ -17,7 +17,7 @@ Input: reply records — the prompt's messages plus one assistant reply — with
   first lines is cut after the first line where they differ, both sides then `partial` (trained without an
   end-of-turn token). What follows a first slip is often right on a wrong value ("10 - 7 = 3" after a
   wrong 10); trained whole, the rejected side pushes down those right steps too. Pairs that share no
-  line (or a borrowed negative) stay whole; both counts are reported.
+  line, differ only in their last line, or pair a borrowed negative stay whole; both counts are reported.
 - **replay**: pairs of earlier rounds (`--replay`, newest first) are mixed in so that they make at most
   `replay_fractions` (default 30 % from t−1, 15 % from t−2) of the output, sampled per pair with the seed;
   their reference log-probs are recomputed by training (the file is new data for the new reference).
@@ -187,7 +187,8 @@ def build(groups: dict[str, list[Reply]], cfg: PairsConfig, counts: Counter) -> 
 
 def cut_pair(chosen: Reply, rejected: Reply, counts: Counter) -> tuple[Reply, Reply]:
     """The pair cut at its first differing line, counted (before identical pairs merge) as cut or left whole."""
-    cut = cut_at_first_difference(chosen, rejected) or (chosen, rejected)
+    borrowed = "borrowed_from" in rejected.record.get("meta", {})  # another prompt's reply: nothing shared to cut at
+    cut = (None if borrowed else cut_at_first_difference(chosen, rejected)) or (chosen, rejected)
     counts["pairs_cut" if any(r.cut_to is not None for r in cut) else "pairs_left_whole"] += 1
     return cut
 
@@ -298,8 +299,8 @@ def _write_report(report: dict[str, Any], output: str) -> None:
                   + (f" ({share:.1%})" if share is not None else "")]
         if "pairs_cut" in report or "pairs_left_whole" in report:
             lines += [f"- before identical pairs merge: {report.get('pairs_cut', 0)} cut at their first differing line, "
-                      f"{report.get('pairs_left_whole', 0)} left whole (no shared first line, or the difference is in "
-                      "the last line)"]
+                      f"{report.get('pairs_left_whole', 0)} left whole (no shared first line, the difference in the last "
+                      "line, or a borrowed negative)"]
     else:
         lines += [f"- desirable: {report.get('desirable', 0)}, undesirable: {report.get('undesirable', 0)} "
                   f"(replies word for word like one already labelled, stored once: {report.get('identical_replies_merged', 0)})"]
