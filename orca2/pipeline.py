@@ -68,19 +68,6 @@ class IterateConfig:
 TOP_KEYS = ("output", "stages", "seed", "assignment", "heldout", *STAGES)
 
 
-def _drop_stale_reference_logps(pairs: Path) -> None:
-    """Delete reference log-probs stored beside a round's pairs for other pairs (the round's pairs were rebuilt)."""
-    from orca2.train.preference import data_hash
-
-    current = data_hash((str(pairs),))
-    for stored in pairs.parent.glob(pairs.stem + ".reference-*.jsonl"):
-        with open(stored) as f:
-            header = json.loads(f.readline() or "{}").get("orca2_reference_logps", {})
-        if header.get("data_sha256") != current:
-            log.info("deleting %s: reference log-probs of earlier pairs", stored)
-            stored.unlink()
-
-
 def file_hash(path: Path) -> str:
     """sha256 of a file, or of a folder's files (relative paths and contents; logs and checkpoints excluded)."""
     h = hashlib.sha256()
@@ -470,8 +457,10 @@ class Pipeline:
 
             if not resume and Path(cfg.output).exists():
                 shutil.rmtree(cfg.output)
-            if step == "train":
-                _drop_stale_reference_logps(Path(cfg.data[0]))
+            if step == "train":  # the round's pairs may have been rebuilt since their log-probs were stored
+                from orca2.train.preference import drop_stale_reference_logps
+
+                drop_stale_reference_logps(cfg.data[0])
             summary = trainer.run(dataclasses.replace(cfg, resume=resume or cfg.resume))
             if summary.get("stopped"):
                 raise Orca2Error("training stopped early (stop_after); run again to resume it")

@@ -232,6 +232,12 @@ def test_bad_input_is_one_line_before_any_step(tmp_path, tiny_model, pref_file, 
     with pytest.raises(Orca2Error, match=r"stored reference log-probs belong to other data .* delete the file"):
         train(tmp_path, "f", pref_file, tiny_model, objective="dpo", max_steps=1)
     assert not any((tmp_path / n / "train_log.jsonl").exists() for n in "abcdf")
+    # a caller that rebuilds its own data (a round's pairs) drops the stale store; a fresh one is kept
+    from orca2.train.preference import drop_stale_reference_logps
+
+    assert len(drop_stale_reference_logps(str(pref_file))) == 1
+    train(tmp_path, "f", pref_file, tiny_model, objective="dpo", max_steps=1)
+    assert drop_stale_reference_logps(str(pref_file)) == [] and len(list(tmp_path.glob("pairs.reference-*.jsonl"))) == 1
 
 
 def test_partial_replies_end_without_end_of_turn_and_train(tmp_path, tiny_model):

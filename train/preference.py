@@ -303,6 +303,31 @@ def check_same_tokenizer(policy: Any, reference: Any, spec: str) -> None:
                          f"e.g. {differ}); log-probs of the same token ids would mean different text")
 
 
+REFERENCE_HEADER = "orca2_reference_logps"  # the key of a stored file's first line (whose reference, settings, data)
+
+
+def _stored_header(f: Any) -> dict[str, Any]:
+    return json.loads(f.readline() or "{}").get(REFERENCE_HEADER, {})
+
+
+def drop_stale_reference_logps(data: str) -> list[Path]:
+    """Delete the reference log-probs stored beside `data` (their default place) for other contents of it: for a
+    caller that rebuilds its own data file (a round's pairs), where a stale store is no mistake to report."""
+    from orca2.io import sidecar
+
+    current = data_hash((data,))
+    pattern = sidecar(data, "reference-*.jsonl")
+    dropped = []
+    for stored in sorted(pattern.parent.glob(pattern.name)):
+        with open(stored) as f:
+            stale = _stored_header(f).get("data_sha256") != current
+        if stale:
+            log.info("deleting %s: reference log-probs of earlier contents of %s", stored, data)
+            stored.unlink()
+            dropped.append(stored)
+    return dropped
+
+
 class Reference:
     """Reference log-probs for a stage: precomputed once (stored beside the data) or from a resident model."""
 
@@ -380,7 +405,7 @@ class Reference:
 
     def _read(self, sequences: list[Sequence]) -> dict[str, float]:
         with open(self.path) as f:
-            header = json.loads(f.readline()).get("orca2_reference_logps", {})
+            header = _stored_header(f)
             values = {row["key"]: row["logp"] for row in map(json.loads, f)}
         if header.get("data_sha256") != self.header["data_sha256"]:
             raise Orca2Error(f"{self.path}: stored reference log-probs belong to other data (sha256 "
@@ -399,7 +424,7 @@ class Reference:
         from orca2.io import atomic_text
 
         with atomic_text(self.path) as f:
-            f.write(json.dumps({"orca2_reference_logps": self.header}) + "\n")
+            f.write(json.dumps({REFERENCE_HEADER: self.header}) + "\n")
             for key, value in values.items():
                 f.write(json.dumps({"key": key, "logp": value}) + "\n")
         log.info("reference log-probs of %d sequences stored in %s", len(values), self.path)
