@@ -1,6 +1,6 @@
 # orca2 — set up, run the built-in demo, test.
 #   make demo   create .venv, install everything (CPU PyTorch), run the toolkit's main job offline
-#   make loop-demo   the on-policy loop offline: converged SFT start → a DPO round vs an equal-compute SFT control
+#   make loop-demo   the on-policy loop offline: SFT start → a DPO round on its own judged samples vs an equal-compute SFT control
 #   make persona-demo  role-play offline: synthetic personas → traits → PCIP → SFT → OrcaBench
 #   make test   create .venv, install everything, run the default (CPU, quick) test suite
 PYTHON ?= python3
@@ -35,9 +35,10 @@ demo: setup
 	cat $(DEMO)/assignment.table.md
 	cat $(DEMO)/eval/compare.md
 
-# Orca-Math's loop on synthetic word problems (configs/loop-demo.yaml): a converged SFT start, a round of
-# sampling on fresh problems, the rule judge, DPO + RPO on cut pairs against the previous policy; an
-# equal-compute SFT control; paired comparisons (about 19 minutes on 2 cores).
+# Orca-Math's loop on synthetic word problems (configs/loop-demo.yaml): an SFT start on a teacher that mixes a
+# strategy the student can follow with one it cannot, a round of sampling on fresh problems, the rule judge,
+# DPO + RPO on cut pairs against the previous policy; an equal-compute SFT control; paired comparisons
+# (about 20 minutes on 2 cores).
 loop-demo: setup
 	$(BIN)/orca2 run --config configs/loop-demo.yaml -o $(LOOP_DEMO)
 	cat $(LOOP_DEMO)/iterate/report.md
