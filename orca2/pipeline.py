@@ -285,6 +285,7 @@ class Pipeline:
             section = {**it.sample, "tasks": str(d / "prompts.jsonl"), "output": str(d / "samples.jsonl"),
                        "student": f"local:{self._policy(t - 1)}"}
             section.setdefault("generic", (self.data.get("erase") or {}).get("generic", "cautious"))  # as trained
+            section["sampling"] = {"seed": self.seed, **section.get("sampling", {})}  # a rerun draws the same samples
             section["client"] = {**cache, **section.get("client", {})}
             return build_section(SampleConfig, section, self.source, self.lines, where)
         if step == "judge":

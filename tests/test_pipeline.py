@@ -288,6 +288,11 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
         "sft", 0.0005, 3, (str(run._round_dir(1) / "control.jsonl"),))
     # the student samples under the generic prompt erase trained it with
     assert run._round_config(run.configs["iterate"], 1, "sample").generic == "cautious"
+    # the round's sampling is seeded by the run's seed unless iterate.sample.sampling.seed says otherwise
+    assert run._round_config(run.configs["iterate"], 1, "sample").sampling.seed == run.seed
+    assert pipeline.Pipeline(str(path), ("seed=3",))._round_config(run.configs["iterate"], 1, "sample").sampling.seed == 3
+    own = pipeline.Pipeline(str(path), ("iterate.sample.sampling.seed=11",))
+    assert own._round_config(own.configs["iterate"], 1, "sample").sampling.seed == 11
     empty = pipeline.Pipeline(str(path), ("erase.generic=empty",))
     assert empty._round_config(empty.configs["iterate"], 1, "sample").generic == "empty"
     with pytest.raises(Orca2Error, match="prompts_per_round or partitions"):
