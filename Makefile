@@ -38,7 +38,7 @@ demo: setup
 # Orca-Math's loop on synthetic word problems (configs/loop-demo.yaml): an SFT start on a teacher that mixes a
 # strategy the student can follow with one it cannot, a round of sampling on fresh problems, the rule judge,
 # DPO + RPO on cut pairs against the previous policy; an equal-compute SFT control; paired comparisons
-# (about 20 minutes on 2 cores).
+# (20–23 minutes on 2 cores).
 loop-demo: setup
 	$(BIN)/orca2 run --config configs/loop-demo.yaml -o $(LOOP_DEMO)
 	cat $(LOOP_DEMO)/iterate/report.md
