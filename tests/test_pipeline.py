@@ -290,9 +290,9 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
     assert run._round_config(run.configs["iterate"], 1, "sample").generic == "cautious"
     # the round's sampling is seeded by the run's seed unless iterate.sample.sampling.seed says otherwise
     assert run._round_config(run.configs["iterate"], 1, "sample").sampling.seed == run.seed
-    assert pipeline.Pipeline(str(path), ("seed=3",))._round_config(run.configs["iterate"], 1, "sample").sampling.seed == 3
-    own = pipeline.Pipeline(str(path), ("iterate.sample.sampling.seed=11",))
-    assert own._round_config(own.configs["iterate"], 1, "sample").sampling.seed == 11
+    for override, seed in (("seed=3", 3), ("iterate.sample.sampling.seed=11", 11)):
+        other = pipeline.Pipeline(str(path), (override,))
+        assert other._round_config(other.configs["iterate"], 1, "sample").sampling.seed == seed
     empty = pipeline.Pipeline(str(path), ("erase.generic=empty",))
     assert empty._round_config(empty.configs["iterate"], 1, "sample").generic == "empty"
     with pytest.raises(Orca2Error, match="prompts_per_round or partitions"):

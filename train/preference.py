@@ -310,13 +310,18 @@ def _stored_header(f: Any) -> dict[str, Any]:
     return json.loads(f.readline() or "{}").get(REFERENCE_HEADER, {})
 
 
+def _store_path(data: str, key: str) -> Path:
+    """Where reference log-probs of `data` under `key` are stored by default (key "*": a glob of them all)."""
+    from orca2.io import sidecar
+
+    return sidecar(data, f"reference-{key}.jsonl")
+
+
 def drop_stale_reference_logps(data: str) -> list[Path]:
     """Delete the reference log-probs stored beside `data` (their default place) for other contents of it: for a
     caller that rebuilds its own data file (a round's pairs), where a stale store is no mistake to report."""
-    from orca2.io import sidecar
-
     current = data_hash((data,))
-    pattern = sidecar(data, "reference-*.jsonl")
+    pattern = _store_path(data, "*")
     dropped = []
     for stored in sorted(pattern.parent.glob(pattern.name)):
         with open(stored) as f:
@@ -398,10 +403,8 @@ class Reference:
     def _path(self, stage: Any, settings: dict[str, Any]) -> Path:
         if self.cfg.reference_logps:
             return Path(self.cfg.reference_logps)
-        from orca2.io import sidecar
-
         key = hashlib.sha256(json.dumps([self.header["fingerprint"], settings], sort_keys=True).encode()).hexdigest()[:12]
-        return sidecar(stage.data[0], f"reference-{key}.jsonl")
+        return _store_path(stage.data[0], key)
 
     def _read(self, sequences: list[Sequence]) -> dict[str, float]:
         with open(self.path) as f:
