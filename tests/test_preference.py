@@ -321,3 +321,80 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path, tiny_model):
     assert n == c_n == 60 and low > 0.5, (wins, n, margin)
     assert diff_low > 0, (wins, c_wins)
     assert margin > c_margin and logs[-1]["reward_margin"] > logs[0]["reward_margin"]
+
+
+# --- multi-turn prompts: only the reply is y -----------------------------------------------------------
+
+
+def multi_turn_record(i: int) -> dict:
+    """A prompt that already holds an assistant turn (a follow-up question), replies of different lengths."""
+    return {"id": f"mt/{i}", "task": "t", "meta": {},
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": f"What is {i} + {i}?"},
+                         {"role": "assistant", "content": f"{i} + {i} = {2 * i}. A long earlier turn: " + "x" * (5 + i)},
+                         {"role": "user", "content": "And doubled again?"}],
+            "chosen": [{"content": f"{4 * i}."}], "rejected": [{"content": f"I think {4 * i + 1}, maybe."}]}
+
+
+def plain_reply_logprob(model, tokenizer, messages, reply):
+    """Σ log p of the reply's tokens and its end-of-turn token after the rendered prompt, from a plain forward."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids + target])).logits[0].double().log_softmax(-1)
+    return float(sum(logp[len(ids) - 1 + j, t] for j, t in enumerate(target)))
+
+
+@pytest.mark.parametrize("loss_impl", ["naive", "fused"])
+def test_multi_turn_prompt_logprob_is_the_reply_only_and_kto_matches_the_formula(tiny_model, tmp_path, loss_impl):
+    """log π(y|x) of a reply after a prompt holding earlier assistant turns sums the reply's tokens only; KTO's loss,
+    reward and reference point on such records equal the formula on those plain log-probs."""
+    from transformers import AutoTokenizer
+
+    from orca2.train.attention import register
+    from orca2.train.model import CausalLMLoss, load_student
+    from orca2.train.preference import IGNORE, Tokenised, collate_sequences, kto_units
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    policy, _ = load_student(str(tiny_model))
+    reference, _ = load_student(str(build_tiny_model(tmp_path / "ref", seed=3)))
+    for model in (policy, reference):  # packed rows, as training sees them: attention stays inside each sequence
+        model.set_attn_implementation(register("auto"))
+    records = [multi_turn_record(i) for i in (1, 2, 3)]
+    t = Tokenised(tok, 1024, "drop")
+    seq = t.sequence("k", "f:1", records[0], "4.")
+    spans = sum(1 for j, y in enumerate(seq.example.labels) if y != IGNORE and (j == 0 or seq.example.labels[j - 1] == IGNORE))
+    assert spans == 1 and tok.decode([y for y in seq.example.labels if y != IGNORE]) == "4.<|im_end|>"
+    t.check_masks(8, 0)
+    units, counts = kto_units([(f"f:{i}", r) for i, r in enumerate(records)], t, seed=0)
+    assert counts["desirable"] == 3 and counts["undesirable"] == 3
+    by_key = {f"{r['id']}/{side}/0": (r, r[side][0]["content"]) for r in records for side in ("chosen", "rejected")}
+    main = [u.sequences[0] for u in units]
+    kl = [u.kl[0] for u in units]
+    labels = torch.tensor([u.labels[0] for u in units])
+    beta = 0.3
+    with torch.no_grad():
+        out = {}
+        for name, lm in (("policy", policy), ("reference", reference)):
+            for part, seqs in (("main", main), ("kl", kl)):
+                batch = collate_sequences(seqs, True, 4096, 0)
+                out[name, part] = CausalLMLoss(lm.eval(), loss_impl).sequence_logprobs(batch.rows, batch.seq_ids,
+                                                                                      batch.n_seq).double()
+    def plain(lm, seqs):
+        values = []
+        for s in seqs:
+            record = by_key[s.key.removesuffix("/kl")][0]
+            reply = tok.decode([y for y in s.example.labels if y != IGNORE][:-1])  # the reply, less <|im_end|>
+            values.append(plain_reply_logprob(lm, tok, record["messages"], reply))
+        return torch.tensor(values, dtype=torch.float64)
+
+    plain_p, plain_r = plain(policy, main), plain(reference, main)
+    torch.testing.assert_close(out["policy", "main"], plain_p, rtol=0, atol=2e-4)
+    torch.testing.assert_close(out["reference", "main"], plain_r, rtol=0, atol=2e-4)
+    plain_kl = plain(policy, kl) - plain(reference, kl)
+    torch.testing.assert_close(out["policy", "kl"] - out["reference", "kl"], plain_kl, rtol=0, atol=4e-4)
+    z0 = max(0.0, float(plain_kl.mean()))
+    loss, reward = kto_losses(out["policy", "main"], out["reference", "main"], labels, z0, beta, 1.0, 1.0)
+    torch.testing.assert_close(loss, plain_kto(plain_p, plain_r, labels.tolist(), z0, beta, 1.0, 1.0), rtol=0, atol=1e-4)
+    torch.testing.assert_close(reward, beta * (plain_p - plain_r), rtol=0, atol=1e-4)

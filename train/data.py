@@ -55,11 +55,16 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
         raise Orca2Error(f"{where}: the chat template cannot express roles {roles} ({str(exc).splitlines()[0][:160]})") from None
 
 
-def tokenize_example(record_id: str, messages: list[dict[str, str]], tokenizer: Any, eot: set[int]) -> Example:
-    """Token ids and labels for one conversation; labels cover each assistant reply and its end-of-turn token."""
+def tokenize_example(record_id: str, messages: list[dict[str, str]], tokenizer: Any, eot: set[int],
+                     last_only: bool = False) -> Example:
+    """Token ids and labels for one conversation; labels cover each assistant reply and its end-of-turn token.
+
+    last_only: only the final assistant turn is supervised (a preference reply y after a multi-turn prompt x:
+    earlier assistant turns are part of x, so log π(y|x) must not sum their tokens)."""
     input_ids: list[int] = []
     labels: list[int] = []
     rendered = ""
+    last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -72,6 +77,8 @@ def tokenize_example(record_id: str, messages: list[dict[str, str]], tokenizer: 
         reply_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
         last_eot = max((i for i, t in enumerate(reply_ids) if t in eot), default=None)
         supervised_len = len(reply_ids) if last_eot is None else last_eot + 1
+        if last_only and k != last:
+            supervised_len = 0
         input_ids += prompt_ids + reply_ids
         labels += [IGNORE] * len(prompt_ids) + reply_ids[:supervised_len] + [IGNORE] * (len(reply_ids) - supervised_len)
         rendered = full_text

@@ -1,7 +1,9 @@
 """What DPO and KTO share: preference records → tokenised sequences → micro-batches, and the reference log-probs.
 
-A sequence is one (prompt, reply) conversation, tokenised with the same exact assistant-only masks as
-SFT (train/data.py); its log-prob is Σ log p over its supervised tokens. A *unit* is what packing places
+A sequence is one (prompt, reply) conversation, tokenised with the same exact masks as SFT (train/data.py)
+but supervising only the reply y: assistant turns inside a multi-turn prompt are part of x, never of y.
+Its log-prob is Σ log p over the reply's tokens and its end-of-turn token; what the template adds after
+the end-of-turn token (ChatML's newline) is not scored. A *unit* is what packing places
 whole: the sequences whose log-probs one loss term needs together — a DPO record's replies (each reply
 computed once however many pairs it is in; a record too long for one row splits into per-pair units),
 or a KTO reply. Units pack best-fit-decreasing into rows exactly as SFT examples do, with per-sequence
@@ -164,7 +166,7 @@ class Tokenised:
         the template adds after it are cut off, so neither is trained nor scored."""
         overlong = overlong or self.overlong
         messages = record["messages"] + [{"role": "assistant", "content": reply}]
-        example = tokenize_example(where, messages, self.tokenizer, self.eot)
+        example = tokenize_example(where, messages, self.tokenizer, self.eot, last_only=True)
         if partial:
             end = max(i for i, y in enumerate(example.labels) if y != IGNORE)
             if example.labels[end] in self.eot:
@@ -178,7 +180,7 @@ class Tokenised:
                                  f"({first} tokens before the reply)")
             example = Example(example.id, example.input_ids[:self.max_len], example.labels[:self.max_len])
         elif len(self.checked) < 64:
-            self.checked.append((example, {"messages": messages}))
+            self.checked.append((example, {"messages": messages[-1:]}))  # only the reply is supervised
         return Sequence(key, example)
 
     def check_masks(self, count: int, seed: int) -> None:
