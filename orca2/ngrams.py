@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-import re
+import unicodedata
 import zlib
 
 import numpy as np
+import regex
 
-_WORD = re.compile(r"[a-z0-9]+")
+# Scripts written without spaces between words: each character is a token, so their n-grams are character
+# n-grams (a Chinese sentence is one run of letters; as a single "word" it could only ever match itself whole).
+_UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}"
+# A word: letters, digits and combining marks (Devanagari's vowel signs are marks, not letters); a character of
+# an unspaced script; or one symbol with its marks (an emoji and its variation selector: "🍎🍎" and "🍐🍐" differ).
+_TOKEN = regex.compile(rf"[[\p{{L}}\p{{N}}\p{{M}}]--[{_UNSPACED}]]+|[{_UNSPACED}]|\p{{So}}\p{{M}}*", regex.V1)
+_NON_SPACE = regex.compile(r"\S")
+
+
+def words(text: str) -> list[str]:
+    """Unicode words after NFKC and case folding, punctuation left out: any script counts ("Привет, мир" →
+    ["привет", "мир"]), unspaced scripts give one token per character, an emoji is a word."""
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def normalise_words(text: str) -> list[str]:
-    """Lower-case alphanumeric words: punctuation, case and spacing never make two texts differ."""
-    return _WORD.findall(text.lower())
+    """A text's words (see `words`), so that punctuation, case, width and spacing never make two texts differ; a text
+    of punctuation alone gives its characters, so "?!" and "!!" stay two texts while "!!" and "! !" are one."""
+    return words(text) or _NON_SPACE.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def normalised_text(text: str) -> str:
@@ -70,7 +84,7 @@ class MinHasher:
         s = self.shingle
         flat: list[int] = []
         lengths = np.empty(len(texts), dtype=np.int64)
-        pad = [0] * (s - 1)  # after every text: shingles never span two texts, short texts still get one
+        pad = [0] * s  # after every text: shingles never span two texts, a text of < s words (even 0) still gets one
         for i, text in enumerate(texts):
             hashes = self._hash_words(normalise_words(text))
             lengths[i] = len(hashes)
@@ -78,7 +92,7 @@ class MinHasher:
             flat.extend(pad)
         words = np.array(flat, dtype=np.uint64)
         counts = np.maximum(1, lengths - s + 1)  # shingles per text
-        offsets = np.cumsum(lengths + s - 1) - (lengths + s - 1)  # where each text starts in `words`
+        offsets = np.cumsum(lengths + s) - (lengths + s)  # where each text starts in `words`
         seg = np.cumsum(counts) - counts  # where each text's shingles start
         starts = np.repeat(offsets - seg, counts) + np.arange(int(counts.sum()))
         with np.errstate(over="ignore"):  # wrap-around mod 2**64 is the point

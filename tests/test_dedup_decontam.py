@@ -69,3 +69,22 @@ def test_leak_phrases_and_ngrams():
     assert find_leak("I will break the problem into short numbered steps and check the last step.", prompt)
     assert find_leak("1. 3 + 4 = 7.\n2. 7 * 2 = 14.\nThe answer is: 14", prompt) is None
     assert find_leak("The instructions of the recipe say to stir.", prompt) is None
+
+
+def test_minhash_of_a_text_without_words_reads_only_its_own_shingles():
+    hasher = MinHasher(num_perm=32)
+    alone = hasher.signatures([""])[0]
+    for batch in (["", "next text words"], ["one", ""], ["", ""], ["a b c d", "", "e"]):
+        signatures = hasher.signatures(batch)  # the last text empty: no read past the end of the batch
+        for text, signature in zip(batch, signatures):
+            assert (signature == (alone if not text else hasher.signatures([text])[0])).all(), batch
+
+
+def test_normalised_words_in_any_script():
+    assert normalise_words("Привет, МИР!") == ["привет", "мир"]
+    assert normalise_words("计算：三加四") == ["计", "算", "三", "加", "四"]  # unspaced: one token per character
+    assert normalise_words("ＡＢＣ Straße") == ["abc", "strasse"]  # NFKC width, case folding
+    assert normalise_words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # combining vowel signs stay inside the word
+    assert normalise_words("🍎🍎 ❤️") == ["🍎", "🍎", "❤️"] and normalise_words("🍎") != normalise_words("🍐")
+    assert normalise_words("?!") == ["?", "!"] and normalise_words("! ?") != normalise_words("!!")
+    assert normalise_words("Hello, world") == normalise_words("hello   WORLD!!")  # punctuation beside words: no word

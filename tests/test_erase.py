@@ -157,3 +157,51 @@ def test_report_plot_and_cli(tmp_path, run_cli):
     png = tmp_path / "sft.lengths.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| toy | step-by-step | 30 | 20 | 30 | 66.7% |" in (tmp_path / "sft.report.md").read_text()
+
+
+# Prompts a user's data holds that ASCII-only normalisation could not see: other scripts, unspaced scripts,
+# combining marks, emoji, punctuation, full-width forms. Each is distinct from every other.
+SCRIPTS = [
+    "计算三个苹果加上四个苹果一共有多少个苹果？",  # Chinese: no spaces
+    "りんごが三つとみかんが四つあります。全部でいくつですか？",  # Japanese
+    "Сколько будет три яблока плюс четыре яблока?",  # Russian
+    "Πόσα είναι τρία μήλα συν τέσσερα μήλα;",  # Greek
+    "तीन सेब और चार सेब मिलाकर कितने सेब होते हैं?",  # Hindi: vowel signs are combining marks
+    "كم يساوي ثلاث تفاحات زائد أربع تفاحات؟",  # Arabic
+    "🍎🍎🍎 ➕ 🍎🍎🍎🍎 ❓",  # emoji only
+    "🍐🍐🍐 ➕ 🍐🍐🍐🍐 ❓",
+    "?!?",  # punctuation only
+    "!?!",
+]
+
+
+def test_prompts_in_any_script_are_kept_when_distinct_and_deduplicated_when_equal(tmp_path):
+    variants = ["计算三个苹果加上四个苹果一共有多少个苹果?",  # the Chinese one with a half-width question mark
+                "СКОЛЬКО будет три яблока плюс четыре яблока",  # the Russian one, upper case, no punctuation
+                "🍎🍎🍎➕🍎🍎🍎🍎❓",  # the first emoji one without spaces
+                "? ! ?"]  # the first punctuation one, spaced
+    records = [trace(i, user=text) for i, text in enumerate(SCRIPTS + variants)]
+    report, kept, _ = erase(tmp_path, records, dedup="exact")
+    assert [r["id"] for r in kept] == [f"t/{i}" for i in range(len(SCRIPTS))], report["dropped_by_reason"]
+    assert report["dropped_by_reason"] == {"duplicate": len(variants)}
+    # near-duplicates: one character of a long Chinese prompt changed is caught; unrelated scripts are not
+    long = ("小明有十二个苹果，他给了小红五个苹果，又从商店买了八个苹果，然后吃掉了两个苹果。第二天，他的妈妈又送给他六个梨和"
+            "三个橙子，他把其中一半的梨分给了同学。请问小明现在一共有多少个苹果？")
+    edited = long.replace("商店", "商场")  # one character: character 3-gram Jaccard 0.92
+    records = [trace(i, user=text) for i, text in enumerate(SCRIPTS + [long, edited])]
+    report, kept, _ = erase(tmp_path, records, dedup="near")
+    assert report["dropped_by_reason"] == {"near_duplicate": 1} and len(kept) == len(SCRIPTS) + 1
+
+
+def test_decontamination_and_leak_audit_see_text_in_any_script(tmp_path):
+    from orca2.decontam import ContaminationIndex
+    from orca2.leaks import find_leak
+
+    index = ContaminationIndex(n=13)
+    item = "小明有十二个苹果，他给了小红五个苹果，又从商店买了八个苹果。"
+    index.add(item, "zh/1")
+    assert index.find("请回答：" + item).eval_id == "zh/1"
+    assert index.find("小红有三支铅笔和两本书，她一共有几样东西？") is None
+    system = "Сначала перечисли все известные факты, затем шаг за шагом вычисли ответ и проверь его."
+    assert find_leak("Сначала перечисли все известные факты, затем шаг за шагом вычисли ответ. Ответ: 7", system)
+    assert not find_leak("Ответ: семь яблок.", system)
