@@ -11,6 +11,11 @@ An item (question, answer, evidence) is grounded when both hold:
 An answer that is only "true", "yes", a blank's filler that is in the passage, or a derivable number
 passes on its evidence. Words are compared after lower-casing, without punctuation, with a plural "s"
 stripped, so "bridges" in the answer finds "bridge" in the passage.
+
+A number is a number only when it stands alone ("42", "3.5%", "$18", "−5"): digits inside a word ("CC0",
+"GPLv3", "19th", "mid-1990s", "5kg") are part of that word and are matched as words, verbatim. A quantity
+with a unit suffix in the passage ("5kg") also gives the passage its number (5) and its unit ("kg"), so the
+answer "5 kg" is found in it.
 """
 
 from __future__ import annotations
@@ -20,14 +25,17 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from orca2.ngrams import ngrams, normalise_words
+from orca2.ngrams import ngrams, words
 
 STOP_WORDS = frozenset("""a an the and or but if then of to in on at by for with from as is are was were be been being it its
 this that these those there their they them he she his her him we our you your i my me not no yes true false do does did
 has have had will would can could should may might must so than which who whom whose what when where why how all any
 each both either neither one about into over after before under between because while also only very more most less
 such same other""".split())
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+# Digits touching no letter or digit (a decimal point inside is part of the number; an atomic group so that
+# "3.5kg" is not read as the number 3 followed by ".5kg"). "−" (U+2212) is a minus sign.
+_NUMBER = re.compile(r"(?<![^\W_.])(?>[-−]?\d+(?:,\d{3})*(?:\.\d+)?)(?![^\W_])")
+_UNIT_QUANTITY = re.compile(r"(?<![^\W_.])(?>(\d+(?:,\d{3})*(?:\.\d+)?)([^\W\d_]+))(?![^\W_])")  # "5kg", "19th"
 _WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
           "seventeen eighteen nineteen twenty").split()
 NUMBER_WORDS = {**{w: float(i) for i, w in enumerate(_WORDS)}, "thirty": 30.0, "forty": 40.0, "fifty": 50.0,
@@ -45,10 +53,14 @@ def _stem(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
-def _numbers(text: str, words: bool = False) -> list[float]:
-    """The numbers written in digits; with `words`, also those written as words (one … twenty, dozen, half …)."""
-    found = [float(m.group().replace(",", "")) for m in _NUMBER.finditer(text)]
-    return found + [NUMBER_WORDS[w] for w in normalise_words(text) if w in NUMBER_WORDS] if words else found
+def _numbers(text: str, passage: bool = False) -> list[float]:
+    """The numbers written in digits, standing alone; with `words` (a passage), also the quantities of unit-suffixed
+    tokens ("5kg" → 5) and the numbers written as words (one … twenty, dozen, half …)."""
+    found = [float(m.group().replace(",", "").replace("−", "-")) for m in _NUMBER.finditer(text)]
+    if not passage:
+        return found
+    found += [float(m.group(1).replace(",", "")) for m in _UNIT_QUANTITY.finditer(text)]
+    return found + [NUMBER_WORDS[w] for w in words(text) if w in NUMBER_WORDS]
 
 
 def _derivable(value: float, numbers: list[float]) -> bool:
@@ -67,16 +79,17 @@ def _derivable(value: float, numbers: list[float]) -> bool:
 @functools.lru_cache(maxsize=256)
 def _facts(passage: str) -> tuple[frozenset[str], frozenset[str], frozenset[str], tuple[float, ...]]:
     """A passage's words, stemmed words, word 3-grams and numbers: computed once for all its questions."""
-    words = normalise_words(passage)
-    return (frozenset(words), frozenset(_stem(w) for w in words), frozenset(ngrams(words, 3)),
-            tuple(_numbers(passage, words=True)))
+    found = words(passage)
+    units = [m.group(2).casefold() for m in _UNIT_QUANTITY.finditer(passage)]  # "5kg" also says "kg"
+    return (frozenset(found), frozenset(_stem(w) for w in found + units), frozenset(ngrams(found, 3)),
+            tuple(_numbers(passage, passage=True)))
 
 
 def check(passage: str, answer: str, evidence: str | None = None, *, quote_share: float = 0.8,
           word_share: float = 0.75) -> Verdict:
     vocabulary, stems, trigrams, known = _facts(passage)
     if evidence is not None:
-        quote = normalise_words(evidence)
+        quote = words(evidence)
         if not quote:
             return Verdict(False, "empty evidence")
         if len(quote) < 3:
@@ -86,7 +99,7 @@ def check(passage: str, answer: str, evidence: str | None = None, *, quote_share
             found = sum(g in trigrams for g in grams) >= quote_share * len(grams)
         if not found:
             return Verdict(False, "evidence not in the passage")
-    content = [_stem(w) for w in normalise_words(re.sub(_NUMBER, " ", answer)) if w not in STOP_WORDS]
+    content = [_stem(w) for w in words(re.sub(_NUMBER, " ", answer)) if w not in STOP_WORDS]
     if content and sum(w in stems for w in content) < word_share * len(content):
         missing = [w for w in content if w not in stems][:3]
         return Verdict(False, f"answer words not in the passage: {', '.join(missing)}")
