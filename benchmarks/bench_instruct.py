@@ -87,7 +87,7 @@ def flow_setting(latency: float, calls: int) -> Iterator[tuple[str, Path, Path]]
 def bench_overhead(calls: int, concurrency: int) -> dict:
     with flow_setting(0.0, calls) as (url, tmp, docs):
         wall, report = flow_run(docs, url, tmp / "cache", tmp / "tasks.jsonl", concurrency)
-        n = report["agent_calls"]
+        n = report["agent_requests"]["sent"]
         chars = sum(a["prompt_tokens"] for a in report["agents"].values()) * 6 // max(1, n)  # loopback counts words
         alone = ask_alone(url, n, chars, concurrency, tmp / "cache-alone")
         cached, again = flow_run(docs, url, tmp / "cache", tmp / "again.jsonl", concurrency)
@@ -100,7 +100,7 @@ def bench_overhead(calls: int, concurrency: int) -> dict:
 def bench_throughput(calls: int, concurrency: int, latency: float) -> dict:
     with flow_setting(latency, calls) as (url, tmp, docs):
         wall, report = flow_run(docs, url, tmp / "cache", tmp / "tasks.jsonl", concurrency)
-    n = report["agent_calls"]
+    n = report["agent_requests"]["sent"]
     ideal = concurrency / latency
     return {"bench": "throughput", "agent_calls": n, "concurrency": concurrency, "latency_s": latency, "flow_s": wall,
             "calls_per_s": n / wall, "ideal_calls_per_s": ideal, "fraction_of_ideal": n / wall / ideal}

@@ -197,9 +197,17 @@ class Answers:
     """The outcome of one `ask`, in request order, read from the cache (constant memory per request)."""
 
     def __init__(self, spec: ModelSpec, sampling: Sampling, keys: list[str], cache: ResponseCache, result: AskResult,
-                 cached_at_start: int):
+                 cached: list[bool]):
         self.spec, self.sampling, self.keys, self.cache, self.result = spec, sampling, keys, cache, result
-        self.cached_at_start = cached_at_start  # requests (not distinct keys) answered before this run
+        self._cached = cached  # per request: answered before this run
+        self.cached_at_start = sum(cached)  # requests (not distinct keys) answered before this run
+
+    def origin(self, i: int) -> str:
+        """How request i was answered: "cached" (before this run), "sent" (asked this run) or "shared" (an identical
+        earlier request of this ask was sent, and its answer serves this one too)."""
+        if self._cached[i]:
+            return "cached"
+        return "sent" if self.keys.index(self.keys[i]) == i else "shared"
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -253,7 +261,7 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
     keys = [request_key(identity, r.messages, params) for r in requests]
     cache = ResponseCache(client.cache_dir or default_cache_dir())
     try:
-        cached_at_start = sum(1 for k in keys if k in cache)
+        cached = [k in cache for k in keys]
         pending: dict[str, Request] = {}
         for key, request in zip(keys, requests):
             if key not in cache:
@@ -275,7 +283,7 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
     except BaseException:
         cache.close()
         raise
-    return Answers(spec, sampling, keys, cache, result, cached_at_start)
+    return Answers(spec, sampling, keys, cache, result, cached)
 
 
 def ask_parsed(model: str | ModelSpec, requests: list[Request], parse: Callable[[str], Any], sampling: Sampling,
@@ -311,13 +319,13 @@ class _Job:
     spec: ModelSpec
     request: Request
     sampling: Sampling
-    callback: Callable[[dict[str, Any] | None], None]
+    callback: Callable[[dict[str, Any] | None, str], None]
 
 
 class AskQueue:
     """Requests whose next request depends on a reply (agent flows): `put` jobs, each with a callback that gets
-    the response (a dict as in the cache, or None when it failed for good) and may put more; `run` until none
-    is left.
+    the response (a dict as in the cache, or None when it failed for good) and how it was answered ("sent",
+    "cached" or "shared": see Answers.origin), and may put more; `run` until none is left.
 
     Every request goes through the cache as in `ask`: a killed run, run again, asks only what is missing.
     When every model put is asked per request (`openai:`), jobs **stream**: each is sent as soon as it is
@@ -336,7 +344,8 @@ class AskQueue:
         self.cached = 0  # jobs answered from the cache
         self._wake: Callable[[], None] | None = None  # set while streaming: a new job wakes one idle worker
 
-    def put(self, model: str, request: Request, sampling: Sampling, callback: Callable[[dict[str, Any] | None], None]) -> None:
+    def put(self, model: str, request: Request, sampling: Sampling,
+            callback: Callable[[dict[str, Any] | None, str], None]) -> None:
         if model not in self.specs:
             raise Orca2Error(f"AskQueue: model {model} was not named when the queue was made")
         self.jobs.append(_Job(self.specs[model], request, sampling, callback))
@@ -369,15 +378,15 @@ class AskQueue:
                     result.failures.update(answers.result.failures)
                     result.aborted = result.aborted or answers.result.aborted
                     self.cached += answers.cached_at_start
-                    responses = [answers.response(i) for i in range(len(group))]
-                for job, response in zip(group, responses):
-                    job.callback(response)
+                    responses = [(answers.response(i), answers.origin(i)) for i in range(len(group))]
+                for job, (response, origin) in zip(group, responses):
+                    job.callback(response, origin)
 
     async def _stream(self) -> None:
         cache = ResponseCache(self.client.cache_dir or default_cache_dir())
         bar = tqdm(total=len(self.jobs), desc=self.desc, unit="req", mininterval=0.5, dynamic_ncols=True)
         requesters: dict[str, _Requester] = {}
-        waiting: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}  # key in flight → its callbacks
+        waiting: dict[str, list[Callable[[dict[str, Any] | None, str], None]]] = {}  # key in flight → its callbacks
         sleepers: deque[asyncio.Future] = deque()  # idle workers, each woken by one new job
         params_of: dict[Sampling, dict[str, Any]] = {}  # Sampling is frozen: its dict once, not per job
         state = {"in_flight": 0}
@@ -426,7 +435,7 @@ class AskQueue:
                 if key in cache:
                     self.cached += 1
                     bar.update(1)
-                    job.callback(cache.get(key))
+                    job.callback(cache.get(key), "cached")
                     continue
                 if key in waiting:  # the same request is in flight: share its answer
                     bar.update(1)
@@ -441,8 +450,8 @@ class AskQueue:
                 finally:
                     state["in_flight"] -= 1
                 response = cache.get(key)
-                for callback in waiting.pop(key):
-                    callback(response)
+                for j, callback in enumerate(waiting.pop(key)):
+                    callback(response, "shared" if j else "sent")
                 if state["in_flight"] == 0 and not self.jobs:
                     wake_all()
 

@@ -27,12 +27,15 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
 
 
-def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that mean the same in every command: --config, --set, --seed, --log-level, --debug."""
+def common_options(fn: Callable[..., Any] | None = None, *, seed: bool = True) -> Any:
+    """Options that mean the same in every command: --config, --set, --seed, --log-level, --debug.
+
+    `seed=False` for a command that draws nothing at random (erase): there --seed is refused, not ignored."""
+    if fn is None:
+        return functools.partial(common_options, seed=seed)
 
     @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config; its keys are this command's options.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set client.concurrency=64.")
-    @click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
     @functools.wraps(fn)
@@ -40,6 +43,8 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         _setup_logging(log_level)
         return fn(*args, **kwargs)
 
+    if seed:
+        return click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")(wrapper)
     return wrapper
 
 
@@ -231,7 +236,8 @@ def instruct(docs: tuple[str, ...], flow: str | None, output: str | None, model:
     r = stage.run(load_config(stage.InstructConfig, config_path, overrides, flags))
     dropped = ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items() if v) or "none"
     click.echo(f"{r['documents']} documents → {r['passages']} passages → {r['candidates']} candidates "
-               f"({r['agent_calls']} agent calls) → {r['kept']} task records in {r['output']} (dropped: {dropped})")
+               f"({r['agent_requests']['sent']} agent requests sent, {r['agent_requests']['cached']} from the cache) → "
+               f"{r['kept']} task records in {r['output']} (dropped: {dropped})")
     from orca2.io import sidecar
 
     click.echo(f"report: {sidecar(r['output'], 'report.md')}")
@@ -389,11 +395,11 @@ def select(tasks_path: str | None, output: str | None, candidates: str | None, d
 @click.option("--tokenizer", default=None, help="Tokenizer for --max-tokens (HF folder, .gguf, default); else ≈4 chars/token.")
 @click.option("--skip-invalid", is_flag=True, default=None, help="Send malformed lines to <output>.rejects.jsonl and go on.")
 @click.option("--strategies", "user_strategies", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder.")
-@common_options
+@common_options(seed=False)
 def erase(input_path: str | None, output: str | None, generic: str | None, leak: str | None, verify: str | None,
           dedup: str | None, decontaminate: tuple[str, ...], max_tokens: int | None, tokenizer: str | None,
           skip_invalid: bool | None, user_strategies: tuple[str, ...], config_path: str | None,
-          overrides: tuple[str, ...], seed: int | None) -> None:
+          overrides: tuple[str, ...]) -> None:
     """Replace strategy prompts by one generic prompt and curate the traces (writes SFT data)."""
     from orca2.stages import erase as stage
     from orca2.config import load_config

@@ -145,30 +145,37 @@ class Pipeline:
         _deep_update(section, wired)
         return section, f"{name}."
 
+    def _build(self, cls: type, section: dict[str, Any], prefix: str) -> Any:
+        """A section's config, with the one seed rule: the run's seed is the default of every `seed` a section's
+        config has — its own and its sampling's (so a rerun draws the same samples) — unless the section sets it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "seed" in names:
+            section.setdefault("seed", self.seed)
+        if "sampling" in names:
+            section["sampling"] = {"seed": self.seed, **(section.get("sampling") or {})}
+        return build_section(cls, section, self.source, self.lines, prefix)
+
     def _stage_config(self, name: str) -> Any:
-        seed = self.seed
         cache = {"cache_dir": str(self.paths["cache"])}
         if name == "instruct":
             from orca2.stages.instruct import InstructConfig
 
             section, prefix = self._section(name, {"output": str(self.paths["instruct"])})
-            section.setdefault("seed", seed)
             section["client"] = {**cache, **section.get("client", {})}
-            return build_section(InstructConfig, section, self.source, self.lines, prefix)
+            return self._build(InstructConfig, section, prefix)
         if name == "tasks":
             from orca2.stages.tasks import TasksConfig
 
             section, prefix = self._section(name, {"output": str(self.paths["tasks"])})
-            section.setdefault("seed", seed)
             if "instruct" in self.stages:  # the flow's task records join the tasks' own sources
                 section["sources"] = [*(section.get("sources") or ()), f"jsonl:{self.paths['instruct']}"]
-            return build_section(TasksConfig, section, self.source, self.lines, prefix)
+            return self._build(TasksConfig, section, prefix)
         if name == "select":
             from orca2.stages.select import SelectConfig
 
             section, prefix = self._section(name, {"tasks": str(self.paths["tasks"]), "output": str(self.paths["assignment"])})
             section["client"] = {**cache, **section.get("client", {})}
-            return build_section(SelectConfig, section, self.source, self.lines, prefix)
+            return self._build(SelectConfig, section, prefix)
         if name == "generate":
             from orca2.stages.generate import GenerateConfig
 
@@ -177,12 +184,12 @@ class Pipeline:
                 wired["assign"] = str(self.paths["assignment"])
             section, prefix = self._section(name, wired)
             section["client"] = {**cache, **section.get("client", {})}
-            return build_section(GenerateConfig, section, self.source, self.lines, prefix)
+            return self._build(GenerateConfig, section, prefix)
         if name == "erase":
             from orca2.stages.erase import EraseConfig
 
             section, prefix = self._section(name, {"input": str(self.paths["traces"]), "output": str(self.paths["sft"])})
-            return build_section(EraseConfig, section, self.source, self.lines, prefix)
+            return self._build(EraseConfig, section, prefix)
         if name == "persona":
             return self._persona_configs()
         if name == "train":
@@ -191,8 +198,7 @@ class Pipeline:
 
             data = self.paths["persona"] / "pcip.jsonl" if "persona" in self.stages else self._sft_data()
             section, prefix = self._section(name, {"data": (str(data),), "output": str(self.paths["student"])})
-            section.setdefault("seed", seed)
-            cfg = build_section(TrainConfig, section, self.source, self.lines, prefix)
+            cfg = self._build(TrainConfig, section, prefix)
             try:
                 check_student(cfg.model)
             except Orca2Error as exc:
@@ -221,7 +227,7 @@ class Pipeline:
         section.update(wired)
         section["client"] = {**cache, **section.get("client", {})}
         section["model"] = model
-        student = build_section(EvalConfig, section, self.source, self.lines, "eval.")
+        student = self._build(EvalConfig, section, "eval.")
         base = None
         if base_model:
             base = dataclasses.replace(student, model=base_model, label="base", output=str(self.paths["eval"] / "base"),
@@ -242,9 +248,8 @@ class Pipeline:
         posts = data.get("posts", "synthetic")
         configs: dict[str, Any] = {}
         if posts == "synthetic":
-            configs["synth"] = build_section(SynthConfig, {"seed": self.seed, **(data.get("synth") or {}),
-                                                           "output": str(d / "posts.jsonl")}, self.source, self.lines,
-                                             "persona.synth.")
+            configs["synth"] = self._build(SynthConfig, {**(data.get("synth") or {}), "output": str(d / "posts.jsonl")},
+                                           "persona.synth.")
             posts = str(d / "posts.jsonl")
         wired = {"infer": (InferConfig, {"posts": posts, "output": str(d / "traits.jsonl")}),
                  "augment": (AugmentConfig, {"posts": posts, "traits": str(d / "traits.jsonl"),
@@ -257,9 +262,8 @@ class Pipeline:
                 section.setdefault("truth", str(d / "posts.truth.jsonl"))
             if step == "build":
                 section.setdefault("holdout", 0.2)
-                section.setdefault("seed", self.seed)
             section["client"] = {**cache, **section.get("client", {})}
-            configs[step] = build_section(cls, section, self.source, self.lines, f"persona.{step}.")
+            configs[step] = self._build(cls, section, f"persona.{step}.")
         return configs
 
     # --- running ------------------------------------------------------------------------------------
@@ -285,21 +289,20 @@ class Pipeline:
             section = {**it.sample, "tasks": str(d / "prompts.jsonl"), "output": str(d / "samples.jsonl"),
                        "student": f"local:{self._policy(t - 1)}"}
             section.setdefault("generic", (self.data.get("erase") or {}).get("generic", "cautious"))  # as trained
-            section["sampling"] = {"seed": self.seed, **section.get("sampling", {})}  # a rerun draws the same samples
             section["client"] = {**cache, **section.get("client", {})}
-            return build_section(SampleConfig, section, self.source, self.lines, where)
+            return self._build(SampleConfig, section, where)
         if step == "judge":
             from orca2.stages.judge import JudgeConfig
 
             section = {**it.judge, "replies": [str(d / "samples.jsonl")], "output": str(d / "judged.jsonl"),
                        "teacher": [str(self.paths["traces"])]}
-            return build_section(JudgeConfig, section, self.source, self.lines, where)
+            return self._build(JudgeConfig, section, where)
         if step == "pairs":
             from orca2.stages.pairs import PairsConfig
 
             section = {"recipe": it.recipe, "objective": it.objective, **it.pairs, "judged": [str(d / "judged.jsonl")],
                        "output": str(d / "pairs.jsonl"), "replay": [str(p) for p in self._replayed(it, t)]}
-            return build_section(PairsConfig, section, self.source, self.lines, where)
+            return self._build(PairsConfig, section, where)
         if step == "train":
             from orca2.train.trainer import TrainConfig
 
@@ -307,8 +310,7 @@ class Pipeline:
             reference = self._policy(t - 1) if it.reference == "previous" else self._policy(0)
             section.update(model=self._policy(t - 1), data=[str(d / "pairs.jsonl")], output=str(d / "student"),
                            objective=it.objective, reference=reference, chat_template="tokenizer")
-            section.setdefault("seed", self.seed)
-            return build_section(TrainConfig, section, self.source, self.lines, where)
+            return self._build(TrainConfig, section, where)
         if step == "control":  # as many SFT steps as the round's preference training took, on the teacher's traces
             from orca2.train.trainer import PREFERENCE_KEYS, TrainConfig
 
@@ -318,8 +320,7 @@ class Pipeline:
                        **it.control_train}  # the round's optimiser settings, then the control's own
             section.update(model=self._policy(t - 1, control=True), data=[str(d / "control.jsonl")],
                            output=str(d / "control"), objective="sft", max_steps=steps, epochs=steps)
-            section.setdefault("seed", self.seed)
-            return build_section(TrainConfig, section, self.source, self.lines, "iterate.control_train.")
+            return self._build(TrainConfig, section, "iterate.control_train.")
         control = step == "control_eval"
         label = f"control-{t}" if control else f"round-{t}"
         student = self.configs["eval"]["student"]
@@ -647,8 +648,8 @@ class Pipeline:
         from orca2.stages.tasks import TasksConfig
         from orca2.stages.tasks import run as make_tasks
 
-        section = {"split": "test", "seed": self.seed, **dict(self.data["heldout"]), "output": str(self.paths["heldout"])}
-        cfg = build_section(TasksConfig, section, self.source, self.lines, "heldout.")
+        section = {"split": "test", **dict(self.data["heldout"]), "output": str(self.paths["heldout"])}
+        cfg = self._build(TasksConfig, section, "heldout.")
         make_tasks(cfg)
         self.paths["eval"].mkdir(parents=True, exist_ok=True)
         (self.paths["eval"] / "benchmarks.yaml").write_text(
@@ -675,7 +676,7 @@ class Pipeline:
             from orca2.stages.instruct import run as stage_run
 
             report = stage_run(cfg)
-            return {k: report[k] for k in ("documents", "passages", "candidates", "kept", "dropped", "agent_calls")}
+            return {k: report[k] for k in ("documents", "passages", "candidates", "kept", "dropped", "agent_requests", "lost")}
         if name == "tasks":
             from orca2.stages.tasks import run as stage_run
 

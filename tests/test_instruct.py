@@ -58,15 +58,16 @@ def test_flow_end_to_end_counts_provenance_and_chaining(tmp_path, docs):
     per_round = passages * 2 * 3  # 2 types per passage, 3 items per seed call
     assert report["items_by_round"] == [per_round, per_round]
     agents = report["agents"]
-    assert agents["seed"]["calls"] == passages * 2
-    assert agents["suggester"]["calls"] == agents["editor"]["calls"] == per_round
+    assert agents["seed"]["replies"] == agents["seed"]["sent"] == passages * 2
+    assert agents["suggester"]["replies"] == agents["editor"]["replies"] == per_round
     transformed = {(r["meta"]["instruct"]["document"], r["meta"]["instruct"]["passage"])
                    for r in records if r["meta"]["instruct"]["transformation"] != "identity"}
-    assert agents.get("transform", {"calls": 0})["calls"] == len(transformed)
+    assert agents.get("transform", {"replies": 0})["replies"] == len(transformed)
     assert report["candidates"] == 2 * per_round == report["kept"] + report["dropped"]
     assert report["kept"] == len(records) == 2 * per_round and report["dropped"] == 0
     # every distinct request was asked exactly once, and every answer was used
-    assert set(stats.ok_by_prompt.values()) == {1} and stats.ok == report["agent_calls"]
+    assert set(stats.ok_by_prompt.values()) == {1} and report["agent_requests"] == {"sent": stats.ok, "cached": 0, "shared": 0}
+    assert report["lost"] == {} and "Lost on the way" not in (tmp_path / "out" / "tasks.report.md").read_text()
     by_id = {r["id"]: r for r in records}
     for r in records:
         m = r["meta"]["instruct"]
@@ -93,6 +94,8 @@ def test_rerun_is_answered_from_the_cache_and_a_changed_prompt_reasks_only_its_s
         asked = server.stats.ok
         again = run(config(tmp_path, server))
         assert server.stats.ok == asked and again["kept"] == first["kept"]
+        assert again["agent_requests"] == {"sent": 0, "cached": asked, "shared": 0}
+        assert "0 sent, %d from the cache" % asked in (tmp_path / "out" / "tasks.report.md").read_text()
         # a user copy of the flow with the suggester's prompt changed: seed and transform come from the cache
         flow = tmp_path / "rc.yaml"
         shipped = load_flow("reading-comprehension")
@@ -101,7 +104,7 @@ def test_rerun_is_answered_from_the_cache_and_a_changed_prompt_reasks_only_its_s
         (tmp_path / "suggester.txt").write_text(shipped.prompts["instruct/reading-comprehension/suggester.txt"] + "\nBe brief.")
         changed = run(config(tmp_path, server, flow=str(flow)))
     new = server.stats.ok - asked
-    assert new == changed["agents"]["suggester"]["calls"] + changed["agents"]["editor"]["calls"]
+    assert new == changed["agents"]["suggester"]["sent"] + changed["agents"]["editor"]["sent"] == changed["agent_requests"]["sent"]
 
 
 def test_malformed_replies_are_retried_then_counted(tmp_path, docs):
@@ -118,7 +121,8 @@ def test_malformed_replies_are_retried_then_counted(tmp_path, docs):
     seed = report["agents"]["seed"]
     # the bees' first passage (2 seed calls) failed once then parsed; the second (2 calls) never parsed
     assert seed["unparsable_replies"] == 2 + 2 * 2 and seed["calls_lost"] == 2
-    assert report["counts"]["passages_lost_at_seed"] == 1
+    assert report["lost"] == {"passages_lost_at_seed": 1} and "passages_lost_at_seed" not in report["counts"]
+    assert "Lost on the way: passages_lost_at_seed 1." in (tmp_path / "out" / "tasks.report.md").read_text()
     assert report["items_by_round"] == [3 * 2 * 3]
     assert report["kept"] == len(list(read_records(tmp_path / "out" / "tasks.jsonl")))
 
@@ -142,8 +146,9 @@ def test_kill_9_mid_flow_then_resume_repeats_no_request(tmp_path, docs):
         assert done.returncode == 0, done.stderr[-2000:]
     report = orjson.loads((tmp_path / "tasks.report.json").read_bytes())
     assert before >= 20 and report["kept"] == 48
-    assert len(server.stats.ok_by_prompt) == report["agent_calls"]
-    assert server.stats.ok <= report["agent_calls"] + 2  # at most the 2 requests in flight at the kill, again
+    requests = report["agent_requests"]
+    assert len(server.stats.ok_by_prompt) == requests["sent"] + requests["cached"] and requests["cached"] >= 20
+    assert server.stats.ok <= len(server.stats.ok_by_prompt) + 2  # at most the 2 requests in flight at the kill, again
 
 
 def test_a_user_flow_yaml_runs_without_code(tmp_path, docs):
@@ -226,6 +231,33 @@ def test_grounding_accepts_answerable_questions(answer, evidence):
 def test_grounding_rejects_unanswerable_questions(answer, evidence, why):
     verdict = check(PASSAGE, answer, evidence)
     assert not verdict.grounded and why in verdict.reason
+
+
+# Ordinary documents (a licence note, a changelog, a history, a recipe) whose answers mix digits into words.
+DOCUMENT = ("This dataset is released under CC0, the code under GPLv3 since version 2.4.1. The town grew fastest in the "
+            "mid-1990s and its church dates from the 19th century. Each crate weighs 5kg and the tax rose by 3.5% "
+            "to 1,250 dollars. The temperature fell to −5 degrees. Version 2 shipped the x86-64 build for Python 3.11. "
+            "The Zürich office opened in the 2010s.")
+
+
+@pytest.mark.parametrize("answer", [
+    "CC0", "GPLv3", "Under CC0", "the 19th century", "19th", "mid-1990s", "the 1990s", "5kg", "5 kg", "3.5%", "3.5",
+    "1,250 dollars", "1250", "−5 degrees", "-5", "version 2.4.1", "the x86-64 build", "Python 3.11", "Zürich",
+    "the 2010s", "2.5 kg",  # 5kg ÷ 2: computed from the passage's quantity
+])
+def test_grounding_accepts_alphanumeric_tokens_copied_from_the_passage(answer):
+    verdict = check(DOCUMENT, answer)
+    assert verdict.grounded, verdict.reason
+
+
+@pytest.mark.parametrize("answer,why", [
+    ("CC-BY", "answer words"), ("GPLv2", "answer words"), ("the 18th century", "answer words"),
+    ("mid-1980s", "answer words"), ("7kg", "answer words"), ("the 2020s", "answer words"), ("arm64", "answer words"),
+    ("Python 2.7", "number"), ("47.3%", "number"), ("Zurich", "answer words"), ("3.5 tonnes", "answer words"),
+])
+def test_grounding_rejects_alphanumeric_tokens_that_are_not_in_the_passage(answer, why):
+    verdict = check(DOCUMENT, answer)
+    assert not verdict.grounded and why in verdict.reason, verdict
 
 
 def write_flow(tmp_path, text: str, prompt: str = "Write {count} {type} questions.\nReply with a JSON list only.\n{passage}") -> Path:
@@ -356,13 +388,16 @@ def test_ask_queue_streams_a_chain_past_a_slow_request_and_stops_on_a_fatal_erro
     from orca2.models import Sampling
 
     done: dict[str, float] = {}
-    start = time.perf_counter()
     with LoopbackServer(faults=Faults(slow="SLOW", slow_latency=1.0, latency=0.01)) as server:
         client = ClientConfig(base_url=server.base_url, api_key="x", cache_dir=str(tmp_path / "cache"), concurrency=4)
+        warm = AskQueue(["openai:m"], client)  # the SDK's first import and client take ~1 s: not the queue's time
+        warm.put("openai:m", Request([{"role": "user", "content": "warm up"}]), Sampling(), lambda r, o: None)
+        warm.run()
+        start = time.perf_counter()
         queue = AskQueue(["openai:m"], client)
 
         def ask(text, then=None):
-            def answered(response):
+            def answered(response, origin):
                 done[text] = time.perf_counter() - start
                 assert response is not None and text[:20] in response["contents"][0]
                 if then:
@@ -374,15 +409,16 @@ def test_ask_queue_streams_a_chain_past_a_slow_request_and_stops_on_a_fatal_erro
         queue.run()
         assert queue.streaming and done["fast step 3"] < 0.5 < 1.0 <= done["a SLOW first step"]
         again = AskQueue(["openai:m"], client)  # everything from the cache, nothing asked
-        again.put("openai:m", Request([{"role": "user", "content": "fast step 1"}]), Sampling(), lambda r: None)
+        origins = []
+        again.put("openai:m", Request([{"role": "user", "content": "fast step 1"}]), Sampling(), lambda r, o: origins.append(o))
         asked = server.stats.requests
         again.run()
-        assert again.cached == 1 and server.stats.requests == asked
+        assert again.cached == 1 and server.stats.requests == asked and origins == ["cached"]
     with LoopbackServer(faults=Faults(require_key="right")) as server:
         client = ClientConfig(base_url=server.base_url, api_key="wrong", cache_dir=str(tmp_path / "c2"))
         queue = AskQueue(["openai:m"], client)
         for i in range(5):
-            queue.put("openai:m", Request([{"role": "user", "content": f"q{i}"}]), Sampling(), lambda r: None)
+            queue.put("openai:m", Request([{"role": "user", "content": f"q{i}"}]), Sampling(), lambda r, o: None)
         with pytest.raises(Orca2Error, match=r"run stopped early \(openai:m: 401 authentication failed.*asks only what is missing"):
             queue.run()
 

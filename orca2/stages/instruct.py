@@ -39,11 +39,15 @@ from orca2.errors import Orca2Error
 from orca2.flows import AGENTS, Flow, load_flow
 from orca2.grounding import check as grounding_check
 from orca2.io import atomic_text, atomic_writer, sidecar
-from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.ngrams import distinct_n
 from orca2.parse import PARSERS
 
 log = logging.getLogger(__name__)
+# Per agent: replies the flow got; how its requests were answered (sent to the model this run, from the cache,
+# shared with an identical request in flight); tokens of the replies; replies that did not parse; calls given up.
+AGENT_COUNTS = ("replies", "sent", "cached", "shared", "prompt_tokens", "completion_tokens", "unparsable_replies",
+                "calls_lost")
 DROP_REASONS = ("empty", "too_long", "ungrounded", "contaminated", "duplicate", "near_duplicate")
 
 
@@ -126,8 +130,8 @@ class FlowRun:
     possible (a transformed passage its seed calls, a seed reply its items' suggester calls, ...), so with a
     per-request model every chain moves on as soon as its own reply is in."""
 
-    def __init__(self, flow: Flow, cfg: InstructConfig, rounds: int, counts: Counter, usage: dict[str, Counter]):
-        self.flow, self.cfg, self.rounds, self.counts, self.usage = flow, cfg, rounds, counts, usage
+    def __init__(self, flow: Flow, cfg: InstructConfig, rounds: int, lost: Counter, usage: dict[str, Counter]):
+        self.flow, self.cfg, self.rounds, self.lost, self.usage = flow, cfg, rounds, lost, usage
         self.types = {t.name: t for t in flow.types}
         self.queue = AskQueue(sorted({self.model(a) for a in AGENTS}), cfg.client, desc=f"instruct {flow.name}")
         self.items: list[Item] = []
@@ -146,21 +150,22 @@ class FlowRun:
         messages = [{"role": "user", "content": fill(self.flow.prompts[prompt], values)}]
         sampling = dataclasses.replace(self.cfg.sampling, n=1, seed=(self.cfg.sampling.seed or 0) + attempt)
 
-        def answered(response: dict[str, Any] | None) -> None:
-            if response is None:
-                self.counts[f"{agent}_calls_lost"] += 1
-                return then(None)
+        def answered(response: dict[str, Any] | None, origin: str) -> None:
             usage = self.usage[agent]
-            usage["calls"] += 1
+            usage[origin] += 1  # sent to the model this run, answered from the cache, or shared with an identical request
+            if response is None:
+                usage["calls_lost"] += 1
+                return then(None)
+            usage["replies"] += 1
             usage["prompt_tokens"] += response["prompt_tokens"]
             usage["completion_tokens"] += response["completion_tokens"]
             value = parse(response["contents"][0])
             if value is not None:
                 return then(value)
-            self.counts[f"{agent}_unparsable_replies"] += 1
+            usage["unparsable_replies"] += 1
             if attempt + 1 < self.cfg.parse_attempts:
                 return self.call(agent, prompt, values, parse, then, attempt + 1)
-            self.counts[f"{agent}_calls_lost"] += 1
+            usage["calls_lost"] += 1
             then(None)
 
         self.queue.put(self.model(agent), Request(messages), sampling, answered)
@@ -205,7 +210,7 @@ class FlowRun:
 
     def transformed(self, position: int, p: Passage, name: str, text: str | None) -> None:
         if text is None:
-            self.counts["passages_lost_at_transform"] += 1
+            self.lost["passages_lost_at_transform"] += 1
             return
         k = self.cfg.types_per_passage or self.flow.types_per_passage
         count = self.cfg.per_call or self.flow.per_call
@@ -219,13 +224,13 @@ class FlowRun:
                 state["pending"] -= 1
                 if reply is not None:
                     good, malformed = reply
-                    self.counts["seed_malformed_items"] += malformed
-                    self.counts["seed_items_over_count"] += max(0, len(good) - count)
+                    self.lost["seed_malformed_items"] += malformed
+                    self.lost["seed_items_over_count"] += max(0, len(good) - count)
                     for j, fields in enumerate(good[:count]):
                         self.add(Item(p, text, name, t.name, j, 0, fields, models, order))
                     state["items"] += 1
                 if state["pending"] == 0 and not state["items"]:
-                    self.counts["passages_lost_at_seed"] += 1
+                    self.lost["passages_lost_at_seed"] += 1
 
             self.call("seed", self.flow.seed.prompt, values, self.seed_parser, seeded)
 
@@ -239,12 +244,12 @@ class FlowRun:
 
         def suggested(suggestions: str | None) -> None:
             if suggestions is None:
-                self.counts["chains_ended_at_suggester"] += 1
+                self.lost["chains_ended_at_suggester"] += 1
                 return
 
             def edited(fields: dict[str, str] | None) -> None:
                 if fields is None:
-                    self.counts["chains_ended_at_editor"] += 1
+                    self.lost["chains_ended_at_editor"] += 1
                     return
                 self.add(Item(item.passage, item.text, item.transformation, item.type, item.index, item.round + 1, fields,
                               {**item.models, "suggester": self.model("suggester"), "editor": self.model("editor")},
@@ -325,7 +330,8 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
     rounds = flow.refine.rounds if cfg.rounds is None else cfg.rounds
     if rounds > 0 and (flow.refine.suggester is None or flow.refine.editor is None):
         raise Orca2Error(f"{flow.source}: rounds {rounds} asked for, but the flow has no suggester and editor")
-    counts: Counter = Counter()
+    counts: Counter = Counter()  # what went through: documents, passages, passages_with_items
+    lost: Counter = Counter()  # what was lost on the way, by where: counted as a loss where it happens
     passages: list[Passage] = []
     for source in cfg.docs:
         documents = 0
@@ -333,13 +339,13 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
             documents += 1
             pieces, short = split_passages(document, cfg.passage_size, cfg.min_passage)
             passages += pieces
-            counts["passages_too_short"] += short
-            counts["documents_empty"] += not pieces and not short
+            lost["passages_too_short"] += short
+            lost["documents_empty"] += not pieces and not short
         if documents == 0:
             raise Orca2Error(f"{source}: no documents in this source")
         counts["documents"] += documents
     if cfg.max_passages is not None:
-        counts["passages_over_limit"] = max(0, len(passages) - cfg.max_passages)
+        lost["passages_over_limit"] = max(0, len(passages) - cfg.max_passages)
         passages = passages[:cfg.max_passages]
     if not passages:
         raise Orca2Error(f"{', '.join(cfg.docs)}: no passages of at least {cfg.min_passage} characters")
@@ -348,11 +354,11 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
     types_per_passage = cfg.types_per_passage or flow.types_per_passage
     if types_per_passage > len(flow.types):
         raise Orca2Error(f"instruct: types_per_passage {types_per_passage} > the flow's {len(flow.types)} types")
-    items = FlowRun(flow, cfg, rounds, counts, usage).run(passages)
+    items = FlowRun(flow, cfg, rounds, lost, usage).run(passages)
     chains = [[i for i in items if i.round == r] for r in range(max((i.round for i in items), default=0) + 1)]
     counts["passages_with_items"] = len({i.passage.id for i in items})
-    assert counts["passages"] == counts["passages_with_items"] + counts["passages_lost_at_transform"] \
-        + counts["passages_lost_at_seed"], counts
+    assert counts["passages"] == counts["passages_with_items"] + lost["passages_lost_at_transform"] \
+        + lost["passages_lost_at_seed"], (counts, lost)
     if cfg.keep_rounds == "all":
         candidates = items
     else:
@@ -371,12 +377,12 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
                 side.write(record)
                 dropped[reason] += 1
     assert len(judged) == len(kept) + sum(dropped.values())
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
-    report = _report(flow, cfg, rounds, counts, usage, chains, judged, kept, dropped)
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
+    report = _report(flow, cfg, rounds, counts, lost, usage, chains, judged, kept, dropped)
     return report
 
 
-def _report(flow: Flow, cfg: InstructConfig, rounds: int, counts: Counter, usage: dict[str, Counter],
+def _report(flow: Flow, cfg: InstructConfig, rounds: int, counts: Counter, lost: Counter, usage: dict[str, Counter],
             chains: list[list[Item]], judged: list[Any], kept: list[tuple[Item, dict[str, Any]]], dropped: Counter) -> dict[str, Any]:
     main = flow.item_fields[0]
     grid: Counter = Counter()
@@ -388,17 +394,16 @@ def _report(flow: Flow, cfg: InstructConfig, rounds: int, counts: Counter, usage
         "documents": counts["documents"], "passages": counts["passages"],
         "items_by_round": [len(level) for level in chains], "candidates": len(judged), "kept": len(kept),
         "dropped": sum(dropped.values()), "dropped_by_reason": {r: dropped.get(r, 0) for r in DROP_REASONS},
-        "agents": {agent: {"calls": u["calls"], "prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-                           "unparsable_replies": counts[f"{agent}_unparsable_replies"],
-                           "calls_lost": counts[f"{agent}_calls_lost"]} for agent, u in sorted(usage.items())},
+        "agents": {agent: {k: u[k] for k in AGENT_COUNTS} for agent, u in sorted(usage.items())},
         "counts": dict(counts),
+        "lost": {k: v for k, v in sorted(lost.items()) if v},
         "records_by_transformation_type_round": [{"transformation": t, "type": y, "round": r, "records": n}
                                                  for (t, y, r), n in sorted(grid.items())],
         "distinct_1": round(distinct_n(instructions, 1), 4), "distinct_2": round(distinct_n(instructions, 2), 4),
         "instruction_chars": _quantiles([len(s) for s in instructions]),
         "task_chars": _quantiles([len(r["messages"][-1]["content"]) for _, r in kept]),
     }
-    report["agent_calls"] = sum(a["calls"] for a in report["agents"].values())
+    report["agent_requests"] = {k: sum(a[k] for a in report["agents"].values()) for k in ("sent", "cached", "shared")}
     if cfg.plots and judged:
         report["plot"] = str(_plot_lengths(judged, sidecar(cfg.output, "lengths.png"), main))
     with atomic_text(sidecar(cfg.output, "report.json")) as f:
@@ -417,17 +422,18 @@ def _quantiles(values: list[int]) -> dict[str, float]:
 
 
 def render(report: dict[str, Any]) -> str:
+    requests = report["agent_requests"]
     lines = [f"# instruct: flow {report['flow']}", "",
              f"{report['documents']} documents → {report['passages']} passages → items by round "
              f"{' → '.join(map(str, report['items_by_round']))} → {report['candidates']} candidates → "
-             f"**{report['kept']} task records** ({report['dropped']} dropped); {report['agent_calls']} agent calls.", "",
-             "| agent | calls | prompt tokens | completion tokens | unparsable replies | calls lost |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {a} | {u['calls']} | {u['prompt_tokens']} | {u['completion_tokens']} | {u['unparsable_replies']} | {u['calls_lost']} |"
-              for a, u in report["agents"].items()]
+             f"**{report['kept']} task records** ({report['dropped']} dropped); agent requests: {requests['sent']} sent, "
+             f"{requests['cached']} from the cache, {requests['shared']} shared with an identical request.", "",
+             "| agent | replies | sent | cached | shared | prompt tokens | completion tokens | unparsable replies | calls lost |",
+             "|---|" + "---:|" * 8]
+    lines += ["| " + " | ".join([a] + [str(u[k]) for k in AGENT_COUNTS]) + " |" for a, u in report["agents"].items()]
     lines += ["", "| drop reason | records |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in report["dropped_by_reason"].items()]
-    lost = {k: v for k, v in report["counts"].items() if k.startswith(("passages_", "chains_", "seed_", "documents_")) and v}
-    if lost:
-        lines += ["", "Lost on the way: " + ", ".join(f"{k} {v}" for k, v in sorted(lost.items())) + "."]
+    if report["lost"]:
+        lines += ["", "Lost on the way: " + ", ".join(f"{k} {v}" for k, v in report["lost"].items()) + "."]
     lines += ["", "| transformation | type | round | records |", "|---|---|---:|---:|"]
     lines += [f"| {g['transformation']} | {g['type']} | {g['round']} | {g['records']} |" for g in report["records_by_transformation_type_round"]]
     q = report["instruction_chars"]
