@@ -28,7 +28,7 @@ from orca2.prompts import generic_prompt
 from orca2.records import with_system_prompt
 from orca2.strategies import Library
 from orca2.eval.stats import wilson
-from orca2.models import ClientConfig, ModelSpec, Sampling, check_local_model, parse_model, redacted
+from orca2.models import ClientConfig, ModelSpec, Sampling, check_local_model, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         report = {"model": label, "spec": str(spec), "orcabench": roleplay}
         with atomic_text(Path(cfg.output) / "report.json") as f:
             f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-        save_config(redacted(cfg), Path(cfg.output) / "config.yaml")
+        save_config(cfg, Path(cfg.output) / "config.yaml")
         return report
     items = [(bench, load_items(bench, task, data_dir, cfg.limit)) for bench, task in chosen]  # one entry per --bench name
     for condition in cfg.system:
@@ -136,7 +136,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     plot_usage([report], output / "strategy_usage.png")
     with atomic_text(output / "report.md") as f:
         f.write(render_report([report], registry))
-    save_config(redacted(cfg), output / "config.yaml")
+    save_config(cfg, output / "config.yaml")
     if failed:
         raise Orca2Error(f"{len(failed)} of {len(plan)} items got no response (first: {next(iter(failed.values()))}); "
                          f"the rest are scored in {output}/report.md; re-running retries only the missing ones")

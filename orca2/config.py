@@ -212,16 +212,23 @@ def _deep_update(into: dict[str, Any], new: dict[str, Any]) -> None:
             into[key] = value
 
 
+SECRET = "***"
+SECRET_KEYS = frozenset({"api_key"})  # a raw mapping (a section kept as a dict until it is built) hides these keys too
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain dict of a config dataclass (tuples as lists), ready for YAML or JSON."""
+    """A plain dict of a config dataclass (tuples as lists), ready for YAML or JSON: the one door through which
+    configs reach files, manifests, config hashes and summaries. Secret fields (option(..., secret=True)) are
+    written as "***" whatever their value, so no key is ever written and a changed key changes no hash."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {f.name: SECRET if f.metadata.get("secret") and getattr(value, f.name) is not None
+                    else plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
+            return {k: SECRET if k in SECRET_KEYS and v is not None else plain(v) for k, v in value.items()}
         if isinstance(value, Path):
             return str(value)
         return value
@@ -230,7 +237,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Save the resolved config beside a stage's output, so the run can be repeated exactly."""
+    """Save the resolved config beside a stage's output, so the run can be repeated exactly (secrets as "***")."""
     from orca2.io import atomic_text
 
     with atomic_text(path) as f:

@@ -11,7 +11,6 @@ Every stage names models this way and no other; `parse_model` is the one parser.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +23,14 @@ PROGRAMS = ("synthetic", "persona")
 SPEC_FORMS = "openai:<model>, batch:<model>, local:<folder|file.gguf|default>, program:synthetic|persona"
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with its help text: the CLI flag, its help and its default derive from it."""
+def option(default: Any, help: str, *, secret: bool = False) -> Any:
+    """A config field with its help text: the CLI flag, its help and its default derive from it.
+
+    A secret (an API key) is left out of the dataclass's repr, and orca2.config.config_to_dict — the one function
+    through which configs reach files, manifests, hashes and summaries — writes it as "***"."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable default")
-    return field(default=default, metadata={"help": help})
+    return field(default=default, repr=not secret, metadata={"help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class Sampling:
 @dataclass(frozen=True)
 class ClientConfig:
     base_url: str | None = option(None, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else api.openai.com).")
-    api_key: str | None = option(None, "API key; prefer the environment (api_key_env). Never written to outputs.")
+    api_key: str | None = option(None, "API key; prefer the environment (api_key_env). Never written to outputs.",
+                                 secret=True)
     api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the API key.")
     concurrency: int = option(16, "Requests in flight at once.")
     rpm: float | None = option(None, "Requests-per-minute limit (token bucket).")
@@ -121,15 +124,6 @@ class ClientConfig:
             raise Orca2Error("client: concurrency, max_attempts, abort_after, batch_size and batch_max_requests must be >= 1")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise Orca2Error(f"client.dtype: '{self.dtype}' (valid: auto, float32, bfloat16, float16)")
-
-    def redacted(self) -> "ClientConfig":
-        return dataclasses.replace(self, api_key="***") if self.api_key else self
-
-
-def redacted(cfg: Any) -> Any:
-    """A stage config with the API key hidden, for saving beside outputs."""
-    client = getattr(cfg, "client", None)
-    return dataclasses.replace(cfg, client=client.redacted()) if isinstance(client, ClientConfig) else cfg
 
 
 @dataclass

@@ -22,7 +22,7 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_errors
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library, Strategy
-from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.models import ClientConfig, Sampling, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
                 finish[trace["meta"]["finish_reason"]] = finish.get(trace["meta"]["finish_reason"], 0) + 1
         cached_at_start = answers.cached_at_start
     errors_path = write_errors(cfg.output, errors)
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
     summary: dict[str, Any] = {
         "output": cfg.output,
         "tasks": answered + len(errors),

@@ -36,7 +36,7 @@ from orca2.ask import Request, ask_parsed
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar
-from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.ngrams import ngrams, normalise_words
 from orca2.parse import parse_json_object
 from orca2.records import Record, prompt_id, user_prompt
@@ -237,7 +237,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
                     counts["unjudged"] += 1
                 elif "correct" in verdict:
                     counts["correct" if verdict["correct"] else "wrong"] += 1
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
     summary = {"output": cfg.output, "judge": cfg.judge, "prompts_without_reference": 0, **dict(counts)}
     with atomic_text(sidecar(cfg.output, "summary.json")) as f:
         f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())

@@ -41,7 +41,7 @@ from orca2.config import save_config
 from orca2.eval.stats import bootstrap_ci
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
-from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.parse import parse_json_object, parse_text
 from orca2.bigfive import infer_users
 from orca2.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
@@ -125,7 +125,7 @@ def infer(cfg: InferConfig) -> dict[str, Any]:
                               cfg.bootstrap, cfg.seed) if len(pairs) > 2 else {}
             low, high = ci.get("rho", [float("nan"), float("nan")])
             report["truth"]["spearman"][d] = {"rho": rho, "ci95": [low, high]}
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
     _write_report(cfg.output, report, _render_infer(report))
     return report
 
@@ -220,7 +220,7 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
         rows.append({"user": post.user, "text": post.text, "time": post.time, "media": post.media, **prof, **act})
     write_records(cfg.output, rows)
     counts["posts_augmented"] = len(rows)
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
     report = {"output": cfg.output, "model": cfg.model, "counts": dict(counts)}
     _write_report(cfg.output, report, "# persona augment\n\n| count | n |\n|---|---:|\n"
                   + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())))
@@ -310,7 +310,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     write_records(cfg.output, train)
     heldout_path = sidecar(cfg.output, "heldout.jsonl")
     write_records(heldout_path, heldout)
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
     report = {"output": cfg.output, "heldout": str(heldout_path), "variant": cfg.variant, "train_records": len(train),
               "heldout_records": len(heldout), "heldout_users": len(held), "counts": dict(counts)}
     _write_report(cfg.output, report, f"# persona build ({cfg.variant})\n\n{len(train)} training records, "

@@ -22,7 +22,7 @@ from orca2.ask import Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_errors
-from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.records import Record, with_system_prompt
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
         result = answers.result
         cached = answers.cached_at_start
     errors_path = write_errors(cfg.output, errors)
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
     summary = {"output": cfg.output, "prompts": len(items), "samples": written, "failed": len(errors),
                "cached_at_start": cached, "done_this_run": result.done, "seconds": round(result.seconds, 2),
                "completion_tokens_this_run": result.completion_tokens,

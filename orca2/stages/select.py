@@ -35,7 +35,7 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text, read_numbered, sidecar
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library
-from orca2.models import ClientConfig, Sampling, parse_model, redacted
+from orca2.models import ClientConfig, Sampling, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         f.write(render_table(table, candidates, chosen, probes, rules))
     if probes:
         report["plot"] = str(plot_probes(table, probes, candidates, sidecar(cfg.output, "table.png")))
-    save_config(redacted(cfg), sidecar(cfg.output, "config.yaml"))
+    save_config(cfg, sidecar(cfg.output, "config.yaml"))
     return report
 
 
