@@ -92,3 +92,12 @@ def test_client_and_sampling_flags_derive_from_the_config_fields(run_cli):
     squash = lambda text: " ".join(text.split())  # noqa: E731 - click wraps help lines
     assert "Completion tokens per sample. (default 1024)" in squash(generate)
     assert "Completion tokens per sample. (default 512)" in squash(evaluate)  # eval's own default, as the code uses it
+
+
+def test_an_option_that_would_do_nothing_is_refused(tmp_path, run_cli):
+    """erase draws nothing at random: --seed is not an option of it (it was accepted and ignored)."""
+    result = run_cli("erase", str(tmp_path / "t.jsonl"), "--seed", "3")
+    assert result.returncode != 0 and "No such option '--seed'" in result.stderr
+    assert "--seed" not in run_cli("erase", "--help").stdout
+    for command in ("tasks", "select", "generate", "sample", "judge", "pairs", "train", "eval", "instruct", "run"):
+        assert "--seed" in run_cli(command, "--help").stdout, command

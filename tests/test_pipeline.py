@@ -307,3 +307,37 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
     with pytest.raises(Orca2Error, match=r"2 rounds × 5 prompts need 10 tasks and more for the SFT start .fresh_prompts.; "
                                          "the run has 10"):
         fresh._write_sft_start()
+
+
+def seeds_of(cfg, where=""):
+    """Every seed a resolved config holds — its own and its sampling's — by dotted place."""
+    import dataclasses
+
+    if isinstance(cfg, dict):
+        return {k: v for name, c in cfg.items() if c is not None for k, v in seeds_of(c, f"{where}{name}.").items()}
+    found = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "seed":
+            found[where + "seed"] = value
+        elif dataclasses.is_dataclass(value) and f.name == "sampling":
+            found[f"{where}sampling.seed"] = value.seed
+    return found
+
+
+def test_the_run_seed_reaches_every_section_that_has_one(tmp_path, config):
+    """orca2 run --seed N (the `seed` key): every resolved section's seed and sampling seed is N — select, generate
+    and eval included — unless the section sets its own."""
+    extra = ITERATE + "select: {teacher: program:synthetic, candidates: [direct-answer, step-by-step]}\n"
+    path = config(extra=extra.replace("iterate:", "stages: [tasks, select, generate, erase, train, eval, iterate]\niterate:"))
+    run = pipeline.Pipeline(str(path), ("seed=7",))
+    found = {k: v for name, cfg in run.configs.items() for k, v in seeds_of(cfg, f"{name}.").items()}
+    it = run.configs["iterate"]
+    for step in ("sample", "judge", "pairs", "train"):
+        found.update(seeds_of(run._round_config(it, 1, step, steps=1), f"iterate.{step}."))
+    assert {"select.sampling.seed", "generate.sampling.seed", "eval.student.sampling.seed", "eval.base.sampling.seed",
+            "tasks.seed", "train.seed", "iterate.sample.sampling.seed", "iterate.train.seed"} <= set(found)
+    assert set(found.values()) == {7}, found
+    own = pipeline.Pipeline(str(path), ("seed=7", "generate.sampling.seed=2", "train.seed=3"))
+    assert own.configs["generate"].sampling.seed == 2 and own.configs["train"].seed == 3
+    assert own.configs["select"].sampling.seed == 7
