@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal
 
 import orjson
 
-from orca2.answers import score
+from orca2.answers import reference_answer, score
 from orca2.ask import Request, ask_parsed
 from orca2.config import save_config
 from orca2.errors import Orca2Error
@@ -85,13 +85,9 @@ def _ask(cfg: JudgeConfig, requests: list[Request], parse: Callable[[str], Any],
 
 
 def _teacher_answer(record: Record) -> str | None:
-    """The teacher's final answer: as its task's answer type says, else a number, else the marked text."""
+    """The teacher's final answer: as its task's answer type says, else typed by what it looks like."""
     kind = record.get("meta", {}).get("answer_type")
-    for answer_type in ([kind] if kind else ["number", "text"]):
-        value = score(_reply(record), None, answer_type).value
-        if value:
-            return value
-    return None
+    return score(_reply(record), None, kind).value if kind else reference_answer(_reply(record))
 
 
 def llm_verdicts(cfg: JudgeConfig, items: list[tuple[Record, str]], counts: Counter) -> list[dict[str, Any]]:
