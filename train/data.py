@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
+from orca2.chat import end_of_turn_ids
 from orca2.errors import Orca2Error
 
 IGNORE = -100
@@ -38,13 +39,6 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def end_of_turn_ids(tokenizer: Any) -> set[int]:
-    """Token ids that close an assistant turn: eos and <|im_end|> when the vocabulary has it."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return ids
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:

@@ -379,13 +379,10 @@ class Engine:
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
-    """End-of-turn tokens: eos, <|im_end|>, and any the generation config names."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    generation = getattr(model, "generation_config", None)
-    extra = getattr(generation, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, list) else [extra])
-    unk = getattr(tokenizer, "unk_token_id", None)
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
+    """End-of-turn tokens (orca2.chat.end_of_turn_ids): decoding stops where training stopped supervising."""
+    from orca2.chat import end_of_turn_ids
+
+    return sorted(end_of_turn_ids(tokenizer, model))
 
 
 class LocalBackend:
