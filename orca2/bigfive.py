@@ -30,8 +30,8 @@ def facet_parser(counts: Counter) -> Any:
 
 def infer_users(users: dict[str, list[str]], judge: str, chunk: int, client: ClientConfig, sampling: Sampling,
                 attempts: int, counts: Counter, desc: str = "persona infer") -> dict[str, dict[str, Any]]:
-    """user → traits (aggregate of the judged chunks) from each user's post texts; counts chunks, unjudged
-    chunks (unparsable after `attempts` asks) and users left without any judged chunk."""
+    """user → traits (aggregate of the judged chunks, with chunks_asked and chunks_judged) from each user's post
+    texts; counts chunks, unjudged chunks (unparsable after `attempts` asks) and users left without any judged chunk."""
     table = facet_table()
     listing = "\n".join(f"{d}: {f} — {desc_}" for d in DOMAINS for f, desc_ in table[d].items())
     template = read_prompt("persona/infer.txt")
@@ -54,5 +54,5 @@ def infer_users(users: dict[str, list[str]], judge: str, chunk: int, client: Cli
         if not judged:
             counts["users_unjudged"] += 1
             continue
-        out[user] = aggregate(judged)
+        out[user] = {**aggregate(judged), "chunks_asked": sum(1 for u, _ in plan if u == user)}
     return out

@@ -104,7 +104,7 @@ def aggregate(chunk_marks: list[set[str]]) -> dict[str, Any]:
     n = len(chunk_marks)
     domains = {d: sum(sum(f in marks for f in table[d]) for marks in chunk_marks) / n for d in DOMAINS}
     shares = {f: sum(f in marks for marks in chunk_marks) / n for f in facets()}
-    return {"domains": domains, "facets": shares, "chunks": n}
+    return {"domains": domains, "facets": shares, "chunks_judged": n}
 
 
 def vector(traits: dict[str, Any]) -> list[float]:

@@ -34,7 +34,7 @@ def test_35_numbers_from_hand_built_facet_marks():
              {"Imagination", "Artistic Interests", "Emotionality", "Anxiety"},  # chunk 2: O 3, N 1
              set()]  # chunk 3: nothing shown
     t = aggregate(marks)
-    assert t["chunks"] == 3 and len(vector(t)) == 35 and len(facets()) == 30
+    assert t["chunks_judged"] == 3 and len(vector(t)) == 35 and len(facets()) == 30
     assert t["domains"] == {"Openness": 5 / 3, "Conscientiousness": 1 / 3, "Extraversion": 0.0, "Agreeableness": 0.0,
                             "Neuroticism": 1 / 3}
     assert t["facets"]["Imagination"] == 2 / 3 and t["facets"]["Intellect"] == 1 / 3 and t["facets"]["Anger"] == 0
@@ -285,3 +285,23 @@ eval:
     compare = (tmp_path / "run" / "eval" / "orcabench-compare.md").read_text()
     assert "| rougeL |" in compare and "base" in compare and "student" in compare
     assert pipeline.run(str(path))["ran"] == []  # unchanged: all skipped
+
+
+def test_traits_name_chunks_asked_and_chunks_judged(tmp_path):
+    """A user whose 2 chunks went to the judge but only 1 reply parsed: asked 2, judged 1, the vector of that one."""
+    from orca2.bigfive import infer_users
+    from orca2.models import Sampling
+
+    def judge(body):
+        prompt = body["messages"][-1]["content"]
+        return "not json at all" if "SECOND CHUNK" in prompt else '{"shown": ["Imagination", "Anxiety"]}'
+
+    posts = {"u1": [f"first chunk post {i}" for i in range(10)] + [f"SECOND CHUNK post {i}" for i in range(10)],
+             "u2": [f"a post {i}" for i in range(10)]}
+    counts = Counter()
+    with LoopbackServer(judge) as server:
+        client = ClientConfig(base_url=server.base_url, api_key="x", cache_dir=str(tmp_path / "cache"))
+        traits = infer_users(posts, "openai:judge", 10, client, Sampling(), 2, counts)
+    assert (traits["u1"]["chunks_asked"], traits["u1"]["chunks_judged"]) == (2, 1)
+    assert (traits["u2"]["chunks_asked"], traits["u2"]["chunks_judged"]) == (1, 1)
+    assert traits["u1"]["facets"]["Imagination"] == 1.0 and counts["chunks"] == 3 and counts["chunks_unjudged"] == 1

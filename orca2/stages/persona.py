@@ -110,7 +110,7 @@ def infer(cfg: InferConfig) -> dict[str, Any]:
     if not users:
         raise Orca2Error(f"{cfg.posts}: no user with at least {cfg.min_posts} posts (counts: {dict(counts)})")
     traits = infer_users({u: [p.text for p in posts] for u, posts in users.items()}, cfg.judge, cfg.chunk, cfg.client, cfg.sampling, cfg.parse_attempts, counts)
-    rows = [{"user": u, "judge": cfg.judge, "chunks": t["chunks"], "domains": t["domains"], "facets": t["facets"],
+    rows = [{"user": u, "judge": cfg.judge, "chunks_asked": t["chunks_asked"], "chunks_judged": t["chunks_judged"], "domains": t["domains"], "facets": t["facets"],
              "vector": vector(t), "report": trait_report(t)} for u, t in traits.items()]
     write_records(cfg.output, rows)
     report: dict[str, Any] = {"output": cfg.output, "judge": cfg.judge, "users": len(rows), "counts": dict(counts)}
