@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would cost the measured client time
@@ -30,8 +31,8 @@ from typing import Iterator
 from results import save_and_print, start_server
 
 from orca2.ask import Request, ask
+from orca2.io import sidecar
 from orca2.models import ClientConfig, Sampling
-from orca2.stages.instruct import InstructConfig, run
 
 CALLS_PER_PASSAGE = 0.8 + 2 + 6 + 6  # transform (4 of 5 transformations ask), 2 seed calls, 6 suggester, 6 editor
 WORDS = ("river council bridge engineer market harvest winter colony library museum railway village bank ledger "
@@ -52,12 +53,19 @@ def write_documents(folder: Path, passages: int, seed: int = 0) -> None:
 
 
 def flow_run(docs: Path, url: str, cache: Path, output: Path, concurrency: int) -> tuple[float, dict]:
-    cfg = InstructConfig(docs=(str(docs),), flow="reading-comprehension", output=str(output), model="openai:agent",
-                         passage_size=400, plots=False,
-                         client=ClientConfig(base_url=url, api_key="bench", cache_dir=str(cache), concurrency=concurrency))
+    """`orca2 instruct` as a user runs it (its public entry point, in this process); its report from the sidecar."""
+    from orca2.cli import main as orca2
+
     start = time.perf_counter()
-    report = run(cfg)
-    return time.perf_counter() - start, report
+    try:
+        orca2(["instruct", "--docs", str(docs), "--flow", "reading-comprehension", "-o", str(output), "--model",
+               "openai:agent", "--passage-size", "400", "--set", "plots=false", "--set", "client.api_key=bench", "--base-url", url,
+               "--cache-dir", str(cache), "--concurrency", str(concurrency)])
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    seconds = time.perf_counter() - start
+    return seconds, json.loads(sidecar(output, "report.json").read_text())
 
 
 def ask_alone(url: str, n: int, chars: int, concurrency: int, cache: Path) -> float:

@@ -51,7 +51,7 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
     """One configuration, in this process."""
     import torch
 
-    from orca2.backends.local import Engine, Job, stop_token_ids
+    from orca2.engine import Engine, Job, stop_token_ids
     from orca2.models import load_local_model
 
     dtype = torch.bfloat16 if "bf16" in name else torch.float32

@@ -24,18 +24,23 @@ from results import save_and_print  # noqa: E402
 
 
 def sample_throughput(run: Path, prompts: int, slots: list[int]) -> list[dict]:
-    from orca2.models import ClientConfig, Sampling
-    from orca2.stages.sample import SampleConfig
-    from orca2.stages.sample import run as sample_run
+    """`orca2 sample` as a user runs it (its public entry point, in this process), at each slot count."""
+    from orca2.cli import main as orca2
+    from orca2.io import sidecar
 
     rows = []
     for n_slots in slots:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = SampleConfig(tasks=str(run / "iterate" / "round-1" / "prompts.jsonl"), output=str(Path(tmp) / "samples.jsonl"),
-                               student=f"local:{run / 'student' / 'model'}", limit=prompts,
-                               client=ClientConfig(cache_dir=str(Path(tmp) / "cache"), batch_size=n_slots),
-                               sampling=Sampling(n=4, temperature=0.7, top_p=0.95, max_tokens=160))
-            s = sample_run(cfg)
+            output = Path(tmp) / "samples.jsonl"
+            try:
+                orca2(["sample", "--tasks", str(run / "iterate" / "round-1" / "prompts.jsonl"), "-o", str(output),
+                       "--student", f"local:{run / 'student' / 'model'}", "--limit", str(prompts),
+                       "--cache-dir", str(Path(tmp) / "cache"), "--batch-size", str(n_slots), "--n", "4",
+                       "--temperature", "0.7", "--top-p", "0.95", "--max-tokens", "160"])
+            except SystemExit as exc:
+                if exc.code:
+                    raise
+            s = json.loads(sidecar(output, "summary.json").read_text())
         rows.append({"what": f"orca2 sample, local engine, {n_slots} slots", "prompts": s["prompts"],
                      "samples": s["samples"], "tokens_per_s": round(s["tokens_per_s"], 1)})
     return rows

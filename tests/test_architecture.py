@@ -75,6 +75,16 @@ def test_stages_and_backends_are_imported_only_from_above():
                 assert module == "orca2.ask", f"{module} imports the backend {target} (ask through orca2.ask)"
 
 
+def test_benchmarks_and_scripts_use_the_public_entry_points():
+    """Benchmarks and scripts stand where a user stands: a stage through orca2.cli or orca2.pipeline, a model
+    through orca2.ask (the engine, a component, may be measured directly: orca2.engine)."""
+    known = set(modules())
+    for folder in ("benchmarks", "scripts"):
+        for path in sorted((REPO / folder).glob("*.py")):
+            for target in imports(path, known):
+                assert not target.startswith(("orca2.stages.", "orca2.backends.")), f"{folder}/{path.name} imports {target}"
+
+
 def test_the_folder_listing_shows_the_architecture():
     listing = sorted(p.name for p in (REPO / "orca2").iterdir())
     assert {"stages", "backends", "testing"} <= set(listing)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from orca2.backends.local import Engine, Job, LocalBackend, stop_token_ids
+from orca2.backends.local import LocalBackend
+from orca2.engine import Engine, Job, stop_token_ids
 from orca2.models import ClientConfig, Sampling, load_local_model
 
 QUESTIONS = ["What is 2+2?", "Name a colour.", "hi", "Tell me a long story about a cat, a dog and a parrot.",
@@ -135,7 +136,7 @@ def test_shared_prefixes_are_prefilled_once_and_change_nothing(peaky):
 
 
 def test_slots_shrink_to_the_memory_there_is(peaky, monkeypatch, caplog):
-    from orca2.backends import local
+    from orca2 import engine as local
 
     model, tok, ids = peaky
     stops = stop_token_ids(tok, model)

@@ -1,0 +1,384 @@
+"""The continuous-batching decode engine behind `local:` models (orca2.backends.local) and the engine benchmark.
+
+The engine keeps one KV buffer per layer of shape (slots, kv_heads, capacity, head_dim); every running
+sequence owns a slot and its own length, so there is no padding: a sequence that stops frees its slot
+at once and the next waiting prompt joins on the next step. Joining prompts are prefilled together as
+one packed row (positions restart per prompt, attention stays inside each prompt), and the n samples
+of one request share that prefill: its keys and values are written into n slots. Active sequences
+always occupy slots 0..B-1 (a finished one is replaced by the last), so each decode step attends over
+a view of the buffers, never a copy.
+
+Prompts that share a prefix of at least 16 tokens with another prompt (a strategy's system prompt, a chat
+template's default one) share its prefill too: the prefix is computed once, kept while a waiting
+prompt still needs it, and copied into each slot; only the rest of each prompt is prefilled. Waiting
+prompts are admitted in token order, so prompts with one prefix run together.
+
+The model's own layers run unchanged; only attention is ours, registered under "orca2_slots" in
+transformers' AttentionInterface (a registry, not a patch). Greedy decoding equals `model.generate`
+token for token in fp32; sampling draws from a per-sequence generator seeded from (seed, request, sample),
+so a request's samples do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orca2.errors import Orca2Error
+
+NAME = "orca2_slots"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One request: a tokenised prompt and how to sample it (n sequences)."""
+
+    key: str
+    prompt: list[int]
+    n: int = 1
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    unstarted: int = 0  # samples not yet given a slot
+    outputs: dict[int, tuple[list[int], str]] = field(default_factory=dict)  # sample → (tokens, finish reason)
+    started_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.unstarted = self.n
+
+
+@dataclass
+class _Seq:
+    job: Job
+    sample: int
+    tokens: list[int]
+    generator: Any  # torch.Generator for sampled decoding, None for greedy
+
+
+@dataclass
+class _Segment:
+    """One prompt (or shared prefix) in a packed prefill row."""
+
+    start: int  # its tokens are [start, end) of the row
+    end: int
+    slots: Any = None  # slots that receive (prefix +) its keys and values; None for a prefix computed for later use
+    prefix: tuple[int, ...] | None = None  # the stored prefix it continues (its positions start after it)
+    store: tuple[int, ...] | None = None  # keep its keys and values as this prefix
+
+
+@dataclass
+class _Step:
+    """What the attention layers need for the forward pass under way."""
+
+    keys: list[Any]  # per layer: (slots, kv_heads, capacity, head_dim)
+    values: list[Any]
+    prefixes: dict[tuple[int, ...], list[Any]]  # prefix tokens → per layer (keys, values), each (kv_heads, P, head_dim)
+    segments: list[_Segment] = field(default_factory=list)  # prefill: the packed row's prompts
+    active: int = 0  # decode: rows 0..active-1
+    rows: Any = None  # decode: arange(active)
+    positions: Any = None  # decode: (active,) where each new key goes
+    mask: Any = None  # decode: (active, 1, 1, span) True where a key is valid
+    span: int = 0  # decode: keys attended (the longest sequence + 1)
+
+
+def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                   dropout: float = 0.0, orca2_step: _Step | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """Attention over the engine's slot buffers: query (B, H, q, D), key/value (B, H_kv, q, D) → (B, q, H, D)."""
+    import torch.nn.functional as F
+
+    if orca2_step is None:  # the model used outside the engine: plain causal SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    step, layer = orca2_step, module.layer_idx
+    keys, values = step.keys[layer], step.values[layer]
+    gqa = query.shape[1] != key.shape[1]
+    if step.segments:  # prefill: one packed row, each segment causal within itself (after its prefix, if any)
+        import torch
+
+        parts = []
+        for seg in step.segments:  # in order: a prefix is stored (at this layer) before the segments that read it
+            k, v, q = key[0, :, seg.start:seg.end], value[0, :, seg.start:seg.end], query[:, :, seg.start:seg.end]
+            if seg.store is not None:
+                step.prefixes[seg.store][layer] = (k.clone(), v.clone())
+            if seg.prefix is None:
+                out = F.scaled_dot_product_attention(q, k[None], v[None], is_causal=True, scale=scaling, enable_gqa=gqa)
+            else:
+                pk, pv = step.prefixes[seg.prefix][layer]
+                k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+                n, p = q.shape[2], pk.shape[1]  # query i (position p + i) sees keys 0 .. p + i
+                mask = torch.arange(p + n, device=q.device)[None, :] <= p + torch.arange(n, device=q.device)[:, None]
+                out = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=gqa)
+            if seg.slots is not None:
+                keys[seg.slots, :, : k.shape[1]] = k
+                values[seg.slots, :, : v.shape[1]] = v
+            parts.append(out)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    else:  # decode: one new token per active slot, written at its own length
+        keys[step.rows, :, step.positions] = key[:, :, 0]
+        values[step.rows, :, step.positions] = value[:, :, 0]
+        out = F.scaled_dot_product_attention(query, keys[: step.active, :, : step.span], values[: step.active, :, : step.span],
+                                             attn_mask=step.mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def sample_seed(seed: int | None, key: str, sample: int) -> int:
+    """A sequence's own seed: reproducible per (seed, request, sample), independent of batch composition."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}:{sample}".encode()).digest()[:8], "little") >> 1
+
+
+class Engine:
+    """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface."""
+
+    def __init__(self, model: Any, stop_ids: list[int], slots: int = 64, prefill_tokens: int = 2048,
+                 min_prefix: int = 16):
+        from transformers import AttentionInterface
+
+        cfg = model.config
+        if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "sliding_window_pattern", None):
+            raise Orca2Error(f"the local engine does not support {cfg.model_type} attention (softcapping / local layers)")
+        AttentionInterface.register(NAME, slot_attention)
+        model.set_attn_implementation(NAME)
+        self.model, self.stop_ids, self.prefill_tokens = model, set(stop_ids), prefill_tokens
+        self.requested_slots = self.slots = slots  # slots: this run's, fewer where the KV buffers would not fit
+        self.min_prefix = min_prefix  # shorter shared prefixes are prefilled with their prompts (not worth a copy)
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.layers = text.num_hidden_layers
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.max_positions = getattr(text, "max_position_embeddings", 1 << 30)
+        self.peak_active = 0  # most sequences decoded at once (for tests and the benchmark)
+        self.prefill_tokens_saved = 0  # prompt tokens not prefilled because a shared prefix was reused
+
+    def run(self, jobs: list[Job], on_done: Callable[[Job], None], on_fail: Callable[[Job, str], None]) -> None:
+        """Decode every job; call on_done(job) when all its samples have finished."""
+        import torch
+
+        device = self.model.device
+        dtype = next(self.model.parameters()).dtype
+        runnable = []
+        for job in jobs:
+            if len(job.prompt) >= self.max_positions:
+                on_fail(job, f"prompt of {len(job.prompt)} tokens does not fit the model's {self.max_positions} positions")
+            else:
+                runnable.append(job)
+        if not runnable:
+            return
+        capacity = min(self.max_positions, max(len(j.prompt) + j.max_tokens for j in runnable))
+        window = getattr(self.model.config, "sliding_window", None)
+        if window and getattr(self.model.config, "use_sliding_window", True) and capacity > window:
+            raise Orca2Error(f"the local engine attends to whole sequences: prompt + max_tokens ({capacity}) must fit "
+                             f"the model's sliding window ({window})")
+        self.slots = min(self.requested_slots, self._slots_that_fit(capacity, dtype.itemsize, device))
+        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
+        step = _Step(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
+                     values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)], prefixes={})
+        lengths = torch.zeros(self.slots, dtype=torch.long, device=device)  # tokens held per slot
+        rows: list[_Seq] = []  # row i owns slot i
+        waiting = deque(sorted(runnable, key=lambda job: job.prompt))  # shared prefixes run together
+        self._prefix_of, self._users = self._shared_prefixes(waiting)
+        with torch.inference_mode():
+            while waiting or rows:
+                self._admit(waiting, rows, step, lengths)
+                self._retire(rows, step, lengths, capacity, on_done)
+                if rows:
+                    self.peak_active = max(self.peak_active, len(rows))
+                    self._decode(rows, step, lengths)
+                    self._retire(rows, step, lengths, capacity, on_done)
+
+    def _slots_that_fit(self, capacity: int, itemsize: int, device: Any) -> int:
+        """Slots whose KV buffers take at most 40 % of free memory (a long prompt makes every slot long)."""
+        import torch
+
+        per_slot = 2 * self.layers * self.kv_heads * capacity * self.head_dim * itemsize
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        fit = max(1, int(0.4 * free) // per_slot)
+        if fit < self.requested_slots:
+            log.warning("local engine: %d slots of %d tokens would need %.1f GB; decoding %d at a time",
+                        self.requested_slots, capacity, self.requested_slots * per_slot / 1e9, fit)
+        return fit
+
+    def _retire(self, rows: list[_Seq], step: _Step, lengths: Any, capacity: int, on_done: Callable[[Job], None]) -> None:
+        """Take finished sequences out; the last row moves into each hole, so active rows stay 0..B-1."""
+        for i in reversed(range(len(rows))):  # highest first, so a moved row is never one still to check
+            seq = rows[i]
+            if not self._finished(seq, capacity):
+                continue
+            last = len(rows) - 1
+            if i != last:
+                n = int(lengths[last])
+                for layer in range(self.layers):
+                    step.keys[layer][i, :, :n] = step.keys[layer][last, :, :n]
+                    step.values[layer][i, :, :n] = step.values[layer][last, :, :n]
+                lengths[i] = lengths[last]
+                rows[i] = rows[last]
+            rows.pop()
+            if len(seq.job.outputs) == seq.job.n and seq.job.unstarted == 0:
+                on_done(seq.job)
+
+    def _shared_prefixes(self, ordered: deque) -> tuple[dict[int, tuple[int, ...]], dict[tuple[int, ...], int]]:
+        """Per job (by id), the longest prefix (≥ min_prefix tokens, ≤ prompt - 1) it shares with a neighbour in
+        token order, kept only where two or more jobs share exactly that prefix; and each prefix's user count."""
+        jobs = list(ordered)
+
+        def common(a: list[int], b: list[int]) -> int:
+            n = 0
+            for x, y in zip(a, b):
+                if x != y:
+                    break
+                n += 1
+            return n
+
+        shared = [common(a.prompt, b.prompt) for a, b in zip(jobs, jobs[1:])]
+        prefix_of: dict[int, tuple[int, ...]] = {}
+        for i, job in enumerate(jobs):
+            p = min(max(shared[i - 1] if i else 0, shared[i] if i < len(shared) else 0), len(job.prompt) - 1)
+            if p >= self.min_prefix:
+                prefix_of[id(job)] = tuple(job.prompt[:p])
+        users: dict[tuple[int, ...], int] = {}
+        for prefix in prefix_of.values():
+            users[prefix] = users.get(prefix, 0) + 1
+        prefix_of = {j: p for j, p in prefix_of.items() if users[p] > 1}
+        return prefix_of, {p: n for p, n in users.items() if n > 1}
+
+    def _admit(self, waiting: deque, rows: list[_Seq], step: _Step, lengths: Any) -> None:
+        """Prefill waiting prompts into free slots, as one packed row (shared prefixes computed once)."""
+        import torch
+
+        plan: list[tuple[Job, int]] = []
+        free, budget = self.slots - len(rows), self.prefill_tokens
+        while waiting and free > 0:
+            job = waiting[0]
+            if plan and len(job.prompt) > budget:
+                break
+            take = min(job.unstarted, free)
+            plan.append((job, take))
+            job.unstarted -= take
+            free -= take
+            budget -= len(job.prompt)
+            if job.started_at == 0.0:
+                job.started_at = time.perf_counter()
+            if job.unstarted == 0:
+                waiting.popleft()
+        if not plan:
+            return
+        device = lengths.device
+        ids: list[int] = []
+        positions: list[int] = []
+        segments: list[_Segment] = []
+        last: list[int] = []  # row index of each prompt's last token (its logits start the reply)
+
+        def add(tokens: list[int] | tuple[int, ...], offset: int, **kw: Any) -> None:
+            segments.append(_Segment(len(ids), len(ids) + len(tokens), **kw))
+            positions.extend(range(offset, offset + len(tokens)))
+            ids.extend(tokens)
+
+        first_row = len(rows)
+        for job, take in plan:
+            slots = list(range(len(rows), len(rows) + take))
+            prefix = self._prefix_of.get(id(job))
+            if prefix is not None and prefix not in step.prefixes:
+                step.prefixes[prefix] = [None] * self.layers
+                add(prefix, 0, store=prefix)
+                self.prefill_tokens_saved -= len(prefix)
+            start = len(prefix) if prefix is not None else 0
+            add(job.prompt[start:], start, slots=torch.tensor(slots, device=device), prefix=prefix)
+            last.append(len(ids) - 1)
+            if prefix is not None:
+                self.prefill_tokens_saved += start
+                if job.unstarted == 0:
+                    self._users[prefix] -= 1
+            for k in range(take):
+                sample = job.n - job.unstarted - take + k
+                generator = None
+                if job.temperature > 0:
+                    generator = torch.Generator(device=device).manual_seed(sample_seed(job.seed, job.key, sample))
+                rows.append(_Seq(job, sample, [], generator))
+            lengths[slots] = len(job.prompt)
+        step.segments = segments
+        out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                         orca2_step=step, use_cache=False, logits_to_keep=torch.tensor(last, device=device))
+        step.segments = []
+        for prefix in [p for p, n in self._users.items() if n == 0 and p in step.prefixes]:
+            del step.prefixes[prefix]  # no waiting prompt needs it any more
+        logits = out.logits[0]  # (prompts, V)
+        index = torch.tensor([seg for seg, (_, take) in enumerate(plan) for _ in range(take)], device=device)
+        self._choose(rows[first_row:], logits[index])
+
+    def _decode(self, rows: list[_Seq], step: _Step, lengths: Any) -> None:
+        import torch
+
+        active = len(rows)
+        device = lengths.device
+        positions = lengths[:active].clone()
+        step.active, step.positions, step.rows = active, positions, torch.arange(active, device=device)
+        step.span = int(positions.max()) + 1
+        step.mask = (torch.arange(step.span, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+        ids = torch.tensor([[seq.tokens[-1]] for seq in rows], device=device)
+        out = self.model(input_ids=ids, position_ids=positions[:, None], orca2_step=step, use_cache=False)
+        lengths[:active] += 1
+        step.active, step.positions, step.mask = 0, None, None
+        self._choose(rows, out.logits[:, -1])
+
+    def _choose(self, seqs: list[_Seq], logits: Any) -> None:
+        """The next token of each sequence: argmax, or a draw from its own generator (temperature, top_p).
+
+        Sampled rows are handled together: softmax, the nucleus from the top 1,024 tokens (a full sort only for
+        rows whose nucleus is larger), and one uniform number per row from its generator, mapped through the
+        nucleus' cumulative distribution — the same distribution as multinomial over the renormalised nucleus."""
+        import torch
+
+        greedy = logits.argmax(-1).tolist()
+        sampled = [i for i, seq in enumerate(seqs) if seq.generator is not None]
+        for i, seq in enumerate(seqs):
+            if seq.generator is None:
+                seq.tokens.append(greedy[i])
+        if not sampled:
+            return
+        rows = torch.tensor(sampled, device=logits.device)
+        temperature = logits.new_tensor([seqs[i].job.temperature for i in sampled], dtype=torch.float32)
+        top_p = logits.new_tensor([seqs[i].job.top_p for i in sampled], dtype=torch.float32)
+        probs = torch.softmax(logits[rows].float() / temperature[:, None], dim=-1)
+        if bool((top_p >= 1).all()):  # no nucleus: the whole distribution, unsorted
+            values, order = probs, None
+        else:
+            values, order = probs.topk(min(probs.shape[-1], 1024), dim=-1)  # sorted, descending
+            if bool((values.sum(-1) < top_p).any()):  # some nucleus reaches past the top 1,024: sort everything
+                values, order = probs.sort(dim=-1, descending=True)
+            values = values * ((values.cumsum(-1) - values) < top_p[:, None])  # the smallest set reaching top_p
+        cdf = values.cumsum(-1)
+        u = torch.stack([torch.rand((), generator=seqs[i].generator, device=logits.device) for i in sampled])
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+        tokens = picks if order is None else order.gather(1, picks)
+        for i, token in zip(sampled, tokens[:, 0].tolist()):
+            seqs[i].tokens.append(token)
+
+    def _finished(self, seq: _Seq, capacity: int) -> bool:
+        job = seq.job
+        if seq.sample in job.outputs:
+            return True
+        if seq.tokens[-1] in self.stop_ids:
+            job.outputs[seq.sample] = (list(seq.tokens), "stop")
+        elif len(seq.tokens) >= job.max_tokens or len(job.prompt) + len(seq.tokens) >= capacity:
+            job.outputs[seq.sample] = (list(seq.tokens), "length")
+        return seq.sample in job.outputs
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """End-of-turn tokens (orca2.chat.end_of_turn_ids): decoding stops where training stopped supervising."""
+    from orca2.chat import end_of_turn_ids
+
+    return sorted(end_of_turn_ids(tokenizer, model))
