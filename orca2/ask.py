@@ -16,16 +16,16 @@ A fatal error (bad key, unknown model) or `abort_after` failures in a row stop t
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from tqdm import tqdm
+if TYPE_CHECKING:  # asyncio and tqdm load when something is asked, not with the CLI (orca2 --help)
+    from tqdm import tqdm
 
 from orca2.cache import ResponseCache, default_cache_dir, request_key
 from orca2.errors import Orca2Error
@@ -101,6 +101,8 @@ class TokenBucket:
         self.stamp = time.monotonic()
 
     async def acquire(self, amount: float) -> None:
+        import asyncio
+
         amount = min(amount, self.capacity)  # a request larger than a burst waits for a full bucket
         while True:
             now = time.monotonic()
@@ -134,6 +136,8 @@ class _Requester:
         self.rng = random.Random(0)
 
     async def one(self, key: str, request: Request, sampling: Sampling) -> None:
+        import asyncio
+
         cfg, sink = self.cfg, self.sink
         for attempt in range(1, cfg.max_attempts + 1):
             if self.rpm:
@@ -159,6 +163,8 @@ class _Requester:
 
 async def _per_request(backend: Any, pending: list[tuple[str, Request]], sampling: Sampling, cfg: ClientConfig,
                        sink: Sink) -> None:
+    import asyncio
+
     requester = _Requester(backend, cfg, sink)
     queue = iter(pending)
 
@@ -255,6 +261,10 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
 
     The backend is built only when something is missing, so a fully cached re-run needs no key or model.
     """
+    import asyncio
+
+    from tqdm import tqdm
+
     spec = model if isinstance(model, ModelSpec) else parse_model(model)
     params = sampling.to_dict()
     identity = _identity(spec)
@@ -353,6 +363,8 @@ class AskQueue:
             self._wake()
 
     def run(self) -> None:
+        import asyncio
+
         if self.streaming:
             asyncio.run(self._stream())
         else:
@@ -383,11 +395,15 @@ class AskQueue:
                     job.callback(response, origin)
 
     async def _stream(self) -> None:
+        import asyncio
+
+        from tqdm import tqdm
+
         cache = ResponseCache(self.client.cache_dir or default_cache_dir())
         bar = tqdm(total=len(self.jobs), desc=self.desc, unit="req", mininterval=0.5, dynamic_ncols=True)
         requesters: dict[str, _Requester] = {}
         waiting: dict[str, list[Callable[[dict[str, Any] | None, str], None]]] = {}  # key in flight → its callbacks
-        sleepers: deque[asyncio.Future] = deque()  # idle workers, each woken by one new job
+        sleepers: deque[Any] = deque()  # idle workers, each woken by one new job
         params_of: dict[Sampling, dict[str, Any]] = {}  # Sampling is frozen: its dict once, not per job
         state = {"in_flight": 0}
 

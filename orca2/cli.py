@@ -64,7 +64,88 @@ def _not_yet(stage: str, issue: int) -> None:
     raise Orca2Error(f"the '{stage}' stage is not implemented yet (tracked in issue #{issue})")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Client and sampling flags come from the fields of orca2.models.ClientConfig and Sampling: one declaration,
+# so names, help texts and defaults cannot drift apart. A stage's own default (eval's max_tokens) shows as such.
+_HIDDEN_CLIENT_FLAGS = ("api_key",)  # keys belong in the environment; `--set client.api_key=...` still works
+
+
+def _field_flags(cls: type, section: str, defaults: Any) -> list[tuple[str, click.Option]]:
+    """(config key, click option) for every field of a client/sampling dataclass."""
+    import dataclasses
+
+    flags = []
+    for f in dataclasses.fields(cls):
+        if f.name in _HIDDEN_CLIENT_FLAGS:
+            continue
+        flag = "--" + ("n" if f.name == "n" else f.name.replace("_", "-"))
+        default = getattr(defaults, f.name)
+        kind = {int: int, float: float}.get(type(default)) if default is not None else None
+        if kind is None:
+            hint = str(f.type)
+            kind = int if hint.startswith("int") else float if hint.startswith("float") else None
+        shown = "" if default is None else f" (default {default})"
+        flags.append((f"{section}.{f.name}", click.Option([flag, f"{section}_{f.name}"], type=kind, default=None,
+                                                           help=f.metadata.get("help", "") + shown)))
+    return flags
+
+
+def teacher_options(stage: str, with_teacher: bool = True,
+                    with_strategies: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Model, client and sampling options shared by select, generate and eval, derived from the config classes.
+
+    Only recorded here: StageCommand builds them when the command is parsed or its help shown, so listing the
+    commands (`orca2 --help`) imports no stage."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__orca2_stage_options__ = (stage, with_teacher, with_strategies)  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def _stage_options(stage: str, with_teacher: bool, with_strategies: bool) -> list[click.Option]:
+    import dataclasses
+    import importlib
+
+    from orca2.models import SPEC_FORMS, ClientConfig, Sampling
+
+    module, _, name = stage.partition(":")
+    stage_config = getattr(importlib.import_module(module), name)
+    fields = {f.name: f for f in dataclasses.fields(stage_config)}
+    defaults = {name: f.default_factory() for name, f in fields.items() if name in ("client", "sampling")}
+    specs = _field_flags(ClientConfig, "client", defaults["client"]) + _field_flags(Sampling, "sampling", defaults["sampling"])
+    options = [click.Option(["--teacher"], default=None, help=SPEC_FORMS)] if with_teacher else []
+    options += [opt for key, opt in specs if key != "sampling.seed"]  # the common --seed sets it
+    if with_strategies:
+        options.append(click.Option(["--strategies", "user_strategies"], multiple=True, type=click.Path(),
+                                    help="Extra strategy YAML file or folder."))
+    return options
+
+
+class _StageOptions:
+    """A command whose model, client and sampling options come from its stage's config (teacher_options): built on
+    first use — parsing its arguments or showing its help — and placed before the common options."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        spec = getattr(self.callback, "__orca2_stage_options__", None)  # type: ignore[attr-defined]
+        if spec is not None and not getattr(self, "_stage_options_built", False):
+            self._stage_options_built = True
+            params = self.params  # type: ignore[attr-defined]
+            at = next((i for i, p in enumerate(params) if p.name in ("seed", "config_path")), len(params))
+            params[at:at] = _stage_options(*spec)
+        return super().get_params(ctx)  # type: ignore[misc]
+
+
+class StageCommand(_StageOptions, click.Command):
+    pass
+
+
+class StageGroup(_StageOptions, click.Group):
+    command_class = StageCommand
+    group_class = type  # sub-groups are StageGroups too
+
+
+@click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="orca2")
 def cli() -> None:
     """orca2: teach small language models how to reason.
@@ -130,60 +211,6 @@ def strategies_show(name: str, user_paths: tuple[str, ...]) -> None:
     strategy = Library.load(user_paths).get(name)
     click.echo(f"# {strategy.name}  ({strategy.source})\n# {strategy.description}\n")
     click.echo(strategy.system_text())
-
-
-# Client and sampling flags come from the fields of orca2.models.ClientConfig and Sampling: one declaration,
-# so names, help texts and defaults cannot drift apart. A stage's own default (eval's max_tokens) shows as such.
-_HIDDEN_CLIENT_FLAGS = ("api_key",)  # keys belong in the environment; `--set client.api_key=...` still works
-
-
-def _field_flags(cls: type, section: str, defaults: Any) -> list[tuple[str, str, Any]]:
-    """(flag, config key, click option) for every field of a client/sampling dataclass."""
-    import dataclasses
-
-    flags = []
-    for f in dataclasses.fields(cls):
-        if f.name in _HIDDEN_CLIENT_FLAGS:
-            continue
-        flag = "--" + ("n" if f.name == "n" else f.name.replace("_", "-"))
-        default = getattr(defaults, f.name)
-        kind = {int: int, float: float}.get(type(default)) if default is not None else None
-        if kind is None:
-            hint = str(f.type)
-            kind = int if hint.startswith("int") else float if hint.startswith("float") else None
-        shown = "" if default is None else f" (default {default})"
-        dest = f"{section}_{f.name}"
-        flags.append((dest, f"{section}.{f.name}", click.option(flag, dest, type=kind, default=None,
-                                                                 help=f.metadata.get("help", "") + shown)))
-    return flags
-
-
-def teacher_options(stage: str, with_teacher: bool = True,
-                    with_strategies: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Model, client and sampling options shared by select, generate and eval, derived from the config classes."""
-    import dataclasses
-    import importlib
-
-    from orca2.models import SPEC_FORMS, ClientConfig, Sampling
-
-    module, _, name = stage.partition(":")
-    stage_config = getattr(importlib.import_module(module), name)  # light: configs import no torch/openai
-    fields = {f.name: f for f in dataclasses.fields(stage_config)}
-    defaults = {name: f.default_factory() for name, f in fields.items() if name in ("client", "sampling")}
-    specs = _field_flags(ClientConfig, "client", defaults["client"]) + _field_flags(Sampling, "sampling", defaults["sampling"])
-    specs = [s for s in specs if s[0] != "sampling_seed"]  # the common --seed sets it
-    options = [click.option("--teacher", default=None, help=SPEC_FORMS)] if with_teacher else []
-    options += [opt for _, _, opt in specs]
-    if with_strategies:
-        options.append(click.option("--strategies", "user_strategies", multiple=True, type=click.Path(),
-                                    help="Extra strategy YAML file or folder."))
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return decorate
 
 
 def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:

@@ -12,27 +12,24 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from orca2.errors import Orca2Error
 
 T = TypeVar("T")
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key, keyed by its dotted path."""
-
-
 def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """The data, and the line of every mapping key by its dotted path (yaml loads here, not with the CLI)."""
+    import yaml
+
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise Orca2Error(f"{source}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     lines: dict[str, int] = {}
 
-    def walk(n: yaml.Node, prefix: str) -> None:
+    def walk(n: Any, prefix: str) -> None:
         if isinstance(n, yaml.MappingNode):
             for key_node, value_node in n.value:
                 key = f"{prefix}{key_node.value}"
@@ -41,7 +38,7 @@ def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
 
     if node is not None:
         walk(node, "")
-    return yaml.load(text, Loader=_LineLoader), lines
+    return yaml.load(text, Loader=yaml.SafeLoader), lines
 
 
 def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
@@ -152,6 +149,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise Orca2Error(f"--set {text!r}: empty key")
+    import yaml
+
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -238,6 +237,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Save the resolved config beside a stage's output, so the run can be repeated exactly (secrets as "***")."""
+    import yaml
+
     from orca2.io import atomic_text
 
     with atomic_text(path) as f:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
+from typing import Any
 
 from orca2.ngrams import MinHasher, normalised_text
 
@@ -41,13 +41,17 @@ class NearDeduper:
         self.bands = bands
         self.rows = num_perm // bands
         self._buckets: list[dict[int, int]] = [{} for _ in range(bands)]
-        self._signatures: list[np.ndarray] = []
+        self._signatures: list[Any] = []  # numpy arrays: numpy loads with the first NearDeduper, not with the CLI
         self._groups: list[str] = []
+        import numpy as np
+
         rng = np.random.default_rng(seed + 1)
         self._band_mix = rng.integers(1, 2**63, size=self.rows, dtype=np.uint64) | np.uint64(1)
 
     def check_batch(self, texts: list[str], groups: list[str]) -> list[str | None]:
         """For each text in order: the group of an earlier near-duplicate from another group, else None (and index it)."""
+        import numpy as np
+
         if not texts:
             return []
         signatures = self.hasher.signatures(texts)

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from orca2.config import build_section, read_yaml
 from orca2.errors import Orca2Error
 from orca2.prompts import PROMPTS_DIR, template_fields
@@ -95,6 +93,8 @@ def builtin_flows() -> list[str]:
 
 def skills() -> list[dict[str, Any]]:
     """The paper's 17 skills with the flow that makes each (None: no flow yet)."""
+    import yaml  # loads when needed, not with the CLI
+
     return yaml.safe_load((FLOWS_DIR / "skills.yaml").read_text(encoding="utf-8"))["skills"]
 
 

@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 import zlib
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import regex
+if TYPE_CHECKING:  # numpy and regex load when text is normalised or hashed, not with the CLI (orca2 --help)
+    import numpy as np
 
 # Scripts written without spaces between words: each character is a token, so their n-grams are character
 # n-grams (a Chinese sentence is one run of letters; as a single "word" it could only ever match itself whole).
 _UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}"
-# A word: letters, digits and combining marks (Devanagari's vowel signs are marks, not letters); a character of
-# an unspaced script; or one symbol with its marks (an emoji and its variation selector: "🍎🍎" and "🍐🍐" differ).
-_TOKEN = regex.compile(rf"[[\p{{L}}\p{{N}}\p{{M}}]--[{_UNSPACED}]]+|[{_UNSPACED}]|\p{{So}}\p{{M}}*", regex.V1)
-_NON_SPACE = regex.compile(r"\S")
+
+
+@functools.cache
+def _patterns() -> tuple[Any, Any]:
+    """(word, non-space) patterns. A word: letters, digits and combining marks (Devanagari's vowel signs are marks,
+    not letters); a character of an unspaced script; or one symbol with its marks (an emoji and its variation
+    selector: "🍎🍎" and "🍐🍐" differ)."""
+    import regex
+
+    token = regex.compile(rf"[[\p{{L}}\p{{N}}\p{{M}}]--[{_UNSPACED}]]+|[{_UNSPACED}]|\p{{So}}\p{{M}}*", regex.V1)
+    return token, regex.compile(r"\S")
 
 
 def words(text: str) -> list[str]:
     """Unicode words after NFKC and case folding, punctuation left out: any script counts ("Привет, мир" →
     ["привет", "мир"]), unspaced scripts give one token per character, an emoji is a word."""
-    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+    return _patterns()[0].findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def normalise_words(text: str) -> list[str]:
     """A text's words (see `words`), so that punctuation, case, width and spacing never make two texts differ; a text
     of punctuation alone gives its characters, so "?!" and "!!" stay two texts while "!!" and "! !" are one."""
-    return words(text) or _NON_SPACE.findall(unicodedata.normalize("NFKC", text).casefold())
+    return words(text) or _patterns()[1].findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def normalised_text(text: str) -> str:
@@ -57,9 +66,10 @@ class MinHasher:
     per-text minimum is a contiguous reduction (≈3× faster than the transposed layout).
     """
 
-    _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant that spreads word hashes across 64 bits
-
     def __init__(self, num_perm: int = 64, shingle: int = 3, seed: int = 1):
+        import numpy as np
+
+        self._MIX = np.uint64(0x9E3779B97F4A7C15)  # odd constant that spreads word hashes across 64 bits
         rng = np.random.default_rng(seed)
         self.num_perm = num_perm
         self.shingle = shingle
@@ -81,6 +91,8 @@ class MinHasher:
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         """(len(texts), num_perm) uint32 signatures."""
+        import numpy as np
+
         s = self.shingle
         flat: list[int] = []
         lengths = np.empty(len(texts), dtype=np.int64)

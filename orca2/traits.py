@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from orca2.errors import Orca2Error
 from orca2.io import iter_json_lines
 from orca2.prompts import PROMPTS_DIR
@@ -35,6 +33,8 @@ DOMAINS = ("Openness", "Conscientiousness", "Extraversion", "Agreeableness", "Ne
 @functools.lru_cache(maxsize=1)
 def facet_table() -> dict[str, dict[str, str]]:
     """domain → facet → description, in inventory order."""
+    import yaml  # loads when needed, not with the CLI
+
     data = yaml.safe_load((PROMPTS_DIR / "persona" / "facets.yaml").read_text(encoding="utf-8"))
     if tuple(data) != DOMAINS or any(len(v) != 6 for v in data.values()):
         raise Orca2Error("prompts/persona/facets.yaml: five domains of six facets each, in OCEAN order")
@@ -143,6 +143,8 @@ def consistency(truth: dict[str, float], predicted: dict[str, float]) -> dict[st
 
 @functools.lru_cache(maxsize=1)
 def phrase_bank() -> dict[str, list[str]]:
+    import yaml  # loads when needed, not with the CLI
+
     data = yaml.safe_load((PROMPTS_DIR / "persona" / "phrases.yaml").read_text(encoding="utf-8"))
     if set(data) != set(facets()):
         raise Orca2Error("prompts/persona/phrases.yaml: one entry per facet of facets.yaml")

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 from orca2.config import read_yaml
 from orca2.errors import Orca2Error
 from orca2.prompts import render_template, template_fields
@@ -227,4 +225,6 @@ class Assignment:
         if self.default is not None:
             data["default"] = plain(self.default)
         data["tasks"] = {pattern: plain(name) for pattern, name in self.rules}
+        import yaml  # loads when needed, not with the CLI
+
         return yaml.safe_dump(data, sort_keys=False)

@@ -101,3 +101,32 @@ def test_an_option_that_would_do_nothing_is_refused(tmp_path, run_cli):
     assert "--seed" not in run_cli("erase", "--help").stdout
     for command in ("tasks", "select", "generate", "sample", "judge", "pairs", "train", "eval", "instruct", "run"):
         assert "--seed" in run_cli(command, "--help").stdout, command
+
+
+HEAVY = ("torch", "transformers", "deepspeed", "openai", "datasets", "numpy", "asyncio", "tqdm", "yaml", "regex",
+         "matplotlib", "aiohttp", "jsonlines")
+STAGE_MODULES = ("orca2.stages.", "orca2.train.trainer", "orca2.eval.evaluate", "orca2.pipeline")
+
+
+def loaded_by(args: list[str]) -> list[str]:
+    """Modules a fresh interpreter loads to run `orca2 ARGS` (beyond what it had before importing the CLI)."""
+    code = ("import sys; before = set(sys.modules); from orca2.cli import main\n"
+            f"try: main({args!r})\nexcept SystemExit: pass\n"
+            "print(' '.join(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.strip().splitlines()[-1].split()
+
+
+def test_help_loads_no_heavy_module_and_no_other_stage():
+    """`orca2 --help` loads no stage and nothing heavy; `orca2 STAGE --help` loads that stage's module only, and still
+    nothing heavy (numpy, asyncio, tqdm, yaml and regex load when work starts). Timings: docs/benchmarks.md."""
+    top = loaded_by(["--help"])
+    assert not [m for m in top if m.startswith(STAGE_MODULES) or m.split(".")[0] in HEAVY], top
+    for command, module in (("generate", "orca2.stages.generate"), ("select", "orca2.stages.select"),
+                            ("eval", "orca2.eval.evaluate"), ("instruct", "orca2.stages.instruct"),
+                            ("sample", "orca2.stages.sample"), ("judge", "orca2.stages.judge"), ("erase", None),
+                            ("train", None), ("run", None), ("persona", None)):
+        found = loaded_by([command, "--help"])
+        assert not [m for m in found if m.split(".")[0] in HEAVY], (command, found)
+        stages = {m for m in found if m.startswith(STAGE_MODULES)}
+        assert stages == ({module} if module else set()), (command, stages)
