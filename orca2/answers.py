@@ -195,6 +195,19 @@ def extract_answer(response: str, answer_type: str) -> Extraction:
     return Extraction(value, "fallback" if value is not None else "none")
 
 
+def answer_prefix(reply: str) -> str:
+    """The reply up to where its final answer is written, to score the gold answer in its place (a probe's
+    answer log-likelihood): the text before the last marked answer ('... The answer is: '); a one-line reply
+    (a bare answer) gives ''; any other reply gets the marker appended."""
+    matches = list(_ANSWER_IS.finditer(reply))
+    if matches:
+        return reply[:matches[-1].start(1)]
+    stripped = reply.strip()
+    if "\n" not in stripped:
+        return ""
+    return stripped + "\nThe answer is: "
+
+
 def reference_answer(reply: str) -> str | None:
     """A reply's final answer when it serves as the reference for others (the teacher's, for a judge), typed by
     what the answer itself looks like, as eval types a gold answer: '18 eggs' and '9 * 2 = 18' give '18'; 'CC0'

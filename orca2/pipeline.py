@@ -420,7 +420,7 @@ class Pipeline:
                 counts = self._run_round_step(step, cfg, resume)
                 record[step] = {"config_hash": config_hash, "inputs": inputs, "counts": counts,
                                 "outputs": {str(p): file_hash(p) for p in outs},
-                                "seconds": round(time.perf_counter() - start, 2)}
+                                "seconds": round(time.perf_counter() - start, 2), "environment": self.environment}
                 record.pop(f"{step}_attempt", None)
                 self._save(manifest)
         return self._best_round(it, manifest)
@@ -568,6 +568,7 @@ class Pipeline:
         manifest_path = self.run_dir / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"stages": {}}
         manifest.update(seed=self.seed, packages=package_versions(), config=self.source)
+        self.environment = self._check_environment(manifest)
         if from_stage is not None and from_stage not in self.stages:
             raise Orca2Error(f"--from {from_stage}: not a stage of this pipeline ({', '.join(self.stages)})")
         if "assignment" in self.data and "select" not in self.stages:
@@ -616,11 +617,35 @@ class Pipeline:
             manifest["stages"][name] = {"config_hash": config_hash, "config": config, "inputs": inputs,
                                         "outputs": {str(p): file_hash(p) for p in self.outputs(name)},
                                         "seconds": round(time.perf_counter() - start, 2), "counts": counts,
-                                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        "environment": self.environment}
             manifest["attempts"].pop(name, None)
             self._save(manifest)
             ran.append(name)
         return {"ran": ran, "skipped": skipped, "manifest": str(manifest_path)}
+
+    def _check_environment(self, manifest: dict[str, Any]) -> str:
+        """Record this machine's environment (orca2.environment) in the manifest, keyed by its hash; warn in one
+        line per earlier environment that made outputs of this run and differs from this one. Returns the key."""
+        from orca2.environment import differences, environment
+
+        current = environment()
+        key = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:12]
+        known = manifest.setdefault("environments", {})
+        entries = [(name, e) for name, e in manifest["stages"].items()]
+        entries += [(f"iterate round {t} {step}", e) for t, r in manifest.get("rounds", {}).items()
+                    for step, e in r.items() if isinstance(e, dict)]
+        by_env: dict[str, list[str]] = {}
+        for name, entry in entries:
+            if entry.get("environment") not in (None, key):
+                by_env.setdefault(entry["environment"], []).append(name)
+        for other, names in by_env.items():
+            changes = differences(known.get(other, {}), current)
+            log.warning("%s ran in another environment (%s): results may differ from a run here",
+                        ", ".join(names), "; ".join(changes))
+        known[key] = current
+        manifest["environment"] = current  # this invocation's: what `auto` resolved to, threads, CPU, libraries
+        return key
 
     def _why_run(self, entry: dict[str, Any] | None, config_hash: str, inputs: dict[str, str], forced: bool) -> str | None:
         if forced:

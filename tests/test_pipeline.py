@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -341,3 +342,89 @@ def test_the_run_seed_reaches_every_section_that_has_one(tmp_path, config):
     own = pipeline.Pipeline(str(path), ("seed=7", "generate.sampling.seed=2", "train.seed=3"))
     assert own.configs["generate"].sampling.seed == 2 and own.configs["train"].seed == 3
     assert own.configs["select"].sampling.seed == 7
+
+
+def test_manifest_records_the_environment_and_a_rerun_elsewhere_is_warned(tmp_path, config, caplog):
+    """The manifest records what `auto` resolved to, the CPU, torch, BLAS and threads; a re-run whose environment
+    differs from the one that made the outputs says so in one line naming what changed."""
+    path = config(extra="stages: [tasks]\n")
+    pipeline.run(str(path))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    env = manifest["environment"]
+    assert {"cpu", "isa", "cores", "torch", "threads", "blas", "auto_dtype", "numeric_env"} <= set(env)
+    assert env["auto_dtype"]["cpu"] in ("float32", "bfloat16")
+    key = manifest["stages"]["tasks"]["environment"]
+    assert manifest["environments"][key] == env
+    caplog.clear()
+    pipeline.run(str(path))
+    assert "another environment" not in caplog.text  # the same machine: no warning
+    # the outputs were made on a machine with 7 threads and native bf16
+    other = {**env, "threads": 7, "isa": env["isa"] + ["avx512_bf16"], "auto_dtype": {"cpu": "bfloat16"}}
+    manifest["environments"]["elsewhere"] = other
+    manifest["stages"]["tasks"]["environment"] = "elsewhere"
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    result = pipeline.run(str(path))
+    assert result["skipped"] == ["tasks"]  # a warning, not a re-run
+    lines = [r.getMessage() for r in caplog.records if "another environment" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "tasks ran in another environment" in lines[0] and "threads 7 → " in lines[0]
+    assert "auto_dtype {cpu: bfloat16} → {cpu: " in lines[0] and "avx512_bf16" in lines[0]
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def pinned_dtypes(cfg, where):
+    """(place, dtype) for every dtype that decides results: a training dtype, and the client dtype of a section
+    that runs a local model (its engine computes in it)."""
+    import dataclasses
+
+    from orca2.models import parse_model
+
+    found = []
+    if isinstance(cfg, dict):
+        for name, c in cfg.items():
+            if c is not None:
+                found += pinned_dtypes(c, f"{where}.{name}")
+        return found
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if "dtype" in names:
+        found.append((f"{where}.dtype", cfg.dtype))
+    models = [getattr(cfg, n) for n in ("teacher", "model", "student", "judge") if n in names]
+    models += [getattr(cfg.student, "model")] if dataclasses.is_dataclass(getattr(cfg, "student", None)) else []
+    local = [m for m in models if isinstance(m, str) and parse_model(m, paths=True).scheme == "local"]
+    if "client" in names and local:
+        found.append((f"{where}.client.dtype", cfg.client.dtype))
+    for n in names:
+        value = getattr(cfg, n)
+        if dataclasses.is_dataclass(value) and n not in ("client", "sampling"):
+            found += pinned_dtypes(value, f"{where}.{n}")
+    return found
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_pins_the_dtypes_that_decide_its_numbers(path, tmp_path):
+    """`auto` resolves per machine (bf16 where the CPU computes it natively), so a shipped config never leaves it to
+    `auto`: every training dtype and every local model's client dtype is explicit."""
+    from orca2.config import load_config, read_yaml
+    from orca2.eval.evaluate import EvalConfig
+    from orca2.train.trainer import TrainConfig
+
+    data, _ = read_yaml(path)
+    if not isinstance(data, dict) or "default" in data or "tasks" in data and "output" not in data:
+        pytest.skip("an assignment, not a run config")
+    if set(data) <= set(pipeline.TOP_KEYS):
+        run = pipeline.Pipeline(str(path), output=str(tmp_path / "run"))
+        found = []
+        for name, cfg in run.configs.items():
+            found += pinned_dtypes(cfg, name)
+        if "iterate" in run.configs:
+            it = run.configs["iterate"]
+            for step in ("sample", "train") + (("control",) if it.control else ()):
+                found += pinned_dtypes(run._round_config(it, 1, step, steps=1), f"iterate.{step}")
+    else:
+        cls = TrainConfig if "stages" in data or "chat_template" in data else EvalConfig
+        found = pinned_dtypes(load_config(cls, path), path.stem)
+    assert found, path
+    assert not [place for place, dtype in found if dtype == "auto"], found

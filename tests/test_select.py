@@ -79,28 +79,105 @@ def test_select_without_gold_answers(tmp_path):
 
 # --- student probes -------------------------------------------------------------------------------------
 
-def test_the_probe_selection_rule_on_hand_built_results():
-    from orca2.stages.select import choose_by_probe
+TEACHER = {"a": {"mean_completion_tokens": 50}, "b": {"mean_completion_tokens": 10}, "c": {"mean_completion_tokens": 5}}
 
-    teacher = {"a": {"mean_completion_tokens": 50}, "b": {"mean_completion_tokens": 10}, "c": {"mean_completion_tokens": 5}}
 
-    def probe(acc, low, high):
-        return {"accuracy": acc, "ci95": [low, high]}
+def summary(verdicts, logprobs=None, seeds=1):
+    """A probe summary from per-item verdicts (1/0, or means over seeds) and answer log-probs."""
+    ids = [f"i{k}" for k in range(len(verdicts))]
+    logprobs = logprobs or [-1.0] * len(verdicts)
+    n = len(ids)
+    return {"accuracy": sum(verdicts) / n, "answer_logprob": sum(logprobs) / n, "n": n, "seeds": seeds,
+            "verdicts": dict(zip(ids, verdicts)), "logprobs": dict(zip(ids, logprobs))}
 
-    # a clear winner, no overlap
-    winner, rule = choose_by_probe({"a": probe(0.9, 0.8, 0.95), "b": probe(0.3, 0.2, 0.45), "c": probe(0.1, 0.0, 0.2)},
-                                   teacher, ["a", "b", "c"])
-    assert winner == "a" and rule == "best student probe"
-    # a tie in accuracy: fewer teacher tokens wins; the tied one overlaps
-    winner, rule = choose_by_probe({"a": probe(0.5, 0.3, 0.7), "b": probe(0.5, 0.3, 0.7), "c": probe(0.0, 0.0, 0.1)},
-                                   teacher, ["a", "b", "c"])
-    assert winner == "b" and "tie with a: fewer teacher tokens" in rule and "overlaps a" in rule
-    # overlapping CIs are said; a failed probe is out and named
-    winner, rule = choose_by_probe({"a": {"failed": "no supervised tokens"}, "b": probe(0.6, 0.4, 0.75),
-                                    "c": probe(0.45, 0.3, 0.6)}, teacher, ["a", "b", "c"])
-    assert winner == "b" and "overlaps c" in rule and "probe failed: a" in rule
+
+def test_the_paired_rule_on_hand_built_verdicts():
+    from orca2.stages.select import decide
+
+    # 24 items: a right on 12 that b misses, b right on 1 that a misses — McNemar p < 0.05: decided
+    a = [1] * 12 + [0] * 1 + [1] * 3 + [0] * 8
+    b = [0] * 12 + [1] * 1 + [1] * 3 + [0] * 8
+    d = decide({"a": summary(a), "b": summary(b)}, TEACHER, ["a", "b"])
+    assert d["winner"] == "a" and d["decided"] and d["comparisons"]["b"]["test"] == "McNemar"
+    assert (d["comparisons"]["b"]["leader_only"], d["comparisons"]["b"]["other_only"]) == (12, 1)
+    assert "vs b 12:1 items, p 0.00" in d["rule"]
+    # a leads by one item (4 % vs 8 % is the README's old arithmetic probe): undecided; the higher answer
+    # log-prob wins, and the rule says so
+    a = [1, 1] + [0] * 22
+    b = [1, 0] + [0] * 22
+    d = decide({"a": summary(a, [-3.0] * 24), "b": summary(b, [-1.0] * 24)}, TEACHER, ["a", "b"])
+    assert not d["decided"] and d["winner"] == "b" and d["rule"].startswith("undecided at the budget")
+    # the same one-item lead counts as decided nowhere, whatever the order of the candidates
+    assert decide({"b": summary(b, [-1.0] * 24), "a": summary(a, [-3.0] * 24)}, TEACHER, ["b", "a"])["winner"] == "b"
+    # several seeds: per-item means, a paired bootstrap of the mean difference
+    a = [1.0, 1.0, 0.5, 1.0] * 6
+    b = [0.0, 0.5, 0.0, 0.0] * 6
+    d = decide({"a": summary(a, seeds=2), "b": summary(b, seeds=2)}, TEACHER, ["a", "b"])
+    assert d["decided"] and d["comparisons"]["b"]["test"] == "paired bootstrap" and d["comparisons"]["b"]["ci95"][0] > 0
+    # deciding by answer log-prob: the continuous signal separates what the verdicts cannot
+    same = [0] * 24
+    d = decide({"a": summary(same, [-2.0 + 0.1 * (k % 3) for k in range(24)]), "b": summary(same, [-2.5] * 24)},
+               TEACHER, ["a", "b"], decide_by="answer_logprob")
+    assert d["decided"] and d["winner"] == "a" and d["signal"] == "answer_logprob"
+    # a failed probe is out and named; every probe failed is an error
+    d = decide({"a": {"failed": "no supervised tokens"}, "b": summary([1] * 24), "c": summary([0] * 24)}, TEACHER,
+               ["a", "b", "c"])
+    assert d["winner"] == "b" and d["decided"] and "probe failed: a" in d["rule"]
     with pytest.raises(Orca2Error, match="every probe of this task failed"):
-        choose_by_probe({"a": {"failed": "x"}}, teacher, ["a"])
+        decide({"a": {"failed": "x"}}, TEACHER, ["a"])
+
+
+class HandProbes:
+    """Probes whose scoring is a table: (strategy, seed) → per-item verdicts and log-probs; counts what is scored."""
+
+    def __new__(cls, verdicts, logprobs, dev_size, max_dev, max_seeds):
+        from orca2.stages.select import Probes, ProbeConfig, SelectConfig
+
+        class Scripted(Probes):
+            def score(self, name, seed, dev):
+                self.meta.setdefault((name, seed), {"traces": 8, "steps": 1, "seconds": 0.0, "cached": False})
+                got = self.items.setdefault((name, seed), {})
+                for r in dev:
+                    if r["id"] not in got:
+                        k = int(r["id"][1:])
+                        got[r["id"]] = {"correct": bool(verdicts[(name, seed)][k]), "logprob": logprobs[(name, seed)][k]}
+                        self.scored.append((name, seed, r["id"]))
+
+        cfg = SelectConfig(tasks="t", output="o", teacher="program:synthetic", dev_size=dev_size,
+                           student=ProbeConfig(model="local:default", max_dev=max_dev, max_seeds=max_seeds))
+        dev = [{"id": f"i{k}", "answer": "1", "messages": []} for k in range(max_dev or dev_size)]
+        from pathlib import Path
+
+        traces = {("t", name): [] for name, _ in verdicts}
+        probes = Scripted(cfg, cfg.student, "t", dev, traces, Path("/nonexistent/probes"), {}, "s", "")
+        probes.scored = []
+        return probes
+
+
+def test_escalation_by_hand_more_items_then_more_seeds():
+    # 8 items tie; the next 16 favour a: decided after escalating to 24 items, with one seed
+    a = [1, 0] * 4 + [1] * 16
+    b = [1, 0] * 4 + [0] * 16
+    probes = HandProbes({("a", 0): a, ("b", 0): b}, {("a", 0): [-1.0] * 24, ("b", 0): [-1.0] * 24}, 8, 24, 3)
+    out = probes.escalate(["a", "b"], TEACHER, 0)
+    d = out["_decision"]
+    assert d["decided"] and d["winner"] == "a" and d["escalation"] == {"dev_items": 24, "seeds": 1}
+    assert len(probes.scored) == 2 * 24 and out["a"]["n"] == 24
+    # decided on the first 8 items: nothing more is scored
+    a = [1] * 8 + [0] * 16
+    b = [0] * 24
+    probes = HandProbes({("a", 0): a, ("b", 0): b}, {("a", 0): [-1.0] * 24, ("b", 0): [-1.0] * 24}, 8, 24, 3)
+    assert probes.escalate(["a", "b"], TEACHER, 0)["_decision"]["escalation"] == {"dev_items": 8, "seeds": 1}
+    assert len(probes.scored) == 2 * 8
+    # never decided: 24 items, then seeds 0, 1000 and 2000 (3 probes each), then the higher answer log-prob
+    flat = [1, 0] * 12
+    verdicts = {(n, s): flat for n in "ab" for s in (0, 1000, 2000)}
+    logprobs = {(n, s): [-1.0 if n == "b" else -2.0] * 24 for n in "ab" for s in (0, 1000, 2000)}
+    probes = HandProbes(verdicts, logprobs, 8, 24, 3)
+    out = probes.escalate(["a", "b"], TEACHER, 0)
+    d = out["_decision"]
+    assert not d["decided"] and d["winner"] == "b" and d["escalation"] == {"dev_items": 24, "seeds": 3}
+    assert {(name, seed) for name, seed, _ in probes.scored} == set(verdicts) and out["a"]["seeds"] == 3
 
 
 def secret_tasks(path, n=40):
@@ -142,11 +219,15 @@ def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_
             return run(load_config(SelectConfig, None, ("student.train_layers=null",), flags))  # every layer learns
 
         report = select()
-        assert len(loads) == 1  # two probes, one load of the student: each trains its own copy
+        assert [a[0] for a in loads].count(str(tiny_model)) == 1  # two probes, one load of the student: each trains a copy
         probes = report["probes"]["secret"]
         assert report["table"]["secret"]["direct-answer"]["accuracy"] == report["table"]["secret"]["step-by-step"]["accuracy"] == 1.0
         assert probes["direct-answer"]["accuracy"] >= 0.75 and probes["step-by-step"]["accuracy"] == 0.0, probes
         assert report["chosen"] == {"secret": "direct-answer"} and report["rules"]["secret"].startswith("best student probe")
+        decision = report["decisions"]["secret"]
+        assert decision["decided"] and decision["comparisons"]["step-by-step"]["test"] == "McNemar"
+        assert probes["direct-answer"]["answer_logprob"] > probes["step-by-step"]["answer_logprob"]
+        assert "8 dev items, 1 probe seed(s)" in report["rules"]["secret"]
         assert "student" in (tmp_path / "assign.table.md").read_text() and (tmp_path / "assign.table.png").exists()
         assert not any(p.name == "train" for p in (tmp_path / "assign.probes").glob("*/*"))  # weights deleted, results kept
         asked = server.stats.ok

@@ -29,9 +29,10 @@ def shared_students() -> Iterator[None]:
         _SHARED = None
 
 
-def load_student(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model, tokenizer) from 'local:default' (SmolLM2-135M-Instruct, dequantised), a .gguf file, an HF folder or a hub name."""
-    if _SHARED is not None:
+def load_student(spec: str, dtype: torch.dtype = torch.float32, share: bool = True) -> tuple[Any, Any]:
+    """(model, tokenizer) from 'local:default' (SmolLM2-135M-Instruct, dequantised), a .gguf file, an HF folder or a hub
+    name; inside `shared_students` (unless share=False: a model loaded once, as a probe's own weights) one load each."""
+    if _SHARED is not None and share:
         if (spec, dtype) not in _SHARED:
             _SHARED[(spec, dtype)] = _load_student(spec, dtype)
         model, tokenizer = _SHARED[(spec, dtype)]

@@ -24,7 +24,7 @@ import hashlib
 import heapq
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -35,6 +35,7 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text, read_numbered, sidecar
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library
+from orca2.eval.stats import wilson
 from orca2.models import ClientConfig, Sampling, parse_model
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ class ProbeConfig:
     generic: str = "cautious"  # the prompt the probes train and answer under (as erase will write)
     max_tokens: int = 160  # the probe's answers on the dev slice
     folder: str | None = None  # where probe results are kept (default: <output stem>.probes beside the assignment)
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # the probes' training dtype (auto: bf16 on GPU, fp32 on CPU)
+    max_dev: int | None = None  # undecided on dev_size items: score up to this many (None: no more items)
+    max_seeds: int = 1  # still undecided: train probes with up to this many seeds (their verdicts averaged)
+    decide_by: Literal["accuracy", "answer_logprob"] = "accuracy"  # the paired signal: greedy verdicts, or the
+    # log-prob of the gold answer after the probe's own solution (continuous: decides on fewer items)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,9 @@ class SelectConfig:
             raise Orca2Error("select: dev_size must be >= 1")
         if self.student is not None:
             p = self.student
+            if p.max_seeds < 1 or (p.max_dev is not None and p.max_dev < self.dev_size):
+                raise Orca2Error(f"select.student: max_seeds must be >= 1 and max_dev >= dev_size ({self.dev_size}), "
+                                 f"got max_seeds={p.max_seeds}, max_dev={p.max_dev}")
             if p.steps < 1 or p.traces < 1 or p.max_tokens < 1:
                 raise Orca2Error(f"select.student: a budget of {p.steps} steps on {p.traces} traces leaves no training "
                                  "step (steps >= 1 and traces >= 1 required)")
@@ -152,17 +161,22 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     chosen = {task: _best(row, candidates) for task, row in table.items()}
     rules = {task: "best teacher accuracy (ties: fewer tokens)" for task in table}
     probes: dict[str, dict[str, Any]] = {}
+    decisions: dict[str, dict[str, Any]] = {}
     if cfg.student is not None:
         probes = run_probes(cfg, library, candidates, slices, table)
         for task in table:
-            chosen[task], rules[task] = choose_by_probe(probes[task], table[task], candidates)
+            decision = probes[task].pop(DECISION)
+            reach = decision["escalation"]
+            chosen[task] = decision["winner"]
+            rules[task] = f"{decision['rule']} — {reach['dev_items']} dev items, {reach['seeds']} probe seed(s)"
+            decisions[task] = decision
     overall = {name: _mean([table[t][name]["accuracy"] for t in table]) for name in candidates}
     default = max(candidates, key=lambda n: (overall[n] if overall[n] is not None else -1, -candidates.index(n)))
     if probes:
         overall = {name: _mean([probes[t][name].get("accuracy") for t in table]) for name in candidates}
         default = max(candidates, key=lambda n: (overall[n] if overall[n] is not None else -1, -candidates.index(n)))
     report = {"teacher": spec, "candidates": candidates, "dev_size": cfg.dev_size, "table": table, "chosen": chosen,
-              "rules": rules, "probes": probes, "default": default, "overall_accuracy": overall,
+              "rules": rules, "probes": probes, "decisions": decisions, "default": default, "overall_accuracy": overall,
               "skipped_without_answer": no_answer, "requests_this_run": done}
     assignment = Assignment(tuple((_glob_literal(t), s) for t, s in chosen.items()), default, cfg.output)
     judged = f"student probes of {cfg.student.model}" if cfg.student else f"teacher {spec}"
@@ -195,7 +209,8 @@ def _best(row: dict[str, dict[str, Any]], candidates: list[str]) -> str:
 
 def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slices: dict[str, list[Record]],
                table: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """task → strategy → probe result ({accuracy, n, correct, ci95, traces, seconds, cached} or {failed: reason})."""
+    """task → strategy → probe summary ({accuracy, answer_logprob, n, seeds, items, ...} or {failed: reason}), and
+    under the key DECISION each task's paired decision (see `decide`), escalated as far as the budget allows."""
     from pathlib import Path
 
     from orca2.models import check_student, model_fingerprint
@@ -211,7 +226,10 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
     if without_gold:
         raise Orca2Error(f"select.student: task '{without_gold[0]}' has no items with gold answers, so its probes "
                          f"cannot be scored ({len(without_gold)} such tasks)")
-    dev_ids = frozenset(r["id"] for records in slices.values() for r in records)
+    # the dev items an escalation may reach: the first dev_size of them (by rank) are the task's dev slice
+    reach, _ = dev_slices(cfg.tasks, max(cfg.dev_size, p.max_dev or 0), seed)
+    dev = {task: sorted(reach[task], key=lambda r: _rank(seed, r["id"])) for task in slices}
+    dev_ids = frozenset(r["id"] for records in dev.values() for r in records)
     pool, _ = dev_slices(cfg.tasks, p.traces, seed + 1, exclude=dev_ids)
     for task in slices:
         if not pool.get(task):
@@ -237,90 +255,229 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
         raise Orca2Error(f"select.student: strategy '{empty[0][1]}' has no correct teacher traces for task '{empty[0][0]}' "
                          f"({len(empty)} such pairs), so its probe has nothing to learn from")
     folder = Path(p.folder) if p.folder else sidecar(cfg.output, "probes")
-    budget = {k: getattr(p, k) for k in ("steps", "train_layers", "lr", "max_len", "grad_accum", "generic", "max_tokens")}
-    student_id = f"{p.model}@{model_fingerprint(p.model)}"
+    budget = {k: getattr(p, k) for k in ("steps", "train_layers", "lr", "max_len", "grad_accum", "generic", "max_tokens",
+                                         "dtype")}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     with shared_students():  # every probe starts from one loaded copy of the student
-        for task, dev in slices.items():
-            _probe_task(cfg, p, task, dev, candidates, traces, folder, budget, student_id, seed, generic, out)
+        for task in slices:
+            probe = Probes(cfg, p, task, dev[task], traces, folder, budget, f"{p.model}@{model_fingerprint(p.model)}",
+                           generic)
+            out[task] = probe.escalate(candidates, table[task], seed)
     return out
 
 
-def _probe_task(cfg: SelectConfig, p: ProbeConfig, task: str, dev: list[Record], candidates: list[str],
-                traces: dict[tuple[str, str], list[Record]], folder: Any, budget: dict[str, Any], student_id: str,
-                seed: int, generic: str, out: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Train, score and record (or read back) each candidate's probe for one task."""
-    import shutil
-    import time
+DECISION = "_decision"  # the key of a task's decision among its probe summaries
 
-    from orca2.eval.stats import wilson
-    from orca2.io import write_records
-    from orca2.train import trainer
 
-    dev_requests = [Request(with_system_prompt(r["messages"], generic)) for r in dev]
-    for name in candidates:
-        data = traces[(task, name)]
-        key = hashlib.sha256(orjson.dumps({"student": student_id, "strategy": name, "budget": budget, "seed": seed,
-                                           "data": data, "dev": [r["id"] for r in dev]},
-                                          option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-        here = folder / f"{_safe(task)}-{name}-{key}"
-        result_path = here / "result.json"
-        if result_path.exists():  # this probe ran before: its result stands, nothing trains
-            out.setdefault(task, {})[name] = {**orjson.loads(result_path.read_bytes()), "cached": True}
-            continue
-        start = time.perf_counter()
-        write_records(here / "data.jsonl", data)
+def _rank(seed: int, record_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
+
+
+class Probes:
+    """One task's probes: each (strategy, seed) trains once, is scored item by item (a verdict and the log-prob of
+    the gold answer after the probe's own solution), keeps its weights until the task is decided, and caches
+    every result, so a re-run trains nothing and a larger budget scores only what is new."""
+
+    def __init__(self, cfg: SelectConfig, p: ProbeConfig, task: str, dev: list[Record],
+                 traces: dict[tuple[str, str], list[Record]], folder: Any, budget: dict[str, Any], student_id: str,
+                 generic: str):
+        self.cfg, self.p, self.task, self.dev, self.traces = cfg, p, task, dev, traces
+        self.folder, self.budget, self.student_id, self.generic = folder, budget, student_id, generic
+        self.items: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (strategy, seed) → item id → result
+        self.meta: dict[tuple[str, int], dict[str, Any]] = {}  # (strategy, seed) → traces, steps, seconds, failed
+
+    def escalate(self, candidates: list[str], teacher: dict[str, Any], seed: int) -> dict[str, dict[str, Any]]:
+        """Probe every candidate on dev_size items; while the leader is not decided against every other, score
+        more dev items (up to max_dev), then train probes with further seeds (up to max_seeds)."""
+        p = self.p
+        sizes = [self.cfg.dev_size] + ([len(self.dev)] if len(self.dev) > self.cfg.dev_size else [])
+        seeds = [seed + 1000 * k for k in range(p.max_seeds)]
+        steps = [(sizes[0], seeds[:1])] + [(n, seeds[:1]) for n in sizes[1:]] + \
+                [(sizes[-1], seeds[:k]) for k in range(2, len(seeds) + 1)]
+        alive = list(candidates)
         try:
-            trained = trainer.run(trainer.TrainConfig(
-                model=p.model, output=str(here / "train"), data=(str(here / "data.jsonl"),), max_steps=p.steps,
-                epochs=p.steps, lr=p.lr, train_layers=p.train_layers, max_len=p.max_len, grad_accum=p.grad_accum,
-                zero_stage=0, warmup_ratio=0.0, seed=seed, mask_check=2, save_every=0))
-            model = f"local:{trained['model']}"
-            with ask(model, dev_requests, Sampling(max_tokens=p.max_tokens), cfg.client,
-                     desc=f"probe {task} {name}") as answers:
-                replies = [answers.response(i) for i in range(len(dev))]
-            correct = sum(bool(rep) and score(rep["contents"][0], r["answer"], r.get("meta", {}).get("answer_type")).correct
-                          for rep, r in zip(replies, dev))
-            n = len(dev)
-            result = {"accuracy": correct / n, "correct": correct, "n": n, "ci95": list(wilson(correct, n)),
-                      "traces": len(data), "steps": trained["stages"][0]["steps"],
-                      "seconds": round(time.perf_counter() - start, 1)}
-        except Orca2Error as exc:  # a probe that cannot train is out of the running, with its reason
-            result = {"failed": str(exc), "traces": len(data), "seconds": round(time.perf_counter() - start, 1)}
-        with atomic_text(result_path) as f:
-            f.write(orjson.dumps(result).decode())
-        shutil.rmtree(here / "train", ignore_errors=True)  # the weights: hundreds of MB per probe
-        out.setdefault(task, {})[name] = {**result, "cached": False}
+            for n, used in steps:
+                for s in used:
+                    for name in alive:
+                        self.score(name, s, self.dev[:n])
+                alive = [c for c in candidates if not any("failed" in self.meta[(c, s)] for s in used)]
+                decision = decide(self.table(candidates, used, n), teacher, candidates, p.decide_by)
+                decision["escalation"] = {"dev_items": n, "seeds": len(used)}
+                if decision["decided"] or not alive:
+                    break
+        finally:
+            import shutil
+
+            for (name, s) in self.meta:  # the weights: hundreds of MB per probe
+                shutil.rmtree(self._dir(name, s) / "train", ignore_errors=True)
+        summaries = self.table(candidates, used, n)
+        return {**summaries, DECISION: decision}
+
+    def table(self, candidates: list[str], seeds: list[int], n: int) -> dict[str, dict[str, Any]]:
+        """strategy → its probes on the first n dev items over `seeds`: per-item mean verdict and answer log-prob."""
+        ids = [r["id"] for r in self.dev[:n]]
+        out = {}
+        for name in candidates:
+            metas = [self.meta.get((name, s), {}) for s in seeds]
+            failed = next((m["failed"] for m in metas if "failed" in m), None)
+            if failed is not None:
+                out[name] = {"failed": failed, "traces": metas[0].get("traces")}
+                continue
+            verdicts = {i: sum(self.items[(name, s)][i]["correct"] for s in seeds) / len(seeds) for i in ids}
+            logprobs = {i: sum(self.items[(name, s)][i]["logprob"] for s in seeds) / len(seeds) for i in ids}
+            correct = sum(self.items[(name, s)][i]["correct"] for s in seeds for i in ids)
+            out[name] = {"accuracy": correct / (n * len(seeds)), "correct": correct, "n": n, "seeds": len(seeds),
+                         "ci95": list(wilson(correct, n * len(seeds))),
+                         "answer_logprob": sum(logprobs.values()) / n, "verdicts": verdicts, "logprobs": logprobs,
+                         "traces": metas[0].get("traces"), "steps": metas[0].get("steps"),
+                         "seconds": round(sum(m.get("seconds", 0.0) for m in metas), 1),
+                         "cached": all(m.get("cached") for m in metas)}
+        return out
+
+    def _dir(self, name: str, seed: int) -> Any:
+        key = hashlib.sha256(orjson.dumps({"student": self.student_id, "strategy": name, "budget": self.budget,
+                                           "seed": seed, "data": self.traces[(self.task, name)]},
+                                          option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+        return self.folder / f"{_safe(self.task)}-{name}-{key}"
+
+    def score(self, name: str, seed: int, dev: list[Record]) -> None:
+        """Train (or find) the probe of `name` with `seed`, and score it on the dev items it has no result for."""
+        import time
+
+        from orca2.io import write_records
+        from orca2.train import trainer
+
+        here = self._dir(name, seed)
+        meta_path, items_path = here / "probe.json", here / "items.json"
+        if (name, seed) not in self.meta and meta_path.exists():
+            self.meta[(name, seed)] = {**orjson.loads(meta_path.read_bytes()), "cached": True}
+            self.items[(name, seed)] = orjson.loads(items_path.read_bytes()) if items_path.exists() else {}
+        weights = here / "train" / "model"
+        missing = [r for r in dev if r["id"] not in self.items.get((name, seed), {})]
+        if (name, seed) not in self.meta or ("failed" not in self.meta[(name, seed)] and missing
+                                              and not (weights / "config.json").exists()):
+            # not trained yet, or more items asked of a probe whose weights went with an earlier decision: train
+            # (again: its earlier item results are dropped, so one probe's weights score all its items)
+            self.items[(name, seed)] = {}
+            missing = list(dev)
+            data = self.traces[(self.task, name)]
+            start = time.perf_counter()
+            write_records(here / "data.jsonl", data)
+            p = self.p
+            try:
+                trained = trainer.run(trainer.TrainConfig(
+                    model=p.model, output=str(here / "train"), data=(str(here / "data.jsonl"),), max_steps=p.steps,
+                    epochs=p.steps, lr=p.lr, train_layers=p.train_layers, max_len=p.max_len,
+                    grad_accum=p.grad_accum, zero_stage=0, warmup_ratio=0.0, seed=seed, mask_check=2, save_every=0,
+                    dtype=p.dtype))
+                meta = {"traces": len(data), "steps": trained["stages"][0]["steps"],
+                        "seconds": round(time.perf_counter() - start, 1)}
+            except Orca2Error as exc:  # a probe that cannot train is out of the running, with its reason
+                meta = {"failed": str(exc), "traces": len(data), "seconds": round(time.perf_counter() - start, 1)}
+            with atomic_text(meta_path) as f:
+                f.write(orjson.dumps(meta).decode())
+            self.meta[(name, seed)] = {**meta, "cached": False}
+        if "failed" in self.meta[(name, seed)] or not missing:
+            return
+        model = weights
+        start = time.perf_counter()
+        self.items[(name, seed)].update(score_probe(str(model), missing, self.generic, self.p.max_tokens, self.cfg.client,
+                                                    desc=f"probe {self.task} {name} seed {seed}"))
+        self.meta[(name, seed)]["seconds"] = round(self.meta[(name, seed)].get("seconds", 0.0)
+                                                   + time.perf_counter() - start, 1)
+        with atomic_text(items_path) as f:
+            f.write(orjson.dumps(self.items[(name, seed)]).decode())
+
+
+def score_probe(model: str, dev: list[Record], generic: str, max_tokens: int, client: ClientConfig,
+                desc: str) -> dict[str, dict[str, Any]]:
+    """item id → {correct, logprob}: the probe's greedy answer under the generic prompt scored against gold, and
+    log p(gold answer | prompt, the probe's own solution up to where it writes its answer) from a plain forward."""
+    import torch
+
+    from orca2.answers import answer_prefix
+    from orca2.train.model import load_student
+
+    requests = [Request(with_system_prompt(r["messages"], generic)) for r in dev]
+    with ask(f"local:{model}", requests, Sampling(max_tokens=max_tokens), client, desc=desc) as answers:
+        replies = [(answers.response(i) or {"contents": [""]})["contents"][0] for i in range(len(dev))]
+    lm, tokenizer = load_student(model, share=False)  # this probe's own weights, read once
+    lm.eval()
+    out = {}
+    with torch.no_grad():
+        for r, reply in zip(dev, replies):
+            context = tokenizer.apply_chat_template(with_system_prompt(r["messages"], generic), tokenize=False,
+                                                    add_generation_prompt=True) + answer_prefix(reply)
+            ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+            full = tokenizer(context + str(r["answer"]), add_special_tokens=False)["input_ids"]
+            target = full[len(ids):] if full[:len(ids)] == ids else tokenizer(str(r["answer"]), add_special_tokens=False)["input_ids"]
+            logits = lm(torch.tensor([ids + target])).logits[0, len(ids) - 1:-1].double().log_softmax(-1)
+            logprob = float(logits.gather(1, torch.tensor(target)[:, None]).sum())
+            correct = score(reply, r["answer"], r.get("meta", {}).get("answer_type")).correct
+            out[r["id"]] = {"correct": bool(correct), "logprob": round(logprob, 4)}
+    return out
 
 
 def _safe(task: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
 
 
-def choose_by_probe(probes: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]],
-                    candidates: list[str]) -> tuple[str, str]:
-    """(winner, the rule that decided it): best probe accuracy; ties → fewer teacher tokens, then the candidates'
-    order; failed probes are out; strategies whose 95 % CI overlaps the winner's are named."""
+def decide(probes: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]], candidates: list[str],
+           decide_by: str = "accuracy", alpha: float = 0.05) -> dict[str, Any]:
+    """The paired rule. The leader has the best probe accuracy (ties: the higher answer log-prob, then fewer teacher
+    tokens, then the candidates' order); it is *decided* when, against every other live candidate, the paired
+    difference on the same dev items is significant: exact McNemar p < alpha on the items' verdicts (one seed), or,
+    with several seeds or by answer log-prob, a paired bootstrap 95 % CI of the mean per-item difference above 0.
+    Undecided at the budget, the strategy with the higher mean answer log-prob wins (a continuous signal, far less
+    noisy than accuracy on a few dozen items; ties as above), and the decision says so."""
+    from orca2.eval.stats import bootstrap_ci, mcnemar_exact, paired_counts
+
     alive = [n for n in candidates if "accuracy" in probes.get(n, {})]
     if not alive:
         reasons = "; ".join(f"{n}: {probes.get(n, {}).get('failed', 'no probe')}" for n in candidates)
         raise Orca2Error(f"select.student: every probe of this task failed ({reasons})")
+    signal = "accuracy" if decide_by == "accuracy" else "answer_logprob"
 
-    def rank(n: str) -> tuple[float, float, int]:
-        return (probes[n]["accuracy"], -teacher[n]["mean_completion_tokens"], -candidates.index(n))
+    def rank(n: str, first: str) -> tuple[float, ...]:
+        second = "answer_logprob" if first == "accuracy" else "accuracy"
+        return (probes[n][first], probes[n][second], -teacher[n]["mean_completion_tokens"], -candidates.index(n))
 
-    winner = max(alive, key=rank)
-    best = probes[winner]
-    tied = [n for n in alive if n != winner and probes[n]["accuracy"] == best["accuracy"]]
-    rule = "best student probe" + (f" (tie with {', '.join(tied)}: fewer teacher tokens)" if tied else "")
-    low = best["ci95"][0]
-    overlap = [n for n in alive if n != winner and probes[n]["ci95"][1] >= low]
-    if overlap:
-        rule += f"; 95 % CI overlaps {', '.join(overlap)} (not a clear difference)"
+    leader = max(alive, key=lambda n: rank(n, signal))
+    comparisons = {}
+    for other in (n for n in alive if n != leader):
+        a, b = probes[leader], probes[other]
+        ids = sorted(a["verdicts"].keys() & b["verdicts"].keys())
+        if signal == "accuracy" and a["seeds"] == 1:
+            both, only_a, only_b, neither = paired_counts({i: a["verdicts"][i] >= 1 for i in ids},
+                                                          {i: b["verdicts"][i] >= 1 for i in ids})
+            p = mcnemar_exact(only_a, only_b)
+            comparisons[other] = {"test": "McNemar", "leader_only": only_a, "other_only": only_b, "p": round(p, 4),
+                                  "decided": p < alpha and only_a > only_b}
+        else:
+            key = "verdicts" if signal == "accuracy" else "logprobs"
+            diffs = [a[key][i] - b[key][i] for i in ids]
+            ci = bootstrap_ci(diffs, lambda xs: {"d": sum(xs) / len(xs)}, resamples=2000)["d"]
+            comparisons[other] = {"test": "paired bootstrap", "mean_difference": round(sum(diffs) / len(diffs), 4),
+                                  "ci95": [round(x, 4) for x in ci], "decided": ci[0] > 0}
+    decided = all(c["decided"] for c in comparisons.values())
+    winner, rule = leader, f"best student probe by {signal}"
+    if decided and comparisons:
+        rule += " (paired: " + ", ".join(_said(n, c) for n, c in comparisons.items()) + ")"
+    elif comparisons:
+        winner = max(alive, key=lambda n: rank(n, "answer_logprob"))
+        rule = (f"undecided at the budget (paired: {', '.join(_said(n, c) for n, c in comparisons.items())}): "
+                f"the higher answer log-prob wins")
     failed = [n for n in candidates if "failed" in probes.get(n, {})]
     if failed:
         rule += f"; probe failed: {', '.join(failed)}"
-    return winner, rule
+    return {"winner": winner, "decided": decided or not comparisons, "rule": rule, "signal": signal,
+            "comparisons": comparisons}
+
+
+def _said(name: str, c: dict[str, Any]) -> str:
+    if c["test"] == "McNemar":
+        return f"vs {name} {c['leader_only']}:{c['other_only']} items, p {c['p']:.3g}"
+    return f"vs {name} {c['mean_difference']:+.3g} [{c['ci95'][0]:+.3g}, {c['ci95'][1]:+.3g}]"
 
 
 def render_table(table: dict[str, dict[str, Any]], candidates: list[str], chosen: dict[str, str],
