@@ -637,6 +637,61 @@ def run(output: str | None, from_stage: str | None, config_path: str | None, ove
     click.echo(f"manifest: {result['manifest']}")
 
 
+@cli.group("cache", invoke_without_command=True)
+@click.pass_context
+def cache(ctx: click.Context) -> None:
+    """List what orca2 keeps in its cache ($ORCA2_CACHE_DIR): converted models and teacher responses."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import time
+
+    from orca2.cache import default_cache_dir
+    from orca2.weights import list_entries
+
+    rows = [(r["what"] + ("" if r["whole"] else " (incomplete)"), r["bytes"], r["last_used"], r["folder"])
+            for r in list_entries()]
+    responses = default_cache_dir() / "responses.jsonl"
+    if responses.exists():
+        lines = sum(1 for _ in open(responses, "rb"))
+        rows.append((f"responses ({lines} cached)", responses.stat().st_size, responses.stat().st_mtime, str(responses)))
+    if not rows:
+        click.echo("the cache is empty")
+    for what, size, used, where in rows:
+        click.echo(f"{_size(size):>9}  last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(used))}  {what}  {where}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@cache.command("clear")
+@click.option("--models", "models_", is_flag=True, help="Remove the converted models (rebuilt on next use).")
+@click.option("--responses", is_flag=True, help="Remove the cached teacher responses (asked again, and paid, on next use).")
+def cache_clear(models_: bool, responses: bool) -> None:
+    """Remove converted models and/or cached responses."""
+    import shutil
+
+    from orca2.cache import default_cache_dir
+    from orca2.weights import list_entries
+
+    if not (models_ or responses):
+        raise Orca2Error("cache clear: say what to clear: --models, --responses or both")
+    if models_:
+        entries = list_entries()
+        for row in entries:
+            shutil.rmtree(row["folder"], ignore_errors=True)
+        click.echo(f"removed {len(entries)} converted model(s)")
+    if responses:
+        path = default_cache_dir() / "responses.jsonl"
+        if path.exists():
+            path.unlink()
+        click.echo(f"removed the cached responses ({path})")
+
+
 def launcher_command(nproc: int | None, hostfile: str | None) -> list[str]:
     """The deepspeed launcher with a free rendezvous port (its default 29500 may be held by another job)."""
     import os

@@ -236,28 +236,20 @@ def load_tokenizer(target: str) -> Any:
 
 
 def load_local_model(target: str, device: str = "auto", dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from an HF folder, a .gguf file (dequantised), or 'default' (SmolLM2-135M-Instruct)."""
+    """(model, tokenizer) from an HF folder, a .gguf file or 'default' (SmolLM2-135M-Instruct). A GGUF is dequantised
+    once per (content, dtype) into the converted-weights cache (orca2.weights); later loads memory-map that."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     folder, kwargs = local_files(target)
-    tokenizer = load_tokenizer(target)
     if "gguf_file" in kwargs:
-        try:  # transformers >= 5 keeps GGUF blocks packed unless told: a student trains and decodes on dense weights
-            from transformers import GgufConfig
+        from orca2.weights import convert_gguf
 
-            kwargs["quantization_config"] = GgufConfig(gguf_file=kwargs["gguf_file"], dequantize=True)
-        except ImportError:  # older versions always dequantise
-            pass
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32, **kwargs)
-    if "gguf_file" in kwargs:
-        # The GGUF weights are dequantised on load: what we hold is a plain model. transformers still marks
-        # it "quantized with gguf" and refuses to save it, so clear the marks (a trained student must save).
-        model.hf_quantizer = None
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-        if hasattr(model, "is_quantized"):
-            model.is_quantized = False
+        folder = convert_gguf(folder / kwargs["gguf_file"], dtype)
+        target = str(folder)
+    tokenizer = load_tokenizer(target)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()

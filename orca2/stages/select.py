@@ -497,6 +497,7 @@ def render_table(table: dict[str, dict[str, Any]], candidates: list[str], chosen
             if probe is not None:
                 text += (f"; probe failed ({probe['failed'][:60]})" if "failed" in probe else
                          f"; student {100 * probe['accuracy']:.0f}% [{100 * probe['ci95'][0]:.0f}, {100 * probe['ci95'][1]:.0f}]"
+                         f", answer log-p {probe['answer_logprob']:.2f}"
                          f" ({probe['seconds']:.0f} s{', cached' if probe.get('cached') else ''})")
             cells.append(f"**{text}**" if name == chosen[task] else text)
         rule = (rules or {}).get(task, "best teacher accuracy (ties: fewer tokens)")
