@@ -159,23 +159,21 @@ def test_escalation_by_hand_more_items_then_more_seeds():
     a = [1, 0] * 4 + [1] * 16
     b = [1, 0] * 4 + [0] * 16
     probes = HandProbes({("a", 0): a, ("b", 0): b}, {("a", 0): [-1.0] * 24, ("b", 0): [-1.0] * 24}, 8, 24, 3)
-    out = probes.escalate(["a", "b"], TEACHER, 0)
-    d = out["_decision"]
+    out, d = probes.escalate(["a", "b"], TEACHER, 0)
     assert d["decided"] and d["winner"] == "a" and d["escalation"] == {"dev_items": 24, "seeds": 1}
     assert len(probes.scored) == 2 * 24 and out["a"]["n"] == 24
     # decided on the first 8 items: nothing more is scored
     a = [1] * 8 + [0] * 16
     b = [0] * 24
     probes = HandProbes({("a", 0): a, ("b", 0): b}, {("a", 0): [-1.0] * 24, ("b", 0): [-1.0] * 24}, 8, 24, 3)
-    assert probes.escalate(["a", "b"], TEACHER, 0)["_decision"]["escalation"] == {"dev_items": 8, "seeds": 1}
+    assert probes.escalate(["a", "b"], TEACHER, 0)[1]["escalation"] == {"dev_items": 8, "seeds": 1}
     assert len(probes.scored) == 2 * 8
     # never decided: 24 items, then seeds 0, 1000 and 2000 (3 probes each), then the higher answer log-prob
     flat = [1, 0] * 12
     verdicts = {(n, s): flat for n in "ab" for s in (0, 1000, 2000)}
     logprobs = {(n, s): [-1.0 if n == "b" else -2.0] * 24 for n in "ab" for s in (0, 1000, 2000)}
     probes = HandProbes(verdicts, logprobs, 8, 24, 3)
-    out = probes.escalate(["a", "b"], TEACHER, 0)
-    d = out["_decision"]
+    out, d = probes.escalate(["a", "b"], TEACHER, 0)
     assert not d["decided"] and d["winner"] == "b" and d["escalation"] == {"dev_items": 24, "seeds": 3}
     assert {(name, seed) for name, seed, _ in probes.scored} == set(verdicts) and out["a"]["seeds"] == 3
 

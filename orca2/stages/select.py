@@ -163,13 +163,11 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     probes: dict[str, dict[str, Any]] = {}
     decisions: dict[str, dict[str, Any]] = {}
     if cfg.student is not None:
-        probes = run_probes(cfg, library, candidates, slices, table)
-        for task in table:
-            decision = probes[task].pop(DECISION)
+        probes, decisions = run_probes(cfg, library, candidates, slices, table)
+        for task, decision in decisions.items():
             reach = decision["escalation"]
             chosen[task] = decision["winner"]
             rules[task] = f"{decision['rule']} — {reach['dev_items']} dev items, {reach['seeds']} probe seed(s)"
-            decisions[task] = decision
     overall = {name: _mean([table[t][name]["accuracy"] for t in table]) for name in candidates}
     default = max(candidates, key=lambda n: (overall[n] if overall[n] is not None else -1, -candidates.index(n)))
     if probes:
@@ -208,9 +206,9 @@ def _best(row: dict[str, dict[str, Any]], candidates: list[str]) -> str:
 
 
 def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slices: dict[str, list[Record]],
-               table: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """task → strategy → probe summary ({accuracy, answer_logprob, n, seeds, items, ...} or {failed: reason}), and
-    under the key DECISION each task's paired decision (see `decide`), escalated as far as the budget allows."""
+               table: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """(task → strategy → probe summary ({accuracy, answer_logprob, n, seeds, verdicts, ...} or {failed: reason}),
+    task → its paired decision (see `decide`), escalated as far as the budget allows)."""
     from pathlib import Path
 
     from orca2.models import check_student, model_fingerprint
@@ -257,16 +255,14 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
     folder = Path(p.folder) if p.folder else sidecar(cfg.output, "probes")
     budget = {k: getattr(p, k) for k in ("steps", "train_layers", "lr", "max_len", "grad_accum", "generic", "max_tokens",
                                          "dtype")}
+    student_id = f"{p.model}@{model_fingerprint(p.model)}"
     out: dict[str, dict[str, dict[str, Any]]] = {}
+    decisions: dict[str, dict[str, Any]] = {}
     with shared_students():  # every probe starts from one loaded copy of the student
         for task in slices:
-            probe = Probes(cfg, p, task, dev[task], traces, folder, budget, f"{p.model}@{model_fingerprint(p.model)}",
-                           generic)
-            out[task] = probe.escalate(candidates, table[task], seed)
-    return out
-
-
-DECISION = "_decision"  # the key of a task's decision among its probe summaries
+            probes = Probes(cfg, p, task, dev[task], traces, folder, budget, student_id, generic)
+            out[task], decisions[task] = probes.escalate(candidates, table[task], seed)
+    return out, decisions
 
 
 def _rank(seed: int, record_id: str) -> bytes:
@@ -286,7 +282,8 @@ class Probes:
         self.items: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (strategy, seed) → item id → result
         self.meta: dict[tuple[str, int], dict[str, Any]] = {}  # (strategy, seed) → traces, steps, seconds, failed
 
-    def escalate(self, candidates: list[str], teacher: dict[str, Any], seed: int) -> dict[str, dict[str, Any]]:
+    def escalate(self, candidates: list[str], teacher: dict[str, Any],
+                 seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Probe every candidate on dev_size items; while the leader is not decided against every other, score
         more dev items (up to max_dev), then train probes with further seeds (up to max_seeds)."""
         p = self.p
@@ -310,8 +307,7 @@ class Probes:
 
             for (name, s) in self.meta:  # the weights: hundreds of MB per probe
                 shutil.rmtree(self._dir(name, s) / "train", ignore_errors=True)
-        summaries = self.table(candidates, used, n)
-        return {**summaries, DECISION: decision}
+        return self.table(candidates, used, n), decision
 
     def table(self, candidates: list[str], seeds: list[int], n: int) -> dict[str, dict[str, Any]]:
         """strategy → its probes on the first n dev items over `seeds`: per-item mean verdict and answer log-prob."""
