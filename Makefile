@@ -3,6 +3,7 @@
 #   make loop-demo   the on-policy loop offline: SFT start → a DPO round on its own judged samples vs an equal-compute SFT control
 #   make persona-demo  role-play offline: synthetic personas → traits → PCIP → SFT → OrcaBench
 #   make test   create .venv, install everything, run the default (CPU, quick) test suite
+#   make gpu-check  on a machine with CUDA: every GPU path measured in ≤ 8 minutes, bench_out/gpu_check.md
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ DEMO   ?= runs/demo
 LOOP_DEMO ?= runs/loop-demo
 PERSONA_DEMO ?= runs/persona-demo
 
-.PHONY: setup demo loop-demo persona-demo test test-slow bench clean
+.PHONY: setup demo loop-demo persona-demo test test-slow gpu-check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,9 @@ persona-demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from orca2 import __version__
 
 
@@ -130,3 +132,14 @@ def test_help_loads_no_heavy_module_and_no_other_stage():
         assert not [m for m in found if m.split(".")[0] in HEAVY], (command, found)
         stages = {m for m in found if m.startswith(STAGE_MODULES)}
         assert stages == ({module} if module else set()), (command, stages)
+
+
+def test_gpu_check_says_in_one_line_that_there_is_no_gpu(repo):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the whole check (make gpu-check), minutes long")
+    done = subprocess.run([sys.executable, str(repo / "scripts" / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines() == [
+        "gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
