@@ -206,6 +206,7 @@ class Answers:
                  cached: list[bool]):
         self.spec, self.sampling, self.keys, self.cache, self.result = spec, sampling, keys, cache, result
         self._cached = cached  # per request: answered before this run
+        self._first: dict[str, int] | None = None
         self.cached_at_start = sum(cached)  # requests (not distinct keys) answered before this run
 
     def origin(self, i: int) -> str:
@@ -213,7 +214,11 @@ class Answers:
         earlier request of this ask was sent, and its answer serves this one too)."""
         if self._cached[i]:
             return "cached"
-        return "sent" if self.keys.index(self.keys[i]) == i else "shared"
+        if self._first is None:  # each key's first position, once: an ask may hold many requests
+            self._first = {}
+            for j, key in enumerate(self.keys):
+                self._first.setdefault(key, j)
+        return "sent" if self._first[self.keys[i]] == i else "shared"
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -286,6 +286,8 @@ class Probes:
                  seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Probe every candidate on dev_size items; while the leader is not decided against every other, score
         more dev items (up to max_dev), then train probes with further seeds (up to max_seeds)."""
+        import shutil
+
         p = self.p
         sizes = [self.cfg.dev_size] + ([len(self.dev)] if len(self.dev) > self.cfg.dev_size else [])
         seeds = [seed + 1000 * k for k in range(p.max_seeds)]
@@ -303,8 +305,6 @@ class Probes:
                 if decision["decided"] or not alive:
                     break
         finally:
-            import shutil
-
             for (name, s) in self.meta:  # the weights: hundreds of MB per probe
                 shutil.rmtree(self._dir(name, s) / "train", ignore_errors=True)
         return self.table(candidates, used, n), decision
