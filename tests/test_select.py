@@ -101,14 +101,14 @@ def test_the_paired_rule_on_hand_built_verdicts():
     assert d["winner"] == "a" and d["decided"] and d["comparisons"]["b"]["test"] == "McNemar"
     assert (d["comparisons"]["b"]["leader_only"], d["comparisons"]["b"]["other_only"]) == (12, 1)
     assert "vs b 12:1 items, p 0.00" in d["rule"]
-    # a leads by one item (4 % vs 8 % is the README's old arithmetic probe): undecided; the higher answer
-    # log-prob wins, and the rule says so
+    # a leads by one item (8 % vs 4 %, the README's old arithmetic probe): undecided; the leader stands, and the
+    # rule says it was not decided — whatever the candidates' order, and whatever the answer log-probs say
     a = [1, 1] + [0] * 22
     b = [1, 0] + [0] * 22
     d = decide({"a": summary(a, [-3.0] * 24), "b": summary(b, [-1.0] * 24)}, TEACHER, ["a", "b"])
-    assert not d["decided"] and d["winner"] == "b" and d["rule"].startswith("undecided at the budget")
-    # the same one-item lead counts as decided nowhere, whatever the order of the candidates
-    assert decide({"b": summary(b, [-1.0] * 24), "a": summary(a, [-3.0] * 24)}, TEACHER, ["b", "a"])["winner"] == "b"
+    assert not d["decided"] and d["winner"] == "a" and d["rule"].startswith("undecided at the budget")
+    assert "vs b 1:0 items, p 1" in d["rule"] and "the leader by accuracy stands" in d["rule"]
+    assert decide({"b": summary(b, [-1.0] * 24), "a": summary(a, [-3.0] * 24)}, TEACHER, ["b", "a"])["winner"] == "a"
     # several seeds: per-item means, a paired bootstrap of the mean difference
     a = [1.0, 1.0, 0.5, 1.0] * 6
     b = [0.0, 0.5, 0.0, 0.0] * 6
@@ -168,7 +168,8 @@ def test_escalation_by_hand_more_items_then_more_seeds():
     probes = HandProbes({("a", 0): a, ("b", 0): b}, {("a", 0): [-1.0] * 24, ("b", 0): [-1.0] * 24}, 8, 24, 3)
     assert probes.escalate(["a", "b"], TEACHER, 0)[1]["escalation"] == {"dev_items": 8, "seeds": 1}
     assert len(probes.scored) == 2 * 8
-    # never decided: 24 items, then seeds 0, 1000 and 2000 (3 probes each), then the higher answer log-prob
+    # never decided: 24 items, then seeds 0, 1000 and 2000 (3 probes each); a tie in accuracy: the higher answer
+    # log-prob leads, and stands
     flat = [1, 0] * 12
     verdicts = {(n, s): flat for n in "ab" for s in (0, 1000, 2000)}
     logprobs = {(n, s): [-1.0 if n == "b" else -2.0] * 24 for n in "ab" for s in (0, 1000, 2000)}

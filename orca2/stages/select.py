@@ -424,8 +424,10 @@ def decide(probes: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]]
     tokens, then the candidates' order); it is *decided* when, against every other live candidate, the paired
     difference on the same dev items is significant: exact McNemar p < alpha on the items' verdicts (one seed), or,
     with several seeds or by answer log-prob, a paired bootstrap 95 % CI of the mean per-item difference above 0.
-    Undecided at the budget, the strategy with the higher mean answer log-prob wins (a continuous signal, far less
-    noisy than accuracy on a few dozen items; ties as above), and the decision says so."""
+    Undecided at the budget, the leader stands and the decision says so. (Not the higher answer log-prob: in the
+    demo it favoured direct answers on both tasks, where the full runs showed steps far better — the log-prob of
+    the gold answer after a student's own wrong steps is low by construction, so it does not compare strategies
+    fairly; docs/reproducibility.md.)"""
     from orca2.eval.stats import bootstrap_ci, mcnemar_exact, paired_counts
 
     alive = [n for n in candidates if "accuracy" in probes.get(n, {})]
@@ -456,17 +458,16 @@ def decide(probes: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]]
             comparisons[other] = {"test": "paired bootstrap", "mean_difference": round(sum(diffs) / len(diffs), 4),
                                   "ci95": [round(x, 4) for x in ci], "decided": ci[0] > 0}
     decided = all(c["decided"] for c in comparisons.values())
-    winner, rule = leader, f"best student probe by {signal}"
+    rule = f"best student probe by {signal}"
     if decided and comparisons:
         rule += " (paired: " + ", ".join(_said(n, c) for n, c in comparisons.items()) + ")"
-    elif comparisons:
-        winner = max(alive, key=lambda n: rank(n, "answer_logprob"))
+    elif comparisons:  # the leader stands, said as undecided (docs/reproducibility.md: why not the log-prob)
         rule = (f"undecided at the budget (paired: {', '.join(_said(n, c) for n, c in comparisons.items())}): "
-                f"the higher answer log-prob wins")
+                f"the leader by {signal} stands")
     failed = [n for n in candidates if "failed" in probes.get(n, {})]
     if failed:
         rule += f"; probe failed: {', '.join(failed)}"
-    return {"winner": winner, "decided": decided or not comparisons, "rule": rule, "signal": signal,
+    return {"winner": leader, "decided": decided or not comparisons, "rule": rule, "signal": signal,
             "comparisons": comparisons}
 
 
