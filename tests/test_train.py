@@ -133,3 +133,23 @@ def test_train_layers_freezes_all_but_the_top(tmp_path, tiny_model, sft_file):
     assert changed and all(k.startswith(("model.layers.1.", "model.norm.")) for k in changed), changed
     with pytest.raises(Orca2Error, match="train_layers 9: the model has 2 decoder layers"):
         train_in_process(tmp_path, "bad", sft_file, tiny_model, train_layers=9, max_steps=1)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    """A process killed while DeepSpeed JIT-built its shared-memory op left torch's build lock behind, and every
+    later training waited on it forever (seen: a test killed by its timeout mid-build)."""
+    import os
+    import time
+
+    from orca2.train.engine import _clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    _clear_stale_build_locks()
+    assert not stale.exists() and fresh.exists() and "removed a stale build lock" in caplog.text

@@ -34,12 +34,33 @@ def init_distributed() -> tuple[int, int]:
 
         port = free_port()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _clear_stale_build_locks()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     import torch.distributed as dist
 
     return dist.get_rank(), dist.get_world_size()
+
+
+def _clear_stale_build_locks(max_age: float = 600.0) -> None:
+    """DeepSpeed JIT-builds its CPU shared-memory op at init under torch's build lock (a bare file). A process
+    killed while holding it leaves the file behind, and every later training then waits on it forever; a build
+    takes well under a minute, so a lock older than `max_age` seconds is stale and removed."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")] if root.is_dir() else []:  # <root>[/py311_cpu]/<op>/lock
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age:
+                lock.unlink()
+                log.warning("removed a stale build lock %s (%.0f s old: its process was killed while building)",
+                            lock, age)
+        except OSError:
+            pass
 
 
 def deepspeed_config(cfg: Any, bf16: bool) -> dict[str, Any]:
