@@ -93,7 +93,10 @@ def test_keys_from_config_set_and_environment_reach_no_file_of_a_run(tmp_path, t
     keys = {"config": "sk-cfg-5d1e0a7c", "set": "sk-set-93b2f4aa", "env": "sk-env-77c0e1d9", "iterate": "sk-it-c4e81f02",
             "instruct": "sk-ins-0f3a9b61", "persona": "sk-per-a81c3e55"}
     cache = tmp_path / "cache"
-    env = {**os.environ, "OPENAI_API_KEY": keys["env"], "ORCA2_CACHE_DIR": str(cache)}
+    # not the rendezvous of a training an earlier test ran in this process (its port is still held here)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OPENAI_API_KEY=keys["env"], ORCA2_CACHE_DIR=str(cache))
     with LoopbackServer() as server:
         path = tmp_path / "run.yaml"
         path.write_text(RUN.format(run=tmp_path / "run", url=server.base_url, model=tiny_model, config_key=keys["config"],
