@@ -120,9 +120,8 @@ def list_entries() -> list[dict[str, Any]]:
 
 
 def convert_gguf(gguf: Path, dtype: Any) -> Path:
-    """A folder holding the GGUF's weights dequantised to `dtype` (safetensors), its config and its tokenizer."""
-    import torch
-
+    """A folder holding the GGUF's weights dequantised to `dtype` (a torch dtype; safetensors), its config and its
+    tokenizer."""
     name = str(dtype).removeprefix("torch.")
 
     def build(folder: Path) -> None:
@@ -137,7 +136,7 @@ def convert_gguf(gguf: Path, dtype: Any) -> Path:
             pass
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=dtype or torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=dtype, **kwargs)
         except (OSError, ValueError) as exc:
             raise Orca2Error(f"{gguf}: cannot convert this GGUF file ({str(exc).splitlines()[0][:160]})") from None
         # dequantised on load: a plain model, though transformers still marks it as GGUF-quantized and would

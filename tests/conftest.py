@@ -18,10 +18,19 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this one's, less the rendezvous an in-process training run of this
+    test session left behind (its port is still held here, so a child that trains would fail to bind it)."""
+    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS}, **extra}
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m orca2 ARGS` in a subprocess, as a user would from a shell."""
     return subprocess.run([sys.executable, "-m", "orca2", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+                          cwd=cwd, env=child_env(**(env or {})), timeout=300)
 
 
 @pytest.fixture(name="run_cli")

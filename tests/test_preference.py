@@ -20,7 +20,7 @@ from orca2.train.dpo import dpo_losses
 from orca2.train.kto import kto_losses, reference_point
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import build_tiny_model, preference_records  # noqa: E402
+from conftest import build_tiny_model, preference_records, child_env  # noqa: E402
 
 # --- losses against the formulas, in float64 -----------------------------------------------------------
 
@@ -158,7 +158,7 @@ def test_grad_accumulation_equals_batch_and_fused_equals_naive(tmp_path, tiny_mo
 
 
 def two_ranks(tmp_path, name, data, model, **kw):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = child_env()
     objective = kw.pop("objective")  # the flag, as users type it
     args = [sys.executable, "-m", "orca2", "train", "--nproc", "2", "--objective", objective, "--model", str(model),
             "--data", str(data), "-o", str(tmp_path / name)] + [f"--set={k}={v}" for k, v in {**BASE, **kw}.items()]

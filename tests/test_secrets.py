@@ -14,6 +14,9 @@ from orca2.config import config_to_dict, save_config
 from orca2.models import ClientConfig
 from orca2.testing.loopback import LoopbackServer
 
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import child_env  # noqa: E402
+
 
 def stage_configs() -> list[type]:
     """Every stage config class that carries a client (and so may carry a key)."""
@@ -93,10 +96,7 @@ def test_keys_from_config_set_and_environment_reach_no_file_of_a_run(tmp_path, t
     keys = {"config": "sk-cfg-5d1e0a7c", "set": "sk-set-93b2f4aa", "env": "sk-env-77c0e1d9", "iterate": "sk-it-c4e81f02",
             "instruct": "sk-ins-0f3a9b61", "persona": "sk-per-a81c3e55"}
     cache = tmp_path / "cache"
-    # not the rendezvous of a training an earlier test ran in this process (its port is still held here)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(OPENAI_API_KEY=keys["env"], ORCA2_CACHE_DIR=str(cache))
+    env = child_env(OPENAI_API_KEY=keys["env"], ORCA2_CACHE_DIR=str(cache))
     with LoopbackServer() as server:
         path = tmp_path / "run.yaml"
         path.write_text(RUN.format(run=tmp_path / "run", url=server.base_url, model=tiny_model, config_key=keys["config"],

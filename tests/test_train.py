@@ -12,6 +12,9 @@ from orca2.config import load_config
 from orca2.errors import Orca2Error
 from orca2.train import trainer
 
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import child_env  # noqa: E402
+
 BASE = {"max_len": 1024, "lr": 1e-3, "warmup_ratio": 0.0, "mask_check": 4, "log_every": 1}
 
 
@@ -27,7 +30,7 @@ def read_log(folder):
 
 
 def train_two_ranks(tmp_path, name, data, model, zero, loss_impl="naive"):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = child_env()
     args = [sys.executable, "-m", "orca2", "train", "--nproc", "2", "--model", str(model), "--data", str(data),
             "-o", str(tmp_path / name), "--set", f"zero_stage={zero}", "--set", "grad_accum=2", "--set", "epochs=3",
             "--set", f"loss_impl={loss_impl}"]

@@ -54,9 +54,8 @@ def test_two_processes_converting_at_once_both_succeed(tmp_path):
     code = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
             "from test_weights import build_files; from orca2.weights import cached_conversion; "
             "print(cached_conversion(Path(sys.argv[2]), 'float32', build_files(Path(sys.argv[3]), delay=1.0)))")
-    env = {**os.environ, "ORCA2_CACHE_DIR": os.environ["ORCA2_CACHE_DIR"]}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(source), str(tmp_path / "runs")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     folders = {o[0].strip() for o in outs}

@@ -29,23 +29,15 @@ def init_distributed() -> tuple[int, int]:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    lone = "WORLD_SIZE" not in os.environ
+    if "WORLD_SIZE" not in os.environ:
+        from orca2.serve import free_port
+
+        port = free_port()
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _clear_stale_build_locks()
     import deepspeed
 
-    from orca2.serve import free_port
-
-    for attempt in range(5):
-        if lone:  # our own rendezvous port: another process may take it between free_port() and the bind
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        try:
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-            break
-        except Exception as exc:  # noqa: BLE001 - torch raises DistNetworkError (a RuntimeError) for a taken port
-            if not lone or "EADDRINUSE" not in str(exc) or attempt == 4:
-                raise
-            log.warning("rendezvous port %s was taken meanwhile: trying another", os.environ["MASTER_PORT"])
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     import torch.distributed as dist
 
     return dist.get_rank(), dist.get_world_size()
