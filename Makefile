@@ -2,7 +2,7 @@
 #   make demo   create .venv, install everything (CPU PyTorch), run the toolkit's main job offline
 #   make loop-demo   the on-policy loop offline: SFT start → a DPO round on its own judged samples vs an equal-compute SFT control
 #   make persona-demo  role-play offline: synthetic personas → traits → PCIP → SFT → OrcaBench
-#   make test   create .venv, install everything, run the default (CPU, quick) test suite
+#   make test   create .venv, install everything, run ruff (make lint) and the default (CPU) test suite
 #   make gpu-check  on a machine with CUDA: every GPU path measured in ≤ 8 minutes, bench_out/gpu_check.md
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +12,7 @@ DEMO   ?= runs/demo
 LOOP_DEMO ?= runs/loop-demo
 PERSONA_DEMO ?= runs/persona-demo
 
-.PHONY: setup demo loop-demo persona-demo test test-slow gpu-check bench clean
+.PHONY: setup demo loop-demo persona-demo lint test test-slow gpu-check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,12 @@ persona-demo: setup
 	$(BIN)/orca2 run --config configs/persona-demo.yaml -o $(PERSONA_DEMO)
 	cat $(PERSONA_DEMO)/persona/traits.report.md $(PERSONA_DEMO)/eval/orcabench-compare.md
 
-test: setup
+# The linter first (seconds): ruff check and the formatter's check, configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 gpu-check: setup

@@ -17,8 +17,21 @@ import time
 from results import save_and_print
 
 ORCA2 = [sys.executable, "-m", "orca2"]
-COMMANDS = ["", "tasks", "select", "generate", "erase", "sample", "judge", "pairs", "instruct", "persona", "train",
-            "eval", "run"]
+COMMANDS = [
+    "",
+    "tasks",
+    "select",
+    "generate",
+    "erase",
+    "sample",
+    "judge",
+    "pairs",
+    "instruct",
+    "persona",
+    "train",
+    "eval",
+    "run",
+]
 
 
 def median_ms(command: list[str], repeat: int) -> float:
@@ -36,12 +49,19 @@ def main() -> None:
     args = parser.parse_args()
     python = median_ms([sys.executable, "-c", "pass"], args.repeat)
     click = median_ms([sys.executable, "-c", "import click"], args.repeat)
-    rows = [{"what": "python -c pass", "ms": round(python, 1), "above_click_ms": None},
-            {"what": "python -c 'import click'", "ms": round(click, 1), "above_click_ms": 0.0}]
+    rows = [
+        {"what": "python -c pass", "ms": round(python, 1), "above_click_ms": None},
+        {"what": "python -c 'import click'", "ms": round(click, 1), "above_click_ms": 0.0},
+    ]
     for name in COMMANDS:
         ms = median_ms(ORCA2 + ([name] if name else []) + ["--help"], args.repeat)
-        rows.append({"what": f"orca2 {name} --help".replace("  ", " "), "ms": round(ms, 1),
-                     "above_click_ms": round(ms - click, 1)})
+        rows.append(
+            {
+                "what": f"orca2 {name} --help".replace("  ", " "),
+                "ms": round(ms, 1),
+                "above_click_ms": round(ms - click, 1),
+            }
+        )
     save_and_print("cli", rows)
 
 

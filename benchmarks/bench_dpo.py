@@ -109,8 +109,9 @@ def child(job: dict) -> dict:
 
 
 def run_child(job: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                          env=CHILD_ENV)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, env=CHILD_ENV
+    )
     if done.returncode:
         raise SystemExit(f"{job}: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -124,10 +125,18 @@ def pairs_file(folder: Path, pairs: int) -> Path:
     words = "the model reads a question and writes a careful answer with every step shown".split()
     records = []
     for i in range(pairs):
-        text = lambda k, n: " ".join(words[(i + k + j) % len(words)] for j in range(n))  # noqa: E731
-        records.append({"id": f"p{i}", "task": "bench", "messages": [{"role": "user", "content": text(0, 220)}],
-                        "answer": None, "meta": {}, "chosen": [{"content": text(1, 235)}],
-                        "rejected": [{"content": text(2, 235)}]})
+        text = lambda k, n, i=i: " ".join(words[(i + k + j) % len(words)] for j in range(n))  # noqa: E731
+        records.append(
+            {
+                "id": f"p{i}",
+                "task": "bench",
+                "messages": [{"role": "user", "content": text(0, 220)}],
+                "answer": None,
+                "meta": {},
+                "chosen": [{"content": text(1, 235)}],
+                "rejected": [{"content": text(2, 235)}],
+            }
+        )
     write_records(path, records)
     return path
 
@@ -135,10 +144,36 @@ def pairs_file(folder: Path, pairs: int) -> Path:
 def train_run(folder: Path, data: Path, mode: str, steps: int) -> dict:
     """One `orca2 train --objective dpo` process: wall time of the reference pass and of each step, peak RSS."""
     out = folder / f"run-{mode}"
-    args = [sys.executable, "-m", "orca2", "train", "--objective", "dpo", "--model", "local:default", "--data", str(data),
-            "-o", str(out), "--set", "max_len=2048", "--set", "grad_accum=2", "--set", "loss_impl=fused",
-            "--set", f"max_steps={steps + 1}", "--set", f"reference_mode={mode}", "--set", "warmup_ratio=0",
-            "--set", f"reference_logps={folder / f'ref-{mode}.jsonl'}", "--set", "mask_check=0"]
+    args = [
+        sys.executable,
+        "-m",
+        "orca2",
+        "train",
+        "--objective",
+        "dpo",
+        "--model",
+        "local:default",
+        "--data",
+        str(data),
+        "-o",
+        str(out),
+        "--set",
+        "max_len=2048",
+        "--set",
+        "grad_accum=2",
+        "--set",
+        "loss_impl=fused",
+        "--set",
+        f"max_steps={steps + 1}",
+        "--set",
+        f"reference_mode={mode}",
+        "--set",
+        "warmup_ratio=0",
+        "--set",
+        f"reference_logps={folder / f'ref-{mode}.jsonl'}",
+        "--set",
+        "mask_check=0",
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M"] + args, capture_output=True, text=True, env=CHILD_ENV)
     wall = time.perf_counter() - t0
@@ -147,8 +182,14 @@ def train_run(folder: Path, data: Path, mode: str, steps: int) -> dict:
     rss = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("MAXRSS"))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     tokens = [r["tokens_per_s"] for r in log]  # per step, timed from before the reference log-probs are fetched
-    return {"mode": mode, "wall_s": wall, "peak_rss_mb": rss / 1024, "tokens_per_s": tokens[1:], "steps": len(log),
-            "pairs_per_step": log[-1]["pairs"]}
+    return {
+        "mode": mode,
+        "wall_s": wall,
+        "peak_rss_mb": rss / 1024,
+        "tokens_per_s": tokens[1:],
+        "steps": len(log),
+        "pairs_per_step": log[-1]["pairs"],
+    }
 
 
 def main() -> None:
@@ -165,23 +206,48 @@ def main() -> None:
         return
     rows = []
     shape = [int(x) for x in args.shape.split(",")]
-    print(f"DPO step on the head: {shape[0]} pairs × {shape[1]} tokens, half supervised, H={shape[2]}, V={shape[3]}, "
-          "fp32, CPU", flush=True)
-    memory = {impl: [run_child({"kind": "memory", "impl": impl, "shape": shape})["peak_mb"] for _ in range(args.repeats)]
-              for impl in ("naive", "fused", "fused_ce")}
+    print(
+        f"DPO step on the head: {shape[0]} pairs × {shape[1]} tokens, half supervised, H={shape[2]}, V={shape[3]}, "
+        "fp32, CPU",
+        flush=True,
+    )
+    memory = {
+        impl: [run_child({"kind": "memory", "impl": impl, "shape": shape})["peak_mb"] for _ in range(args.repeats)]
+        for impl in ("naive", "fused", "fused_ce")
+    }
     timing = run_child({"kind": "time", "rounds": args.rounds, "shape": shape})
     ratios = [f / n for f, n in zip(timing["times"]["fused"], timing["times"]["naive"])]
     for impl in ("naive", "fused"):
-        rows.append({"bench": "dpo_head", "impl": impl, "peak_mb_median": statistics.median(memory[impl]),
-                     "peak_mb_min": min(memory[impl]), "peak_mb_max": max(memory[impl]),
-                     "time_s_median": statistics.median(timing["times"][impl]), "loss": timing["losses"][impl]})
-    rows.append({"bench": f"fused_ce_N{2 * shape[0] * shape[1]}_f0.5", "impl": "fused_ce", "peak_mb_median": statistics.median(memory["fused_ce"]),
-                 "peak_mb_min": min(memory["fused_ce"]), "peak_mb_max": max(memory["fused_ce"])})
+        rows.append(
+            {
+                "bench": "dpo_head",
+                "impl": impl,
+                "peak_mb_median": statistics.median(memory[impl]),
+                "peak_mb_min": min(memory[impl]),
+                "peak_mb_max": max(memory[impl]),
+                "time_s_median": statistics.median(timing["times"][impl]),
+                "loss": timing["losses"][impl],
+            }
+        )
+    rows.append(
+        {
+            "bench": f"fused_ce_N{2 * shape[0] * shape[1]}_f0.5",
+            "impl": "fused_ce",
+            "peak_mb_median": statistics.median(memory["fused_ce"]),
+            "peak_mb_min": min(memory["fused_ce"]),
+            "peak_mb_max": max(memory["fused_ce"]),
+        }
+    )
     mem_ratio = statistics.median(memory["fused"]) / statistics.median(memory["naive"])
     worst_mem = max(memory["fused"]) / min(memory["naive"])
     time_ratio = statistics.median(ratios)
-    summary = {"bench": "dpo_head_ratios", "memory_ratio": mem_ratio, "memory_ratio_worst": worst_mem,
-               "time_ratio": time_ratio, "time_ratio_rounds": ", ".join(f"{r:.3f}" for r in ratios)}
+    summary = {
+        "bench": "dpo_head_ratios",
+        "memory_ratio": mem_ratio,
+        "memory_ratio_worst": worst_mem,
+        "time_ratio": time_ratio,
+        "time_ratio_rounds": ", ".join(f"{r:.3f}" for r in ratios),
+    }
     rows.append(summary)
     if not args.quick:
         import tempfile
@@ -190,16 +256,32 @@ def main() -> None:
             data = pairs_file(Path(tmp), 8 * (args.steps + 1))
             runs = {mode: train_run(Path(tmp), data, mode, args.steps) for mode in ("precomputed", "resident")}
         for mode, run in runs.items():
-            rows.append({"bench": "dpo_train_135m", "impl": mode, "peak_mb_median": run["peak_rss_mb"],
-                         "tokens_per_s_median": statistics.median(run["tokens_per_s"]), "wall_s": run["wall_s"],
-                         "pairs_per_step": run["pairs_per_step"]})
-        throughput = (statistics.median(runs["precomputed"]["tokens_per_s"])
-                      / statistics.median(runs["resident"]["tokens_per_s"]))
-        rows.append({"bench": "reference_ratio", "throughput_precomputed_over_resident": throughput,
-                     "rss_precomputed_over_resident": runs["precomputed"]["peak_rss_mb"] / runs["resident"]["peak_rss_mb"]})
+            rows.append(
+                {
+                    "bench": "dpo_train_135m",
+                    "impl": mode,
+                    "peak_mb_median": run["peak_rss_mb"],
+                    "tokens_per_s_median": statistics.median(run["tokens_per_s"]),
+                    "wall_s": run["wall_s"],
+                    "pairs_per_step": run["pairs_per_step"],
+                }
+            )
+        throughput = statistics.median(runs["precomputed"]["tokens_per_s"]) / statistics.median(
+            runs["resident"]["tokens_per_s"]
+        )
+        rows.append(
+            {
+                "bench": "reference_ratio",
+                "throughput_precomputed_over_resident": throughput,
+                "rss_precomputed_over_resident": runs["precomputed"]["peak_rss_mb"] / runs["resident"]["peak_rss_mb"],
+            }
+        )
     save_and_print("dpo", rows)
-    print(f"\nfused vs naive DPO head step: memory {mem_ratio:.3f}× (worst pair of runs {worst_mem:.3f}×; target ≤ 0.1×), "
-          f"time {time_ratio:.3f}× (target ≤ 0.6×)")
+    print(
+        f"\nfused vs naive DPO head step: memory {mem_ratio:.3f}× (worst pair of runs {worst_mem:.3f}×; target ≤ "
+        "0.1×), "
+        f"time {time_ratio:.3f}× (target ≤ 0.6×)"
+    )
     ce = memory["fused_ce"]
     print(f"fused cross-entropy peak over {len(ce)} processes: {min(ce):.0f}–{max(ce):.0f} MB")
     if not args.quick:

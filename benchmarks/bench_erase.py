@@ -20,18 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import OUT, save_and_print
-
 import orjson
+from results import OUT, save_and_print
 
 from orca2.dedup import NearDeduper
 from orca2.strategies import get
 
 DATA = Path(os.environ.get("ORCA2_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-WORDS = ("apple river stone cloud ladder window garden pencil market candle violin harbor meadow silver engine forest "
-         "jacket mirror rocket tunnel button cactus dragon feather glacier island kettle lantern magnet needle orange "
-         "parrot quartz saddle tiger umbrella valley walnut yellow zebra anchor basket copper the of and to in how many "
-         "does have buys sells gives each more than half twice total left after before").split()
+WORDS = (
+    "apple river stone cloud ladder window garden pencil market candle violin harbor meadow silver engine forest "
+    "jacket mirror rocket tunnel button cactus dragon feather glacier island kettle lantern magnet needle orange "
+    "parrot quartz saddle tiger umbrella valley walnut yellow zebra anchor basket copper the of and to in how many "
+    "does have buys sells gives each more than half twice total left after before"
+).split()
 
 
 def make_input(path: Path, n: int, seed: int = 0) -> dict:
@@ -56,19 +57,39 @@ def make_input(path: Path, n: int, seed: int = 0) -> dict:
                     prompts.append(user)
             answer = str(rng.randrange(1000))
             steps = "\n".join(f"{k}. " + " ".join(rng.choice(WORDS) for _ in range(12)) + "." for k in range(1, 4))
-            reply = (("As instructed, " if rng.random() < 0.01 else "") + steps + f"\nThe answer is: {answer}")
+            reply = ("As instructed, " if rng.random() < 0.01 else "") + steps + f"\nThe answer is: {answer}"
             leak += reply.startswith("As instructed")
-            record = {"id": f"bench/{i}", "task": "bench", "messages": [
-                {"role": "system", "content": system}, {"role": "user", "content": user},
-                {"role": "assistant", "content": reply}], "answer": answer,
-                "meta": {"strategy": "step-by-step", "answer_type": "number", "finish_reason": "stop"}}
+            record = {
+                "id": f"bench/{i}",
+                "task": "bench",
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": reply},
+                ],
+                "answer": answer,
+                "meta": {"strategy": "step-by-step", "answer_type": "number", "finish_reason": "stop"},
+            }
             f.write(orjson.dumps(record) + b"\n")
     return {"records": n, "bytes": path.stat().st_size, "planted": planted, "duplicates": dup, "leaks": leak}
 
 
 def bench_erase(path: Path, out: Path) -> dict:
-    args = [sys.executable, "-m", "orca2", "erase", str(path), "-o", str(out), "--dedup", "exact",
-            "--decontaminate", f"gsm8k:{DATA}/gsm8k/test.jsonl", "--set", "plots=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "orca2",
+        "erase",
+        str(path),
+        "-o",
+        str(out),
+        "--dedup",
+        "exact",
+        "--decontaminate",
+        f"gsm8k:{DATA}/gsm8k/test.jsonl",
+        "--set",
+        "plots=false",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -77,9 +98,16 @@ def bench_erase(path: Path, out: Path) -> dict:
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.with_name(out.name.replace(".jsonl", ".report.json")).read_text())
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"bench": "erase+leak+exact_dedup+decontam", "records": report["read"], "wall_s": wall, "cpu_s": cpu,
-            "records_per_s": report["read"] / wall, "peak_rss_mb": after.ru_maxrss / 1024,
-            "kept": report["kept"], **{f"dropped_{k}": v for k, v in report["dropped_by_reason"].items()}}
+    return {
+        "bench": "erase+leak+exact_dedup+decontam",
+        "records": report["read"],
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "records_per_s": report["read"] / wall,
+        "peak_rss_mb": after.ru_maxrss / 1024,
+        "kept": report["kept"],
+        **{f"dropped_{k}": v for k, v in report["dropped_by_reason"].items()},
+    }
 
 
 def bench_near(n: int) -> dict:
@@ -96,7 +124,7 @@ def bench_near(n: int) -> dict:
     t0 = time.perf_counter()
     found = 0
     for start in range(0, n, 4096):
-        chunk = texts[start:start + 4096]
+        chunk = texts[start : start + 4096]
         found += sum(m is not None for m in near.check_batch(chunk, [str(start + k) for k in range(len(chunk))]))
     wall = time.perf_counter() - t0
     return {"bench": "near_dedup", "records": n, "wall_s": wall, "records_per_s": n / wall, "near_duplicates": found}

@@ -64,6 +64,7 @@ def make_step(impl: str, hidden, weight, labels):
     from orca2.train.fused_ce import fused_linear_cross_entropy
 
     if impl == "naive":
+
         def loss():
             return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=-100, reduction="sum")
     elif impl == "torch_chunked":
@@ -110,8 +111,9 @@ def child_memory(impl: str, N: int, H: int, V: int, frac: float, device: str, dt
     return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
 
 
-def child_time(impls: list[str], N: int, H: int, V: int, frac: float, device: str, dtype: str, rounds: int,
-               cap: float) -> dict:
+def child_time(
+    impls: list[str], N: int, H: int, V: int, frac: float, device: str, dtype: str, rounds: int, cap: float
+) -> dict:
     """Every implementation timed in turn, `rounds` times after a warm-up round; on CUDA also peak memory."""
     import torch
 
@@ -148,8 +150,12 @@ def child_time(impls: list[str], N: int, H: int, V: int, frac: float, device: st
 
 
 def run_child(args: argparse.Namespace, dtype: str, payload: dict) -> dict | None:
-    done = subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", dtype, "--child", json.dumps(payload)],
-                          capture_output=True, text=True, env=CHILD_ENV)
+    done = subprocess.run(
+        [sys.executable, __file__, "--device", args.device, "--dtype", dtype, "--child", json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        env=CHILD_ENV,
+    )
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
         print(f"  {payload}: failed: {tail}", flush=True)
@@ -170,12 +176,20 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up round")
     parser.add_argument("--cap", type=float, default=30.0, help="an implementation slower than this (s) is timed once")
-    parser.add_argument("--quick", action="store_true", help="only the first shape (the CPU targets' N=4096, (576, 49152))")
+    parser.add_argument(
+        "--quick", action="store_true", help="only the first shape (the CPU targets' N=4096, (576, 49152))"
+    )
     parser.add_argument("--shapes", default=None, help="indices into the shape list to run, e.g. 2,3,4")
-    parser.add_argument("--shape", action="append", default=None, metavar="N,H,V",
-                        help="measure this shape instead of the list (repeatable)")
-    parser.add_argument("--impls", default=None,
-                        help="subset of naive,torch_chunked,orca2,orca2_wdtype,liger (naive is always run)")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="N,H,V",
+        help="measure this shape instead of the list (repeatable)",
+    )
+    parser.add_argument(
+        "--impls", default=None, help="subset of naive,torch_chunked,orca2,orca2_wdtype,liger (naive is always run)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -212,7 +226,9 @@ def main() -> None:
     for N, H, V in shapes:
         for frac in FRACTIONS:
             where = {"N": N, "H": H, "V": V, "f": frac}
-            timed = run_child(args, dtype, {"kind": "time", "impls": impls, "rounds": args.rounds, "cap": args.cap, **where})
+            timed = run_child(
+                args, dtype, {"kind": "time", "impls": impls, "rounds": args.rounds, "cap": args.cap, **where}
+            )
             if timed is None:
                 continue
             for impl in impls:
@@ -221,12 +237,25 @@ def main() -> None:
                     memory = run_child(args, dtype, {"kind": "memory", "impl": impl, **where})
                     peak = memory["peak_mb"] if memory else None
                 times = timed[impl]["times"]
-                rows.append({"impl": impl, **where, "device": args.device, "dtype": dtype,
-                             "time_ms": 1000 * statistics.median(times), "timed_runs": len(times), "peak_mb": peak,
-                             "loss": timed[impl]["loss"], "_times": times})
-                print(f"{impl:>14} N={N:<5} H={H:<5} V={V:<6} f={frac:<4} {rows[-1]['time_ms']:9.1f} ms "
-                      f"(median of {len(times)}) {peak if peak is not None else float('nan'):9.1f} MB  loss {rows[-1]['loss']:.6g}",
-                      flush=True)
+                rows.append(
+                    {
+                        "impl": impl,
+                        **where,
+                        "device": args.device,
+                        "dtype": dtype,
+                        "time_ms": 1000 * statistics.median(times),
+                        "timed_runs": len(times),
+                        "peak_mb": peak,
+                        "loss": timed[impl]["loss"],
+                        "_times": times,
+                    }
+                )
+                print(
+                    f"{impl:>14} N={N:<5} H={H:<5} V={V:<6} f={frac:<4} {rows[-1]['time_ms']:9.1f} ms "
+                    f"(median of {len(times)}) {peak if peak is not None else float('nan'):9.1f} MB  loss "
+                    f"{rows[-1]['loss']:.6g}",
+                    flush=True,
+                )
     if not rows:
         raise SystemExit("no measurement succeeded")
     add_ratios(rows)
@@ -254,9 +283,13 @@ def add_ratios(rows: list[dict]) -> None:
         r["time_vs_naive"] = median_ratio(r["_times"], naive["_times"]) if naive else None
         r["time_vs_naive_f1"] = r["time_ms"] / naive_f1["time_ms"] if naive_f1 else None
         r["time_vs_own_f1"] = r["time_ms"] / self_f1["time_ms"] if self_f1 else None
-        r["mem_vs_naive"] = r["peak_mb"] / naive["peak_mb"] if naive and r["peak_mb"] is not None and naive["peak_mb"] else None
+        r["mem_vs_naive"] = (
+            r["peak_mb"] / naive["peak_mb"] if naive and r["peak_mb"] is not None and naive["peak_mb"] else None
+        )
         r["time_vs_liger"] = median_ratio(r["_times"], liger["_times"]) if liger else None
-        r["mem_vs_liger"] = r["peak_mb"] / liger["peak_mb"] if liger and r["peak_mb"] is not None and liger["peak_mb"] else None
+        r["mem_vs_liger"] = (
+            r["peak_mb"] / liger["peak_mb"] if liger and r["peak_mb"] is not None and liger["peak_mb"] else None
+        )
         r["loss_rel_diff_vs_naive"] = abs(r["loss"] - naive["loss"]) / max(1e-12, abs(naive["loss"])) if naive else None
 
 
@@ -265,15 +298,19 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'impl':>14} {'N, H, V':>22} {'f':>4} {'time/naive':>11} {'time/naive(f=1)':>16} {'mem/naive':>10} "
-          f"{'t(f)/t(f=1)':>12} {'time/liger':>11} {'mem/liger':>10} {'loss Δrel':>10}")
+    print(
+        f"\n{'impl':>14} {'N, H, V':>22} {'f':>4} {'time/naive':>11} {'time/naive(f=1)':>16} {'mem/naive':>10} "
+        f"{'t(f)/t(f=1)':>12} {'time/liger':>11} {'mem/liger':>10} {'loss Δrel':>10}"
+    )
     for r in rows:
         if r["impl"] == "naive":
             continue
         loss_diff = "–" if r["loss_rel_diff_vs_naive"] is None else f"{r['loss_rel_diff_vs_naive']:.1e}"
-        print(f"{r['impl']:>14} {str((r['N'], r['H'], r['V'])):>22} {r['f']:>4} {fmt(r['time_vs_naive']):>11} "
-              f"{fmt(r['time_vs_naive_f1']):>16} {fmt(r['mem_vs_naive']):>10} {fmt(r['time_vs_own_f1']):>12} "
-              f"{fmt(r['time_vs_liger']):>11} {fmt(r['mem_vs_liger']):>10} {loss_diff:>10}")
+        print(
+            f"{r['impl']:>14} {str((r['N'], r['H'], r['V'])):>22} {r['f']:>4} {fmt(r['time_vs_naive']):>11} "
+            f"{fmt(r['time_vs_naive_f1']):>16} {fmt(r['mem_vs_naive']):>10} {fmt(r['time_vs_own_f1']):>12} "
+            f"{fmt(r['time_vs_liger']):>11} {fmt(r['mem_vs_liger']):>10} {loss_diff:>10}"
+        )
 
 
 def print_targets(rows: list[dict], device: str) -> None:
@@ -285,8 +322,11 @@ def print_targets_of(impl: str, rows: list[dict], device: str) -> None:
     ours = {(r["N"], r["H"], r["V"], r["f"]): r for r in rows if r["impl"] == impl}
     checks = []
     if device == "cpu":
-        for f, what, limit, key in ((1.0, "peak memory ÷ naive", 0.1, "mem_vs_naive"), (1.0, "time ÷ naive", 1.2, "time_vs_naive"),
-                                    (0.5, "time ÷ naive", 0.6, "time_vs_naive")):
+        for f, what, limit, key in (
+            (1.0, "peak memory ÷ naive", 0.1, "mem_vs_naive"),
+            (1.0, "time ÷ naive", 1.2, "time_vs_naive"),
+            (0.5, "time ÷ naive", 0.6, "time_vs_naive"),
+        ):
             r = ours.get((4096, 576, 49152, f))
             if r is not None:
                 checks.append((f"N=4096 H=576 V=49152 f={f}: {what}", r[key], limit))

@@ -25,8 +25,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would cost the measu
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from results import save_and_print, start_server
 
@@ -35,8 +35,10 @@ from orca2.io import sidecar
 from orca2.models import ClientConfig, Sampling
 
 CALLS_PER_PASSAGE = 0.8 + 2 + 6 + 6  # transform (4 of 5 transformations ask), 2 seed calls, 6 suggester, 6 editor
-WORDS = ("river council bridge engineer market harvest winter colony library museum railway village bank ledger "
-         "storm valley school garden factory harbour festival treaty").split()
+WORDS = (
+    "river council bridge engineer market harvest winter colony library museum railway village bank ledger "
+    "storm valley school garden factory harbour festival treaty"
+).split()
 
 
 def write_documents(folder: Path, passages: int, seed: int = 0) -> None:
@@ -46,8 +48,11 @@ def write_documents(folder: Path, passages: int, seed: int = 0) -> None:
     for f in range(0, passages, 5):
         paragraphs = []
         for _ in range(min(5, passages - f)):
-            sentences = [f"The {rng.choice(WORDS)} of {rng.choice(WORDS).title()}ford opened in {rng.randint(1800, 2000)} "
-                         f"after {rng.randint(2, 9)} years of work by {rng.randint(10, 900)} people." for _ in range(rng.randint(3, 4))]
+            sentences = [
+                f"The {rng.choice(WORDS)} of {rng.choice(WORDS).title()}ford opened in {rng.randint(1800, 2000)} "
+                f"after {rng.randint(2, 9)} years of work by {rng.randint(10, 900)} people."
+                for _ in range(rng.randint(3, 4))
+            ]
             paragraphs.append(" ".join(sentences))
         (folder / f"doc{f:05d}.txt").write_text("\n\n".join(paragraphs))
 
@@ -58,9 +63,31 @@ def flow_run(docs: Path, url: str, cache: Path, output: Path, concurrency: int) 
 
     start = time.perf_counter()
     try:
-        orca2(["instruct", "--docs", str(docs), "--flow", "reading-comprehension", "-o", str(output), "--model",
-               "openai:agent", "--passage-size", "400", "--set", "plots=false", "--set", "client.api_key=bench", "--base-url", url,
-               "--cache-dir", str(cache), "--concurrency", str(concurrency)])
+        orca2(
+            [
+                "instruct",
+                "--docs",
+                str(docs),
+                "--flow",
+                "reading-comprehension",
+                "-o",
+                str(output),
+                "--model",
+                "openai:agent",
+                "--passage-size",
+                "400",
+                "--set",
+                "plots=false",
+                "--set",
+                "client.api_key=bench",
+                "--base-url",
+                url,
+                "--cache-dir",
+                str(cache),
+                "--concurrency",
+                str(concurrency),
+            ]
+        )
     except SystemExit as exc:
         if exc.code:
             raise
@@ -100,9 +127,17 @@ def bench_overhead(calls: int, concurrency: int) -> dict:
         alone = ask_alone(url, n, chars, concurrency, tmp / "cache-alone")
         cached, again = flow_run(docs, url, tmp / "cache", tmp / "again.jsonl", concurrency)
         assert again["kept"] == report["kept"]
-    return {"bench": "overhead", "agent_calls": n, "concurrency": concurrency, "records": report["kept"],
-            "flow_s": wall, "ask_alone_s": alone, "overhead_ms_per_call": 1000 * (wall - alone) / n,
-            "cached_rerun_s": cached, "cached_rerun_ms_per_call": 1000 * cached / n}
+    return {
+        "bench": "overhead",
+        "agent_calls": n,
+        "concurrency": concurrency,
+        "records": report["kept"],
+        "flow_s": wall,
+        "ask_alone_s": alone,
+        "overhead_ms_per_call": 1000 * (wall - alone) / n,
+        "cached_rerun_s": cached,
+        "cached_rerun_ms_per_call": 1000 * cached / n,
+    }
 
 
 def bench_throughput(calls: int, concurrency: int, latency: float) -> dict:
@@ -110,8 +145,16 @@ def bench_throughput(calls: int, concurrency: int, latency: float) -> dict:
         wall, report = flow_run(docs, url, tmp / "cache", tmp / "tasks.jsonl", concurrency)
     n = report["agent_requests"]["sent"]
     ideal = concurrency / latency
-    return {"bench": "throughput", "agent_calls": n, "concurrency": concurrency, "latency_s": latency, "flow_s": wall,
-            "calls_per_s": n / wall, "ideal_calls_per_s": ideal, "fraction_of_ideal": n / wall / ideal}
+    return {
+        "bench": "throughput",
+        "agent_calls": n,
+        "concurrency": concurrency,
+        "latency_s": latency,
+        "flow_s": wall,
+        "calls_per_s": n / wall,
+        "ideal_calls_per_s": ideal,
+        "fraction_of_ideal": n / wall / ideal,
+    }
 
 
 def main() -> None:
@@ -121,8 +164,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.2)
     args = parser.parse_args()
-    rows = [bench_overhead(args.calls, args.concurrency),
-            bench_throughput(args.throughput_calls, args.concurrency, args.latency)]
+    rows = [
+        bench_overhead(args.calls, args.concurrency),
+        bench_throughput(args.throughput_calls, args.concurrency, args.latency),
+    ]
     save_and_print("instruct", rows)
 
 

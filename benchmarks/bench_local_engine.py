@@ -61,8 +61,13 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
     n = 4 if name.endswith("n4") else 1
     if n > 1:
         qs = qs[: prompts // n]
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-               add_special_tokens=False)["input_ids"] for q in qs]
+    ids = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in qs
+    ]
     rss_loaded = peak_rss_mb()
     start = time.perf_counter()
     generated = 0
@@ -71,8 +76,10 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
         if name == "independent-n4":  # 4 requests per prompt, each with its own prefill
             jobs = [Job(f"{i}/{k}", x, 1, new_tokens, 0.7, 0.95, seed=k) for i, x in enumerate(ids) for k in range(4)]
         else:
-            jobs = [Job(str(i), x, n, new_tokens, 0.7 if n > 1 else 0.0, 0.95 if n > 1 else 1.0, seed=0)
-                    for i, x in enumerate(ids)]
+            jobs = [
+                Job(str(i), x, n, new_tokens, 0.7 if n > 1 else 0.0, 0.95 if n > 1 else 1.0, seed=0)
+                for i, x in enumerate(ids)
+            ]
         done: list[Job] = []
         engine.run(jobs, done.append, lambda job, reason: print("failed", job.key, reason))
         generated = sum(len(tokens) for job in done for tokens, _ in job.outputs.values())
@@ -80,19 +87,30 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
         batch = 16 if name.startswith("static16") else slots
         tok.padding_side = "left"
         for s in range(0, len(qs), batch):
-            texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-                     for q in qs[s:s + batch]]
+            texts = [
+                tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+                for q in qs[s : s + batch]
+            ]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stops,
-                                     pad_token_id=tok.pad_token_id)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                out = model.generate(
+                    **enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id
+                )
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
                 end = next((j for j, t in enumerate(row) if t in stops), None)
                 generated += len(row) if end is None else end + 1
     seconds = time.perf_counter() - start
-    return {"config": name, "prompts": len(ids), "samples": len(ids) * n, "tokens": generated, "seconds": round(seconds, 2),
-            "tok_per_s": generated / seconds, "peak_rss_mb": round(peak_rss_mb()), "rss_after_load_mb": round(rss_loaded),
-            "prompt_tokens": sum(map(len, ids))}
+    return {
+        "config": name,
+        "prompts": len(ids),
+        "samples": len(ids) * n,
+        "tokens": generated,
+        "seconds": round(seconds, 2),
+        "tok_per_s": generated / seconds,
+        "peak_rss_mb": round(peak_rss_mb()),
+        "rss_after_load_mb": round(rss_loaded),
+        "prompt_tokens": sum(map(len, ids)),
+    }
 
 
 def llamacpp(prompts: int, new_tokens: int, concurrency: int) -> dict:
@@ -107,9 +125,23 @@ def llamacpp(prompts: int, new_tokens: int, concurrency: int) -> dict:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "llama-cpp-python[server]"], check=True)
     port = 8093
-    server = subprocess.Popen([str(python), "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--port", str(port),
-                               "--n_ctx", "8192", "--n_threads", str(os.cpu_count() or 2)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            str(python),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(smollm2_gguf()),
+            "--port",
+            str(port),
+            "--n_ctx",
+            "8192",
+            "--n_threads",
+            str(os.cpu_count() or 2),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import openai
 
@@ -124,12 +156,15 @@ def llamacpp(prompts: int, new_tokens: int, concurrency: int) -> dict:
 
         async def main() -> int:
             gate = asyncio.Semaphore(concurrency)
-            aclient = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
+            aclient = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600
+            )
 
             async def one(q: str) -> int:
                 async with gate:
-                    r = await aclient.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": q}],
-                                                              max_tokens=new_tokens, temperature=0)
+                    r = await aclient.chat.completions.create(
+                        model="smollm2", messages=[{"role": "user", "content": q}], max_tokens=new_tokens, temperature=0
+                    )
                     return r.usage.completion_tokens
 
             return sum(await asyncio.gather(*(one(q) for q in qs)))
@@ -138,8 +173,15 @@ def llamacpp(prompts: int, new_tokens: int, concurrency: int) -> dict:
         tokens = asyncio.run(main())
         seconds = time.perf_counter() - start
         rss = subprocess.run(["ps", "-o", "rss=", "-p", str(server.pid)], capture_output=True, text=True).stdout.strip()
-        return {"config": "llamacpp", "prompts": prompts, "samples": prompts, "tokens": tokens, "seconds": round(seconds, 2),
-                "tok_per_s": tokens / seconds, "peak_rss_mb": round(int(rss or 0) / 1024)}
+        return {
+            "config": "llamacpp",
+            "prompts": prompts,
+            "samples": prompts,
+            "tokens": tokens,
+            "seconds": round(seconds, 2),
+            "tok_per_s": tokens / seconds,
+            "peak_rss_mb": round(int(rss or 0) / 1024),
+        }
     finally:
         server.terminate()
         server.wait(30)
@@ -150,8 +192,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--slots", type=int, default=64)
-    parser.add_argument("--only", default=None, help="configurations (default: all; bf16 ones only where the CPU "
-                                                     "computes bf16 natively)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="configurations (default: all; bf16 ones only where the CPU computes bf16 natively)",
+    )
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration and print its row
     args = parser.parse_args()
@@ -161,20 +206,45 @@ def main() -> None:
     from orca2.models import resolve_dtype
 
     native_bf16 = str(resolve_dtype("auto", "cpu")) == "torch.bfloat16"
-    names = args.only or ",".join((["engine-bf16", "static-bf16"] if native_bf16 else [])
-                                  + ["engine-fp32", "static-fp32", "engine-fp32-noprefix", "static16-fp32", "engine-n4",
-                                     "independent-n4", "llamacpp"])
+    names = args.only or ",".join(
+        (["engine-bf16", "static-bf16"] if native_bf16 else [])
+        + [
+            "engine-fp32",
+            "static-fp32",
+            "engine-fp32-noprefix",
+            "static16-fp32",
+            "engine-n4",
+            "independent-n4",
+            "llamacpp",
+        ]
+    )
     if not native_bf16:
-        print("this CPU has no AVX-512 BF16 / AMX: bf16 matmuls are emulated (≈5× slower than fp32), so the bf16 "
-              "configurations are skipped and the targets are read in fp32")
+        print(
+            "this CPU has no AVX-512 BF16 / AMX: bf16 matmuls are emulated (≈5× slower than fp32), so the bf16 "
+            "configurations are skipped and the targets are read in fp32"
+        )
     rows = []
     for name in names.split(","):
         if name == "llamacpp":
             if not args.skip_llamacpp:
                 rows.append(llamacpp(args.prompts, args.new_tokens, 64))
             continue
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--prompts", str(args.prompts), "--new-tokens",
-                              str(args.new_tokens), "--slots", str(args.slots)], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--prompts",
+                str(args.prompts),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--slots",
+                str(args.slots),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             raise SystemExit(f"{name} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -182,11 +252,13 @@ def main() -> None:
     save_and_print("local_engine", rows)
     by = {r["config"]: r["tok_per_s"] for r in rows}
     best = "engine-bf16" if "engine-bf16" in by else "engine-fp32"
-    targets = [(f"{best} / llamacpp", best, "llamacpp", 5.0),
-               ("engine-bf16 / static-bf16", "engine-bf16", "static-bf16", 1.4),
-               ("engine-fp32 / static-fp32", "engine-fp32", "static-fp32", 1.4),
-               ("engine-n4 / independent-n4", "engine-n4", "independent-n4", 1.3),
-               ("engine-fp32 / engine-fp32-noprefix", "engine-fp32", "engine-fp32-noprefix", 0.0)]
+    targets = [
+        (f"{best} / llamacpp", best, "llamacpp", 5.0),
+        ("engine-bf16 / static-bf16", "engine-bf16", "static-bf16", 1.4),
+        ("engine-fp32 / static-fp32", "engine-fp32", "static-fp32", 1.4),
+        ("engine-n4 / independent-n4", "engine-n4", "independent-n4", 1.3),
+        ("engine-fp32 / engine-fp32-noprefix", "engine-fp32", "engine-fp32-noprefix", 0.0),
+    ]
     print("\ntargets (tokens/s ratios, measured side by side in this run):")
     for label, a, b, target in targets:
         if a in by and b in by:

@@ -33,16 +33,43 @@ def sample_throughput(run: Path, prompts: int, slots: list[int]) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             output = Path(tmp) / "samples.jsonl"
             try:
-                orca2(["sample", "--tasks", str(run / "iterate" / "round-1" / "prompts.jsonl"), "-o", str(output),
-                       "--student", f"local:{run / 'student' / 'model'}", "--limit", str(prompts),
-                       "--cache-dir", str(Path(tmp) / "cache"), "--batch-size", str(n_slots), "--n", "4",
-                       "--temperature", "0.7", "--top-p", "0.95", "--max-tokens", "160"])
+                orca2(
+                    [
+                        "sample",
+                        "--tasks",
+                        str(run / "iterate" / "round-1" / "prompts.jsonl"),
+                        "-o",
+                        str(output),
+                        "--student",
+                        f"local:{run / 'student' / 'model'}",
+                        "--limit",
+                        str(prompts),
+                        "--cache-dir",
+                        str(Path(tmp) / "cache"),
+                        "--batch-size",
+                        str(n_slots),
+                        "--n",
+                        "4",
+                        "--temperature",
+                        "0.7",
+                        "--top-p",
+                        "0.95",
+                        "--max-tokens",
+                        "160",
+                    ]
+                )
             except SystemExit as exc:
                 if exc.code:
                     raise
             s = json.loads(sidecar(output, "summary.json").read_text())
-        rows.append({"what": f"orca2 sample, local engine, {n_slots} slots", "prompts": s["prompts"],
-                     "samples": s["samples"], "tokens_per_s": round(s["tokens_per_s"], 1)})
+        rows.append(
+            {
+                "what": f"orca2 sample, local engine, {n_slots} slots",
+                "prompts": s["prompts"],
+                "samples": s["samples"],
+                "tokens_per_s": round(s["tokens_per_s"], 1),
+            }
+        )
     return rows
 
 

@@ -29,8 +29,8 @@ TOKENIZER = OUT / "smollm2-tokenizer"
 def examples(max_len: int):
     from transformers import AutoTokenizer
 
-    from orca2.prompts import generic_prompt
     from orca2.models import smollm2_gguf
+    from orca2.prompts import generic_prompt
     from orca2.train.data import prepare_examples
 
     if not TOKENIZER.exists():  # reading the GGUF costs GBs of RAM; do it once, keep the tokenizer files
@@ -40,9 +40,19 @@ def examples(max_len: int):
     records = []
     for i, line in enumerate(open(DATA / "gsm8k" / "train.jsonl")):
         row = json.loads(line)
-        records.append((f"gsm8k/train:{i + 1}", {"id": str(i), "messages": [
-            {"role": "system", "content": generic_prompt("cautious")}, {"role": "user", "content": row["question"]},
-            {"role": "assistant", "content": row["answer"]}]}))
+        records.append(
+            (
+                f"gsm8k/train:{i + 1}",
+                {
+                    "id": str(i),
+                    "messages": [
+                        {"role": "system", "content": generic_prompt("cautious")},
+                        {"role": "user", "content": row["question"]},
+                        {"role": "assistant", "content": row["answer"]},
+                    ],
+                },
+            )
+        )
     return tok, prepare_examples(records, tok, max_len, "drop", mask_check=16).examples
 
 
@@ -55,9 +65,15 @@ def efficiency(max_len: int, batch: int) -> dict:
     # Non-pad tokens ÷ token slots: bins of max_len for packing (rows are then run padding-free), B × longest
     # for padded batches.
     eff = lambda bs: sum(b.tokens for b in bs) / sum(b.capacity for b in bs)  # noqa: E731
-    return {"bench": "packing_efficiency", "examples": len(exs), "tokens": sum(len(e.input_ids) for e in exs),
-            "packed_rows": len(packed), "packed_efficiency": eff(packed), "padded_batches": len(padded),
-            "padded_efficiency": eff(padded)}
+    return {
+        "bench": "packing_efficiency",
+        "examples": len(exs),
+        "tokens": sum(len(e.input_ids) for e in exs),
+        "packed_rows": len(packed),
+        "packed_efficiency": eff(packed),
+        "padded_batches": len(padded),
+        "padded_efficiency": eff(padded),
+    }
 
 
 def train_mode(mode: str, max_len: int, batch: int, steps: int) -> dict:
@@ -71,16 +87,27 @@ def train_mode(mode: str, max_len: int, batch: int, steps: int) -> dict:
 
     torch.manual_seed(0)
     tok, exs = examples(max_len)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_len,
-                                         tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=max_len,
+            tie_word_embeddings=True,
+        )
+    )
     model.set_attn_implementation(register() if mode == "packed" else "sdpa")
     wrapped = CausalLMLoss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if mode == "packed":
         batches = make_micro_batches(exs, max_len=max_len, micro_batch_size=1, packing=True, pad_id=0, seed=0, epoch=0)
     else:
-        batches = make_micro_batches(exs, max_len=max_len, micro_batch_size=batch, packing=False, pad_id=0, seed=0, epoch=0)
+        batches = make_micro_batches(
+            exs, max_len=max_len, micro_batch_size=batch, packing=False, pad_id=0, seed=0, epoch=0
+        )
     tokens = 0
     start = None
     for i, mb in enumerate(batches[: steps + 1]):
@@ -93,8 +120,14 @@ def train_mode(mode: str, max_len: int, batch: int, steps: int) -> dict:
         if i >= 1:
             tokens += mb.tokens
     wall = time.perf_counter() - start
-    return {"bench": f"train_{mode}", "steps": steps, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "bench": f"train_{mode}",
+        "steps": steps,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -110,10 +143,27 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     rows = [efficiency(args.max_len, args.batch)]
     for mode in ("packed", "padded"):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--max-len", str(args.max_len), "--batch",
-                              str(args.batch), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--max-len",
+                str(args.max_len),
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    rows.append({"bench": "packed_over_padded", "tokens_per_s_ratio": rows[1]["tokens_per_s"] / rows[2]["tokens_per_s"]})
+    rows.append(
+        {"bench": "packed_over_padded", "tokens_per_s_ratio": rows[1]["tokens_per_s"] / rows[2]["tokens_per_s"]}
+    )
     save_and_print("packing", rows)
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from orca2.answers import ANSWER_TYPES, infer_answer_type
 from orca2.config import read_yaml
@@ -52,20 +53,33 @@ def load_registry(extra: tuple[str, ...] = ()) -> dict[str, Benchmark]:
                 raise Orca2Error(f"{where}: benchmark '{name}' must be a mapping")
             for key in entry:
                 if key not in KEYS:
-                    raise Orca2Error(f"{path}:{lines.get(f'{name}.{key}', 1)}: benchmark '{name}': unknown key '{key}' "
-                                     f"(valid: {', '.join(KEYS)})")
+                    raise Orca2Error(
+                        f"{path}:{lines.get(f'{name}.{key}', 1)}: benchmark '{name}': unknown key '{key}' "
+                        f"(valid: {', '.join(KEYS)})"
+                    )
             if entry.get("loader") not in LOADERS:
                 raise Orca2Error(f"{where}: benchmark '{name}': loader must be one of {', '.join(LOADERS)}")
             if not isinstance(entry.get("path"), str):
                 raise Orca2Error(f"{where}: benchmark '{name}': field 'path' is required")
             answer_type = entry.get("answer_type", "auto")
             if answer_type != "auto" and answer_type not in ANSWER_TYPES:
-                raise Orca2Error(f"{where}: benchmark '{name}': answer_type must be auto or one of {', '.join(ANSWER_TYPES)}")
-            registry[str(name)] = Benchmark(str(name), entry["loader"], entry["path"], answer_type,
-                                            entry.get("template", "{question}"), entry.get("aggregate", "micro"),
-                                            dict(entry.get("reference") or {}), dict(entry.get("fields") or {}),
-                                            dict(entry.get("columns") or {}), str(path), entry.get("traits"),
-                                            entry.get("judge", "program:persona"))
+                raise Orca2Error(
+                    f"{where}: benchmark '{name}': answer_type must be auto or one of {', '.join(ANSWER_TYPES)}"
+                )
+            registry[str(name)] = Benchmark(
+                str(name),
+                entry["loader"],
+                entry["path"],
+                answer_type,
+                entry.get("template", "{question}"),
+                entry.get("aggregate", "micro"),
+                dict(entry.get("reference") or {}),
+                dict(entry.get("fields") or {}),
+                dict(entry.get("columns") or {}),
+                str(path),
+                entry.get("traits"),
+                entry.get("judge", "program:persona"),
+            )
     return registry
 
 
@@ -75,7 +89,9 @@ def select(registry: dict[str, Benchmark], names: tuple[str, ...]) -> list[tuple
     for name in names:
         base, _, task = name.partition("/")
         if base not in registry:
-            raise Orca2Error(f"unknown benchmark '{name}' (valid: {', '.join(sorted(registry))}; or add one with --benchmarks FILE)")
+            raise Orca2Error(
+                f"unknown benchmark '{name}' (valid: {', '.join(sorted(registry))}; or add one with --benchmarks FILE)"
+            )
         chosen.append((registry[base], f"{base}/{task}" if task else None))
     return chosen
 
@@ -110,14 +126,27 @@ def _multiple_choice(bench: Benchmark, data_dir: Path) -> Iterator[Record]:
     for index, row in items:
         question, choices, answer = _dig(row, f["question"]), _dig(row, f["choices"]), _dig(row, f["answer"])
         if not isinstance(question, str) or not isinstance(choices, list) or answer is None:
-            raise Orca2Error(f"{path}:{index}: needs fields {f['question']!r}, {f['choices']!r} (a list) and {f['answer']!r}")
+            raise Orca2Error(
+                f"{path}:{index}: needs fields {f['question']!r}, {f['choices']!r} (a list) and {f['answer']!r}"
+            )
         letters = [chr(ord("A") + i) for i in range(len(choices))]
         gold = letters[int(answer)] if isinstance(answer, int) or str(answer).isdigit() else str(answer).strip("() ")
         listing = "\n".join(f"({letter}) {choice}" for letter, choice in zip(letters, choices))
         task = f"{bench.name}/{_dig(row, f['task'])}" if "task" in f else bench.name
-        yield make_record(f"{bench.name}/{index}", task, [{"role": "user", "content": render_template(
-            bench.template, f"benchmark {bench.name}", question=question, choices=listing)}], f"({gold})",
-            {"answer_type": "choice", "benchmark": bench.name})
+        yield make_record(
+            f"{bench.name}/{index}",
+            task,
+            [
+                {
+                    "role": "user",
+                    "content": render_template(
+                        bench.template, f"benchmark {bench.name}", question=question, choices=listing
+                    ),
+                }
+            ],
+            f"({gold})",
+            {"answer_type": "choice", "benchmark": bench.name},
+        )
 
 
 def load_items(bench: Benchmark, task_filter: str | None, data_dir: Path, limit: int | None) -> list[Record]:
@@ -133,13 +162,15 @@ def load_items(bench: Benchmark, task_filter: str | None, data_dir: Path, limit:
             raise Orca2Error(f"benchmark '{bench.name}': {path} not found (set ORCA2_DATA_DIR or the entry's path)")
 
         def templated() -> Iterator[Record]:
-            for where, item in open_source(spec, columns=bench.columns, task=bench.name):
+            for _where, item in open_source(spec, columns=bench.columns, task=bench.name):
                 if isinstance(item, Orca2Error):
                     raise item
                 prompt = render_template(bench.template, f"benchmark {bench.name}", question=user_prompt(item))
                 meta = {**item.get("meta", {}), "benchmark": bench.name}
                 task = item["task"]
-                if bench.loader == "bbh":  # the reader names tasks bbh/<file>; a user benchmark names them <bench>/<file>
+                if (
+                    bench.loader == "bbh"
+                ):  # the reader names tasks bbh/<file>; a user benchmark names them <bench>/<file>
                     task = f"{bench.name}/{task.split('/', 1)[1]}"
                 yield make_record(item["id"], task, [{"role": "user", "content": prompt}], item["answer"], meta)
 

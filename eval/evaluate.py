@@ -3,8 +3,8 @@
     orca2 eval --model runs/student/model --bench gsm8k,bbh --system empty,cautious -o reports/student
 
 For each condition (system prompt) and benchmark task, items are asked through orca2.ask like every
-other stage (any model spec; the response cache means a re-run skips finished items). Each item's response, extracted answer,
-correctness and detected strategy are saved as records in <output>/<condition>/items.jsonl.
+other stage (any model spec; the response cache means a re-run skips finished items). Each item's response,
+extracted answer, correctness and detected strategy are saved as records in <output>/<condition>/items.jsonl.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from orca2.ask import Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.eval.benchmarks import default_data_dir, load_items, load_registry, select
+from orca2.eval.stats import wilson
 from orca2.eval.usage import CATEGORIES, classify
 from orca2.io import atomic_text, write_records
+from orca2.models import ClientConfig, ModelSpec, Sampling, check_local_model, parse_model
 from orca2.prompts import generic_prompt
 from orca2.records import with_system_prompt
 from orca2.strategies import Library
-from orca2.eval.stats import wilson
-from orca2.models import ClientConfig, ModelSpec, Sampling, check_local_model, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,19 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         save_config(cfg, Path(cfg.output) / "config.yaml")
         return report
-    items = [(bench, load_items(bench, task, data_dir, cfg.limit)) for bench, task in chosen]  # one entry per --bench name
+    items = [
+        (bench, load_items(bench, task, data_dir, cfg.limit)) for bench, task in chosen
+    ]  # one entry per --bench name
     for condition in cfg.system:
         system_text(condition, library, "x")  # unknown names fail now, before any request
     plan = [(condition, record) for condition in cfg.system for _, records in items for record in records]
-    requests = [Request(with_system_prompt(record["messages"], system_text(condition, library, record["task"])),
-                        {**record["meta"], "answer": record.get("answer"), "task": record["task"]}) for condition, record in plan]
+    requests = [
+        Request(
+            with_system_prompt(record["messages"], system_text(condition, library, record["task"])),
+            {**record["meta"], "answer": record.get("answer"), "task": record["task"]},
+        )
+        for condition, record in plan
+    ]
     output = Path(cfg.output)
     by_condition: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.system}
     with ask(spec, requests, cfg.sampling, cfg.client, desc=f"eval {label}") as answers:
@@ -118,13 +125,31 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             else:
                 content = response["contents"][0]
                 scored = score(content, record.get("answer"), record["meta"].get("answer_type"))
-                meta.update(extracted_answer=scored.value, extraction=scored.method, correct=scored.correct,
-                            strategy_used=classify(content), response_words=len(content.split()),
-                            completion_tokens=response["completion_tokens"], finish_reason=response["finish_reasons"][0])
-            by_condition[condition].append({"id": record["id"], "task": record["task"],
-                                            "messages": request.messages + [{"role": "assistant", "content": content}],
-                                            "answer": record.get("answer"), "meta": meta})
-    report = {"model": label, "spec": str(spec), "conditions": list(cfg.system), "benchmarks": {}, "failed": len(failed)}
+                meta.update(
+                    extracted_answer=scored.value,
+                    extraction=scored.method,
+                    correct=scored.correct,
+                    strategy_used=classify(content),
+                    response_words=len(content.split()),
+                    completion_tokens=response["completion_tokens"],
+                    finish_reason=response["finish_reasons"][0],
+                )
+            by_condition[condition].append(
+                {
+                    "id": record["id"],
+                    "task": record["task"],
+                    "messages": request.messages + [{"role": "assistant", "content": content}],
+                    "answer": record.get("answer"),
+                    "meta": meta,
+                }
+            )
+    report = {
+        "model": label,
+        "spec": str(spec),
+        "conditions": list(cfg.system),
+        "benchmarks": {},
+        "failed": len(failed),
+    }
     if roleplay:
         report["orcabench"] = roleplay
     for condition, rows in by_condition.items():
@@ -138,8 +163,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         f.write(render_report([report], registry))
     save_config(cfg, output / "config.yaml")
     if failed:
-        raise Orca2Error(f"{len(failed)} of {len(plan)} items got no response (first: {next(iter(failed.values()))}); "
-                         f"the rest are scored in {output}/report.md; re-running retries only the missing ones")
+        raise Orca2Error(
+            f"{len(failed)} of {len(plan)} items got no response (first: {next(iter(failed.values()))}); "
+            f"the rest are scored in {output}/report.md; re-running retries only the missing ones"
+        )
     return report
 
 
@@ -152,8 +179,17 @@ def summarise(rows: list[dict[str, Any]], benches: dict[str, Any]) -> dict[str, 
     """Per task: accuracy with a 95 % CI, strategy usage, mean response length; per benchmark: micro or macro."""
     tasks: dict[str, dict[str, Any]] = {}
     for row in rows:
-        t = tasks.setdefault(row["task"], {"benchmark": row["meta"]["benchmark"], "n": 0, "correct": 0, "words": 0,
-                                           "usage": {c: 0 for c in CATEGORIES}, "failed": 0})
+        t = tasks.setdefault(
+            row["task"],
+            {
+                "benchmark": row["meta"]["benchmark"],
+                "n": 0,
+                "correct": 0,
+                "words": 0,
+                "usage": {c: 0 for c in CATEGORIES},
+                "failed": 0,
+            },
+        )
         t["n"] += 1
         t["correct"] += bool(row["meta"]["correct"])
         t["words"] += row["meta"].get("response_words", 0)
@@ -164,9 +200,16 @@ def summarise(rows: list[dict[str, Any]], benches: dict[str, Any]) -> dict[str, 
     out: dict[str, Any] = {"tasks": {}, "overall": {}}
     for name, t in sorted(tasks.items()):
         low, high = wilson(t["correct"], t["n"])
-        out["tasks"][name] = {"benchmark": t["benchmark"], "n": t["n"], "correct": t["correct"],
-                              "accuracy": t["correct"] / t["n"], "ci95": [low, high], "mean_words": t["words"] / t["n"],
-                              "usage": {k: v / t["n"] for k, v in t["usage"].items()}, "failed": t["failed"]}
+        out["tasks"][name] = {
+            "benchmark": t["benchmark"],
+            "n": t["n"],
+            "correct": t["correct"],
+            "accuracy": t["correct"] / t["n"],
+            "ci95": [low, high],
+            "mean_words": t["words"] / t["n"],
+            "usage": {k: v / t["n"] for k, v in t["usage"].items()},
+            "failed": t["failed"],
+        }
     for bench_name, bench in benches.items():
         mine = [v for v in out["tasks"].values() if v["benchmark"] == bench_name]
         if not mine:
@@ -176,12 +219,23 @@ def summarise(rows: list[dict[str, Any]], benches: dict[str, Any]) -> dict[str, 
             acc = sum(v["accuracy"] for v in mine) / len(mine)
             # CI of a mean of independent task accuracies: 1.96 sqrt(Σ var_i) / k, each var_i from the
             # Agresti-Coull estimate (c + 2) / (n + 4), which stays positive at 0 % and 100 %
-            variances = [((v["correct"] + 1.92) / (v["n"] + 3.84)) * (1 - (v["correct"] + 1.92) / (v["n"] + 3.84))
-                         / (v["n"] + 3.84) for v in mine]
+            variances = [
+                ((v["correct"] + 1.92) / (v["n"] + 3.84))
+                * (1 - (v["correct"] + 1.92) / (v["n"] + 3.84))
+                / (v["n"] + 3.84)
+                for v in mine
+            ]
             half = 1.96 * math.sqrt(sum(variances)) / len(mine)
             ci = [max(0.0, acc - half), min(1.0, acc + half)]
         else:
             acc, ci = correct / n, list(wilson(correct, n))
-        out["overall"][bench_name] = {"n": n, "correct": correct, "accuracy": acc, "ci95": ci, "aggregate": bench.aggregate,
-                                      "tasks": len(mine), "reference": bench.reference}
+        out["overall"][bench_name] = {
+            "n": n,
+            "correct": correct,
+            "accuracy": acc,
+            "ci95": ci,
+            "aggregate": bench.aggregate,
+            "tasks": len(mine),
+            "reference": bench.reference,
+        }
     return out

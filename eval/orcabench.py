@@ -26,24 +26,37 @@ Written to <output>/orcabench/{items.jsonl, report.json, report.md, metrics.png}
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
 from orca2.ask import Request, ask, ask_parsed
+from orca2.bigfive import infer_users
 from orca2.errors import Orca2Error
 from orca2.eval.stats import bootstrap_ci
 from orca2.eval.textmetrics import corpus_bleu, distinct_n, rouge_scores
 from orca2.io import atomic_text, iter_json_lines, read_records, write_records
 from orca2.models import ModelSpec, Sampling
 from orca2.parse import parse_json_object
-from orca2.bigfive import infer_users
 from orca2.traits import chunks, consistency
 
 ASPECTS = ("profile", "knowledge", "personality")
-METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "profile", "knowledge", "personality",
-           "cosine", "euclidean", "manhattan")
+METRICS = (
+    "bleu",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "distinct1",
+    "distinct2",
+    "profile",
+    "knowledge",
+    "personality",
+    "cosine",
+    "euclidean",
+    "manhattan",
+)
 
 
 def generated_post(text: str) -> tuple[str, bool]:
@@ -73,8 +86,9 @@ def metrics(rows: list[dict[str, Any]], bigfive: dict[str, dict[str, float]]) ->
     return out
 
 
-def bootstrap(rows: list[dict[str, Any]], bigfive: dict[str, dict[str, float]], resamples: int,
-              seed: int) -> dict[str, list[float]]:
+def bootstrap(
+    rows: list[dict[str, Any]], bigfive: dict[str, dict[str, float]], resamples: int, seed: int
+) -> dict[str, list[float]]:
     """Percentile 95 % CIs of every metric, resampling users with replacement."""
     by_user: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -93,14 +107,16 @@ def bootstrap(rows: list[dict[str, Any]], bigfive: dict[str, dict[str, float]], 
 
 def evaluate(spec: ModelSpec, label: str, bench: Any, cfg: Any, output: Path, resamples: int = 1000) -> dict[str, Any]:
     """Run OrcaBench for one model; write items, report and plot; return the report."""
-    from orca2.eval.benchmarks import resolve_path, default_data_dir
+    from orca2.eval.benchmarks import default_data_dir, resolve_path
 
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     path, traits_path = Path(resolve_path(bench.path, data_dir)), bench.traits
     if not path.exists() or not traits_path or not Path(traits_path).exists():
-        raise Orca2Error(f"benchmark '{bench.name}' ({bench.source}): needs 'path' (held-out PCIP records) and "
-                         f"'traits' (persona infer output) that exist; got {path} and {traits_path}")
-    records = list(read_records(path))[:cfg.limit] if cfg.limit else list(read_records(path))
+        raise Orca2Error(
+            f"benchmark '{bench.name}' ({bench.source}): needs 'path' (held-out PCIP records) and "
+            f"'traits' (persona infer output) that exist; got {path} and {traits_path}"
+        )
+    records = list(read_records(path))[: cfg.limit] if cfg.limit else list(read_records(path))
     missing = [r["id"] for r in records if "persona" not in r.get("meta", {})]
     if missing:
         raise Orca2Error(f"{path}: record {missing[0]} has no meta.persona (make the file with persona build)")
@@ -117,15 +133,31 @@ def evaluate(spec: ModelSpec, label: str, bench: Any, cfg: Any, output: Path, re
             continue
         post, was_json = generated_post(response["contents"][0])
         counts["replies_not_json"] += not was_json
-        rows.append({"id": record["id"], "user": meta["user"], "generated": post, "reference": meta["post"],
-                     "meta": meta, "judge": {}})
+        rows.append(
+            {
+                "id": record["id"],
+                "user": meta["user"],
+                "generated": post,
+                "reference": meta["post"],
+                "meta": meta,
+                "judge": {},
+            }
+        )
     counts["items"] = len(rows)
     _judge(bench.judge, rows, cfg, counts)
     users: dict[str, list[str]] = defaultdict(list)
     for r in rows:
         users[r["user"]].append(r["generated"])
-    inferred = infer_users(dict(users), bench.judge, 10, cfg.client, Sampling(temperature=0.0, max_tokens=512), 2,
-                           counts, desc="orcabench bigfive")
+    inferred = infer_users(
+        dict(users),
+        bench.judge,
+        10,
+        cfg.client,
+        Sampling(temperature=0.0, max_tokens=512),
+        2,
+        counts,
+        desc="orcabench bigfive",
+    )
     bigfive = {}
     for user, t in inferred.items():
         if user in traits:
@@ -136,10 +168,20 @@ def evaluate(spec: ModelSpec, label: str, bench: Any, cfg: Any, output: Path, re
     ci = bootstrap(rows, bigfive, resamples, 0)
     folder = output / "orcabench"
     write_records(folder / "items.jsonl", [{**r, "bigfive": bigfive.get(r["user"])} for r in rows])
-    corpus = {f"distinct{n}_corpus": {"value": distinct_n([r["generated"] for r in rows], n), "ci95": None} for n in (1, 2)}
-    report = {"model": label, "benchmark": bench.name, "users": len(users), "items": len(rows), "judge": bench.judge,
-              "metrics": {**{m: {"value": values[m], "ci95": ci.get(m)} for m in METRICS}, **corpus}, "counts": dict(counts),
-              "chunk": 10, "chunks_per_user": {u: len(chunks(p, 10)) for u, p in users.items()}}
+    corpus = {
+        f"distinct{n}_corpus": {"value": distinct_n([r["generated"] for r in rows], n), "ci95": None} for n in (1, 2)
+    }
+    report = {
+        "model": label,
+        "benchmark": bench.name,
+        "users": len(users),
+        "items": len(rows),
+        "judge": bench.judge,
+        "metrics": {**{m: {"value": values[m], "ci95": ci.get(m)} for m in METRICS}, **corpus},
+        "counts": dict(counts),
+        "chunk": 10,
+        "chunks_per_user": {u: len(chunks(p, 10)) for u, p in users.items()},
+    }
     with atomic_text(folder / "report.json") as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     with atomic_text(folder / "report.md") as f:
@@ -156,20 +198,36 @@ def _judge(judge: str, rows: list[dict[str, Any]], cfg: Any, counts: Counter) ->
     for r in rows:
         m = r["meta"]
         for aspect in ASPECTS:
-            if (aspect == "profile" and not m.get("relates_to_profile")) or \
-                    (aspect == "personality" and not m.get("relates_to_personality")):
+            if (aspect == "profile" and not m.get("relates_to_profile")) or (
+                aspect == "personality" and not m.get("relates_to_personality")
+            ):
                 counts[f"{aspect}_not_counted"] += 1  # the real post does not relate to it
                 continue
             plan.append((r, aspect))
-    requests = [Request([{"role": "user", "content": render_template(template, "persona/judge-consistency.txt",
-                                                                     aspect=aspect, reference=r["meta"][aspect],
-                                                                     post=r["generated"])}],
-                        {"agent": "consistency", "aspect": aspect, "reference": r["meta"][aspect], "post": r["generated"]})
-                for r, aspect in plan]
+    requests = [
+        Request(
+            [
+                {
+                    "role": "user",
+                    "content": render_template(
+                        template,
+                        "persona/judge-consistency.txt",
+                        aspect=aspect,
+                        reference=r["meta"][aspect],
+                        post=r["generated"],
+                    ),
+                }
+            ],
+            {"agent": "consistency", "aspect": aspect, "reference": r["meta"][aspect], "post": r["generated"]},
+        )
+        for r, aspect in plan
+    ]
     parse: Callable[[str], Any] = lambda text: (lambda v: v if isinstance(v, bool) else None)(  # noqa: E731
-        (parse_json_object(text) or {}).get("consistent"))
-    verdicts, unparsable = ask_parsed(judge, requests, parse, Sampling(temperature=0.0, max_tokens=64), cfg.client, 2,
-                                      desc="orcabench judge")
+        (parse_json_object(text) or {}).get("consistent")
+    )
+    verdicts, unparsable = ask_parsed(
+        judge, requests, parse, Sampling(temperature=0.0, max_tokens=64), cfg.client, 2, desc="orcabench judge"
+    )
     counts["judge_replies_unparsable"] += unparsable
     for (r, aspect), v in zip(plan, verdicts):
         r["judge"][aspect] = v
@@ -177,9 +235,15 @@ def _judge(judge: str, rows: list[dict[str, Any]], cfg: Any, counts: Counter) ->
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"# OrcaBench: {report['model']}", "",
-             f"{report['items']} generated posts of {report['users']} held-out users; judge {report['judge']}; "
-             "95 % CIs: bootstrap over users.", "", "| metric | value | 95 % CI |", "|---|---:|---|"]
+    lines = [
+        f"# OrcaBench: {report['model']}",
+        "",
+        f"{report['items']} generated posts of {report['users']} held-out users; judge {report['judge']}; "
+        "95 % CIs: bootstrap over users.",
+        "",
+        "| metric | value | 95 % CI |",
+        "|---|---:|---|",
+    ]
     for name, m in report["metrics"].items():
         ci = m["ci95"]
         lines.append(f"| {name} | {m['value']:.4g} | " + (f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "–") + " |")
@@ -193,8 +257,12 @@ def compare_reports(by_model: dict[str, dict[str, Any]]) -> str:
     benches = list(next(iter(by_model.values())))
     lines = []
     for bench in benches:
-        lines += [f"# OrcaBench ({bench}): " + " vs ".join(labels), "", "| metric | " + " | ".join(labels) + " |",
-                  "|---|" + "---:|" * len(labels)]
+        lines += [
+            f"# OrcaBench ({bench}): " + " vs ".join(labels),
+            "",
+            "| metric | " + " | ".join(labels) + " |",
+            "|---|" + "---:|" * len(labels),
+        ]
         for metric in by_model[labels[0]][bench]["metrics"]:
             cells = []
             for label in labels:
@@ -215,7 +283,18 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
     from orca2.eval.report import save_figure
 
-    names = ["bleu", "rouge1", "rouge2", "rougeL", "distinct1", "distinct2", "profile", "knowledge", "personality", "cosine"]
+    names = [
+        "bleu",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "distinct1",
+        "distinct2",
+        "profile",
+        "knowledge",
+        "personality",
+        "cosine",
+    ]
     scale = {"bleu": 100.0}
     values, low, high = [], [], []
     for n in names:
@@ -232,4 +311,3 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"OrcaBench: {report['model']} ({report['users']} users, 95 % CI over users)")
     ax.tick_params(axis="x", rotation=30)
     return save_figure(fig, path)
-

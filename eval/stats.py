@@ -1,10 +1,12 @@
-"""Confidence intervals for accuracies and their differences (Wilson, Newcombe; paired: Newcombe method 10, McNemar), and percentile bootstrap CIs over units (users)."""
+"""Confidence intervals for accuracies and their differences (Wilson, Newcombe; paired: Newcombe method 10, McNemar),
+and percentile bootstrap CIs over units (users)."""
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -56,7 +58,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     m = b + c
     if m == 0:
         return 1.0
-    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2 ** m
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2**m
     return min(1.0, 2 * tail)
 
 
@@ -69,8 +71,9 @@ def paired_counts(first: dict[str, bool], second: dict[str, bool]) -> tuple[int,
     return a, b, c, len(common) - a - b - c
 
 
-def bootstrap_ci(units: list[Any], statistic: Callable[[list[Any]], dict[str, float]], resamples: int = 1000,
-                 seed: int = 0) -> dict[str, list[float]]:
+def bootstrap_ci(
+    units: list[Any], statistic: Callable[[list[Any]], dict[str, float]], resamples: int = 1000, seed: int = 0
+) -> dict[str, list[float]]:
     """Percentile 95 % CIs of each named value of statistic(resample), resampling `units` (users, pairs) with
     replacement; resamples where a value is nan (undefined) are left out of that value's interval."""
     rng = random.Random(seed)

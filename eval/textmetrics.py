@@ -19,7 +19,7 @@ __all__ = ["corpus_bleu", "rouge_n", "rouge_l", "rouge_scores", "distinct_n"]
 
 
 def _grams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
@@ -71,6 +71,8 @@ def rouge_scores(hypotheses: list[str], references: list[str]) -> dict[str, floa
     pairs = list(zip(hypotheses, references, strict=True))
     if not pairs:
         return {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    return {"rouge1": sum(rouge_n(h, r, 1) for h, r in pairs) / len(pairs),
-            "rouge2": sum(rouge_n(h, r, 2) for h, r in pairs) / len(pairs),
-            "rougeL": sum(rouge_l(h, r) for h, r in pairs) / len(pairs)}
+    return {
+        "rouge1": sum(rouge_n(h, r, 1) for h, r in pairs) / len(pairs),
+        "rouge2": sum(rouge_n(h, r, 2) for h, r in pairs) / len(pairs),
+        "rougeL": sum(rouge_l(h, r) for h, r in pairs) / len(pairs),
+    }

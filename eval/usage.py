@@ -16,9 +16,12 @@ import re
 
 CATEGORIES = ("direct", "step-by-step", "recall-first", "extract-first", "explanation")
 
-_RECALL = re.compile(r"^\s*(?:\**\s*)?(?:relevant facts|facts|recall|we know(?: that)?|known|definitions?|background)\b",
-                     re.IGNORECASE)
-_EXTRACT = re.compile(r"^\s*(?:\**\s*)?(?:extracted|quotes?|from the (?:question|text|passage))\b|^\s*[\"“]", re.IGNORECASE)
+_RECALL = re.compile(
+    r"^\s*(?:\**\s*)?(?:relevant facts|facts|recall|we know(?: that)?|known|definitions?|background)\b", re.IGNORECASE
+)
+_EXTRACT = re.compile(
+    r"^\s*(?:\**\s*)?(?:extracted|quotes?|from the (?:question|text|passage))\b|^\s*[\"“]", re.IGNORECASE
+)
 _STEP_LINE = re.compile(r"^\s*(?:\(?\d+[.):]|step\s*\d+\b|[-*•]\s+\S.*=)", re.IGNORECASE | re.MULTILINE)
 _CALC_LINE = re.compile(r"^[^\n]*\d[^\n]*=[^\n]*\d", re.MULTILINE)
 _ANSWER_LINE = re.compile(r"^\s*(?:the (?:final )?answer is|final answer|answer)\b.*$", re.IGNORECASE | re.MULTILINE)

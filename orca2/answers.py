@@ -38,13 +38,21 @@ _SENTENCE_END = re.compile(r"(?<!\d)\.(?!\d)|[(;\n]")
 # A choice letter: '(B)', 'B)', a line that is only the letter, 'option B'. In a marked answer ('Answer: b') lower
 # case counts too; in the fallback over a whole reply only '(b)' and 'option b' do ('a)' opens many a list item).
 _CHOICE = re.compile(r"\(([A-Z])\)|\b([A-Z])\)|^\s*([A-Z])\s*[.:]?\s*$|\b(?:option|choice)\s+([A-Z])\b", re.MULTILINE)
-_CHOICE_ANY_CASE = re.compile(r"\(([A-Za-z])\)|\b([A-Za-z])\)|^\s*([A-Za-z])\s*[.:]?\s*$|"
-                              r"\b(?:option|choice)\s+([A-Za-z])\b", re.MULTILINE | re.IGNORECASE)
-_CHOICE_FALLBACK = re.compile(r"\(([A-Za-z])\)|\b([A-Z])\)|^\s*([A-Z])\s*[.:]?\s*$|"
-                              r"\b(?:option|choice)\s+([A-Za-z])\b", re.MULTILINE)
+_CHOICE_ANY_CASE = re.compile(
+    r"\(([A-Za-z])\)|\b([A-Za-z])\)|^\s*([A-Za-z])\s*[.:]?\s*$|"
+    r"\b(?:option|choice)\s+([A-Za-z])\b",
+    re.MULTILINE | re.IGNORECASE,
+)
+_CHOICE_FALLBACK = re.compile(
+    r"\(([A-Za-z])\)|\b([A-Z])\)|^\s*([A-Z])\s*[.:]?\s*$|"
+    r"\b(?:option|choice)\s+([A-Za-z])\b",
+    re.MULTILINE,
+)
 _FRAC = re.compile(r"\\d?frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
-_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-          "seventeen eighteen nineteen").split()
+_UNITS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen"
+).split()
 _TENS = {w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
 _SCALES = {"dozen": 12, "hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _NUMBER_WORD = {**{w: i for i, w in enumerate(_UNITS)}, **_TENS}
@@ -74,10 +82,13 @@ class Extraction:
 
 
 def _number_in_words(text: str) -> str | None:
-    """The first number written in words: 'eighteen dollars' → '18', 'two hundred and five' → '205', 'a dozen' → '12'."""
+    """The first number written in words: 'eighteen dollars' → '18', 'two hundred and five' → '205', 'a dozen' →
+    '12'."""
     tokens = _WORD_TOKEN.findall(text.lower())
     for start, token in enumerate(tokens):
-        if token not in _NUMBER_WORD and not (token == "a" and start + 1 < len(tokens) and tokens[start + 1] in _SCALES):
+        if token not in _NUMBER_WORD and not (
+            token == "a" and start + 1 < len(tokens) and tokens[start + 1] in _SCALES
+        ):
             continue
         total, current, seen = 0, 0, False
         for word in tokens[start:]:
@@ -167,18 +178,22 @@ def _result_of(marked: str, answer_type: str) -> str:
     if answer_type == "number":
         chain = _CHAIN.match(marked)
         if chain:
-            rest = marked[chain.end():]
+            rest = marked[chain.end() :]
             end = _SENTENCE_END.search(rest)
-            sentence = rest[:end.start()] if end else rest
+            sentence = rest[: end.start()] if end else rest
             results = list(_RESULT.finditer(sentence))
-            return rest[results[-1].end():] if results else rest
+            return rest[results[-1].end() :] if results else rest
     return marked
 
 
 def extract_answer(response: str, answer_type: str) -> Extraction:
     """Find and normalise the final answer in a model response."""
     lower = response.lower()
-    for method, pattern, marker in (("boxed", _BOXED, "boxed"), ("hashes", _HASHES, "####"), ("answer-is", _ANSWER_IS, "answer")):
+    for method, pattern, marker in (
+        ("boxed", _BOXED, "boxed"),
+        ("hashes", _HASHES, "####"),
+        ("answer-is", _ANSWER_IS, "answer"),
+    ):
         if marker not in lower:  # a substring test is far cheaper than the regex over a long response
             continue
         matches = pattern.findall(response)
@@ -201,7 +216,7 @@ def answer_prefix(reply: str) -> str:
     (a bare answer) gives ''; any other reply gets the marker appended."""
     matches = list(_ANSWER_IS.finditer(reply))
     if matches:
-        return reply[:matches[-1].start(1)]
+        return reply[: matches[-1].start(1)]
     stripped = reply.strip()
     if "\n" not in stripped:
         return ""

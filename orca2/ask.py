@@ -20,9 +20,10 @@ import dataclasses
 import random
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # asyncio and tqdm load when something is asked, not with the CLI (orca2 --help)
     from tqdm import tqdm
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # asyncio and tqdm load when something is asked, not with the
 from orca2.cache import ResponseCache, default_cache_dir, request_key
 from orca2.errors import Orca2Error
 from orca2.models import ClientConfig, ModelError, ModelSpec, Response, Sampling, parse_model
-
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ def backoff_delay(attempt: int, cfg: ClientConfig, retry_after: float | None, rn
 
 
 class _Requester:
-    """One request to a per-request backend, with the client's RPM/TPM limits and retries; the outcome goes to the sink."""
+    """One request to a per-request backend, with the client's RPM/TPM limits and retries; the outcome goes to the
+    sink."""
 
     def __init__(self, backend: Any, cfg: ClientConfig, sink: Sink):
         self.backend, self.cfg, self.sink = backend, cfg, sink
@@ -161,8 +162,9 @@ class _Requester:
             return
 
 
-async def _per_request(backend: Any, pending: list[tuple[str, Request]], sampling: Sampling, cfg: ClientConfig,
-                       sink: Sink) -> None:
+async def _per_request(
+    backend: Any, pending: list[tuple[str, Request]], sampling: Sampling, cfg: ClientConfig, sink: Sink
+) -> None:
     import asyncio
 
     requester = _Requester(backend, cfg, sink)
@@ -202,8 +204,15 @@ def make_backend(spec: ModelSpec, client: ClientConfig, library: Any = None) -> 
 class Answers:
     """The outcome of one `ask`, in request order, read from the cache (constant memory per request)."""
 
-    def __init__(self, spec: ModelSpec, sampling: Sampling, keys: list[str], cache: ResponseCache, result: AskResult,
-                 cached: list[bool]):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        sampling: Sampling,
+        keys: list[str],
+        cache: ResponseCache,
+        result: AskResult,
+        cached: list[bool],
+    ):
         self.spec, self.sampling, self.keys, self.cache, self.result = spec, sampling, keys, cache, result
         self._cached = cached  # per request: answered before this run
         self._first: dict[str, int] | None = None
@@ -233,10 +242,15 @@ class Answers:
 
     def provenance(self, i: int, response: dict[str, Any], sample: int = 0) -> dict[str, Any]:
         """Who answered, how, and at what cost: the meta every asked-for record carries."""
-        return {"model": self.spec.id, "params": self.sampling.to_dict(),
-                "usage": {"prompt_tokens": response["prompt_tokens"], "completion_tokens": response["completion_tokens"]},
-                "finish_reason": response["finish_reasons"][sample], "latency_s": response["latency_s"],
-                "attempts": response["attempts"], "cache_key": self.keys[i]}
+        return {
+            "model": self.spec.id,
+            "params": self.sampling.to_dict(),
+            "usage": {"prompt_tokens": response["prompt_tokens"], "completion_tokens": response["completion_tokens"]},
+            "finish_reason": response["finish_reasons"][sample],
+            "latency_s": response["latency_s"],
+            "attempts": response["attempts"],
+            "cache_key": self.keys[i],
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         return (self.response(i) for i in range(len(self.keys)))
@@ -244,7 +258,7 @@ class Answers:
     def close(self) -> None:
         self.cache.close()
 
-    def __enter__(self) -> "Answers":
+    def __enter__(self) -> Answers:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -260,8 +274,15 @@ def _identity(spec: ModelSpec) -> str:
     return spec.id
 
 
-def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, client: ClientConfig, *,
-        desc: str = "ask", library: Any = None) -> Answers:
+def ask(
+    model: str | ModelSpec,
+    requests: list[Request],
+    sampling: Sampling,
+    client: ClientConfig,
+    *,
+    desc: str = "ask",
+    library: Any = None,
+) -> Answers:
     """Answer every request not yet in the cache; return all answers in order (close them, or use `with`).
 
     The backend is built only when something is missing, so a fully cached re-run needs no key or model.
@@ -301,8 +322,16 @@ def ask(model: str | ModelSpec, requests: list[Request], sampling: Sampling, cli
     return Answers(spec, sampling, keys, cache, result, cached)
 
 
-def ask_parsed(model: str | ModelSpec, requests: list[Request], parse: Callable[[str], Any], sampling: Sampling,
-               client: ClientConfig, attempts: int, *, desc: str = "ask") -> tuple[list[Any], int]:
+def ask_parsed(
+    model: str | ModelSpec,
+    requests: list[Request],
+    parse: Callable[[str], Any],
+    sampling: Sampling,
+    client: ClientConfig,
+    attempts: int,
+    *,
+    desc: str = "ask",
+) -> tuple[list[Any], int]:
     """Ask, and ask again (the next seed) where `parse` finds nothing usable in the reply (returns None).
 
     Returns (the parsed value of each request or None after `attempts` asks, the number of replies that did
@@ -359,8 +388,9 @@ class AskQueue:
         self.cached = 0  # jobs answered from the cache
         self._wake: Callable[[], None] | None = None  # set while streaming: a new job wakes one idle worker
 
-    def put(self, model: str, request: Request, sampling: Sampling,
-            callback: Callable[[dict[str, Any] | None, str], None]) -> None:
+    def put(
+        self, model: str, request: Request, sampling: Sampling, callback: Callable[[dict[str, Any] | None, str], None]
+    ) -> None:
         if model not in self.specs:
             raise Orca2Error(f"AskQueue: model {model} was not named when the queue was made")
         self.jobs.append(_Job(self.specs[model], request, sampling, callback))
@@ -376,8 +406,10 @@ class AskQueue:
             self._rounds()
         aborted = [f"{model}: {r.aborted}" for model, r in self.results.items() if r.aborted]
         if aborted:
-            raise Orca2Error(f"run stopped early ({'; '.join(aborted)}); finished responses are cached, so running "
-                             "again asks only what is missing")
+            raise Orca2Error(
+                f"run stopped early ({'; '.join(aborted)}); finished responses are cached, so running "
+                "again asks only what is missing"
+            )
 
     def _rounds(self) -> None:
         while self.jobs:
@@ -387,8 +419,14 @@ class AskQueue:
                 groups.setdefault((job.spec.id, repr(job.sampling)), []).append(job)
             for group in groups.values():
                 head = group[0]
-                with ask(head.spec, [j.request for j in group], head.sampling, self.client, desc=self.desc,
-                         library=self.library) as answers:
+                with ask(
+                    head.spec,
+                    [j.request for j in group],
+                    head.sampling,
+                    self.client,
+                    desc=self.desc,
+                    library=self.library,
+                ) as answers:
                     result = self.results.setdefault(head.spec.id, AskResult())
                     for field_ in ("requested", "done", "retries", "prompt_tokens", "completion_tokens"):
                         setattr(result, field_, getattr(result, field_) + getattr(answers.result, field_))
@@ -432,8 +470,11 @@ class AskQueue:
         def requester(spec: ModelSpec) -> _Requester:
             if spec.id not in requesters:
                 result = self.results.setdefault(spec.id, AskResult())
-                requesters[spec.id] = _Requester(make_backend(spec, self.client, self.library), self.client,
-                                                 Sink(cache, result, bar, self.client.abort_after))
+                requesters[spec.id] = _Requester(
+                    make_backend(spec, self.client, self.library),
+                    self.client,
+                    Sink(cache, result, bar, self.client.abort_after),
+                )
             return requesters[spec.id]
 
         async def worker() -> None:

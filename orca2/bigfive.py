@@ -9,8 +9,8 @@ from typing import Any
 from orca2.ask import Request, ask_parsed
 from orca2.models import ClientConfig, Sampling
 from orca2.parse import parse_json_object
-from orca2.traits import DOMAINS, aggregate, chunks, facet_table, facets
 from orca2.prompts import read_prompt, render_template
+from orca2.traits import DOMAINS, aggregate, chunks, facet_table, facets
 
 
 def facet_parser(counts: Counter) -> Any:
@@ -28,18 +28,40 @@ def facet_parser(counts: Counter) -> Any:
     return parse
 
 
-def infer_users(users: dict[str, list[str]], judge: str, chunk: int, client: ClientConfig, sampling: Sampling,
-                attempts: int, counts: Counter, desc: str = "persona infer") -> dict[str, dict[str, Any]]:
+def infer_users(
+    users: dict[str, list[str]],
+    judge: str,
+    chunk: int,
+    client: ClientConfig,
+    sampling: Sampling,
+    attempts: int,
+    counts: Counter,
+    desc: str = "persona infer",
+) -> dict[str, dict[str, Any]]:
     """user → traits (aggregate of the judged chunks, with chunks_asked and chunks_judged) from each user's post
     texts; counts chunks, unjudged chunks (unparsable after `attempts` asks) and users left without any judged chunk."""
     table = facet_table()
     listing = "\n".join(f"{d}: {f} — {desc_}" for d in DOMAINS for f, desc_ in table[d].items())
     template = read_prompt("persona/infer.txt")
     plan = [(user, part) for user, posts in users.items() for part in chunks(posts, chunk)]
-    requests = [Request([{"role": "user", "content": render_template(
-        template, "persona/infer.txt", count=str(len(part)), facets=listing,
-        posts="\n".join(f"- {p}" for p in part))}], {"agent": "infer", "posts": list(part)})
-        for _, part in plan]
+    requests = [
+        Request(
+            [
+                {
+                    "role": "user",
+                    "content": render_template(
+                        template,
+                        "persona/infer.txt",
+                        count=str(len(part)),
+                        facets=listing,
+                        posts="\n".join(f"- {p}" for p in part),
+                    ),
+                }
+            ],
+            {"agent": "infer", "posts": list(part)},
+        )
+        for _, part in plan
+    ]
     marks, unparsable = ask_parsed(judge, requests, facet_parser(counts), sampling, client, attempts, desc=desc)
     counts["judge_replies_unparsable"] += unparsable
     by_user: dict[str, list[set[str]]] = {u: [] for u in users}

@@ -75,7 +75,7 @@ class ResponseCache:
         self._writer.close()
         self._reader.close()
 
-    def __enter__(self) -> "ResponseCache":
+    def __enter__(self) -> ResponseCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

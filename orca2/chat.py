@@ -22,9 +22,11 @@ def _template_end_of_turn(tokenizer: Any) -> int | None:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that cannot render this pair names no end-of-turn token
         return None
-    after = text[text.rfind(_MARK) + len(_MARK):] if _MARK in text else ""
+    after = text[text.rfind(_MARK) + len(_MARK) :] if _MARK in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ()) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ()) | set(
+        getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    )
     return ids[0] if ids and ids[0] in special else None
 
 

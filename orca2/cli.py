@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -20,8 +21,12 @@ log = logging.getLogger("orca2")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     # One line per HTTP request is noise at info level (and 2,000 lines in a run of 2,000 requests).
     for name in ("httpx", "httpx2", "openai", "urllib3", "datasets", "filelock", "matplotlib"):
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
@@ -34,9 +39,22 @@ def common_options(fn: Callable[..., Any] | None = None, *, seed: bool = True) -
     if fn is None:
         return functools.partial(common_options, seed=seed)
 
-    @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config; its keys are this command's options.")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config key (repeatable), e.g. --set client.concurrency=64.")
-    @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        help="YAML config; its keys are this command's options.",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one config key (repeatable), e.g. --set client.concurrency=64.",
+    )
+    @click.option(
+        "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+    )
     @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
     @functools.wraps(fn)
     def wrapper(*args: Any, log_level: str, debug: bool, **kwargs: Any) -> Any:
@@ -44,7 +62,9 @@ def common_options(fn: Callable[..., Any] | None = None, *, seed: bool = True) -
         return fn(*args, **kwargs)
 
     if seed:
-        return click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")(wrapper)
+        return click.option("--seed", type=int, default=None, help="Random seed (default: the config's, else 0).")(
+            wrapper
+        )
     return wrapper
 
 
@@ -84,13 +104,20 @@ def _field_flags(cls: type, section: str, defaults: Any) -> list[tuple[str, clic
             hint = str(f.type)
             kind = int if hint.startswith("int") else float if hint.startswith("float") else None
         shown = "" if default is None else f" (default {default})"
-        flags.append((f"{section}.{f.name}", click.Option([flag, f"{section}_{f.name}"], type=kind, default=None,
-                                                           help=f.metadata.get("help", "") + shown)))
+        flags.append(
+            (
+                f"{section}.{f.name}",
+                click.Option(
+                    [flag, f"{section}_{f.name}"], type=kind, default=None, help=f.metadata.get("help", "") + shown
+                ),
+            )
+        )
     return flags
 
 
-def teacher_options(stage: str, with_teacher: bool = True,
-                    with_strategies: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def teacher_options(
+    stage: str, with_teacher: bool = True, with_strategies: bool = True
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Model, client and sampling options shared by select, generate and eval, derived from the config classes.
 
     Only recorded here: StageCommand builds them when the command is parsed or its help shown, so listing the
@@ -113,12 +140,20 @@ def _stage_options(stage: str, with_teacher: bool, with_strategies: bool) -> lis
     stage_config = getattr(importlib.import_module(module), name)
     fields = {f.name: f for f in dataclasses.fields(stage_config)}
     defaults = {name: f.default_factory() for name, f in fields.items() if name in ("client", "sampling")}
-    specs = _field_flags(ClientConfig, "client", defaults["client"]) + _field_flags(Sampling, "sampling", defaults["sampling"])
+    specs = _field_flags(ClientConfig, "client", defaults["client"]) + _field_flags(
+        Sampling, "sampling", defaults["sampling"]
+    )
     options = [click.Option(["--teacher"], default=None, help=SPEC_FORMS)] if with_teacher else []
     options += [opt for key, opt in specs if key != "sampling.seed"]  # the common --seed sets it
     if with_strategies:
-        options.append(click.Option(["--strategies", "user_strategies"], multiple=True, type=click.Path(),
-                                    help="Extra strategy YAML file or folder."))
+        options.append(
+            click.Option(
+                ["--strategies", "user_strategies"],
+                multiple=True,
+                type=click.Path(),
+                help="Extra strategy YAML file or folder.",
+            )
+        )
     return options
 
 
@@ -164,19 +199,43 @@ def cli() -> None:
 @click.option("--per-kind", type=int, default=None, help="Synthetic items per kind (default 100).")
 @click.option("--split", default=None, help="Synthetic split name; each split draws its own items (default train).")
 @click.option("--limit", type=int, default=None, help="Keep at most this many records per source.")
-@click.option("--columns", default=None, metavar="KEY=COL,...", help="Row mapping for jsonl:/hf: sources (prompt, answer, id, task).")
+@click.option(
+    "--columns",
+    default=None,
+    metavar="KEY=COL,...",
+    help="Row mapping for jsonl:/hf: sources (prompt, answer, id, task).",
+)
 @click.option("--task", default=None, help="Task name for jsonl:/hf: rows without a task column.")
 @click.option("--skip-invalid", is_flag=True, default=None, help="Send bad rows to <output>.rejects.jsonl and go on.")
 @common_options
-def tasks(sources: tuple[str, ...], output: str | None, per_kind: int | None, split: str | None, limit: int | None,
-          columns: str | None, task: str | None, skip_invalid: bool | None, config_path: str | None,
-          overrides: tuple[str, ...], seed: int | None) -> None:
+def tasks(
+    sources: tuple[str, ...],
+    output: str | None,
+    per_kind: int | None,
+    split: str | None,
+    limit: int | None,
+    columns: str | None,
+    task: str | None,
+    skip_invalid: bool | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+) -> None:
     """Build task records from SOURCES (gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME, synthetic[:KIND,...])."""
-    from orca2.stages import tasks as stage
     from orca2.config import load_config
+    from orca2.stages import tasks as stage
 
-    flags = {"sources": sources, "output": output, "per_kind": per_kind, "split": split, "limit": limit,
-             "columns": _parse_columns(columns), "task": task, "skip_invalid": skip_invalid, "seed": seed}
+    flags = {
+        "sources": sources,
+        "output": output,
+        "per_kind": per_kind,
+        "split": split,
+        "limit": limit,
+        "columns": _parse_columns(columns),
+        "task": task,
+        "skip_invalid": skip_invalid,
+        "seed": seed,
+    }
     cfg = load_config(stage.TasksConfig, config_path, overrides, flags)
     summary = stage.run(cfg)
     for spec, tally in summary["sources"].items():
@@ -192,7 +251,9 @@ def strategies() -> None:
 
 
 @strategies.command("list")
-@click.option("--strategies", "user_paths", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder.")
+@click.option(
+    "--strategies", "user_paths", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder."
+)
 def strategies_list(user_paths: tuple[str, ...]) -> None:
     """List the strategies with their descriptions."""
     from orca2.strategies import Library
@@ -203,7 +264,9 @@ def strategies_list(user_paths: tuple[str, ...]) -> None:
 
 @strategies.command("show")
 @click.argument("name")
-@click.option("--strategies", "user_paths", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder.")
+@click.option(
+    "--strategies", "user_paths", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder."
+)
 def strategies_show(name: str, user_paths: tuple[str, ...]) -> None:
     """Print a strategy's full system prompt."""
     from orca2.strategies import Library
@@ -227,20 +290,40 @@ def _teacher_flags(kw: dict[str, Any], seed: int | None) -> dict[str, Any]:
 
 
 @cli.command()
-@click.option("--docs", multiple=True, help="Document source (repeatable): a file or folder, jsonl:PATH, hf:NAME[@SPLIT].")
-@click.option("--flow", default=None, help="A built-in flow (reading-comprehension, text-modification, orca-math) or a flow YAML.")
+@click.option(
+    "--docs", multiple=True, help="Document source (repeatable): a file or folder, jsonl:PATH, hf:NAME[@SPLIT]."
+)
+@click.option(
+    "--flow", default=None, help="A built-in flow (reading-comprehension, text-modification, orca-math) or a flow YAML."
+)
 @click.option("-o", "--output", default=None, help="Task records to write (the input of generate).")
-@click.option("--model", default=None, help="The model every agent asks (default local:default); models.AGENT overrides one.")
+@click.option(
+    "--model", default=None, help="The model every agent asks (default local:default); models.AGENT overrides one."
+)
 @click.option("--text-field", default=None, help="jsonl/hf documents: the text column (default text).")
 @click.option("--passage-size", type=int, default=None, help="Characters per passage at most (default 2000).")
 @click.option("--rounds", type=int, default=None, help="Suggester/editor rounds (default: the flow's).")
-@click.option("--decontaminate", multiple=True, metavar="SOURCE", help="Eval set to decontaminate against (repeatable).")
+@click.option(
+    "--decontaminate", multiple=True, metavar="SOURCE", help="Eval set to decontaminate against (repeatable)."
+)
 @click.option("--list", "list_flows", is_flag=True, help="List the built-in flows and the 17 skills, then exit.")
 @teacher_options("orca2.stages.instruct:InstructConfig", with_teacher=False, with_strategies=False)
 @common_options
-def instruct(docs: tuple[str, ...], flow: str | None, output: str | None, model: str | None, text_field: str | None,
-             passage_size: int | None, rounds: int | None, decontaminate: tuple[str, ...], list_flows: bool,
-             config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
+def instruct(
+    docs: tuple[str, ...],
+    flow: str | None,
+    output: str | None,
+    model: str | None,
+    text_field: str | None,
+    passage_size: int | None,
+    rounds: int | None,
+    decontaminate: tuple[str, ...],
+    list_flows: bool,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **options: Any,
+) -> None:
     """Documents → agent flows (transformation, seed instructions, suggester/editor rounds) → task records."""
     from orca2.config import load_config
 
@@ -249,22 +332,35 @@ def instruct(docs: tuple[str, ...], flow: str | None, output: str | None, model:
 
         for name in builtin_flows():
             f = load_flow(name)
-            click.echo(f"{name}: {f.description} ({len(f.transformations)} transformations, {len(f.types)} types, "
-                       f"{f.refine.rounds} refinement rounds)")
+            click.echo(
+                f"{name}: {f.description} ({len(f.transformations)} transformations, {len(f.types)} types, "
+                f"{f.refine.rounds} refinement rounds)"
+            )
         click.echo("\nskills (AgentInstruct's 17):")
         for skill in skills():
             click.echo(f"  {skill['name']}: {skill['flow'] or 'no flow yet'}")
         return
     from orca2.stages import instruct as stage
 
-    flags = {"docs": docs or None, "flow": flow, "output": output, "model": model, "text_field": text_field,
-             "passage_size": passage_size, "rounds": rounds, "decontaminate": decontaminate or None, "seed": seed,
-             **_teacher_flags(options, seed)}
+    flags = {
+        "docs": docs or None,
+        "flow": flow,
+        "output": output,
+        "model": model,
+        "text_field": text_field,
+        "passage_size": passage_size,
+        "rounds": rounds,
+        "decontaminate": decontaminate or None,
+        "seed": seed,
+        **_teacher_flags(options, seed),
+    }
     r = stage.run(load_config(stage.InstructConfig, config_path, overrides, flags))
     dropped = ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items() if v) or "none"
-    click.echo(f"{r['documents']} documents → {r['passages']} passages → {r['candidates']} candidates "
-               f"({r['agent_requests']['sent']} agent requests sent, {r['agent_requests']['cached']} from the cache) → "
-               f"{r['kept']} task records in {r['output']} (dropped: {dropped})")
+    click.echo(
+        f"{r['documents']} documents → {r['passages']} passages → {r['candidates']} candidates "
+        f"({r['agent_requests']['sent']} agent requests sent, {r['agent_requests']['cached']} from the cache) → "
+        f"{r['kept']} task records in {r['output']} (dropped: {dropped})"
+    )
     from orca2.io import sidecar
 
     click.echo(f"report: {sidecar(r['output'], 'report.md')}")
@@ -280,14 +376,23 @@ def persona() -> None:
 @click.option("--users", type=int, default=None, help="Synthetic users (default 60).")
 @click.option("--posts", type=int, default=None, help="Posts per user (default 30).")
 @common_options
-def persona_synth(output: str | None, users: int | None, posts: int | None, config_path: str | None,
-                  overrides: tuple[str, ...], seed: int | None) -> None:
+def persona_synth(
+    output: str | None,
+    users: int | None,
+    posts: int | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+) -> None:
     """Synthetic users with known BigFive levels; their posts written by a program from facet phrase banks."""
     from orca2.config import load_config
     from orca2.stages import persona as stage
 
-    r = stage.synth(load_config(stage.SynthConfig, config_path, overrides,
-                                {"output": output, "users": users, "posts": posts, "seed": seed}))
+    r = stage.synth(
+        load_config(
+            stage.SynthConfig, config_path, overrides, {"output": output, "users": users, "posts": posts, "seed": seed}
+        )
+    )
     click.echo(f"wrote {r['posts']} posts of {r['users']} users to {r['output']} (truth: {r['truth']})")
 
 
@@ -299,14 +404,30 @@ def persona_synth(output: str | None, users: int | None, posts: int | None, conf
 @click.option("--truth", default=None, help="A truth file (persona synth): Spearman's rho per domain in the report.")
 @teacher_options("orca2.stages.persona:InferConfig", with_teacher=False, with_strategies=False)
 @common_options
-def persona_infer(posts_path: str | None, output: str | None, judge: str | None, chunk: int | None, truth: str | None,
-                  config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
+def persona_infer(
+    posts_path: str | None,
+    output: str | None,
+    judge: str | None,
+    chunk: int | None,
+    truth: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **options: Any,
+) -> None:
     """Each user's BigFive facets from their posts, judged chunk by chunk."""
     from orca2.config import load_config
     from orca2.stages import persona as stage
 
-    flags = {"posts": posts_path, "output": output, "judge": judge, "chunk": chunk, "truth": truth, "seed": seed,
-             **_teacher_flags(options, seed)}
+    flags = {
+        "posts": posts_path,
+        "output": output,
+        "judge": judge,
+        "chunk": chunk,
+        "truth": truth,
+        "seed": seed,
+        **_teacher_flags(options, seed),
+    }
     r = stage.infer(load_config(stage.InferConfig, config_path, overrides, flags))
     click.echo(f"traits of {r['users']} users → {r['output']}")
     from orca2.io import sidecar
@@ -321,8 +442,16 @@ def persona_infer(posts_path: str | None, output: str | None, judge: str | None,
 @click.option("--model", default=None, help="The model that writes profiles and activities (default program:persona).")
 @teacher_options("orca2.stages.persona:AugmentConfig", with_teacher=False, with_strategies=False)
 @common_options
-def persona_augment(posts_path: str | None, traits: str | None, output: str | None, model: str | None,
-                    config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
+def persona_augment(
+    posts_path: str | None,
+    traits: str | None,
+    output: str | None,
+    model: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **options: Any,
+) -> None:
     """Per user a profile and knowledge; per post its psychological activity and what it relates to."""
     from orca2.config import load_config
     from orca2.stages import persona as stage
@@ -336,19 +465,37 @@ def persona_augment(posts_path: str | None, traits: str | None, output: str | No
 @click.option("--augmented", default=None, help="persona augment output.")
 @click.option("--traits", default=None, help="persona infer output.")
 @click.option("-o", "--output", default=None, help="PCIP training records.")
-@click.option("--variant", type=click.Choice(["ptit", "psit"]), default=None, help="Traits as text (ptit) or a summary (psit).")
+@click.option(
+    "--variant", type=click.Choice(["ptit", "psit"]), default=None, help="Traits as text (ptit) or a summary (psit)."
+)
 @click.option("--holdout", type=float, default=None, help="Share of users held out for OrcaBench (default 0).")
 @common_options
-def persona_build(augmented: str | None, traits: str | None, output: str | None, variant: str | None,
-                  holdout: float | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None) -> None:
+def persona_build(
+    augmented: str | None,
+    traits: str | None,
+    output: str | None,
+    variant: str | None,
+    holdout: float | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+) -> None:
     """PCIP records (PTIT or PSIT) in the one record format, for orca2 train."""
     from orca2.config import load_config
     from orca2.stages import persona as stage
 
-    flags = {"augmented": augmented, "traits": traits, "output": output, "variant": variant, "holdout": holdout,
-             "seed": seed}
+    flags = {
+        "augmented": augmented,
+        "traits": traits,
+        "output": output,
+        "variant": variant,
+        "holdout": holdout,
+        "seed": seed,
+    }
     r = stage.build(load_config(stage.BuildConfig, config_path, overrides, flags))
-    click.echo(f"{r['train_records']} training records → {r['output']}; {r['heldout_records']} held-out → {r['heldout']}")
+    click.echo(
+        f"{r['train_records']} training records → {r['output']}; {r['heldout_records']} held-out → {r['heldout']}"
+    )
 
 
 @cli.command()
@@ -360,25 +507,50 @@ def persona_build(augmented: str | None, traits: str | None, output: str | None,
 @click.option("--allow-failures", is_flag=True, default=None, help="Exit 0 even if some requests failed for good.")
 @teacher_options("orca2.stages.generate:GenerateConfig")
 @common_options
-def generate(tasks_path: str | None, assign: str | None, strategy: str | None, output: str | None, limit: int | None,
-             allow_failures: bool | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None,
-             **teacher: Any) -> None:
+def generate(
+    tasks_path: str | None,
+    assign: str | None,
+    strategy: str | None,
+    output: str | None,
+    limit: int | None,
+    allow_failures: bool | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **teacher: Any,
+) -> None:
     """Send tasks to the teacher under their strategy prompts (writes traces)."""
-    from orca2.stages import generate as stage
     from orca2.config import load_config
+    from orca2.stages import generate as stage
 
-    flags = {"tasks": tasks_path, "assign": assign, "strategy": strategy, "output": output, "limit": limit,
-             "allow_failures": allow_failures, **_teacher_flags(teacher, seed)}
+    flags = {
+        "tasks": tasks_path,
+        "assign": assign,
+        "strategy": strategy,
+        "output": output,
+        "limit": limit,
+        "allow_failures": allow_failures,
+        **_teacher_flags(teacher, seed),
+    }
     cfg = load_config(stage.GenerateConfig, config_path, overrides, flags)
     s = stage.run(cfg)
-    cost = f", cost ≈ ${s['cost_this_run_usd']:.4f} (total ${s['cost_total_usd']:.4f})" if s["cost_total_usd"] is not None else ""
-    click.echo(f"{s['answered']}/{s['tasks']} tasks answered ({s['cached_at_start']} from cache, {s['done_this_run']} new, "
-               f"{s['failed']} failed, {s['retries']} retries); tokens this run: {s['usage_this_run']['prompt_tokens']} prompt + "
-               f"{s['usage_this_run']['completion_tokens']} completion{cost}")
+    cost = (
+        f", cost ≈ ${s['cost_this_run_usd']:.4f} (total ${s['cost_total_usd']:.4f})"
+        if s["cost_total_usd"] is not None
+        else ""
+    )
+    click.echo(
+        f"{s['answered']}/{s['tasks']} tasks answered ({s['cached_at_start']} from cache, {s['done_this_run']} new, "
+        f"{s['failed']} failed, {s['retries']} retries); tokens this run: {s['usage_this_run']['prompt_tokens']} "
+        "prompt + "
+        f"{s['usage_this_run']['completion_tokens']} completion{cost}"
+    )
     click.echo(f"wrote {s['records']} traces to {s['output']}")
     if s["failed"]:
-        message = (f"{s['failed']} of {s['tasks']} tasks failed (listed in {s['errors']}); "
-                   f"finished responses are cached, so re-running the same command retries only these")
+        message = (
+            f"{s['failed']} of {s['tasks']} tasks failed (listed in {s['errors']}); "
+            f"finished responses are cached, so re-running the same command retries only these"
+        )
         if s.get("aborted"):
             message = f"run stopped early: {s['aborted']}; " + message
         if not cfg.allow_failures:
@@ -393,15 +565,27 @@ def generate(tasks_path: str | None, assign: str | None, strategy: str | None, o
 @click.option("--dev-size", type=int, default=None, help="Items per task (default 32).")
 @teacher_options("orca2.stages.select:SelectConfig")
 @common_options
-def select(tasks_path: str | None, output: str | None, candidates: str | None, dev_size: int | None,
-           config_path: str | None, overrides: tuple[str, ...], seed: int | None, **teacher: Any) -> None:
+def select(
+    tasks_path: str | None,
+    output: str | None,
+    candidates: str | None,
+    dev_size: int | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **teacher: Any,
+) -> None:
     """Pick the best strategy per task by scoring the teacher on a dev slice (writes an assignment)."""
-    from orca2.stages import select as stage
     from orca2.config import load_config
+    from orca2.stages import select as stage
 
-    flags = {"tasks": tasks_path, "output": output, "dev_size": dev_size,
-             "candidates": tuple(c.strip() for c in candidates.split(",") if c.strip()) if candidates else None,
-             **_teacher_flags(teacher, seed)}
+    flags = {
+        "tasks": tasks_path,
+        "output": output,
+        "dev_size": dev_size,
+        "candidates": tuple(c.strip() for c in candidates.split(",") if c.strip()) if candidates else None,
+        **_teacher_flags(teacher, seed),
+    }
     cfg = load_config(stage.SelectConfig, config_path, overrides, flags)
     report = stage.run(cfg)
     from orca2.io import sidecar
@@ -414,26 +598,62 @@ def select(tasks_path: str | None, output: str | None, candidates: str | None, d
 @click.argument("input_path", required=False)
 @click.option("-o", "--output", default=None, help="Output SFT file.")
 @click.option("--generic", default=None, help="Generic system prompt: cautious (default), empty, or a text file.")
-@click.option("--leak", type=click.Choice(["drop", "flag", "off"]), default=None, help="Responses that reveal the erased prompt.")
+@click.option(
+    "--leak", type=click.Choice(["drop", "flag", "off"]), default=None, help="Responses that reveal the erased prompt."
+)
 @click.option("--verify", type=click.Choice(["drop", "label", "off"]), default=None, help="Wrong answers against gold.")
-@click.option("--dedup", type=click.Choice(["near", "exact", "off"]), default=None, help="Duplicate prompts (default near).")
-@click.option("--decontaminate", multiple=True, metavar="SOURCE", help="Eval set to decontaminate against (repeatable): gsm8k:PATH, bbh:PATH, ...")
+@click.option(
+    "--dedup", type=click.Choice(["near", "exact", "off"]), default=None, help="Duplicate prompts (default near)."
+)
+@click.option(
+    "--decontaminate",
+    multiple=True,
+    metavar="SOURCE",
+    help="Eval set to decontaminate against (repeatable): gsm8k:PATH, bbh:PATH, ...",
+)
 @click.option("--max-tokens", type=int, default=None, help="Drop records longer than this (the training max_len).")
-@click.option("--tokenizer", default=None, help="Tokenizer for --max-tokens (HF folder, .gguf, default); else ≈4 chars/token.")
-@click.option("--skip-invalid", is_flag=True, default=None, help="Send malformed lines to <output>.rejects.jsonl and go on.")
-@click.option("--strategies", "user_strategies", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder.")
+@click.option(
+    "--tokenizer", default=None, help="Tokenizer for --max-tokens (HF folder, .gguf, default); else ≈4 chars/token."
+)
+@click.option(
+    "--skip-invalid", is_flag=True, default=None, help="Send malformed lines to <output>.rejects.jsonl and go on."
+)
+@click.option(
+    "--strategies", "user_strategies", multiple=True, type=click.Path(), help="Extra strategy YAML file or folder."
+)
 @common_options(seed=False)
-def erase(input_path: str | None, output: str | None, generic: str | None, leak: str | None, verify: str | None,
-          dedup: str | None, decontaminate: tuple[str, ...], max_tokens: int | None, tokenizer: str | None,
-          skip_invalid: bool | None, user_strategies: tuple[str, ...], config_path: str | None,
-          overrides: tuple[str, ...]) -> None:
+def erase(
+    input_path: str | None,
+    output: str | None,
+    generic: str | None,
+    leak: str | None,
+    verify: str | None,
+    dedup: str | None,
+    decontaminate: tuple[str, ...],
+    max_tokens: int | None,
+    tokenizer: str | None,
+    skip_invalid: bool | None,
+    user_strategies: tuple[str, ...],
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Replace strategy prompts by one generic prompt and curate the traces (writes SFT data)."""
-    from orca2.stages import erase as stage
     from orca2.config import load_config
+    from orca2.stages import erase as stage
 
-    flags = {"input": input_path, "output": output, "generic": generic, "leak": leak, "verify": verify, "dedup": dedup,
-             "decontaminate": decontaminate, "max_tokens": max_tokens, "tokenizer": tokenizer,
-             "skip_invalid": skip_invalid, "strategies": user_strategies}
+    flags = {
+        "input": input_path,
+        "output": output,
+        "generic": generic,
+        "leak": leak,
+        "verify": verify,
+        "dedup": dedup,
+        "decontaminate": decontaminate,
+        "max_tokens": max_tokens,
+        "tokenizer": tokenizer,
+        "skip_invalid": skip_invalid,
+        "strategies": user_strategies,
+    }
     cfg = load_config(stage.EraseConfig, config_path, overrides, flags)
     r = stage.run(cfg)
     reasons = ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items()) or "none"
@@ -444,102 +664,204 @@ def erase(input_path: str | None, output: str | None, generic: str | None, leak:
 
 
 @cli.command()
-@click.option("--tasks", "tasks_path", default=None, help="Prompts: task records (or traces / SFT records: the reply is dropped).")
-@click.option("--student", default=None, help="The student: local:<folder|.gguf|default> (engine) or openai:<name> (served).")
+@click.option(
+    "--tasks", "tasks_path", default=None, help="Prompts: task records (or traces / SFT records: the reply is dropped)."
+)
+@click.option(
+    "--student", default=None, help="The student: local:<folder|.gguf|default> (engine) or openai:<name> (served)."
+)
 @click.option("-o", "--output", default=None, help="Sampled replies (one record per sample).")
-@click.option("--generic", default=None, help="System prompt the student answers under: cautious (default), empty, a file.")
+@click.option(
+    "--generic", default=None, help="System prompt the student answers under: cautious (default), empty, a file."
+)
 @click.option("--limit", type=int, default=None, help="Only the first N prompts.")
 @teacher_options("orca2.stages.sample:SampleConfig", with_teacher=False, with_strategies=False)
 @common_options
-def sample(tasks_path: str | None, student: str | None, output: str | None, generic: str | None, limit: int | None,
-           config_path: str | None, overrides: tuple[str, ...], seed: int | None, **model: Any) -> None:
+def sample(
+    tasks_path: str | None,
+    student: str | None,
+    output: str | None,
+    generic: str | None,
+    limit: int | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **model: Any,
+) -> None:
     """The student writes K replies per prompt (default K = 4, T = 0.7, top_p = 0.95)."""
     from orca2.config import load_config
     from orca2.stages import sample as stage
 
-    flags = {"tasks": tasks_path, "student": student, "output": output, "generic": generic, "limit": limit,
-             **_teacher_flags(model, seed)}
+    flags = {
+        "tasks": tasks_path,
+        "student": student,
+        "output": output,
+        "generic": generic,
+        "limit": limit,
+        **_teacher_flags(model, seed),
+    }
     s = stage.run(load_config(stage.SampleConfig, config_path, overrides, flags))
-    click.echo(f"{s['samples']} replies to {s['prompts'] - s['failed']}/{s['prompts']} prompts ({s['cached_at_start']} "
-               f"from cache, {s['failed']} failed) → {s['output']}")
+    click.echo(
+        f"{s['samples']} replies to {s['prompts'] - s['failed']}/{s['prompts']} prompts ({s['cached_at_start']} "
+        f"from cache, {s['failed']} failed) → {s['output']}"
+    )
     if s["failed"]:
-        raise Orca2Error(f"{s['failed']} prompts failed (listed in {s['errors']}); "
-                         "re-running the same command retries only these")
+        raise Orca2Error(
+            f"{s['failed']} prompts failed (listed in {s['errors']}); re-running the same command retries only these"
+        )
 
 
 @cli.command()
 @click.argument("replies", nargs=-1)
 @click.option("--teacher", "teacher_traces", multiple=True, help="Teacher traces for the same prompts (repeatable).")
 @click.option("-o", "--output", default=None, help="Judged replies (teacher replies included).")
-@click.option("--judge", "judge_kind", type=click.Choice(["answer", "llm", "rubric"]), default=None,
-              help="answer: final answer vs gold, else the teacher's (offline); llm: a judge model's verdict; "
-                   "rubric: DNO's 6-point rubric over all replies of a prompt, two orders averaged.")
+@click.option(
+    "--judge",
+    "judge_kind",
+    type=click.Choice(["answer", "llm", "rubric"]),
+    default=None,
+    help="answer: final answer vs gold, else the teacher's (offline); llm: a judge model's verdict; "
+    "rubric: DNO's 6-point rubric over all replies of a prompt, two orders averaged.",
+)
 @click.option("--model", default=None, help="The judge model for llm and rubric (openai:NAME, batch:NAME, local:PATH).")
 @teacher_options("orca2.stages.judge:JudgeConfig", with_teacher=False, with_strategies=False)
 @common_options
-def judge(replies: tuple[str, ...], teacher_traces: tuple[str, ...], output: str | None, judge_kind: str | None,
-          model: str | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None, **options: Any) -> None:
+def judge(
+    replies: tuple[str, ...],
+    teacher_traces: tuple[str, ...],
+    output: str | None,
+    judge_kind: str | None,
+    model: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **options: Any,
+) -> None:
     """Score sampled replies (meta.judge), teacher replies joined as positives-to-be."""
     from orca2.config import load_config
     from orca2.stages import judge as stage
 
-    flags = {"replies": replies or None, "teacher": teacher_traces or None, "output": output, "judge": judge_kind,
-             "model": model, **_teacher_flags(options, seed)}
+    flags = {
+        "replies": replies or None,
+        "teacher": teacher_traces or None,
+        "output": output,
+        "judge": judge_kind,
+        "model": model,
+        **_teacher_flags(options, seed),
+    }
     s = stage.run(load_config(stage.JudgeConfig, config_path, overrides, flags))
-    click.echo(f"judged {s.get('student_replies', 0)} student replies ({s.get('correct', 0)} correct, {s.get('wrong', 0)} "
-               f"wrong where the judge says so), {s.get('unjudged', 0)} unjudged ({s.get('unjudged_no_reference', 0)} "
-               f"without a reference answer); {s.get('teacher_replies', 0)} teacher replies → {s['output']}")
+    click.echo(
+        f"judged {s.get('student_replies', 0)} student replies ({s.get('correct', 0)} correct, {s.get('wrong', 0)} "
+        f"wrong where the judge says so), {s.get('unjudged', 0)} unjudged ({s.get('unjudged_no_reference', 0)} "
+        f"without a reference answer); {s.get('teacher_replies', 0)} teacher replies → {s['output']}"
+    )
 
 
 @cli.command()
 @click.argument("judged", nargs=-1)
 @click.option("-o", "--output", default=None, help="Preference records (the input of train --objective dpo|kto).")
-@click.option("--recipe", type=click.Choice(["orca-math", "dno"]), default=None,
-              help="orca-math: teacher and correct replies over wrong ones; dno: 6-point rubric scores with margins.")
-@click.option("--objective", type=click.Choice(["dpo", "kto"]), default=None, help="Pairs (dpo) or labelled replies (kto).")
-@click.option("--cut", type=click.Choice(["none", "first-difference"]), default=None,
-              help="dpo: cut each pair after the first line its replies differ in (partial replies).")
+@click.option(
+    "--recipe",
+    type=click.Choice(["orca-math", "dno"]),
+    default=None,
+    help="orca-math: teacher and correct replies over wrong ones; dno: 6-point rubric scores with margins.",
+)
+@click.option(
+    "--objective", type=click.Choice(["dpo", "kto"]), default=None, help="Pairs (dpo) or labelled replies (kto)."
+)
+@click.option(
+    "--cut",
+    type=click.Choice(["none", "first-difference"]),
+    default=None,
+    help="dpo: cut each pair after the first line its replies differ in (partial replies).",
+)
 @click.option("--replay", multiple=True, help="An earlier round's pairs file, newest first (repeatable).")
 @common_options
-def pairs(judged: tuple[str, ...], output: str | None, recipe: str | None, objective: str | None, cut: str | None,
-          replay: tuple[str, ...], config_path: str | None, overrides: tuple[str, ...], seed: int | None) -> None:
+def pairs(
+    judged: tuple[str, ...],
+    output: str | None,
+    recipe: str | None,
+    objective: str | None,
+    cut: str | None,
+    replay: tuple[str, ...],
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+) -> None:
     """Judged replies → preference records (DPO pairs or KTO labels), with replay of earlier rounds."""
     from orca2.config import load_config
     from orca2.stages import pairs as stage
 
-    flags = {"judged": judged or None, "output": output, "recipe": recipe, "objective": objective, "cut": cut,
-             "replay": replay or None, "seed": seed}
+    flags = {
+        "judged": judged or None,
+        "output": output,
+        "recipe": recipe,
+        "objective": objective,
+        "cut": cut,
+        "replay": replay or None,
+        "seed": seed,
+    }
     r = stage.run(load_config(stage.PairsConfig, config_path, overrides, flags))
-    unit = f"{r.get('pairs', 0)} pairs" if r["objective"] == "dpo" else \
-        f"{r.get('desirable', 0)} desirable + {r.get('undesirable', 0)} undesirable replies"
-    click.echo(f"read {r.get('replies_read', 0)} replies of {r['prompts']} prompts; wrote {unit} for "
-               f"{r.get('prompts_with_pairs', 0)} prompts ({r.get('prompts_without_pairs', 0)} without) to {r['output']}")
+    unit = (
+        f"{r.get('pairs', 0)} pairs"
+        if r["objective"] == "dpo"
+        else f"{r.get('desirable', 0)} desirable + {r.get('undesirable', 0)} undesirable replies"
+    )
+    click.echo(
+        f"read {r.get('replies_read', 0)} replies of {r['prompts']} prompts; wrote {unit} for "
+        f"{r.get('prompts_with_pairs', 0)} prompts ({r.get('prompts_without_pairs', 0)} without) to {r['output']}"
+    )
 
 
 @cli.command()
 @click.option("--model", default=None, help="Student: local:default | HF folder | file.gguf | hub name.")
-@click.option("--data", multiple=True, help="Training JSONL (one stage; repeatable). Progressive stages go in the config.")
-@click.option("--objective", type=click.Choice(["sft", "dpo", "kto"]), default=None,
-              help="sft: erased traces (default); dpo: chosen/rejected pairs; kto: replies labelled desirable/undesirable.")
+@click.option(
+    "--data", multiple=True, help="Training JSONL (one stage; repeatable). Progressive stages go in the config."
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["sft", "dpo", "kto"]),
+    default=None,
+    help="sft: erased traces (default); dpo: chosen/rejected pairs; kto: replies labelled desirable/undesirable.",
+)
 @click.option("--reference", default=None, help="dpo/kto reference model (default: the policy training starts from).")
 @click.option("-o", "--output", default=None, help="Run folder (checkpoints, logs, final model in <output>/model).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint.")
-@click.option("--nproc", type=int, default=None, help="Start this many ranks with the deepspeed launcher (GPUs, or CPU ranks).")
+@click.option(
+    "--nproc", type=int, default=None, help="Start this many ranks with the deepspeed launcher (GPUs, or CPU ranks)."
+)
 @click.option("--hostfile", default=None, help="DeepSpeed hostfile for many nodes (implies the launcher).")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
 @common_options
-def train(model: str | None, data: tuple[str, ...], objective: str | None, reference: str | None, output: str | None,
-          resume: bool | None, nproc: int | None,
-          hostfile: str | None, local_rank: int | None, config_path: str | None, overrides: tuple[str, ...],
-          seed: int | None) -> None:
+def train(
+    model: str | None,
+    data: tuple[str, ...],
+    objective: str | None,
+    reference: str | None,
+    output: str | None,
+    resume: bool | None,
+    nproc: int | None,
+    hostfile: str | None,
+    local_rank: int | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+) -> None:
     """Fine-tune the student with DeepSpeed: SFT on erased traces (loss on assistant tokens only), DPO or KTO."""
     import os
 
     from orca2.config import load_config
     from orca2.train import trainer
 
-    flags = {"model": model, "data": data, "output": output, "resume": resume, "seed": seed, "objective": objective,
-             "reference": reference}
+    flags = {
+        "model": model,
+        "data": data,
+        "output": output,
+        "resume": resume,
+        "seed": seed,
+        "objective": objective,
+        "reference": reference,
+    }
     cfg = load_config(trainer.TrainConfig, config_path, overrides, flags)  # validate before any process starts
     from orca2.models import check_student
 
@@ -549,8 +871,13 @@ def train(model: str | None, data: tuple[str, ...], objective: str | None, refer
 
         launcher = launcher_command(nproc, hostfile)
         args = (["--config", config_path] if config_path else []) + [f"--set={o}" for o in overrides]
-        for key, value in (("--model", model), ("--output", output), ("--seed", seed), ("--objective", objective),
-                           ("--reference", reference)):
+        for key, value in (
+            ("--model", model),
+            ("--output", output),
+            ("--seed", seed),
+            ("--objective", objective),
+            ("--reference", reference),
+        ):
             args += [key, str(value)] if value is not None else []
         args += [f"--data={d}" for d in data] + (["--resume"] if resume else [])
         env = dict(os.environ)
@@ -565,16 +892,25 @@ def train(model: str | None, data: tuple[str, ...], objective: str | None, refer
     summary = trainer.run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         for stage in summary["stages"]:
-            click.echo(f"stage {stage['stage']}: {stage['steps']} steps, examples {stage['examples']}, "
-                       f"packing efficiency {stage['packing_efficiency'] or 0:.3f}")
+            click.echo(
+                f"stage {stage['stage']}: {stage['steps']} steps, examples {stage['examples']}, "
+                f"packing efficiency {stage['packing_efficiency'] or 0:.3f}"
+            )
         click.echo(f"final model (HF format): {summary['model']}")
 
 
 @cli.group("eval", invoke_without_command=True)
 @click.option("--model", default=None, help="HF folder | local:default | local:<path> | openai:<model>.")
-@click.option("--bench", default=None, metavar="NAME,...", help="Benchmarks (gsm8k, bbh, bbh/<task>, arc-challenge, mmlu, ...).")
-@click.option("--system", "system_prompts", default=None, metavar="COND,...",
-              help="System-prompt conditions: empty, cautious, strategy:NAME, or a text file (default empty).")
+@click.option(
+    "--bench", default=None, metavar="NAME,...", help="Benchmarks (gsm8k, bbh, bbh/<task>, arc-challenge, mmlu, ...)."
+)
+@click.option(
+    "--system",
+    "system_prompts",
+    default=None,
+    metavar="COND,...",
+    help="System-prompt conditions: empty, cautious, strategy:NAME, or a text file (default empty).",
+)
 @click.option("-o", "--output", default=None, help="Report folder.")
 @click.option("--label", default=None, help="The model's name in reports.")
 @click.option("--limit", type=int, default=None, help="Items per task.")
@@ -583,9 +919,21 @@ def train(model: str | None, data: tuple[str, ...], objective: str | None, refer
 @teacher_options("orca2.eval.evaluate:EvalConfig", with_teacher=False)
 @common_options
 @click.pass_context
-def eval_(ctx: click.Context, model: str | None, bench: str | None, system_prompts: str | None, output: str | None,
-          label: str | None, limit: int | None, extra_benchmarks: tuple[str, ...], data_dir: str | None,
-          config_path: str | None, overrides: tuple[str, ...], seed: int | None, **teacher: Any) -> None:
+def eval_(
+    ctx: click.Context,
+    model: str | None,
+    bench: str | None,
+    system_prompts: str | None,
+    output: str | None,
+    label: str | None,
+    limit: int | None,
+    extra_benchmarks: tuple[str, ...],
+    data_dir: str | None,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    seed: int | None,
+    **teacher: Any,
+) -> None:
     """Evaluate a model on benchmarks under empty, cautious and strategy system prompts (`eval compare` to combine)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -593,19 +941,32 @@ def eval_(ctx: click.Context, model: str | None, bench: str | None, system_promp
     from orca2.eval import evaluate as stage
 
     split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip()) if text else None  # noqa: E731
-    flags = {"model": model, "bench": split(bench), "system": split(system_prompts), "output": output, "label": label,
-             "limit": limit, "benchmarks": extra_benchmarks, "data_dir": data_dir, **_teacher_flags(teacher, seed)}
+    flags = {
+        "model": model,
+        "bench": split(bench),
+        "system": split(system_prompts),
+        "output": output,
+        "label": label,
+        "limit": limit,
+        "benchmarks": extra_benchmarks,
+        "data_dir": data_dir,
+        **_teacher_flags(teacher, seed),
+    }
     cfg = load_config(stage.EvalConfig, config_path, overrides, flags)
     report = stage.run(cfg)
     for name, bench in report.get("orcabench", {}).items():
         m = bench["metrics"]
-        click.echo(f"{report['model']} | {name}: BLEU {m['bleu']['value']:.2f}, ROUGE-L {m['rougeL']['value']:.3f}, "
-                   f"BigFive cosine {m['cosine']['value']:.3f} ({bench['users']} users); "
-                   f"report: {cfg.output}/orcabench/report.md")
+        click.echo(
+            f"{report['model']} | {name}: BLEU {m['bleu']['value']:.2f}, ROUGE-L {m['rougeL']['value']:.3f}, "
+            f"BigFive cosine {m['cosine']['value']:.3f} ({bench['users']} users); "
+            f"report: {cfg.output}/orcabench/report.md"
+        )
     for condition, summary in report.get("benchmarks", {}).items():
         for name, o in summary["overall"].items():
-            click.echo(f"{report['model']} | {condition} | {name}: {100 * o['accuracy']:.1f}% "
-                       f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] over {o['n']} items")
+            click.echo(
+                f"{report['model']} | {condition} | {name}: {100 * o['accuracy']:.1f}% "
+                f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] over {o['n']} items"
+            )
     if "benchmarks" in report:
         click.echo(f"report: {cfg.output}/report.md")
 
@@ -624,8 +985,9 @@ def eval_compare(reports: tuple[str, ...], output: str) -> None:
 @click.option("-o", "--output", default=None, help="Run folder (overrides the config's output).")
 @click.option("--from", "from_stage", default=None, help="Redo this stage and every one after it.")
 @common_options
-def run(output: str | None, from_stage: str | None, config_path: str | None, overrides: tuple[str, ...],
-        seed: int | None) -> None:
+def run(
+    output: str | None, from_stage: str | None, config_path: str | None, overrides: tuple[str, ...], seed: int | None
+) -> None:
     """Run the whole chain from one pipeline config, skipping stages whose inputs and config are unchanged."""
     from orca2 import pipeline
 
@@ -633,7 +995,10 @@ def run(output: str | None, from_stage: str | None, config_path: str | None, ove
         raise Orca2Error("run: give --config pipeline.yaml (see configs/demo.yaml)")
     overrides = overrides + ((f"seed={seed}",) if seed is not None else ())
     result = pipeline.run(config_path, overrides, from_stage, output)
-    click.echo(f"ran: {', '.join(result['ran']) or 'nothing'}; skipped (unchanged): {', '.join(result['skipped']) or 'nothing'}")
+    click.echo(
+        f"ran: {', '.join(result['ran']) or 'nothing'}; skipped (unchanged): "
+        f"{', '.join(result['skipped']) or 'nothing'}"
+    )
     click.echo(f"manifest: {result['manifest']}")
 
 
@@ -648,16 +1013,22 @@ def cache(ctx: click.Context) -> None:
     from orca2.cache import default_cache_dir
     from orca2.weights import list_entries
 
-    rows = [(r["what"] + ("" if r["whole"] else " (incomplete)"), r["bytes"], r["last_used"], r["folder"])
-            for r in list_entries()]
+    rows = [
+        (r["what"] + ("" if r["whole"] else " (incomplete)"), r["bytes"], r["last_used"], r["folder"])
+        for r in list_entries()
+    ]
     responses = default_cache_dir() / "responses.jsonl"
     if responses.exists():
         lines = sum(1 for _ in open(responses, "rb"))
-        rows.append((f"responses ({lines} cached)", responses.stat().st_size, responses.stat().st_mtime, str(responses)))
+        rows.append(
+            (f"responses ({lines} cached)", responses.stat().st_size, responses.stat().st_mtime, str(responses))
+        )
     if not rows:
         click.echo("the cache is empty")
     for what, size, used, where in rows:
-        click.echo(f"{_size(size):>9}  last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(used))}  {what}  {where}")
+        click.echo(
+            f"{_size(size):>9}  last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(used))}  {what}  {where}"
+        )
 
 
 def _size(n: float) -> str:
@@ -670,7 +1041,9 @@ def _size(n: float) -> str:
 
 @cache.command("clear")
 @click.option("--models", "models_", is_flag=True, help="Remove the converted models (rebuilt on next use).")
-@click.option("--responses", is_flag=True, help="Remove the cached teacher responses (asked again, and paid, on next use).")
+@click.option(
+    "--responses", is_flag=True, help="Remove the cached teacher responses (asked again, and paid, on next use)."
+)
 def cache_clear(models_: bool, responses: bool) -> None:
     """Remove converted models and/or cached responses."""
     import shutil
@@ -701,8 +1074,6 @@ def launcher_command(nproc: int | None, hostfile: str | None) -> list[str]:
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
     launcher += ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(nproc)]
     return launcher + ["--master_port", os.environ.get("MASTER_PORT") or str(free_port())]
-
-
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -222,8 +222,12 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: SECRET if f.metadata.get("secret") and getattr(value, f.name) is not None
-                    else plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {
+                f.name: SECRET
+                if f.metadata.get("secret") and getattr(value, f.name) is not None
+                else plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+            }
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
         if isinstance(value, dict):

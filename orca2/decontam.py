@@ -24,7 +24,9 @@ class ContaminationIndex:
         self.n = n
         self.min_short = min_short
         self._grams: dict[int, str] = {}  # hash of an n-gram → id of the first eval item holding it
-        self._short: dict[int, list[tuple[tuple[str, ...], str]]] = {}  # hash of first min_short words → (item words, id)
+        self._short: dict[
+            int, list[tuple[tuple[str, ...], str]]
+        ] = {}  # hash of first min_short words → (item words, id)
         self._vocabulary: set[str] = set()  # every word of every indexed item
         self.items = 0
 
@@ -74,7 +76,7 @@ class ContaminationIndex:
         if self._short:
             for i, head in enumerate(ngrams(words, self.min_short)):
                 for item, eval_id in self._short.get(hash(head), ()):
-                    if tuple(words[i:i + len(item)]) == item:
+                    if tuple(words[i : i + len(item)]) == item:
                         return Match(eval_id, " ".join(item))
         return None
 
@@ -87,7 +89,7 @@ def build_contamination_index(sources: tuple[str, ...], n: int) -> Contamination
 
     index = ContaminationIndex(n)
     for spec in sources:
-        for where, item in open_source(spec):
+        for _where, item in open_source(spec):
             if isinstance(item, Orca2Error):
                 raise item
             index.add(user_prompt(item), item["id"])

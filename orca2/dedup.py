@@ -7,7 +7,6 @@ each other, so preference data keeps all its samples.
 from __future__ import annotations
 
 import hashlib
-
 from typing import Any
 
 from orca2.ngrams import MinHasher, normalised_text
@@ -49,14 +48,17 @@ class NearDeduper:
         self._band_mix = rng.integers(1, 2**63, size=self.rows, dtype=np.uint64) | np.uint64(1)
 
     def check_batch(self, texts: list[str], groups: list[str]) -> list[str | None]:
-        """For each text in order: the group of an earlier near-duplicate from another group, else None (and index it)."""
+        """For each text in order: the group of an earlier near-duplicate from another group, else None (and index
+        it)."""
         import numpy as np
 
         if not texts:
             return []
         signatures = self.hasher.signatures(texts)
         with np.errstate(over="ignore"):  # one 64-bit key per band: rows mixed, wrap-around intended
-            band_keys = (signatures.reshape(len(texts), self.bands, self.rows).astype(np.uint64) * self._band_mix).sum(axis=2)
+            band_keys = (signatures.reshape(len(texts), self.bands, self.rows).astype(np.uint64) * self._band_mix).sum(
+                axis=2
+            )
         found: list[str | None] = []
         buckets = self._buckets
         for signature, keys, group in zip(signatures, band_keys.tolist(), groups):

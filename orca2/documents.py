@@ -13,15 +13,37 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from orca2.errors import Orca2Error
 from orca2.io import iter_json_lines
 
-TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".js", ".ts", ".java", ".c", ".h", ".cpp", ".go", ".rs", ".sh",
-                   ".html", ".tex", ".json", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".sql")
+TEXT_EXTENSIONS = (
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".js",
+    ".ts",
+    ".java",
+    ".c",
+    ".h",
+    ".cpp",
+    ".go",
+    ".rs",
+    ".sh",
+    ".html",
+    ".tex",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".cfg",
+    ".ini",
+    ".sql",
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +65,9 @@ class Passage:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
 
-def read_documents(source: str, *, text_field: str = "text", id_field: str | None = None,
-                   extensions: tuple[str, ...] = TEXT_EXTENSIONS) -> Iterator[Document]:
+def read_documents(
+    source: str, *, text_field: str = "text", id_field: str | None = None, extensions: tuple[str, ...] = TEXT_EXTENSIONS
+) -> Iterator[Document]:
     """The documents of a source; a row without the text field is an error naming file, line and field."""
     kind, _, arg = source.partition(":")
     if kind == "jsonl" and arg:
@@ -90,7 +113,7 @@ def _pieces(paragraph: str, size: int, joiner: str = "\n\n") -> list[tuple[str, 
         parts = [p for p in re.split(separator, paragraph) if p.strip()]
         if len(parts) > 1:
             return [q for k, p in enumerate(parts) for q in _pieces(p, size, joiner if k == 0 else glue)]
-    return [(paragraph[i:i + size], joiner if i == 0 else "") for i in range(0, len(paragraph), size)]
+    return [(paragraph[i : i + size], joiner if i == 0 else "") for i in range(0, len(paragraph), size)]
 
 
 def split_passages(document: Document, size: int, min_size: int = 1) -> tuple[list[Passage], int]:

@@ -26,8 +26,9 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from orca2.errors import Orca2Error
 
@@ -88,15 +89,26 @@ class _Step:
     span: int = 0  # decode: keys attended (the longest sequence + 1)
 
 
-def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-                   dropout: float = 0.0, orca2_step: _Step | None = None, **kwargs: Any) -> tuple[Any, None]:
+def slot_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    orca2_step: _Step | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """Attention over the engine's slot buffers: query (B, H, q, D), key/value (B, H_kv, q, D) → (B, q, H, D)."""
     import torch.nn.functional as F
 
     if orca2_step is None:  # the model used outside the engine: plain causal SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     step, layer = orca2_step, module.layer_idx
     keys, values = step.keys[layer], step.values[layer]
     gqa = query.shape[1] != key.shape[1]
@@ -105,7 +117,7 @@ def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask
 
         parts = []
         for seg in step.segments:  # in order: a prefix is stored (at this layer) before the segments that read it
-            k, v, q = key[0, :, seg.start:seg.end], value[0, :, seg.start:seg.end], query[:, :, seg.start:seg.end]
+            k, v, q = key[0, :, seg.start : seg.end], value[0, :, seg.start : seg.end], query[:, :, seg.start : seg.end]
             if seg.store is not None:
                 step.prefixes[seg.store][layer] = (k.clone(), v.clone())
             if seg.prefix is None:
@@ -124,8 +136,14 @@ def slot_attention(module: Any, query: Any, key: Any, value: Any, attention_mask
     else:  # decode: one new token per active slot, written at its own length
         keys[step.rows, :, step.positions] = key[:, :, 0]
         values[step.rows, :, step.positions] = value[:, :, 0]
-        out = F.scaled_dot_product_attention(query, keys[: step.active, :, : step.span], values[: step.active, :, : step.span],
-                                             attn_mask=step.mask, scale=scaling, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            query,
+            keys[: step.active, :, : step.span],
+            values[: step.active, :, : step.span],
+            attn_mask=step.mask,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -139,13 +157,16 @@ def sample_seed(seed: int | None, key: str, sample: int) -> int:
 class Engine:
     """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface."""
 
-    def __init__(self, model: Any, stop_ids: list[int], slots: int = 64, prefill_tokens: int = 2048,
-                 min_prefix: int = 16):
+    def __init__(
+        self, model: Any, stop_ids: list[int], slots: int = 64, prefill_tokens: int = 2048, min_prefix: int = 16
+    ):
         from transformers import AttentionInterface
 
         cfg = model.config
         if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "sliding_window_pattern", None):
-            raise Orca2Error(f"the local engine does not support {cfg.model_type} attention (softcapping / local layers)")
+            raise Orca2Error(
+                f"the local engine does not support {cfg.model_type} attention (softcapping / local layers)"
+            )
         AttentionInterface.register(NAME, slot_attention)
         model.set_attn_implementation(NAME)
         self.model, self.stop_ids, self.prefill_tokens = model, set(stop_ids), prefill_tokens
@@ -168,7 +189,9 @@ class Engine:
         runnable = []
         for job in jobs:
             if len(job.prompt) >= self.max_positions:
-                on_fail(job, f"prompt of {len(job.prompt)} tokens does not fit the model's {self.max_positions} positions")
+                on_fail(
+                    job, f"prompt of {len(job.prompt)} tokens does not fit the model's {self.max_positions} positions"
+                )
             else:
                 runnable.append(job)
         if not runnable:
@@ -176,13 +199,18 @@ class Engine:
         capacity = min(self.max_positions, max(len(j.prompt) + j.max_tokens for j in runnable))
         window = getattr(self.model.config, "sliding_window", None)
         if window and getattr(self.model.config, "use_sliding_window", True) and capacity > window:
-            raise Orca2Error(f"the local engine attends to whole sequences: prompt + max_tokens ({capacity}) must fit "
-                             f"the model's sliding window ({window})")
+            raise Orca2Error(
+                f"the local engine attends to whole sequences: prompt + max_tokens ({capacity}) must fit "
+                f"the model's sliding window ({window})"
+            )
         self.slots = min(self.requested_slots, self._slots_that_fit(capacity, dtype.itemsize, device))
         shape = (self.slots, self.kv_heads, capacity, self.head_dim)
         # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
-        step = _Step(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
-                     values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)], prefixes={})
+        step = _Step(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
+            prefixes={},
+        )
         lengths = torch.zeros(self.slots, dtype=torch.long, device=device)  # tokens held per slot
         rows: list[_Seq] = []  # row i owns slot i
         waiting = deque(sorted(runnable, key=lambda job: job.prompt))  # shared prefixes run together
@@ -207,11 +235,18 @@ class Engine:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         fit = max(1, int(0.4 * free) // per_slot)
         if fit < self.requested_slots:
-            log.warning("local engine: %d slots of %d tokens would need %.1f GB; decoding %d at a time",
-                        self.requested_slots, capacity, self.requested_slots * per_slot / 1e9, fit)
+            log.warning(
+                "local engine: %d slots of %d tokens would need %.1f GB; decoding %d at a time",
+                self.requested_slots,
+                capacity,
+                self.requested_slots * per_slot / 1e9,
+                fit,
+            )
         return fit
 
-    def _retire(self, rows: list[_Seq], step: _Step, lengths: Any, capacity: int, on_done: Callable[[Job], None]) -> None:
+    def _retire(
+        self, rows: list[_Seq], step: _Step, lengths: Any, capacity: int, on_done: Callable[[Job], None]
+    ) -> None:
         """Take finished sequences out; the last row moves into each hole, so active rows stay 0..B-1."""
         for i in reversed(range(len(rows))):  # highest first, so a moved row is never one still to check
             seq = rows[i]
@@ -309,8 +344,13 @@ class Engine:
                 rows.append(_Seq(job, sample, [], generator))
             lengths[slots] = len(job.prompt)
         step.segments = segments
-        out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                         orca2_step=step, use_cache=False, logits_to_keep=torch.tensor(last, device=device))
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            orca2_step=step,
+            use_cache=False,
+            logits_to_keep=torch.tensor(last, device=device),
+        )
         step.segments = []
         for prefix in [p for p, n in self._users.items() if n == 0 and p in step.prefixes]:
             del step.prefixes[prefix]  # no waiting prompt needs it any more

@@ -17,8 +17,16 @@ from typing import Any
 # CPU features that change which kernels run (and so the last bits of a result).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "fma")
 # Variables that change numerics or kernel choice.
-NUMERIC_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-               "ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE")
+NUMERIC_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "NVIDIA_TF32_OVERRIDE",
+)
 
 
 def _cpu() -> dict[str, Any]:
@@ -32,8 +40,11 @@ def _cpu() -> dict[str, Any]:
                 flags = set(value.split())
     except OSError:
         pass
-    return {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags],
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    return {
+        "cpu": model,
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
 
 
 def _torch() -> dict[str, Any]:
@@ -45,11 +56,18 @@ def _torch() -> dict[str, Any]:
 
     config = torch.__config__.show()
     blas = re.findall(r"\b(?:BLAS_INFO|LAPACK_INFO)=[^,\s]+", config)
-    blas += [line.strip("- ").split(" for ")[0] for line in config.splitlines()
-             if line.strip().startswith(("- Intel(R) oneAPI Math Kernel Library", "- Intel(R) MKL-DNN", "- OpenBLAS"))]
-    out: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "blas": blas,
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "auto_dtype": {"cpu": str(resolve_dtype("auto", "cpu")).removeprefix("torch.")}}
+    blas += [
+        line.strip("- ").split(" for ")[0]
+        for line in config.splitlines()
+        if line.strip().startswith(("- Intel(R) oneAPI Math Kernel Library", "- Intel(R) MKL-DNN", "- OpenBLAS"))
+    ]
+    out: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "blas": blas,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "auto_dtype": {"cpu": str(resolve_dtype("auto", "cpu")).removeprefix("torch.")},
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
         out["cuda"] = torch.version.cuda

@@ -3,4 +3,3 @@
 
 class Orca2Error(ValueError):
     """A user-facing error: its message names the file, line and field at fault."""
-

@@ -122,30 +122,49 @@ def load_flow(name_or_path: str) -> Flow:
     if not flow.types or not flow.transformations:
         raise Orca2Error(f"{source}: a flow needs at least one type and one transformation")
     if not 1 <= flow.types_per_passage <= len(flow.types) or flow.per_call < 1:
-        raise Orca2Error(f"{_at(source, lines, 'types_per_passage')}: types_per_passage must be 1..{len(flow.types)} "
-                         "and per_call >= 1")
+        raise Orca2Error(
+            f"{_at(source, lines, 'types_per_passage')}: types_per_passage must be 1..{len(flow.types)} "
+            "and per_call >= 1"
+        )
     if flow.refine.rounds < 0 or (flow.refine.rounds and (flow.refine.suggester is None or flow.refine.editor is None)):
-        raise Orca2Error(f"{_at(source, lines, 'refine')}: refine needs rounds >= 0, and a suggester and an editor "
-                         "when rounds > 0")
-    for key, value in (("answer_field", flow.answer_field), ("grounding.answer", flow.grounding and flow.grounding.answer),
-                       ("grounding.evidence", flow.grounding and flow.grounding.evidence)):
+        raise Orca2Error(
+            f"{_at(source, lines, 'refine')}: refine needs rounds >= 0, and a suggester and an editor when rounds > 0"
+        )
+    for key, value in (
+        ("answer_field", flow.answer_field),
+        ("grounding.answer", flow.grounding and flow.grounding.answer),
+        ("grounding.evidence", flow.grounding and flow.grounding.evidence),
+    ):
         if value and value not in flow.item_fields:
-            raise Orca2Error(f"{_at(source, lines, key)}: '{value}' is not one of item_fields ({', '.join(flow.item_fields)})")
+            raise Orca2Error(
+                f"{_at(source, lines, key)}: '{value}' is not one of item_fields ({', '.join(flow.item_fields)})"
+            )
     items = set(flow.item_fields)
-    filled = {"transform": {"passage"}, "seed": {"passage", "type", "definition", "example", "count"},
-              "suggester": {"passage", "type", "definition"} | items,
-              "editor": {"passage", "type", "definition", "suggestions"} | items}
+    filled = {
+        "transform": {"passage"},
+        "seed": {"passage", "type", "definition", "example", "count"},
+        "suggester": {"passage", "type", "definition"} | items,
+        "editor": {"passage", "type", "definition", "suggestions"} | items,
+    }
     prompts: dict[str, str] = {}
-    agents = [("transform", f"transformations ({t.name})", "transformations", t.prompt) for t in flow.transformations if t.prompt]
+    agents = [
+        ("transform", f"transformations ({t.name})", "transformations", t.prompt)
+        for t in flow.transformations
+        if t.prompt
+    ]
     agents.append(("seed", "seed", "seed.prompt", flow.seed.prompt))
     if flow.refine.rounds:
-        agents += [("suggester", "refine.suggester", "refine.suggester.prompt", flow.refine.suggester.prompt),  # type: ignore[union-attr]
-                   ("editor", "refine.editor", "refine.editor.prompt", flow.refine.editor.prompt)]  # type: ignore[union-attr]
+        agents += [
+            ("suggester", "refine.suggester", "refine.suggester.prompt", flow.refine.suggester.prompt),  # type: ignore[union-attr]
+            ("editor", "refine.editor", "refine.editor.prompt", flow.refine.editor.prompt),
+        ]  # type: ignore[union-attr]
     for role, label, key, relative in agents:
         text = _read_prompt(path, relative, f"{_at(source, lines, key)}: agent {label}")
         _check_placeholders(text, filled[role], f"{_at(source, lines, key)}: agent {label}: prompt {relative}")
         prompts[relative] = text
-    _check_placeholders(flow.task_template, {"passage", "type"} | items, f"{_at(source, lines, 'task_template')}: task_template")
+    _check_placeholders(
+        flow.task_template, {"passage", "type"} | items, f"{_at(source, lines, 'task_template')}: task_template"
+    )
     return Flow(**{**flow.__dict__, "source": source, "prompts": prompts})
 
 
@@ -164,5 +183,7 @@ def _check_placeholders(text: str, filled: set[str], where: str) -> None:
         raise Orca2Error(f"{where}: {exc}") from None
     unknown = sorted(names - filled)
     if unknown:
-        raise Orca2Error(f"{where}: placeholder {{{unknown[0]}}} is not filled by the flow "
-                         f"(this agent gets: {', '.join(sorted(filled))})")
+        raise Orca2Error(
+            f"{where}: placeholder {{{unknown[0]}}} is not filled by the flow "
+            f"(this agent gets: {', '.join(sorted(filled))})"
+        )

@@ -5,9 +5,9 @@ An item (question, answer, evidence) is grounded when both hold:
      (default 0.8) of its word 3-grams occur in the passage (a quote under 3 words: all its words occur);
      a flow without an evidence field skips this;
   2. **answer recoverable**: the answer's content words (stop words, yes/no/true/false left out) occur in
-     the passage at least `word_share` (default 0.75) of the time, and each number in the answer (in digits) is one of
-     the passage's numbers (in digits or words: one … twenty, dozen, half) or one operation (+, −, ×, ÷) away from two of them — numerical questions
-     compute their answers from the passage's numbers, never from nowhere.
+     the passage at least `word_share` (default 0.75) of the time, and each number in the answer (in digits) is one
+     of the passage's numbers (in digits or words: one … twenty, dozen, half) or one operation (+, −, ×, ÷) away from
+     two of them — numerical questions compute their answers from the passage's numbers, never from nowhere.
 An answer that is only "true", "yes", a blank's filler that is in the passage, or a derivable number
 passes on its evidence. Words are compared after lower-casing, without punctuation, with a plural "s"
 stripped, so "bridges" in the answer finds "bridge" in the passage.
@@ -27,20 +27,37 @@ from dataclasses import dataclass
 
 from orca2.ngrams import ngrams, words
 
-STOP_WORDS = frozenset("""a an the and or but if then of to in on at by for with from as is are was were be been being it its
+STOP_WORDS = frozenset(
+    """a an the and or but if then of to in on at by for with from as is are was were be been being it its
 this that these those there their they them he she his her him we our you your i my me not no yes true false do does did
 has have had will would can could should may might must so than which who whom whose what when where why how all any
 each both either neither one about into over after before under between because while also only very more most less
-such same other""".split())
+such same other""".split()
+)
 # Digits touching no letter or digit (a decimal point inside is part of the number; an atomic group so that
 # "3.5kg" is not read as the number 3 followed by ".5kg"). "−" (U+2212) is a minus sign.
 _NUMBER = re.compile(r"(?<![^\W_.])(?>[-−]?\d+(?:,\d{3})*(?:\.\d+)?)(?![^\W_])")
 _UNIT_QUANTITY = re.compile(r"(?<![^\W_.])(?>(\d+(?:,\d{3})*(?:\.\d+)?)([^\W\d_]+))(?![^\W_])")  # "5kg", "19th"
-_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-          "seventeen eighteen nineteen twenty").split()
-NUMBER_WORDS = {**{w: float(i) for i, w in enumerate(_WORDS)}, "thirty": 30.0, "forty": 40.0, "fifty": 50.0,
-                "sixty": 60.0, "seventy": 70.0, "eighty": 80.0, "ninety": 90.0, "hundred": 100.0, "dozen": 12.0,
-                "twice": 2.0, "half": 0.5, "double": 2.0, "triple": 3.0}
+_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+).split()
+NUMBER_WORDS = {
+    **{w: float(i) for i, w in enumerate(_WORDS)},
+    "thirty": 30.0,
+    "forty": 40.0,
+    "fifty": 50.0,
+    "sixty": 60.0,
+    "seventy": 70.0,
+    "eighty": 80.0,
+    "ninety": 90.0,
+    "hundred": 100.0,
+    "dozen": 12.0,
+    "twice": 2.0,
+    "half": 0.5,
+    "double": 2.0,
+    "triple": 3.0,
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,7 @@ def _numbers(text: str, passage: bool = False) -> list[float]:
 
 def _derivable(value: float, numbers: list[float]) -> bool:
     """`value` is one of `numbers` or one +, −, ×, ÷ of two of them (within 1e-6 relative)."""
+
     def close(x: float) -> bool:
         return abs(x - value) <= 1e-6 * max(1.0, abs(value))
 
@@ -81,12 +99,17 @@ def _facts(passage: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]
     """A passage's words, stemmed words, word 3-grams and numbers: computed once for all its questions."""
     found = words(passage)
     units = [m.group(2).casefold() for m in _UNIT_QUANTITY.finditer(passage)]  # "5kg" also says "kg"
-    return (frozenset(found), frozenset(_stem(w) for w in found + units), frozenset(ngrams(found, 3)),
-            tuple(_numbers(passage, passage=True)))
+    return (
+        frozenset(found),
+        frozenset(_stem(w) for w in found + units),
+        frozenset(ngrams(found, 3)),
+        tuple(_numbers(passage, passage=True)),
+    )
 
 
-def check(passage: str, answer: str, evidence: str | None = None, *, quote_share: float = 0.8,
-          word_share: float = 0.75) -> Verdict:
+def check(
+    passage: str, answer: str, evidence: str | None = None, *, quote_share: float = 0.8, word_share: float = 0.75
+) -> Verdict:
     vocabulary, stems, trigrams, known = _facts(passage)
     if evidence is not None:
         quote = words(evidence)

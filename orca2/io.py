@@ -6,8 +6,9 @@ import contextlib
 import gzip
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 import orjson
 
@@ -19,7 +20,7 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of each non-blank line; a missing file is an Orca2Error."""
     if not path.exists():
         raise Orca2Error(f"{path}: no such file")
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 yield lineno, line
@@ -29,7 +30,9 @@ def _decode(path: Path, lineno: int, line: bytes) -> Any:
     try:
         return orjson.loads(line.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise Orca2Error(f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1})") from None
+        raise Orca2Error(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
+        ) from None
     except orjson.JSONDecodeError as exc:
         raise Orca2Error(f"{path}:{lineno}: malformed JSON ({exc.args[0]})") from None
 
@@ -115,7 +118,7 @@ class AppendWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "AppendWriter":
+    def __enter__(self) -> AppendWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -236,8 +239,10 @@ def _to_trl(records: Any, format: str) -> Any:
     records = list(records)
     for r in records:
         if any(x.get("partial") for side in ("chosen", "rejected") for x in r.get(side, [])):
-            raise Orca2Error(f"to_hf_dataset: record {r['id']!r} has a partial reply (cut pairs), which TRL's "
-                             "columns cannot express (they would train an end-of-turn after it)")
+            raise Orca2Error(
+                f"to_hf_dataset: record {r['id']!r} has a partial reply (cut pairs), which TRL's "
+                "columns cannot express (they would train an end-of-turn after it)"
+            )
 
     def rows() -> Iterator[dict[str, Any]]:
         for r in records:
@@ -250,9 +255,14 @@ def _to_trl(records: Any, format: str) -> Any:
                     for x in r.get(side, []):
                         yield {"prompt": prompt, "completion": reply(x), "label": label}
 
-    columns = ({"chosen": datasets.List(message), "rejected": datasets.List(message)} if format == "dpo"
-               else {"completion": datasets.List(message), "label": datasets.Value("bool")})
-    return datasets.Dataset.from_generator(rows, features=datasets.Features({"prompt": datasets.List(message), **columns}))
+    columns = (
+        {"chosen": datasets.List(message), "rejected": datasets.List(message)}
+        if format == "dpo"
+        else {"completion": datasets.List(message), "label": datasets.Value("bool")}
+    )
+    return datasets.Dataset.from_generator(
+        rows, features=datasets.Features({"prompt": datasets.List(message), **columns})
+    )
 
 
 def _from_trl(dataset: Any, source: str) -> Iterator[Record]:
@@ -263,8 +273,14 @@ def _from_trl(dataset: Any, source: str) -> Iterator[Record]:
     for i, row in enumerate(dataset):
         record = from_trl_row(dict(row), f"{source}[{i}]")
         key = orjson.dumps(record["messages"]).decode()
-        group = groups.setdefault(key, {"record": {**record, "id": f"{source}/{len(groups)}", "chosen": [], "rejected": []},
-                                        "index": {"chosen": {}, "rejected": {}}, "pairs": []})
+        group = groups.setdefault(
+            key,
+            {
+                "record": {**record, "id": f"{source}/{len(groups)}", "chosen": [], "rejected": []},
+                "index": {"chosen": {}, "rejected": {}},
+                "pairs": [],
+            },
+        )
         picked = {}
         for side in ("chosen", "rejected"):
             for reply in record.get(side, []):

@@ -16,7 +16,8 @@ REFERENCE_PATTERNS = [
     r"\bas (?:you (?:have )?)?(?:instructed|requested|asked|directed)\b",
     r"\bas (?:per|in) (?:the|your|my) (?:instructions?|system (?:prompt|message))\b",
     r"\b(?:according to|following|per) (?:the|your|my) (?:instructions?|guidelines?|system (?:prompt|message))\b",
-    r"\b(?:the|my|your) (?:system )?(?:prompt|instructions?) (?:says?|said|asks?|asked|tells?|told|requires?|wants?|specif(?:y|ies|ied))\b",
+    r"\b(?:the|my|your) (?:system )?(?:prompt|instructions?) "
+    r"(?:says?|said|asks?|asked|tells?|told|requires?|wants?|specif(?:y|ies|ied))\b",
     r"\bsystem (?:prompt|message)\b",
     r"\bI (?:was|am|have been|\'ve been) (?:told|instructed|asked|required) to\b",
     r"\b(?:step[- ]by[- ]step|numbered steps|relevant facts) as (?:instructed|requested|required|asked|directed)\b",
@@ -34,7 +35,8 @@ def _prompt_index(prompt: str, n: int) -> tuple[frozenset[str], frozenset[str]]:
 
 
 def find_leak(response: str, erased_prompt: str | None, n: int = 8, words: list[str] | None = None) -> str | None:
-    """A short reason when the response reveals the erased instruction, else None (`words`: the response, normalised)."""
+    """A short reason when the response reveals the erased instruction, else None (`words`: the response,
+    normalised)."""
     lower = response.lower()
     if any(stem in lower for stem in _STEMS):
         match = _REFERENCES.search(response)

@@ -3,7 +3,8 @@
     openai:MODEL        any OpenAI-compatible server (OpenAI, Azure, vLLM, llama.cpp), one request at a time
     batch:MODEL         the OpenAI Batch API: half price, answers within the completion window
     local:PATH|default  an HF folder or a .gguf file run in this process (default: SmolLM2-135M-Instruct)
-    program:NAME        a program that writes exact answers (program:synthetic) or plays the role-play agents by rule (program:persona)
+    program:NAME        a program that writes exact answers (program:synthetic) or plays the role-play agents by
+                        rule (program:persona)
 
 Every stage names models this way and no other; `parse_model` is the one parser. This module is light
 (no torch, transformers or openai at import); `load_local_model` imports them when called.
@@ -99,8 +100,9 @@ class Sampling:
 @dataclass(frozen=True)
 class ClientConfig:
     base_url: str | None = option(None, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else api.openai.com).")
-    api_key: str | None = option(None, "API key; prefer the environment (api_key_env). Never written to outputs.",
-                                 secret=True)
+    api_key: str | None = option(
+        None, "API key; prefer the environment (api_key_env). Never written to outputs.", secret=True
+    )
     api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the API key.")
     concurrency: int = option(16, "Requests in flight at once.")
     rpm: float | None = option(None, "Requests-per-minute limit (token bucket).")
@@ -110,18 +112,24 @@ class ClientConfig:
     backoff_max: float = option(60.0, "Longest wait between attempts, in seconds.")
     timeout: float = option(120.0, "Seconds per HTTP request.")
     abort_after: int = option(50, "Stop the run after this many requests in a row fail for good (server down).")
-    poll_interval: float = option(30.0, "batch: first wait between status polls, in seconds (doubles up to 10 minutes).")
+    poll_interval: float = option(
+        30.0, "batch: first wait between status polls, in seconds (doubles up to 10 minutes)."
+    )
     completion_window: str = option("24h", "batch: the completion window asked of the Batch API.")
     batch_max_requests: int = option(50_000, "batch: requests per batch file (the API's limit is 50,000).")
     batch_max_bytes: int = option(200_000_000, "batch: bytes per batch file (the API's limit is 200 MB).")
     batch_size: int = option(64, "local: sequences decoded at once (continuous batching slots).")
-    dtype: str = option("auto", "local: auto (bf16 where the CPU or GPU has it, else fp32) | float32 | bfloat16 | float16.")
+    dtype: str = option(
+        "auto", "local: auto (bf16 where the CPU or GPU has it, else fp32) | float32 | bfloat16 | float16."
+    )
     device: str = option("auto", "local: auto | cpu | cuda.")
     cache_dir: str | None = option(None, "Response cache (default $ORCA2_CACHE_DIR or ~/.cache/orca2/teacher).")
 
     def __post_init__(self) -> None:
         if min(self.concurrency, self.max_attempts, self.batch_size, self.batch_max_requests, self.abort_after) < 1:
-            raise Orca2Error("client: concurrency, max_attempts, abort_after, batch_size and batch_max_requests must be >= 1")
+            raise Orca2Error(
+                "client: concurrency, max_attempts, abort_after, batch_size and batch_max_requests must be >= 1"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise Orca2Error(f"client.dtype: '{self.dtype}' (valid: auto, float32, bfloat16, float16)")
 
@@ -202,7 +210,9 @@ def check_student(spec: str) -> None:
     before any process starts or DeepSpeed builds an op."""
     parsed = parse_model(spec, paths=True)
     if parsed.scheme != "local":
-        raise Orca2Error(f"model '{spec}': a student must be local (local:default, a folder, a .gguf file or a hub name)")
+        raise Orca2Error(
+            f"model '{spec}': a student must be local (local:default, a folder, a .gguf file or a hub name)"
+        )
     if parsed.target == "default" or Path(parsed.target).exists():
         check_local_model(parsed.target, chat=False)
     elif "/" not in parsed.target or parsed.target.startswith((".", "/")):

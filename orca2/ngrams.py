@@ -44,11 +44,12 @@ def normalised_text(text: str) -> str:
 
 def ngrams(words: list[str], n: int) -> list[str]:
     """Word n-grams as space-joined strings; a text shorter than n gives no n-gram."""
-    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct-n (Li et al., 2016): distinct word n-grams over all word n-grams of the texts (0 when there are none)."""
+    """Distinct-n (Li et al., 2016): distinct word n-grams over all word n-grams of the texts (0 when there are
+    none)."""
     total, seen = 0, set()
     for text in texts:
         grams = ngrams(normalise_words(text), n)

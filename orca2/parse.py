@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 PARSE_KINDS = ("text", "json_object", "json_list", "fenced")
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.S)
@@ -19,7 +20,7 @@ def _json_values(text: str, opener: str) -> Any:
     decoder = json.JSONDecoder()
     for match in re.finditer(re.escape(opener), text):
         try:
-            value, _ = decoder.raw_decode(text[match.start():])
+            value, _ = decoder.raw_decode(text[match.start() :])
         except json.JSONDecodeError:
             continue
         yield value
@@ -54,5 +55,9 @@ def parse_text(text: str) -> str | None:
     return text or None
 
 
-PARSERS: dict[str, Callable[[str], Any]] = {"text": parse_text, "json_object": parse_json_object,
-                                            "json_list": parse_json_list, "fenced": parse_fenced}
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "text": parse_text,
+    "json_object": parse_json_object,
+    "json_list": parse_json_list,
+    "fenced": parse_fenced,
+}

@@ -1,4 +1,5 @@
-"""Stage `run`: the whole chain from one config — (instruct) → tasks → (select) → generate → erase → train → eval → (iterate).
+"""Stage `run`: the whole chain from one config —
+(instruct) → tasks → (select) → generate → erase → train → eval → (iterate).
 
 Every stage writes into one run folder and is recorded in <output>/manifest.json: its resolved config,
 the hashes of its inputs and outputs, seconds, record counts, package versions and the seed. Re-running
@@ -42,19 +43,31 @@ class IterateConfig:
     rounds: int = 2
     recipe: str = "orca-math"  # orca-math | dno (pairs rule)
     objective: str = "kto"  # dpo | kto
-    prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all tasks, every round)
-    partitions: int | None = None  # or: the tasks split into this many near-equal partitions, round t takes partition (t-1) mod N (DNO: 3 partitions, 6 rounds)
+    prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all, every round)
+    # or: the tasks split into this many near-equal partitions, round t takes partition (t-1) mod N
+    # (DNO: 3 partitions, 6 rounds)
+    partitions: int | None = None
     reference: str = "previous"  # previous: π_{t-1} (DNO); initial: the SFT student every round
-    fresh_prompts: bool = False  # the rounds' prompts are kept out of the SFT start (it trains on the other tasks), so each round meets prompts new to the policy, as DNO's did
-    serve: str | None = None  # serve π_t for sampling: a command with {model}, {port}, {name}, e.g. "vllm serve {model} --port {port} --served-model-name {name}"
+    # the rounds' prompts are kept out of the SFT start (it trains on the other tasks), so each round meets prompts
+    # new to the policy, as DNO's did
+    fresh_prompts: bool = False
+    # serve π_t for sampling: a command with {model}, {port}, {name},
+    # e.g. "vllm serve {model} --port {port} --served-model-name {name}"
+    serve: str | None = None
     served_name: str = "student"  # prefix of the name the server answers to ({name} = prefix + π_t's fingerprint)
     serve_timeout: float = 900.0  # seconds to wait for the server to answer
     sample: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 sample keys (student and paths wired)
     judge: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 judge keys
-    pairs: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 pairs keys (replay wired from earlier rounds)
-    train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over the train section's (lr, epochs, beta, ...)
-    control: bool = False  # an equal-compute control: each round, SFT of the previous control on the round's teacher traces for as many optimizer steps as the round's preference training, with its learning rate and schedule
-    control_train: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys over those (train section, then iterate.train less the preference keys)
+    # orca2 pairs keys (replay wired from earlier rounds)
+    pairs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # keys over the train section's (lr, epochs, beta, ...)
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # an equal-compute control: each round, SFT of the previous control on the round's teacher traces for as many
+    # optimizer steps as the round's preference training, with its learning rate and schedule
+    control: bool = False
+    control_train: dict[str, Any] = dataclasses.field(
+        default_factory=dict
+    )  # keys over those (train section, then iterate.train less the preference keys)
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.recipe not in ("orca-math", "dno") or self.objective not in ("dpo", "kto"):
@@ -64,7 +77,11 @@ class IterateConfig:
         if self.reference not in ("previous", "initial"):
             raise Orca2Error(f"iterate.reference must be previous or initial, got {self.reference!r}")
         if self.fresh_prompts and not self.prompts_per_round:
-            raise Orca2Error("iterate.fresh_prompts needs prompts_per_round (the rounds' prompts, set aside before the SFT start)")
+            raise Orca2Error(
+                "iterate.fresh_prompts needs prompts_per_round (the rounds' prompts, set aside before the SFT start)"
+            )
+
+
 TOP_KEYS = ("output", "stages", "seed", "assignment", "heldout", *STAGES)
 
 
@@ -72,8 +89,9 @@ def file_hash(path: Path) -> str:
     """sha256 of a file, or of a folder's files (relative paths and contents; logs and checkpoints excluded)."""
     h = hashlib.sha256()
     if path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file() and "checkpoints" not in p.parts
-                            and "tensorboard" not in p.parts):
+        for child in sorted(
+            p for p in path.rglob("*") if p.is_file() and "checkpoints" not in p.parts and "tensorboard" not in p.parts
+        ):
             h.update(str(child.relative_to(path)).encode())
             h.update(file_hash(child).encode())
         return h.hexdigest()
@@ -115,23 +133,35 @@ class Pipeline:
             raise Orca2Error(f"{path}: missing required key 'output' (the run folder)")
         self.run_dir = Path(data["output"])
         self.seed = int(data.get("seed", 0))
-        default = (("instruct",) if "instruct" in data else ()) + ("tasks", "generate", "erase", "train", "eval") \
+        default = (
+            (("instruct",) if "instruct" in data else ())
+            + ("tasks", "generate", "erase", "train", "eval")
             + (("iterate",) if "iterate" in data else ())
+        )
         if "persona" in data:  # role-play: the persona chain makes the training data and the eval set
             default = ("persona", "train", "eval")
         self.stages = tuple(data.get("stages") or default)
         for name in self.stages:
             if name not in STAGES:
-                raise Orca2Error(f"{path}:{lines.get('stages', 1)}: unknown stage '{name}' (valid: {', '.join(STAGES)})")
+                raise Orca2Error(
+                    f"{path}:{lines.get('stages', 1)}: unknown stage '{name}' (valid: {', '.join(STAGES)})"
+                )
         order = [STAGES.index(s) for s in self.stages]
         if order != sorted(order):
             raise Orca2Error(f"{path}: stages must keep the order {' → '.join(STAGES)}")
-        self.paths = {"instruct": self.run_dir / "instruct.jsonl", "tasks": self.run_dir / "tasks.jsonl", "assignment": self.run_dir / "assignment.yaml",
-                      "traces": self.run_dir / "traces.jsonl", "sft": self.run_dir / "sft.jsonl",
-                      "sft_start": self.run_dir / "sft.start.jsonl",
-                      "student": self.run_dir / "student", "eval": self.run_dir / "eval",
-                      "heldout": self.run_dir / "heldout.jsonl", "cache": self.run_dir / "cache",
-                      "persona": self.run_dir / "persona"}
+        self.paths = {
+            "instruct": self.run_dir / "instruct.jsonl",
+            "tasks": self.run_dir / "tasks.jsonl",
+            "assignment": self.run_dir / "assignment.yaml",
+            "traces": self.run_dir / "traces.jsonl",
+            "sft": self.run_dir / "sft.jsonl",
+            "sft_start": self.run_dir / "sft.start.jsonl",
+            "student": self.run_dir / "student",
+            "eval": self.run_dir / "eval",
+            "heldout": self.run_dir / "heldout.jsonl",
+            "cache": self.run_dir / "cache",
+            "persona": self.run_dir / "persona",
+        }
         if "iterate" in self.stages and not {"train", "eval"} <= set(self.stages):
             raise Orca2Error(f"{path}: iterate needs the train and eval stages before it")
         self.configs = {name: self._stage_config(name) for name in self.stages}  # every error before any work
@@ -140,8 +170,10 @@ class Pipeline:
         section = dict(self.data.get(name) or {})
         for key in wired:
             if key in section:
-                raise Orca2Error(f"{self.source}:{self.lines.get(f'{name}.{key}', 1)}: key '{name}.{key}' is set by the "
-                                 "pipeline (stages are wired through the run folder)")
+                raise Orca2Error(
+                    f"{self.source}:{self.lines.get(f'{name}.{key}', 1)}: key '{name}.{key}' is set by the "
+                    "pipeline (stages are wired through the run folder)"
+                )
         _deep_update(section, wired)
         return section, f"{name}."
 
@@ -173,7 +205,9 @@ class Pipeline:
         if name == "select":
             from orca2.stages.select import SelectConfig
 
-            section, prefix = self._section(name, {"tasks": str(self.paths["tasks"]), "output": str(self.paths["assignment"])})
+            section, prefix = self._section(
+                name, {"tasks": str(self.paths["tasks"]), "output": str(self.paths["assignment"])}
+            )
             section["client"] = {**cache, **section.get("client", {})}
             return self._build(SelectConfig, section, prefix)
         if name == "generate":
@@ -188,7 +222,9 @@ class Pipeline:
         if name == "erase":
             from orca2.stages.erase import EraseConfig
 
-            section, prefix = self._section(name, {"input": str(self.paths["traces"]), "output": str(self.paths["sft"])})
+            section, prefix = self._section(
+                name, {"input": str(self.paths["traces"]), "output": str(self.paths["sft"])}
+            )
             return self._build(EraseConfig, section, prefix)
         if name == "persona":
             return self._persona_configs()
@@ -205,7 +241,9 @@ class Pipeline:
                 raise Orca2Error(f"{self.source}:{self.lines.get('train.model', 1)}: train.model: {exc}") from None
             return cfg
         if name == "iterate":
-            cfg = build_section(IterateConfig, dict(self.data.get("iterate") or {}), self.source, self.lines, "iterate.")
+            cfg = build_section(
+                IterateConfig, dict(self.data.get("iterate") or {}), self.source, self.lines, "iterate."
+            )
             for step in ("sample", "judge", "pairs", "train") + (("control",) if cfg.control else ()):
                 self._round_config(cfg, 1, step, steps=1)  # the sections build (and fail) before any work
             return cfg
@@ -221,17 +259,27 @@ class Pipeline:
         model = str(self.paths["student"] / "model") if "train" in self.stages else section.pop("model", None)
         if model is None:
             raise Orca2Error(f"{self.source}: eval needs eval.model when the pipeline has no train stage")
-        extra = [str(self.paths["eval"] / "benchmarks.yaml")] if "heldout" in self.data or "persona" in self.stages else []
-        wired = {"output": str(self.paths["eval"] / "student"), "label": "student",
-                 "benchmarks": tuple(extra) + tuple(section.pop("benchmarks", ()) or ())}
+        extra = (
+            [str(self.paths["eval"] / "benchmarks.yaml")] if "heldout" in self.data or "persona" in self.stages else []
+        )
+        wired = {
+            "output": str(self.paths["eval"] / "student"),
+            "label": "student",
+            "benchmarks": tuple(extra) + tuple(section.pop("benchmarks", ()) or ()),
+        }
         section.update(wired)
         section["client"] = {**cache, **section.get("client", {})}
         section["model"] = model
         student = self._build(EvalConfig, section, "eval.")
         base = None
         if base_model:
-            base = dataclasses.replace(student, model=base_model, label="base", output=str(self.paths["eval"] / "base"),
-                                       system=base_system or student.system)
+            base = dataclasses.replace(
+                student,
+                model=base_model,
+                label="base",
+                output=str(self.paths["eval"] / "base"),
+                system=base_system or student.system,
+            )
         return {"student": student, "base": base}
 
     def _persona_configs(self) -> dict[str, Any]:
@@ -241,21 +289,34 @@ class Pipeline:
         data = dict(self.data.get("persona") or {})
         for key in data:
             if key not in ("posts", "synth", "infer", "augment", "build"):
-                raise Orca2Error(f"{self.source}:{self.lines.get(f'persona.{key}', 1)}: unknown key 'persona.{key}' "
-                                 "(valid: posts, synth, infer, augment, build)")
+                raise Orca2Error(
+                    f"{self.source}:{self.lines.get(f'persona.{key}', 1)}: unknown key 'persona.{key}' "
+                    "(valid: posts, synth, infer, augment, build)"
+                )
         d = self.paths["persona"]
         cache = {"cache_dir": str(self.paths["cache"])}
         posts = data.get("posts", "synthetic")
         configs: dict[str, Any] = {}
         if posts == "synthetic":
-            configs["synth"] = self._build(SynthConfig, {**(data.get("synth") or {}), "output": str(d / "posts.jsonl")},
-                                           "persona.synth.")
+            configs["synth"] = self._build(
+                SynthConfig, {**(data.get("synth") or {}), "output": str(d / "posts.jsonl")}, "persona.synth."
+            )
             posts = str(d / "posts.jsonl")
-        wired = {"infer": (InferConfig, {"posts": posts, "output": str(d / "traits.jsonl")}),
-                 "augment": (AugmentConfig, {"posts": posts, "traits": str(d / "traits.jsonl"),
-                                             "output": str(d / "augmented.jsonl")}),
-                 "build": (BuildConfig, {"augmented": str(d / "augmented.jsonl"), "traits": str(d / "traits.jsonl"),
-                                         "output": str(d / "pcip.jsonl")})}
+        wired = {
+            "infer": (InferConfig, {"posts": posts, "output": str(d / "traits.jsonl")}),
+            "augment": (
+                AugmentConfig,
+                {"posts": posts, "traits": str(d / "traits.jsonl"), "output": str(d / "augmented.jsonl")},
+            ),
+            "build": (
+                BuildConfig,
+                {
+                    "augmented": str(d / "augmented.jsonl"),
+                    "traits": str(d / "traits.jsonl"),
+                    "output": str(d / "pcip.jsonl"),
+                },
+            ),
+        }
         for step, (cls, paths) in wired.items():
             section = {**(data.get(step) or {}), **paths}
             if step == "infer" and "synth" in configs:
@@ -286,45 +347,76 @@ class Pipeline:
         if step == "sample":
             from orca2.stages.sample import SampleConfig
 
-            section = {**it.sample, "tasks": str(d / "prompts.jsonl"), "output": str(d / "samples.jsonl"),
-                       "student": f"local:{self._policy(t - 1)}"}
+            section = {
+                **it.sample,
+                "tasks": str(d / "prompts.jsonl"),
+                "output": str(d / "samples.jsonl"),
+                "student": f"local:{self._policy(t - 1)}",
+            }
             section.setdefault("generic", (self.data.get("erase") or {}).get("generic", "cautious"))  # as trained
             section["client"] = {**cache, **section.get("client", {})}
             return self._build(SampleConfig, section, where)
         if step == "judge":
             from orca2.stages.judge import JudgeConfig
 
-            section = {**it.judge, "replies": [str(d / "samples.jsonl")], "output": str(d / "judged.jsonl"),
-                       "teacher": [str(self.paths["traces"])]}
+            section = {
+                **it.judge,
+                "replies": [str(d / "samples.jsonl")],
+                "output": str(d / "judged.jsonl"),
+                "teacher": [str(self.paths["traces"])],
+            }
             return self._build(JudgeConfig, section, where)
         if step == "pairs":
             from orca2.stages.pairs import PairsConfig
 
-            section = {"recipe": it.recipe, "objective": it.objective, **it.pairs, "judged": [str(d / "judged.jsonl")],
-                       "output": str(d / "pairs.jsonl"), "replay": [str(p) for p in self._replayed(it, t)]}
+            section = {
+                "recipe": it.recipe,
+                "objective": it.objective,
+                **it.pairs,
+                "judged": [str(d / "judged.jsonl")],
+                "output": str(d / "pairs.jsonl"),
+                "replay": [str(p) for p in self._replayed(it, t)],
+            }
             return self._build(PairsConfig, section, where)
         if step == "train":
             from orca2.train.trainer import TrainConfig
 
             section = {**self._train_section(), **it.train}
             reference = self._policy(t - 1) if it.reference == "previous" else self._policy(0)
-            section.update(model=self._policy(t - 1), data=[str(d / "pairs.jsonl")], output=str(d / "student"),
-                           objective=it.objective, reference=reference, chat_template="tokenizer")
+            section.update(
+                model=self._policy(t - 1),
+                data=[str(d / "pairs.jsonl")],
+                output=str(d / "student"),
+                objective=it.objective,
+                reference=reference,
+                chat_template="tokenizer",
+            )
             return self._build(TrainConfig, section, where)
         if step == "control":  # as many SFT steps as the round's preference training took, on the teacher's traces
             from orca2.train.trainer import PREFERENCE_KEYS, TrainConfig
 
             if not steps:
                 raise Orca2Error(f"iterate round {t}: the control needs the round's training step count")
-            section = {**self._train_section(), **{k: v for k, v in it.train.items() if k not in PREFERENCE_KEYS},
-                       **it.control_train}  # the round's optimiser settings, then the control's own
-            section.update(model=self._policy(t - 1, control=True), data=[str(d / "control.jsonl")],
-                           output=str(d / "control"), objective="sft", max_steps=steps, epochs=steps)
+            section = {
+                **self._train_section(),
+                **{k: v for k, v in it.train.items() if k not in PREFERENCE_KEYS},
+                **it.control_train,
+            }  # the round's optimiser settings, then the control's own
+            section.update(
+                model=self._policy(t - 1, control=True),
+                data=[str(d / "control.jsonl")],
+                output=str(d / "control"),
+                objective="sft",
+                max_steps=steps,
+                epochs=steps,
+            )
             return self._build(TrainConfig, section, "iterate.control_train.")
         control = step == "control_eval"
         label = f"control-{t}" if control else f"round-{t}"
         student = self.configs["eval"]["student"]
-        return dataclasses.replace(student, model=self._policy(t, control), label=label, output=str(self.paths["eval"] / label))
+        return dataclasses.replace(
+            student, model=self._policy(t, control), label=label, output=str(self.paths["eval"] / label)
+        )
 
     def _train_section(self) -> dict[str, Any]:
         """The train section's keys a round's training inherits (its data and stages are the round's own)."""
@@ -334,23 +426,28 @@ class Pipeline:
         """The pairs files round t replays, newest first: one per replay fraction, as far back as there are rounds."""
         from orca2.stages.pairs import PairsConfig
 
-        fractions = it.pairs.get("replay_fractions", next(f.default for f in dataclasses.fields(PairsConfig)
-                                                          if f.name == "replay_fractions"))
-        return [self._round_dir(k) / "pairs.jsonl" for k in range(t - 1, 0, -1)][:len(fractions)]
+        fractions = it.pairs.get(
+            "replay_fractions", next(f.default for f in dataclasses.fields(PairsConfig) if f.name == "replay_fractions")
+        )
+        return [self._round_dir(k) / "pairs.jsonl" for k in range(t - 1, 0, -1)][: len(fractions)]
 
     def _round_files(self, it: IterateConfig, t: int, step: str) -> tuple[list[Path], list[Path]]:
         """(inputs, outputs) of one step of round t, for the manifest."""
         d = self._round_dir(t)
         previous = [Path(self._policy(t - 1))]
         replay = self._replayed(it, t)
-        return {"sample": ([d / "prompts.jsonl"] + previous, [d / "samples.jsonl"]),
-                "judge": ([d / "samples.jsonl", self.paths["traces"]], [d / "judged.jsonl"]),
-                "pairs": ([d / "judged.jsonl"] + replay, [d / "pairs.jsonl"]),
-                "train": ([d / "pairs.jsonl"] + previous, [d / "student" / "model"]),
-                "eval": ([Path(self._policy(t))], [self.paths["eval"] / f"round-{t}" / "report.json"]),
-                "control": ([d / "control.jsonl", Path(self._policy(t - 1, control=True))], [d / "control" / "model"]),
-                "control_eval": ([Path(self._policy(t, control=True))],
-                                 [self.paths["eval"] / f"control-{t}" / "report.json"])}[step]
+        return {
+            "sample": ([d / "prompts.jsonl"] + previous, [d / "samples.jsonl"]),
+            "judge": ([d / "samples.jsonl", self.paths["traces"]], [d / "judged.jsonl"]),
+            "pairs": ([d / "judged.jsonl"] + replay, [d / "pairs.jsonl"]),
+            "train": ([d / "pairs.jsonl"] + previous, [d / "student" / "model"]),
+            "eval": ([Path(self._policy(t))], [self.paths["eval"] / f"round-{t}" / "report.json"]),
+            "control": ([d / "control.jsonl", Path(self._policy(t - 1, control=True))], [d / "control" / "model"]),
+            "control_eval": (
+                [Path(self._policy(t, control=True))],
+                [self.paths["eval"] / f"control-{t}" / "report.json"],
+            ),
+        }[step]
 
     def _round_prompts(self, it: IterateConfig, t: int) -> list[dict[str, Any]]:
         """Round t's prompts: a fresh partition of the run's tasks (seeded), a partition in turn, or all of them."""
@@ -362,18 +459,22 @@ class Pipeline:
         random.Random(self.seed).shuffle(tasks)
         if it.prompts_per_round:
             if it.rounds * it.prompts_per_round > len(tasks) - (1 if it.fresh_prompts else 0):
-                raise Orca2Error(f"iterate: {it.rounds} rounds × {it.prompts_per_round} prompts need "
-                                 f"{it.rounds * it.prompts_per_round} tasks" + (" and more for the SFT start (fresh_prompts)"
-                                                                                if it.fresh_prompts else "")
-                                 + f"; the run has {len(tasks)}")
-            return tasks[(t - 1) * it.prompts_per_round:t * it.prompts_per_round]
+                raise Orca2Error(
+                    f"iterate: {it.rounds} rounds × {it.prompts_per_round} prompts need "
+                    f"{it.rounds * it.prompts_per_round} tasks"
+                    + (" and more for the SFT start (fresh_prompts)" if it.fresh_prompts else "")
+                    + f"; the run has {len(tasks)}"
+                )
+            return tasks[(t - 1) * it.prompts_per_round : t * it.prompts_per_round]
         if it.partitions:
-            return tasks[(t - 1) % it.partitions::it.partitions]  # every task in exactly one partition
+            return tasks[(t - 1) % it.partitions :: it.partitions]  # every task in exactly one partition
         return tasks
 
     def _sft_data(self) -> Path:
         """The SFT start's data: the erased traces, less the rounds' prompts under iterate.fresh_prompts."""
-        fresh = "iterate" in self.stages and (self.data.get("iterate") or {}).get("fresh_prompts")  # read before iterate's config is built
+        fresh = "iterate" in self.stages and (self.data.get("iterate") or {}).get(
+            "fresh_prompts"
+        )  # read before iterate's config is built
         return self.paths["sft_start"] if fresh else self.paths["sft"]
 
     def _write_sft_start(self) -> None:
@@ -383,8 +484,13 @@ class Pipeline:
         kept = {r["id"] for t in range(1, it.rounds + 1) for r in self._round_prompts(it, t)}
         records = list(read_records(self.paths["sft"]))
         write_records(self.paths["sft_start"], [r for r in records if r["id"] not in kept])
-        log.info("SFT start: %d of %d erased traces; %d prompts kept for %d rounds (iterate.fresh_prompts)",
-                 sum(r["id"] not in kept for r in records), len(records), len(kept), it.rounds)
+        log.info(
+            "SFT start: %d of %d erased traces; %d prompts kept for %d rounds (iterate.fresh_prompts)",
+            sum(r["id"] not in kept for r in records),
+            len(records),
+            len(kept),
+            it.rounds,
+        )
 
     def _write_prompts(self, it: IterateConfig, t: int) -> None:
         from orca2.io import read_records, write_records
@@ -418,9 +524,14 @@ class Pipeline:
                 self._save(manifest)
                 start = time.perf_counter()
                 counts = self._run_round_step(step, cfg, resume)
-                record[step] = {"config_hash": config_hash, "inputs": inputs, "counts": counts,
-                                "outputs": {str(p): file_hash(p) for p in outs},
-                                "seconds": round(time.perf_counter() - start, 2), "environment": self.environment}
+                record[step] = {
+                    "config_hash": config_hash,
+                    "inputs": inputs,
+                    "counts": counts,
+                    "outputs": {str(p): file_hash(p) for p in outs},
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "environment": self.environment,
+                }
                 record.pop(f"{step}_attempt", None)
                 self._save(manifest)
         return self._best_round(it, manifest)
@@ -431,20 +542,25 @@ class Pipeline:
 
             it = self.configs["iterate"]
             if it.serve:  # π_t served for the step, asked through the OpenAI-compatible path
-                from orca2.serve import served
-
                 from orca2.models import model_fingerprint
+                from orca2.serve import served
 
                 model = cfg.student.partition(":")[2]
                 name = f"{it.served_name}-{model_fingerprint(cfg.student)[:12]}"  # the cache tells π_t from π_t-1
-                with served(it.serve, model, Path(cfg.output).with_name("server.log"), timeout=it.serve_timeout,
-                            name=name) as url:
-                    s = sample_run(dataclasses.replace(cfg, student=f"openai:{name}",
-                                                       client=dataclasses.replace(cfg.client, base_url=url)))
+                with served(
+                    it.serve, model, Path(cfg.output).with_name("server.log"), timeout=it.serve_timeout, name=name
+                ) as url:
+                    s = sample_run(
+                        dataclasses.replace(
+                            cfg, student=f"openai:{name}", client=dataclasses.replace(cfg.client, base_url=url)
+                        )
+                    )
             else:
                 s = sample_run(cfg)
             if s["failed"]:
-                raise Orca2Error(f"{s['failed']} of {s['prompts']} student requests failed; re-running retries only those")
+                raise Orca2Error(
+                    f"{s['failed']} of {s['prompts']} student requests failed; re-running retries only those"
+                )
             return {k: s[k] for k in ("prompts", "samples", "cached_at_start", "tokens_per_s")}
         if step == "judge":
             from orca2.stages.judge import run as judge_run
@@ -471,10 +587,13 @@ class Pipeline:
         from orca2.eval.evaluate import run as eval_run
 
         report = eval_run(cfg)
-        return {c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()} for c, s in report["benchmarks"].items()}
+        return {
+            c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()} for c, s in report["benchmarks"].items()
+        }
 
     def _best_round(self, it: IterateConfig, manifest: dict[str, Any]) -> dict[str, Any]:
         """Accuracy of every round (round 0: the SFT student) on the eval's first system prompt and benchmark."""
+
         def accuracy(counts: dict[str, Any]) -> float:
             first = next(iter(counts.values()))
             return next(iter(first.values()))
@@ -489,7 +608,8 @@ class Pipeline:
         manifest["iterate"] = {"accuracy_by_round": table, "best_round": int(best), "best_model": str(link)}
         if it.control:
             manifest["iterate"]["control_accuracy_by_round"] = {
-                t: accuracy(r["control_eval"]["counts"]) for t, r in manifest["rounds"].items() if "control_eval" in r}
+                t: accuracy(r["control_eval"]["counts"]) for t, r in manifest["rounds"].items() if "control_eval" in r
+            }
         manifest["iterate"]["report"] = str(self._rounds_report(it, manifest) / "report.md")
         self._save(manifest)
         return manifest["iterate"]
@@ -501,37 +621,68 @@ class Pipeline:
         from orca2.eval.report import rounds_report
 
         condition = self.configs["eval"]["student"].system[0]
-        runs = [{"label": "SFT start", "round": 0, "series": "start",
-                 "items": items_path(self.paths["eval"] / "student", condition)}]
+        runs = [
+            {
+                "label": "SFT start",
+                "round": 0,
+                "series": "start",
+                "items": items_path(self.paths["eval"] / "student", condition),
+            }
+        ]
         comparisons = []
         for t in range(1, it.rounds + 1):
-            runs.append({"label": f"round {t}", "round": t, "series": f"{it.recipe} {it.objective}",
-                         "items": items_path(self.paths["eval"] / f"round-{t}", condition)})
+            runs.append(
+                {
+                    "label": f"round {t}",
+                    "round": t,
+                    "series": f"{it.recipe} {it.objective}",
+                    "items": items_path(self.paths["eval"] / f"round-{t}", condition),
+                }
+            )
             comparisons.append((f"round {t}", "SFT start"))
             if it.control:
-                runs.append({"label": f"control {t}", "round": t, "series": "SFT control (equal steps)",
-                             "items": items_path(self.paths["eval"] / f"control-{t}", condition)})
+                runs.append(
+                    {
+                        "label": f"control {t}",
+                        "round": t,
+                        "series": "SFT control (equal steps)",
+                        "items": items_path(self.paths["eval"] / f"control-{t}", condition),
+                    }
+                )
                 comparisons += [(f"round {t}", f"control {t}"), (f"control {t}", "SFT start")]
         stages = manifest["stages"]
         phases = {"0 (SFT start)": {"train": stages["train"]["seconds"], "eval": stages["eval"]["seconds"]}}
         notes = []
         for t, r in sorted(manifest["rounds"].items(), key=lambda x: int(x[0])):
             reference = r["train"]["counts"].get("reference_seconds") or 0.0
-            phases[t] = {"sample": r["sample"]["seconds"], "judge": r["judge"]["seconds"], "pairs": r["pairs"]["seconds"],
-                         "reference pass": reference, "train": r["train"]["seconds"] - reference, "eval": r["eval"]["seconds"]}
+            phases[t] = {
+                "sample": r["sample"]["seconds"],
+                "judge": r["judge"]["seconds"],
+                "pairs": r["pairs"]["seconds"],
+                "reference pass": reference,
+                "train": r["train"]["seconds"] - reference,
+                "eval": r["eval"]["seconds"],
+            }
             if "control" in r:
-                phases[t].update({"control train": r["control"]["seconds"], "control eval": r["control_eval"]["seconds"]})
+                phases[t].update(
+                    {"control train": r["control"]["seconds"], "control eval": r["control_eval"]["seconds"]}
+                )
             c = r["sample"]["counts"]
             speed = f"{c['tokens_per_s']:.1f} tokens/s" if c.get("tokens_per_s") else "read from the cache"
-            notes.append(f"round {t}: {c['samples']} samples of {c['prompts']} prompts ({speed}); "
-                         f"{r['train']['counts']['steps']} optimizer steps" + (" (the control: as many SFT steps)" if it.control else ""))
+            notes.append(
+                f"round {t}: {c['samples']} samples of {c['prompts']} prompts ({speed}); "
+                f"{r['train']['counts']['steps']} optimizer steps"
+                + (" (the control: as many SFT steps)" if it.control else "")
+            )
         rounds_report(runs, comparisons, self.run_dir / "iterate", phases, notes)
         return self.run_dir / "iterate"
 
     def inputs(self, name: str) -> list[Path]:
         if name == "instruct":  # local document files and folders, and the flow file when it is one
             cfg = self.configs["instruct"]
-            local = [Path(d.partition(":")[2] if d.startswith("jsonl:") else d) for d in cfg.docs if not d.startswith("hf:")]
+            local = [
+                Path(d.partition(":")[2] if d.startswith("jsonl:") else d) for d in cfg.docs if not d.startswith("hf:")
+            ]
             return [p for p in local if p.exists()] + ([Path(cfg.flow)] if Path(cfg.flow).is_file() else [])
         if name == "tasks":  # local source files count as inputs; hub datasets and synthetic do not
             specs = [spec.partition(":")[2] for spec in self.configs["tasks"].sources]
@@ -543,19 +694,29 @@ class Pipeline:
             return [] if "synth" in self.configs["persona"] else [Path(posts)]
         if name == "train" and "persona" in self.stages:
             return [self.paths["persona"] / "pcip.jsonl"]
-        return {"select": [self.paths["tasks"]],
-                "generate": [self.paths["tasks"]] + ([self.paths["assignment"]] if self.paths["assignment"].exists() else []),
-                "erase": [self.paths["traces"]], "train": [self._sft_data()],
-                "eval": ([self.paths["student"] / "model"] if "train" in self.stages else [])
-                + ([self.paths["heldout"]] if "heldout" in self.data else [])
-                + ([self.paths["persona"] / "pcip.heldout.jsonl"] if "persona" in self.stages else [])}[name]
+        return {
+            "select": [self.paths["tasks"]],
+            "generate": [self.paths["tasks"]]
+            + ([self.paths["assignment"]] if self.paths["assignment"].exists() else []),
+            "erase": [self.paths["traces"]],
+            "train": [self._sft_data()],
+            "eval": ([self.paths["student"] / "model"] if "train" in self.stages else [])
+            + ([self.paths["heldout"]] if "heldout" in self.data else [])
+            + ([self.paths["persona"] / "pcip.heldout.jsonl"] if "persona" in self.stages else []),
+        }[name]
 
     def outputs(self, name: str) -> list[Path]:
-        return {"persona": [self.paths["persona"] / "pcip.jsonl", self.paths["persona"] / "pcip.heldout.jsonl"],
-                "instruct": [self.paths["instruct"]], "tasks": [self.paths["tasks"]], "select": [self.paths["assignment"]], "generate": [self.paths["traces"]],
-                "erase": [self.paths["sft"]], "train": [self.paths["student"] / "model"],
-                "eval": [self.paths["eval"] / "student" / "report.json"],
-                "iterate": [self.run_dir / "iterate" / "best"]}[name]
+        return {
+            "persona": [self.paths["persona"] / "pcip.jsonl", self.paths["persona"] / "pcip.heldout.jsonl"],
+            "instruct": [self.paths["instruct"]],
+            "tasks": [self.paths["tasks"]],
+            "select": [self.paths["assignment"]],
+            "generate": [self.paths["traces"]],
+            "erase": [self.paths["sft"]],
+            "train": [self.paths["student"] / "model"],
+            "eval": [self.paths["eval"] / "student" / "report.json"],
+            "iterate": [self.run_dir / "iterate" / "best"],
+        }[name]
 
     def config_dict(self, name: str) -> Any:
         cfg = self.configs[name]
@@ -572,8 +733,9 @@ class Pipeline:
         if from_stage is not None and from_stage not in self.stages:
             raise Orca2Error(f"--from {from_stage}: not a stage of this pipeline ({', '.join(self.stages)})")
         if "assignment" in self.data and "select" not in self.stages:
-            from orca2.strategies import Assignment
             import yaml
+
+            from orca2.strategies import Assignment
 
             with atomic_text(self.paths["assignment"]) as f:
                 yaml.safe_dump(self.data["assignment"], f, sort_keys=False)
@@ -586,7 +748,8 @@ class Pipeline:
             judge = self.configs["persona"]["infer"].judge
             (self.paths["eval"] / "benchmarks.yaml").write_text(
                 f"orcabench:\n  loader: orcabench\n  path: {d / 'pcip.heldout.jsonl'}\n  traits: {d / 'traits.jsonl'}\n"
-                f"  judge: {judge}\n")
+                f"  judge: {judge}\n"
+            )
         forced = False
         ran, skipped = [], []
         for name in self.stages:
@@ -611,14 +774,21 @@ class Pipeline:
             try:
                 counts = self._run_iterate(manifest, forced) if name == "iterate" else self._run_stage(name, resume)
             except Orca2Error as exc:
-                raise Orca2Error(f"stage '{name}' failed: {exc} (earlier stages' outputs are kept in {self.run_dir})") from None
+                raise Orca2Error(
+                    f"stage '{name}' failed: {exc} (earlier stages' outputs are kept in {self.run_dir})"
+                ) from None
             except Exception as exc:  # noqa: BLE001 - name the stage whatever broke
                 raise Orca2Error(f"stage '{name}' failed: {type(exc).__name__}: {exc} (earlier outputs kept)") from exc
-            manifest["stages"][name] = {"config_hash": config_hash, "config": config, "inputs": inputs,
-                                        "outputs": {str(p): file_hash(p) for p in self.outputs(name)},
-                                        "seconds": round(time.perf_counter() - start, 2), "counts": counts,
-                                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                        "environment": self.environment}
+            manifest["stages"][name] = {
+                "config_hash": config_hash,
+                "config": config,
+                "inputs": inputs,
+                "outputs": {str(p): file_hash(p) for p in self.outputs(name)},
+                "seconds": round(time.perf_counter() - start, 2),
+                "counts": counts,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "environment": self.environment,
+            }
             manifest["attempts"].pop(name, None)
             self._save(manifest)
             ran.append(name)
@@ -633,21 +803,30 @@ class Pipeline:
         key = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:12]
         known = manifest.setdefault("environments", {})
         entries = [(name, e) for name, e in manifest["stages"].items()]
-        entries += [(f"iterate round {t} {step}", e) for t, r in manifest.get("rounds", {}).items()
-                    for step, e in r.items() if isinstance(e, dict)]
+        entries += [
+            (f"iterate round {t} {step}", e)
+            for t, r in manifest.get("rounds", {}).items()
+            for step, e in r.items()
+            if isinstance(e, dict)
+        ]
         by_env: dict[str, list[str]] = {}
         for name, entry in entries:
             if entry.get("environment") not in (None, key):
                 by_env.setdefault(entry["environment"], []).append(name)
         for other, names in by_env.items():
             changes = differences(known.get(other, {}), current)
-            log.warning("%s ran in another environment (%s): results may differ from a run here",
-                        ", ".join(names), "; ".join(changes))
+            log.warning(
+                "%s ran in another environment (%s): results may differ from a run here",
+                ", ".join(names),
+                "; ".join(changes),
+            )
         known[key] = current
         manifest["environment"] = current  # this invocation's: what `auto` resolved to, threads, CPU, libraries
         return key
 
-    def _why_run(self, entry: dict[str, Any] | None, config_hash: str, inputs: dict[str, str], forced: bool) -> str | None:
+    def _why_run(
+        self, entry: dict[str, Any] | None, config_hash: str, inputs: dict[str, str], forced: bool
+    ) -> str | None:
         if forced:
             return "--from"
         if entry is None:
@@ -679,7 +858,8 @@ class Pipeline:
         self.paths["eval"].mkdir(parents=True, exist_ok=True)
         (self.paths["eval"] / "benchmarks.yaml").write_text(
             f"heldout:\n  loader: jsonl\n  path: {self.paths['heldout'].resolve()}\n  answer_type: auto\n"
-            "  template: \"{question}\"\n  aggregate: micro\n")
+            '  template: "{question}"\n  aggregate: micro\n'
+        )
 
     def _run_stage(self, name: str, resume: bool) -> dict[str, Any]:
         cfg = self.configs[name]
@@ -690,9 +870,14 @@ class Pipeline:
             if "synth" in cfg:
                 counts["synth"] = persona.synth(cfg["synth"])
             inferred = persona.infer(cfg["infer"])
-            counts["infer"] = {"users": inferred["users"], **({"spearman": {d: round(v["rho"], 3) for d, v in
-                                                                         inferred["truth"]["spearman"].items()}}
-                                                              if "truth" in inferred else {})}
+            counts["infer"] = {
+                "users": inferred["users"],
+                **(
+                    {"spearman": {d: round(v["rho"], 3) for d, v in inferred["truth"]["spearman"].items()}}
+                    if "truth" in inferred
+                    else {}
+                ),
+            }
             counts["augment"] = persona.augment(cfg["augment"])["counts"]
             built = persona.build(cfg["build"])
             counts["build"] = {k: built[k] for k in ("train_records", "heldout_records", "heldout_users")}
@@ -701,7 +886,10 @@ class Pipeline:
             from orca2.stages.instruct import run as stage_run
 
             report = stage_run(cfg)
-            return {k: report[k] for k in ("documents", "passages", "candidates", "kept", "dropped", "agent_requests", "lost")}
+            return {
+                k: report[k]
+                for k in ("documents", "passages", "candidates", "kept", "dropped", "agent_requests", "lost")
+            }
         if name == "tasks":
             from orca2.stages.tasks import run as stage_run
 
@@ -716,14 +904,18 @@ class Pipeline:
 
             summary = stage_run(cfg)
             if summary["failed"] and not cfg.allow_failures:
-                raise Orca2Error(f"{summary['failed']} of {summary['tasks']} teacher requests failed (see {summary['errors']}); "
-                                 "re-running retries only those")
+                raise Orca2Error(
+                    f"{summary['failed']} of {summary['tasks']} teacher requests failed (see {summary['errors']}); "
+                    "re-running retries only those"
+                )
             return {k: summary[k] for k in ("tasks", "records", "answered", "failed", "cached_at_start")}
         if name == "erase":
             from orca2.stages.erase import run as stage_run
 
             report = stage_run(cfg)
-            return {k: report[k] for k in ("read", "kept", "dropped", "rejected")} | {"dropped_by_reason": report["dropped_by_reason"]}
+            return {k: report[k] for k in ("read", "kept", "dropped", "rejected")} | {
+                "dropped_by_reason": report["dropped_by_reason"]
+            }
         if name == "train":
             from orca2.train import trainer
 
@@ -732,7 +924,11 @@ class Pipeline:
             summary = trainer.run(dataclasses.replace(cfg, resume=resume or cfg.resume))
             if summary.get("stopped"):
                 raise Orca2Error("training stopped early (stop_after); run again to resume it")
-            return {"stages": [{"stage": s["stage"], "steps": s["steps"], "examples": s["examples"]} for s in summary["stages"]]}
+            return {
+                "stages": [
+                    {"stage": s["stage"], "steps": s["steps"], "examples": s["examples"]} for s in summary["stages"]
+                ]
+            }
         from orca2.eval.evaluate import run as eval_run
         from orca2.eval.report import compare
 
@@ -747,12 +943,23 @@ class Pipeline:
 
             with atomic_text(self.paths["eval"] / "orcabench-compare.md") as f:
                 f.write(compare_reports({who: r["orcabench"] for who, r in reports.items()}))
-        return {who: {**{c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()}
-                          for c, s in r.get("benchmarks", {}).items()},
-                      **{b: {m: round(v["value"], 4) for m, v in o["metrics"].items()} for b, o in r.get("orcabench", {}).items()}}
-                for who, r in reports.items()}
+        return {
+            who: {
+                **{
+                    c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()}
+                    for c, s in r.get("benchmarks", {}).items()
+                },
+                **{
+                    b: {m: round(v["value"], 4) for m, v in o["metrics"].items()}
+                    for b, o in r.get("orcabench", {}).items()
+                },
+            }
+            for who, r in reports.items()
+        }
 
 
-def run(config: str, overrides: tuple[str, ...] = (), from_stage: str | None = None, output: str | None = None) -> dict[str, Any]:
+def run(
+    config: str, overrides: tuple[str, ...] = (), from_stage: str | None = None, output: str | None = None
+) -> dict[str, Any]:
     """Load the pipeline config (all errors up front) and run it."""
     return Pipeline(config, overrides, output).run(from_stage)

@@ -22,7 +22,8 @@ rejected and prompt/completion/label) are read as preference records too (`from_
 
 from __future__ import annotations
 
-from typing import Any, Iterable, TypedDict
+from collections.abc import Iterable
+from typing import Any, TypedDict
 
 from orca2.errors import Orca2Error
 
@@ -93,8 +94,10 @@ def validate_record(obj: Any, where: str) -> Record:
 
 def _validate_preference(obj: dict[str, Any], where: str) -> None:
     if obj["messages"][-1]["role"] != "user":
-        raise Orca2Error(f"{where}: field 'messages': a preference record's messages are the prompt and must end with "
-                         "a user message (the replies go in 'chosen' and 'rejected')")
+        raise Orca2Error(
+            f"{where}: field 'messages': a preference record's messages are the prompt and must end with "
+            "a user message (the replies go in 'chosen' and 'rejected')"
+        )
     for side in ("chosen", "rejected"):
         replies = obj.get(side, [])
         if not isinstance(replies, list):
@@ -104,7 +107,9 @@ def _validate_preference(obj: dict[str, Any], where: str) -> None:
                 raise Orca2Error(f"{where}: field '{side}[{i}]' must be an object with a string 'content'")
             extra = sorted(set(reply) - set(REPLY_FIELDS))
             if extra:
-                raise Orca2Error(f"{where}: field '{side}[{i}]' has unknown keys {extra} (valid: content, meta, partial)")
+                raise Orca2Error(
+                    f"{where}: field '{side}[{i}]' has unknown keys {extra} (valid: content, meta, partial)"
+                )
             if not isinstance(reply.get("meta", {}), dict):
                 raise Orca2Error(f"{where}: field '{side}[{i}].meta' must be an object")
             if not isinstance(reply.get("partial", False), bool):
@@ -114,12 +119,15 @@ def _validate_preference(obj: dict[str, Any], where: str) -> None:
     if "pairs" in obj:
         pairs = obj["pairs"]
         n_c, n_r = len(obj.get("chosen", [])), len(obj.get("rejected", []))
-        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
-                                                  for p in pairs):
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p) for p in pairs
+        ):
             raise Orca2Error(f"{where}: field 'pairs' must be a list of [chosen index, rejected index]")
         for i, (c, r) in enumerate(pairs):
             if not (0 <= c < n_c and 0 <= r < n_r):
-                raise Orca2Error(f"{where}: field 'pairs[{i}]' = [{c}, {r}] is out of range ({n_c} chosen, {n_r} rejected)")
+                raise Orca2Error(
+                    f"{where}: field 'pairs[{i}]' = [{c}, {r}] is out of range ({n_c} chosen, {n_r} rejected)"
+                )
 
 
 def preference_pairs(record: Record) -> list[tuple[int, int]]:
@@ -154,11 +162,17 @@ def from_trl_row(obj: dict[str, Any], where: str) -> Record:
     known = {"prompt", "chosen", "rejected", "completion", "label", "id", "task", "meta"}
     extra = sorted(set(obj) - known)
     if extra:
-        raise Orca2Error(f"{where}: unknown field '{extra[0]}' in a TRL preference row (prompt, chosen, rejected | "
-                         "prompt, completion, label)")
-    record: dict[str, Any] = {"id": obj.get("id") or where, "task": obj.get("task") or "preference",
-                              "messages": _trl_messages(obj["prompt"], where, "prompt", "user"), "answer": None,
-                              "meta": obj.get("meta") or {}}
+        raise Orca2Error(
+            f"{where}: unknown field '{extra[0]}' in a TRL preference row (prompt, chosen, rejected | "
+            "prompt, completion, label)"
+        )
+    record: dict[str, Any] = {
+        "id": obj.get("id") or where,
+        "task": obj.get("task") or "preference",
+        "messages": _trl_messages(obj["prompt"], where, "prompt", "user"),
+        "answer": None,
+        "meta": obj.get("meta") or {},
+    }
     if "completion" in obj or "label" in obj:
         label = obj.get("label")
         if not isinstance(label, bool):

@@ -20,8 +20,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from orca2.errors import Orca2Error
 
@@ -34,14 +34,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(template: str, model: str, log_path: str | os.PathLike[str], *, timeout: float = 900.0, poll: float = 0.5,
-           name: str = "student") -> Iterator[str]:
+def served(
+    template: str,
+    model: str,
+    log_path: str | os.PathLike[str],
+    *,
+    timeout: float = 900.0,
+    poll: float = 0.5,
+    name: str = "student",
+) -> Iterator[str]:
     """Run `template` (with {model}, {port} and {name}) while the block runs; yield its OpenAI base URL."""
     port = free_port()
     try:
         command = template.format(model=model, port=port, name=name)
     except (KeyError, IndexError) as exc:
-        raise Orca2Error(f"server command {template!r}: unknown placeholder {exc} (use {{model}}, {{port}}, {{name}})") from None
+        raise Orca2Error(
+            f"server command {template!r}: unknown placeholder {exc} (use {{model}}, {{port}}, {{name}})"
+        ) from None
     base = f"http://127.0.0.1:{port}/v1"
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -50,8 +59,10 @@ def served(template: str, model: str, log_path: str | os.PathLike[str], *, timeo
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
-                    raise Orca2Error(f"server command exited with code {proc.returncode} before answering "
-                                     f"({command!r}; its output: {log_path})")
+                    raise Orca2Error(
+                        f"server command exited with code {proc.returncode} before answering "
+                        f"({command!r}; its output: {log_path})"
+                    )
                 try:
                     with urllib.request.urlopen(f"{base}/models", timeout=2) as response:
                         if response.status == 200:
@@ -59,8 +70,10 @@ def served(template: str, model: str, log_path: str | os.PathLike[str], *, timeo
                 except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                     pass
                 if time.monotonic() > deadline:
-                    raise Orca2Error(f"server command did not answer on {base} within {timeout:.0f} s ({command!r}; "
-                                     f"its output: {log_path})")
+                    raise Orca2Error(
+                        f"server command did not answer on {base} within {timeout:.0f} s ({command!r}; "
+                        f"its output: {log_path})"
+                    )
                 time.sleep(poll)
             yield base
         finally:

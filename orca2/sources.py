@@ -2,9 +2,12 @@
 
 Sources are written KIND:ARG:
   gsm8k:PATH          GSM8K JSONL ({"question", "answer": "... #### 72"}); task 'gsm8k'
-  bbh:PATH            a BIG-Bench-Hard task file ({"examples": [{"input", "target"}]}) or a folder of them; task 'bbh/<file stem>'
-  jsonl:PATH          any JSONL: records as they are, or rows mapped with `columns` (prompt=..., answer=..., id=..., task=...)
-  hf:NAME[:CONFIG][@SPLIT]  an HF dataset (hub name when online, or a folder written by save_to_disk), mapped with `columns`
+  bbh:PATH            a BIG-Bench-Hard task file ({"examples": [{"input", "target"}]}) or a folder of them;
+                      task 'bbh/<file stem>'
+  jsonl:PATH          any JSONL: records as they are, or rows mapped with `columns`
+                      (prompt=..., answer=..., id=..., task=...)
+  hf:NAME[:CONFIG][@SPLIT]  an HF dataset (hub name when online, or a folder written by save_to_disk), mapped
+                      with `columns`
   synthetic[:KIND,...]      built-in generators with exact answers (all kinds when none named)
 
 Read by the `tasks` stage, by erase (decontamination) and by eval (benchmarks); each reader yields
@@ -13,8 +16,9 @@ Read by the `tasks` stage, by erase (decontamination) and by eval (benchmarks); 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
@@ -41,7 +45,9 @@ def gsm8k_final_answer(solution: str, where: str) -> str:
     return final
 
 
-def _task_record(id: str, task: str, prompt: str, answer: str | None, source: str, extra: dict[str, Any] | None = None) -> Record:
+def _task_record(
+    id: str, task: str, prompt: str, answer: str | None, source: str, extra: dict[str, Any] | None = None
+) -> Record:
     meta: dict[str, Any] = {"source": source}
     if answer is not None:
         meta["answer_type"] = infer_answer_type(answer)
@@ -69,7 +75,10 @@ def read_gsm8k(path: Path) -> Iterator[tuple[str, Record | Orca2Error]]:
             question = _field_str(row, "question", where)
             solution = _field_str(row, "answer", where)
             answer = gsm8k_final_answer(solution, where)
-            yield where, _task_record(f"gsm8k/{split}/{index}", "gsm8k", question, answer, str(path), {"solution": solution})
+            yield (
+                where,
+                _task_record(f"gsm8k/{split}/{index}", "gsm8k", question, answer, str(path), {"solution": solution}),
+            )
         except Orca2Error as exc:
             yield where, exc
 
@@ -108,7 +117,9 @@ def _map_row(row: Any, columns: dict[str, str], task: str | None, default_id: st
         raise Orca2Error(f"{where}: expected a JSON object")
     prompt_col = columns.get("prompt")
     if prompt_col is None:
-        raise Orca2Error(f"{where}: rows are not records (no 'messages'); map them with --columns prompt=COL,answer=COL")
+        raise Orca2Error(
+            f"{where}: rows are not records (no 'messages'); map them with --columns prompt=COL,answer=COL"
+        )
     prompt = row.get(prompt_col)
     if not isinstance(prompt, str) or not prompt.strip():
         raise Orca2Error(f"{where}: field '{prompt_col}' (the prompt column) must be a non-empty string")
@@ -149,7 +160,9 @@ def load_hf(spec: str, default_split: str = "train") -> Any:
         try:
             loaded = datasets.load_dataset(name, config or None)
         except Exception as exc:  # offline, unknown name, ...: one line, no traceback
-            raise Orca2Error(f"hf:{spec}: cannot load dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            raise Orca2Error(
+                f"hf:{spec}: cannot load dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            ) from None
     if isinstance(loaded, datasets.DatasetDict):
         split = split or (default_split if default_split in loaded else next(iter(loaded)))
         if split not in loaded:
@@ -173,27 +186,49 @@ def read_hf(spec: str, columns: dict[str, str], task: str | None) -> Iterator[tu
             yield where, exc
 
 
-def read_synthetic(kinds: list[str], per_kind: int, split: str, seed: int, min_steps: int,
-                   max_steps: int) -> Iterator[tuple[str, Record | Orca2Error]]:
+def read_synthetic(
+    kinds: list[str], per_kind: int, split: str, seed: int, min_steps: int, max_steps: int
+) -> Iterator[tuple[str, Record | Orca2Error]]:
     for kind in kinds:
         for index in range(per_kind):
             item = generate_item(kind, index, seed, split, min_steps=min_steps, max_steps=max_steps)
-            synthetic = {"kind": kind, "seed": seed, "split": split, "index": index, "n_steps": item.n_steps,
-                         "steps": list(item.steps), "facts": list(item.facts)}
-            record = make_record(f"synthetic/{kind}/{split}/{seed}/{index}", f"synthetic/{kind}",
-                                 [{"role": "user", "content": item.question}], item.answer,
-                                 {"source": "synthetic", "answer_type": item.answer_type, "synthetic": synthetic})
+            synthetic = {
+                "kind": kind,
+                "seed": seed,
+                "split": split,
+                "index": index,
+                "n_steps": item.n_steps,
+                "steps": list(item.steps),
+                "facts": list(item.facts),
+            }
+            record = make_record(
+                f"synthetic/{kind}/{split}/{seed}/{index}",
+                f"synthetic/{kind}",
+                [{"role": "user", "content": item.question}],
+                item.answer,
+                {"source": "synthetic", "answer_type": item.answer_type, "synthetic": synthetic},
+            )
             yield f"synthetic:{kind}[{index}]", record
 
 
-def open_source(spec: str, *, columns: dict[str, str] | None = None, task: str | None = None, per_kind: int = 100,
-                split: str = "train", seed: int = 0, min_steps: int = 2,
-                max_steps: int = 3) -> Iterator[tuple[str, Record | Orca2Error]]:
+def open_source(
+    spec: str,
+    *,
+    columns: dict[str, str] | None = None,
+    task: str | None = None,
+    per_kind: int = 100,
+    split: str = "train",
+    seed: int = 0,
+    min_steps: int = 2,
+    max_steps: int = 3,
+) -> Iterator[tuple[str, Record | Orca2Error]]:
     """Dispatch a KIND:ARG source spec to its reader; yields (where, record or the error of a bad row)."""
     columns = columns or {}
     kind, _, arg = spec.partition(":")
     if kind not in SOURCE_KINDS:
-        raise Orca2Error(f"unknown task source '{spec}' (valid kinds: {', '.join(SOURCE_KINDS)}; e.g. gsm8k:PATH, synthetic)")
+        raise Orca2Error(
+            f"unknown task source '{spec}' (valid kinds: {', '.join(SOURCE_KINDS)}; e.g. gsm8k:PATH, synthetic)"
+        )
     if kind == "synthetic":
         kinds = [k for k in arg.split(",") if k] or list(GENERATORS)
         for k in kinds:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from orca2.errors import Orca2Error
 
@@ -42,12 +42,23 @@ def arithmetic(rng: random.Random, **_: object) -> SyntheticItem:
         b = rng.randint(2, 9)
     result = {"+": a + b, "-": a - b, "×": a * b}[op]
     question = f"What is {a} {op} {b}?"
-    return SyntheticItem(question, _fmt(result), "number", (f"{a} {op} {b} = {result}.",), (f"The numbers are {a} and {b}.",), 1)
+    return SyntheticItem(
+        question, _fmt(result), "number", (f"{a} {op} {b} = {result}.",), (f"The numbers are {a} and {b}.",), 1
+    )
 
 
 # --- multi-step word problems ----------------------------------------------------------------------
 
-_NAMES = [("Mia", "She"), ("Liam", "He"), ("Ava", "She"), ("Noah", "He"), ("Zoe", "She"), ("Omar", "He"), ("Ines", "She"), ("Ravi", "He")]
+_NAMES = [
+    ("Mia", "She"),
+    ("Liam", "He"),
+    ("Ava", "She"),
+    ("Noah", "He"),
+    ("Zoe", "She"),
+    ("Omar", "He"),
+    ("Ines", "She"),
+    ("Ravi", "He"),
+]
 _ITEMS = ["marbles", "stickers", "apples", "pencils", "coins", "cards", "shells", "stamps"]
 
 
@@ -127,9 +138,14 @@ def date_arithmetic(rng: random.Random, **_: object) -> SyntheticItem:
             to_boundary = cursor.day  # back to the last day of the previous month
         move = min(left, to_boundary)
         new = cursor + dt.timedelta(days=sign * move)
-        steps.append(f"{'Adding' if sign > 0 else 'Subtracting'} {move} days reaches {new.isoformat()}; {left - move} days remain.")
+        steps.append(
+            f"{'Adding' if sign > 0 else 'Subtracting'} {move} days reaches {new.isoformat()}; "
+            f"{left - move} days remain."
+        )
         cursor, left = new, left - move
-    facts = (f"{start:%B} has {((start.replace(day=1) + dt.timedelta(days=32)).replace(day=1) - start.replace(day=1)).days} days in {start.year}.",)
+    first = start.replace(day=1)
+    month_days = ((first + dt.timedelta(days=32)).replace(day=1) - first).days
+    facts = (f"{start:%B} has {month_days} days in {start.year}.",)
     return SyntheticItem(question, end.isoformat(), "text", tuple(steps), facts, len(steps) - 1)
 
 
@@ -171,7 +187,9 @@ def object_counting(rng: random.Random, **_: object) -> SyntheticItem:
     listing = ", ".join(parts[:-1]) + f", and {parts[-1]}"
     question = f"I have {listing}. How many {target} do I have?"
     facts = tuple(f"{'An' if n[0] in 'aeiou' else 'A'} {n} is one of the {c}." for n, c in chosen)
-    return SyntheticItem(question, _fmt(total), "number", tuple(steps) + (f"In total there are {total} {target}.",), facts, len(steps))
+    return SyntheticItem(
+        question, _fmt(total), "number", tuple(steps) + (f"In total there are {total} {target}.",), facts, len(steps)
+    )
 
 
 # --- boolean expressions -----------------------------------------------------------------------------
@@ -199,8 +217,14 @@ def boolean_expressions(rng: random.Random, **_: object) -> SyntheticItem:
     if text.startswith("( ") and text.endswith(" )"):
         text = text[2:-2]
     question = f"Evaluate the boolean expression: {text}. Is it True or False?"
-    return SyntheticItem(question, str(value), "true_false", tuple(steps) + (f"The expression is {value}.",),
-                         ("not flips a value; 'and' is True only if both sides are; 'or' is True if either side is.",), len(steps))
+    return SyntheticItem(
+        question,
+        str(value),
+        "true_false",
+        tuple(steps) + (f"The expression is {value}.",),
+        ("not flips a value; 'and' is True only if both sides are; 'or' is True if either side is.",),
+        len(steps),
+    )
 
 
 # --- word sorting ------------------------------------------------------------------------------------
@@ -216,9 +240,18 @@ def word_sorting(rng: random.Random, **_: object) -> SyntheticItem:
     words = rng.sample(_WORDS, rng.randint(4, 7))
     question = "Sort the following words alphabetically and list them separated by spaces: " + " ".join(words)
     ordered = sorted(words)
-    steps = tuple(f"Position {i}: {w} (first letters so far: {' '.join(x[0] for x in ordered[: i])})." for i, w in enumerate(ordered, 1))
-    return SyntheticItem(question, " ".join(ordered), "text", steps + (f"The sorted list is: {' '.join(ordered)}.",),
-                         ("Alphabetical order compares the first letter, then the next where they tie.",), len(words))
+    steps = tuple(
+        f"Position {i}: {w} (first letters so far: {' '.join(x[0] for x in ordered[:i])})."
+        for i, w in enumerate(ordered, 1)
+    )
+    return SyntheticItem(
+        question,
+        " ".join(ordered),
+        "text",
+        steps + (f"The sorted list is: {' '.join(ordered)}.",),
+        ("Alphabetical order compares the first letter, then the next where they tie.",),
+        len(words),
+    )
 
 
 GENERATORS: dict[str, Callable[..., SyntheticItem]] = {

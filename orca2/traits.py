@@ -74,8 +74,9 @@ def read_posts(path: str, counts: Any, min_posts: int = 3) -> dict[str, list[Pos
             counts["posts_without_text"] += 1
             continue
         media = row.get("media")
-        users.setdefault(str(user), []).append(Post(str(user), text.strip(), f"{path}:{line}", row.get("time"),
-                                                    None if media is None else str(media)))
+        users.setdefault(str(user), []).append(
+            Post(str(user), text.strip(), f"{path}:{line}", row.get("time"), None if media is None else str(media))
+        )
     kept = {}
     for user, posts in users.items():
         if len(posts) < min_posts:
@@ -89,7 +90,7 @@ def read_posts(path: str, counts: Any, min_posts: int = 3) -> dict[str, list[Pos
 
 def chunks(posts: list[Any], size: int) -> list[list[Any]]:
     """Consecutive chunks of `size`; a last chunk shorter than half a chunk joins the one before."""
-    parts = [posts[i:i + size] for i in range(0, len(posts), size)]
+    parts = [posts[i : i + size] for i in range(0, len(posts), size)]
     if len(parts) > 1 and len(parts[-1]) < (size + 1) // 2:
         last = parts.pop()
         parts[-1] = parts[-1] + last
@@ -135,11 +136,15 @@ def consistency(truth: dict[str, float], predicted: dict[str, float]) -> dict[st
     p = [predicted[d] or 0.01 for d in DOMAINS]
     dot = sum(a * b for a, b in zip(t, p))
     cosine = dot / (math.sqrt(sum(a * a for a in t)) * math.sqrt(sum(b * b for b in p)))
-    return {"cosine": cosine, "euclidean": math.sqrt(sum((a - b) ** 2 for a, b in zip(t, p))),
-            "manhattan": sum(abs(a - b) for a, b in zip(t, p))}
+    return {
+        "cosine": cosine,
+        "euclidean": math.sqrt(sum((a - b) ** 2 for a, b in zip(t, p))),
+        "manhattan": sum(abs(a - b) for a, b in zip(t, p)),
+    }
 
 
 # --- the synthetic-persona source -----------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def phrase_bank() -> dict[str, list[str]]:
@@ -151,14 +156,30 @@ def phrase_bank() -> dict[str, list[str]]:
     return data
 
 
-TOPICS = ["the weather", "my commute", "lunch", "the weekend", "work", "the news", "my cat", "the garden", "a podcast",
-          "the football game", "my sister", "the new phone", "the library", "a recipe", "the gym"]
+TOPICS = [
+    "the weather",
+    "my commute",
+    "lunch",
+    "the weekend",
+    "work",
+    "the news",
+    "my cat",
+    "the garden",
+    "a podcast",
+    "the football game",
+    "my sister",
+    "the new phone",
+    "the library",
+    "a recipe",
+    "the gym",
+]
 PLACES = ["Leeds", "Porto", "Denver", "Osaka", "Cork", "Adelaide", "Lyon", "Austin"]
 JOBS = ["nurse", "teacher", "software developer", "baker", "electrician", "student", "accountant", "farmer"]
 
 
-def synthetic_users(users: int, posts_per_user: int, seed: int = 0,
-                    rate: float = 0.08) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def synthetic_users(
+    users: int, posts_per_user: int, seed: int = 0, rate: float = 0.08
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(posts, truth): each user draws a level 0–6 per domain; a post shows each facet of a domain at level L
     with probability `rate` · L / 6, in a phrase from the facet's bank, around an everyday topic. Seeded."""
     bank, table = phrase_bank(), facet_table()
@@ -168,7 +189,9 @@ def synthetic_users(users: int, posts_per_user: int, seed: int = 0,
         user = f"user{u:04d}"
         levels = {d: rng.randint(0, 6) for d in DOMAINS}
         job, place = rng.choice(JOBS), rng.choice(PLACES)
-        truth.append({"user": user, "domains": levels, "profile": f"A {job} living in {place}.", "job": job, "place": place})
+        truth.append(
+            {"user": user, "domains": levels, "profile": f"A {job} living in {place}.", "job": job, "place": place}
+        )
         for k in range(posts_per_user):
             shown = [f for d in DOMAINS for f in table[d] if rng.random() < rate * levels[d] / 6]
             topic = rng.choice(TOPICS)
@@ -202,8 +225,10 @@ def rule_profile(posts: list[str]) -> dict[str, str]:
     jobs, places = _mentions(" ".join(posts))
     facts = ([f"Works as a {jobs[0]}."] if jobs else []) + ([f"Lives in {places[0]}."] if places else [])
     topics = sorted({m.group(1) for p in posts for m in _TOPIC.finditer(p)})
-    return {"profile": " ".join(facts) or "Little is known about this person.",
-            "knowledge": "Writes about " + ", ".join(topics) + "." if topics else "No particular topic."}
+    return {
+        "profile": " ".join(facts) or "Little is known about this person.",
+        "knowledge": "Writes about " + ", ".join(topics) + "." if topics else "No particular topic.",
+    }
 
 
 def _profile_facts(profile: str) -> tuple[list[str], list[str]]:
@@ -216,15 +241,19 @@ def rule_activity(post: str, profile: str) -> dict[str, Any]:
     marks = rule_marks([post])
     jobs, places = _profile_facts(profile)
     low = post.lower()
-    return {"activity": f"I wanted to share this; what moved me: {', '.join(sorted(m.lower() for m in marks)) or 'nothing in particular'}.",
-            "relates_to_profile": any(f"as a {j}" in low for j in jobs) or any(f"in {p.lower()}" in low for p in places),
-            "relates_to_personality": bool(marks)}
+    moved = ", ".join(sorted(m.lower() for m in marks)) or "nothing in particular"
+    return {
+        "activity": f"I wanted to share this; what moved me: {moved}.",
+        "relates_to_profile": any(f"as a {j}" in low for j in jobs) or any(f"in {p.lower()}" in low for p in places),
+        "relates_to_personality": bool(marks),
+    }
 
 
 def rule_summary(report: str) -> str:
     """The trait report turned to the second person (PSIT's summary, by rule)."""
-    return "In short: " + " ".join(line.replace(": ", " — you are ", 1).replace("; shows", "; you show")
-                                   for line in report.splitlines())
+    return "In short: " + " ".join(
+        line.replace(": ", " — you are ", 1).replace("; shows", "; you show") for line in report.splitlines()
+    )
 
 
 def rule_consistent(aspect: str, reference: str, post: str) -> bool:
@@ -243,6 +272,7 @@ def rule_consistent(aspect: str, reference: str, post: str) -> bool:
 
 def spearman(x: list[float], y: list[float]) -> float:
     """Spearman's ρ with average ranks for ties (Pearson correlation of the ranks); nan when a side is constant."""
+
     def ranks(values: list[float]) -> list[float]:
         order = sorted(range(len(values)), key=lambda i: values[i])
         out = [0.0] * len(values)

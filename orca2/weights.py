@@ -17,8 +17,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from orca2.errors import Orca2Error
 
@@ -88,8 +89,10 @@ def cached_conversion(source: Path, dtype: str, build: Callable[[Path], None]) -
     try:
         build(tmp)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_json(tmp / ENTRY, {"source": str(source), "dtype": dtype, "files": files,
-                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        _write_json(
+            tmp / ENTRY,
+            {"source": str(source), "dtype": dtype, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        )
         if entry.exists() and not valid_entry(entry):
             shutil.rmtree(entry, ignore_errors=True)
         try:
@@ -99,8 +102,9 @@ def cached_conversion(source: Path, dtype: str, build: Callable[[Path], None]) -
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s (%s) once in %.1f s; later loads read %s", source.name, dtype, time.perf_counter() - start,
-             entry)
+    log.info(
+        "converted %s (%s) once in %.1f s; later loads read %s", source.name, dtype, time.perf_counter() - start, entry
+    )
     return entry
 
 
@@ -114,8 +118,9 @@ def list_entries() -> list[dict[str, Any]]:
             what, used = f"{Path(entry['source']).name} as {entry['dtype']}", (folder / ENTRY).stat().st_mtime
         except (OSError, ValueError, KeyError):
             what, used = "incomplete entry", folder.stat().st_mtime
-        rows.append({"folder": str(folder), "what": what, "bytes": size, "last_used": used,
-                     "whole": valid_entry(folder)})
+        rows.append(
+            {"folder": str(folder), "what": what, "bytes": size, "last_used": used, "whole": valid_entry(folder)}
+        )
     return rows
 
 

@@ -34,10 +34,14 @@ def render_template(text: str, source: str = "template", **values: str) -> str:
     fields = template_fields(text)
     missing = sorted(fields - set(values))
     if missing:
-        raise Orca2Error(f"{source}: no value for placeholder {{{missing[0]}}} (given: {', '.join(sorted(values)) or 'none'})")
+        raise Orca2Error(
+            f"{source}: no value for placeholder {{{missing[0]}}} (given: {', '.join(sorted(values)) or 'none'})"
+        )
     unused = sorted(set(values) - fields)
     if unused:
-        raise Orca2Error(f"{source}: value '{unused[0]}' has no placeholder (placeholders: {', '.join(sorted(fields)) or 'none'})")
+        raise Orca2Error(
+            f"{source}: value '{unused[0]}' has no placeholder (placeholders: {', '.join(sorted(fields)) or 'none'})"
+        )
     return text.format(**values)
 
 

@@ -82,8 +82,14 @@ def run(name: str, command: list[str], limit: float, env: dict[str, str] | None 
     """One step in its own process: status, seconds, the tail of its output."""
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=max(10.0, limit), cwd=REPO,
-                              env={**os.environ, **(env or {})})
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=max(10.0, limit),
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )
         status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
         output = (done.stdout + done.stderr)[-3000:]
     except subprocess.TimeoutExpired as exc:
@@ -98,8 +104,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 8 minutes)")
     parser.add_argument("--out", default="bench_out")
     args = parser.parse_args()
-    probe = subprocess.run([PYTHON, "-c", "import torch; print(torch.cuda.is_available() and torch.cuda.get_device_name(0))"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [PYTHON, "-c", "import torch; print(torch.cuda.is_available() and torch.cuda.get_device_name(0))"],
+        capture_output=True,
+        text=True,
+    )
     device = probe.stdout.strip()
     if probe.returncode != 0 or device in ("", "False"):
         print("gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check")
@@ -110,28 +119,113 @@ def main() -> None:
         return max(10.0, min(share, deadline - time.perf_counter()))
 
     steps = [run("install liger-kernel", [PYTHON, "-m", "pip", "install", "-q", "liger-kernel"], left(60))]
-    flash = run("install flash-attn", [PYTHON, "-m", "pip", "install", "-q", "--no-build-isolation", "flash-attn"], left(60))
+    flash = run(
+        "install flash-attn", [PYTHON, "-m", "pip", "install", "-q", "--no-build-isolation", "flash-attn"], left(60)
+    )
     steps.append(flash)
     attention = "flash" if flash["status"] == "ok" else "flex"
     steps.append(run("pytest -m gpu", [PYTHON, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], left(90)))
-    steps.append(run("fused CE vs liger (bench_fused_ce.py --device cuda --quick)",
-                     [PYTHON, "benchmarks/bench_fused_ce.py", "--device", "cuda", "--quick", "--rounds", "3"], left(90)))
-    steps.append(run("fused sequence log-probs vs naive (bf16, 8192 × 576 × 49152)", [PYTHON, "-c", FUSED_LOGPROBS], left(45)))
+    steps.append(
+        run(
+            "fused CE vs liger (bench_fused_ce.py --device cuda --quick)",
+            [PYTHON, "benchmarks/bench_fused_ce.py", "--device", "cuda", "--quick", "--rounds", "3"],
+            left(90),
+        )
+    )
+    steps.append(
+        run("fused sequence log-probs vs naive (bf16, 8192 × 576 × 49152)", [PYTHON, "-c", FUSED_LOGPROBS], left(45))
+    )
     with tempfile.TemporaryDirectory() as tmp:
         steps.append(run("prepare SFT and DPO data", [PYTHON, "-c", PREPARE, tmp], left(30)))
-        common = ["--model", "local:default", "--set", "max_steps=2", "--set", "dtype=bf16", "--set", f"attention={attention}",
-                  "--set", "packing=true", "--set", "max_len=2048", "--set", "save_every=0"]
-        steps.append(run(f"bf16 DeepSpeed SFT step, packed, {attention} attention",
-                         [PYTHON, "-m", "orca2", "train", "--data", f"{tmp}/sft.jsonl", "-o", f"{tmp}/sft", *common], left(90)))
-        steps.append(run(f"bf16 DeepSpeed DPO step, packed, {attention} attention",
-                         [PYTHON, "-m", "orca2", "train", "--objective", "dpo", "--data", f"{tmp}/pairs.jsonl", "-o",
-                          f"{tmp}/dpo", *common], left(90)))
-        steps.append(run("gsm8k tasks", [PYTHON, "-m", "orca2", "tasks", f"gsm8k:{data_dir()}/gsm8k/test.jsonl",
-                                         "--limit", "64", "-o", f"{tmp}/tasks.jsonl"], left(30)))
-        steps.append(run("local engine on CUDA, bf16: orca2 generate, 64 × 128 tokens (load included)",
-                         [PYTHON, "-m", "orca2", "generate", "--tasks", f"{tmp}/tasks.jsonl", "--strategy", "direct-answer",
-                          "--teacher", "local:default", "--max-tokens", "128", "--batch-size", "64", "--device", "cuda",
-                          "--dtype", "bfloat16", "-o", f"{tmp}/traces.jsonl", "--cache-dir", f"{tmp}/cache"], left(120)))
+        common = [
+            "--model",
+            "local:default",
+            "--set",
+            "max_steps=2",
+            "--set",
+            "dtype=bf16",
+            "--set",
+            f"attention={attention}",
+            "--set",
+            "packing=true",
+            "--set",
+            "max_len=2048",
+            "--set",
+            "save_every=0",
+        ]
+        steps.append(
+            run(
+                f"bf16 DeepSpeed SFT step, packed, {attention} attention",
+                [PYTHON, "-m", "orca2", "train", "--data", f"{tmp}/sft.jsonl", "-o", f"{tmp}/sft", *common],
+                left(90),
+            )
+        )
+        steps.append(
+            run(
+                f"bf16 DeepSpeed DPO step, packed, {attention} attention",
+                [
+                    PYTHON,
+                    "-m",
+                    "orca2",
+                    "train",
+                    "--objective",
+                    "dpo",
+                    "--data",
+                    f"{tmp}/pairs.jsonl",
+                    "-o",
+                    f"{tmp}/dpo",
+                    *common,
+                ],
+                left(90),
+            )
+        )
+        steps.append(
+            run(
+                "gsm8k tasks",
+                [
+                    PYTHON,
+                    "-m",
+                    "orca2",
+                    "tasks",
+                    f"gsm8k:{data_dir()}/gsm8k/test.jsonl",
+                    "--limit",
+                    "64",
+                    "-o",
+                    f"{tmp}/tasks.jsonl",
+                ],
+                left(30),
+            )
+        )
+        steps.append(
+            run(
+                "local engine on CUDA, bf16: orca2 generate, 64 × 128 tokens (load included)",
+                [
+                    PYTHON,
+                    "-m",
+                    "orca2",
+                    "generate",
+                    "--tasks",
+                    f"{tmp}/tasks.jsonl",
+                    "--strategy",
+                    "direct-answer",
+                    "--teacher",
+                    "local:default",
+                    "--max-tokens",
+                    "128",
+                    "--batch-size",
+                    "64",
+                    "--device",
+                    "cuda",
+                    "--dtype",
+                    "bfloat16",
+                    "-o",
+                    f"{tmp}/traces.jsonl",
+                    "--cache-dir",
+                    f"{tmp}/cache",
+                ],
+                left(120),
+            )
+        )
     write_report(Path(args.out), device, steps)
 
 

@@ -14,9 +14,10 @@ import fnmatch
 import functools
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from orca2.config import read_yaml
 from orca2.errors import Orca2Error
@@ -64,7 +65,9 @@ def parse_strategy(data: Any, where: str) -> Strategy:
     strategy = Strategy(name, data["description"].strip(), data["system_prompt"], data.get("answer_format"), where)
     unknown = template_fields(strategy.system_prompt + (strategy.answer_format or "")) - set(PLACEHOLDERS)
     if unknown:
-        raise Orca2Error(f"{where}: placeholder {{{sorted(unknown)[0]}}} (valid: {', '.join('{%s}' % p for p in PLACEHOLDERS)})")
+        raise Orca2Error(
+            f"{where}: placeholder {{{sorted(unknown)[0]}}} (valid: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})"
+        )
     return strategy
 
 
@@ -90,7 +93,9 @@ def load_strategies(paths: Iterable[str | Path]) -> dict[str, Strategy]:
         for file in files:
             for strategy in load_strategy_file(file):
                 if strategy.name in found:
-                    raise Orca2Error(f"{file}: strategy '{strategy.name}' is already defined in {found[strategy.name].source}")
+                    raise Orca2Error(
+                        f"{file}: strategy '{strategy.name}' is already defined in {found[strategy.name].source}"
+                    )
                 found[strategy.name] = strategy
     return found
 
@@ -102,8 +107,9 @@ class Library:
         self._strategies = dict(sorted(strategies.items()))
 
     @classmethod
-    def load(cls, user_paths: Iterable[str | Path] = ()) -> "Library":
-        """The built-in strategies plus those in `user_paths` (a user strategy may replace a built-in of the same name)."""
+    def load(cls, user_paths: Iterable[str | Path] = ()) -> Library:
+        """The built-in strategies plus those in `user_paths` (a user strategy may replace a built-in of the same
+        name)."""
         merged = dict(_builtin())
         merged.update(load_strategies(user_paths))
         return cls(merged)
@@ -166,7 +172,7 @@ class Assignment:
     source: str = "<assignment>"
 
     @classmethod
-    def load(cls, path: str | Path, library: Library | None = None) -> "Assignment":
+    def load(cls, path: str | Path, library: Library | None = None) -> Assignment:
         """Read an assignment YAML (`default:` and `tasks: {pattern: strategy}`); check names against `library`."""
         data, lines = read_yaml(path)
         if data is None:
@@ -195,7 +201,9 @@ class Assignment:
                     raise Orca2Error(f"{where}: unknown strategy {name!r} (valid: {', '.join(library.names())})")
             if not mix:
                 return value
-            if not value or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in value.values()):
+            if not value or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in value.values()
+            ):
                 raise Orca2Error(f"{where}: a mix maps strategies to positive weights")
             return tuple((name, float(w)) for name, w in value.items())
 
@@ -210,7 +218,7 @@ class Assignment:
             raise Orca2Error(f"{self.source}: no pattern matches task '{task}' and there is no 'default'")
         if isinstance(choice, str):
             return choice
-        point = int(hashlib.sha256(record_id.encode()).hexdigest()[:12], 16) / 16 ** 12 * sum(w for _, w in choice)
+        point = int(hashlib.sha256(record_id.encode()).hexdigest()[:12], 16) / 16**12 * sum(w for _, w in choice)
         for name, weight in choice:
             point -= weight
             if point < 0:

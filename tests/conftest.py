@@ -29,8 +29,14 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m orca2 ARGS` in a subprocess, as a user would from a shell."""
-    return subprocess.run([sys.executable, "-m", "orca2", *args], capture_output=True, text=True,
-                          cwd=cwd, env=child_env(**(env or {})), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "orca2", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=child_env(**(env or {})),
+        timeout=300,
+    )
 
 
 @pytest.fixture(name="run_cli")
@@ -50,8 +56,10 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCA2_CACHE_DIR", str(tmp_path / "teacher-cache"))
 
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def build_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
@@ -68,15 +76,29 @@ def build_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: i
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character, newlines too
     core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<|im_end|>"], pad_token_id=0,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=vocab["<|im_start|>"],
+        eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -100,10 +122,19 @@ def sft_records(n: int, kinds: tuple[str, ...] = ("arithmetic", "word-problem"),
         kind = kinds[i % len(kinds)]
         item = generate_item(kind, i, seed=seed)
         reply = item.answer if kind == "arithmetic" else "\n".join(item.steps) + f"\nThe answer is: {item.answer}"
-        records.append({"id": f"{kind}/{i}", "task": f"synthetic/{kind}", "answer": item.answer, "meta": {},
-                         "messages": [{"role": "system", "content": generic_prompt("cautious")},
-                                      {"role": "user", "content": item.question},
-                                      {"role": "assistant", "content": reply}]})
+        records.append(
+            {
+                "id": f"{kind}/{i}",
+                "task": f"synthetic/{kind}",
+                "answer": item.answer,
+                "meta": {},
+                "messages": [
+                    {"role": "system", "content": generic_prompt("cautious")},
+                    {"role": "user", "content": item.question},
+                    {"role": "assistant", "content": reply},
+                ],
+            }
+        )
     return records
 
 
@@ -117,14 +148,22 @@ def preference_records(n, seed=0, shuffle_labels=False, kinds=("word-problem",))
     for r in sft_records(n, kinds=kinds, seed=seed):
         good = r["messages"][-1]["content"]
         bad = [f"NO. {r['answer']}?? " * 3, "I CANNOT SAY!! " * 4]
-        record = {"id": r["id"], "task": r["task"], "messages": r["messages"][:-1], "answer": r["answer"], "meta": {},
-                  "chosen": [{"content": good, "meta": {"author": "teacher"}}],
-                  "rejected": [{"content": x, "meta": {"author": "student", "score": 1}} for x in bad]}
+        record = {
+            "id": r["id"],
+            "task": r["task"],
+            "messages": r["messages"][:-1],
+            "answer": r["answer"],
+            "meta": {},
+            "chosen": [{"content": good, "meta": {"author": "teacher"}}],
+            "rejected": [{"content": x, "meta": {"author": "student", "score": 1}} for x in bad],
+        }
         if shuffle_labels:
             flips = [rng.random() < 0.5 for _ in bad]
             winners = [good] + [x for x, f in zip(bad, flips) if f]
             losers = [x for x, f in zip(bad, flips) if not f] + ([good] if any(flips) else [])
-            pairs = [[0, losers.index(x)] if not f else [winners.index(x), losers.index(good)] for x, f in zip(bad, flips)]
+            pairs = [
+                [0, losers.index(x)] if not f else [winners.index(x), losers.index(good)] for x, f in zip(bad, flips)
+            ]
             record["chosen"] = [{"content": x} for x in winners]
             record["rejected"] = [{"content": x} for x in losers]
             record["pairs"] = pairs

@@ -5,8 +5,13 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"orca2": "orca2", "orca2.strategies": "strategies", "orca2.prompts": "prompts", "orca2.train": "train",
-            "orca2.eval": "eval"}
+PACKAGES = {
+    "orca2": "orca2",
+    "orca2.strategies": "strategies",
+    "orca2.prompts": "prompts",
+    "orca2.train": "train",
+    "orca2.eval": "eval",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -54,7 +59,7 @@ def test_no_import_cycles():
             if nxt.startswith(node + ".") or node.startswith(nxt + ".") and nxt in PACKAGES:
                 continue  # a package and its own submodules
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " → ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " → ".join(stack[stack.index(nxt) :] + [nxt]))
             if state.get(nxt) is None:
                 visit(nxt)
         stack.pop()
@@ -82,14 +87,31 @@ def test_benchmarks_and_scripts_use_the_public_entry_points():
     for folder in ("benchmarks", "scripts"):
         for path in sorted((REPO / folder).glob("*.py")):
             for target in imports(path, known):
-                assert not target.startswith(("orca2.stages.", "orca2.backends.")), f"{folder}/{path.name} imports {target}"
+                assert not target.startswith(("orca2.stages.", "orca2.backends.")), (
+                    f"{folder}/{path.name} imports {target}"
+                )
 
 
 def test_the_folder_listing_shows_the_architecture():
     listing = sorted(p.name for p in (REPO / "orca2").iterdir())
     assert {"stages", "backends", "testing"} <= set(listing)
-    assert sorted(p.stem for p in (REPO / "orca2" / "stages").glob("[!_]*.py")) == ["erase", "generate", "instruct", "judge", "pairs", "persona", "sample", "select", "tasks"]
-    assert sorted(p.stem for p in (REPO / "orca2" / "backends").glob("[!_]*.py")) == ["batch", "local", "openai", "program"]
+    assert sorted(p.stem for p in (REPO / "orca2" / "stages").glob("[!_]*.py")) == [
+        "erase",
+        "generate",
+        "instruct",
+        "judge",
+        "pairs",
+        "persona",
+        "sample",
+        "select",
+        "tasks",
+    ]
+    assert sorted(p.stem for p in (REPO / "orca2" / "backends").glob("[!_]*.py")) == [
+        "batch",
+        "local",
+        "openai",
+        "program",
+    ]
 
 
 def test_model_specs_are_parsed_in_one_place():

@@ -1,6 +1,7 @@
 """Packed-row attention: flex attention with a document mask (run eagerly on CPU, forward only: PyTorch has no CPU
-backward for it) equals the per-example SDPA loop, alone and inside a model; sequence log-probs of packed rows equal unpacked ones for the
-preference objectives; the GPU kernels (compiled flex, FlashAttention varlen) are checked on a GPU."""
+backward for it) equals the per-example SDPA loop, alone and inside a model; sequence log-probs of packed rows equal
+unpacked ones for the preference objectives; the GPU kernels (compiled flex, FlashAttention varlen) are checked on a
+GPU."""
 
 import os
 import sys
@@ -40,8 +41,12 @@ def test_gpu_only_kernels_are_refused_for_cpu_training(tmp_path, tiny_model, sft
     from orca2.errors import Orca2Error
     from orca2.train import trainer
 
-    cfg = load_config(trainer.TrainConfig, None, (), {"model": str(tiny_model), "data": (str(sft_file),),
-                                                      "output": str(tmp_path / "x"), "attention": "flex"})
+    cfg = load_config(
+        trainer.TrainConfig,
+        None,
+        (),
+        {"model": str(tiny_model), "data": (str(sft_file),), "output": str(tmp_path / "x"), "attention": "flex"},
+    )
     with pytest.raises(Orca2Error, match="attention flex needs a CUDA GPU"):
         trainer.run(cfg)
 
@@ -61,7 +66,10 @@ def test_model_with_flex_equals_loop_and_separate_examples(tiny_model):
     from orca2.train.data import Example
 
     g = torch.Generator().manual_seed(3)
-    examples = [Example(str(i), torch.randint(3, 90, (n,), generator=g).tolist(), [-100] * n) for i, n in enumerate((5, 33, 17, 64))]
+    examples = [
+        Example(str(i), torch.randint(3, 90, (n,), generator=g).tolist(), [-100] * n)
+        for i, n in enumerate((5, 33, 17, 64))
+    ]
     loop, bounds = packed_logits(tiny_model, "loop", examples)
     flex, _ = packed_logits(tiny_model, "flex", examples)
     torch.testing.assert_close(flex, loop, rtol=1e-9, atol=1e-9)
@@ -88,14 +96,18 @@ def test_sequence_logprobs_packed_equal_padded(tiny_model, loss_impl):
     model, _ = load_student(str(tiny_model))
     model.set_attn_implementation(register("loop"))
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    units, _ = dpo_units([(f"f:{i}", r) for i, r in enumerate(preference_records(3))], Tokenised(tok, 1024, "drop"), True)
+    units, _ = dpo_units(
+        [(f"f:{i}", r) for i, r in enumerate(preference_records(3))], Tokenised(tok, 1024, "drop"), True
+    )
     sequences = [s for u in units for s in u.sequences]
     lm = CausalLMLoss(model.double(), loss_impl)
     packed = collate_sequences(sequences, True, 4096, 0)
     padded = collate_sequences(sequences, False, 0, 0)
     a = lm.sequence_logprobs(packed.rows, packed.seq_ids, packed.n_seq)
     b = lm.sequence_logprobs(padded.rows, padded.seq_ids, padded.n_seq)
-    alone = torch.cat([lm.sequence_logprobs((c := collate_sequences([s], False, 0, 0)).rows, c.seq_ids, 1) for s in sequences])
+    alone = torch.cat(
+        [lm.sequence_logprobs((c := collate_sequences([s], False, 0, 0)).rows, c.seq_ids, 1) for s in sequences]
+    )
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8)
     torch.testing.assert_close(a, alone, rtol=1e-10, atol=1e-8)
     assert packed.supervised.tolist() == padded.supervised.tolist() and min(packed.supervised.tolist()) > 0

@@ -33,9 +33,16 @@ def api_key(monkeypatch):
 
 
 def generate(tmp_path, server, tasks_file, **kw):
-    flags = {"tasks": str(tasks_file), "output": str(tmp_path / "traces.jsonl"), "teacher": "batch:loopback",
-             "strategy": "step-by-step", "client.base_url": server.base_url, "client.poll_interval": 0.01,
-             "client.backoff_base": 0.01, **kw}
+    flags = {
+        "tasks": str(tasks_file),
+        "output": str(tmp_path / "traces.jsonl"),
+        "teacher": "batch:loopback",
+        "strategy": "step-by-step",
+        "client.base_url": server.base_url,
+        "client.poll_interval": 0.01,
+        "client.backoff_base": 0.01,
+        **kw,
+    }
     return run(load_config(GenerateConfig, None, (), flags))
 
 
@@ -44,8 +51,12 @@ def task_ids(tasks_file):
 
 
 def batch_file_lines(server):
-    return [json.loads(line) for fid, data in server.files.items() for line in data.splitlines()
-            if b'"custom_id"' in line and b'"method"' in line]
+    return [
+        json.loads(line)
+        for fid, data in server.files.items()
+        for line in data.splitlines()
+        if b'"custom_id"' in line and b'"method"' in line
+    ]
 
 
 def test_batches_split_at_the_limit_and_answer_everything_once(tmp_path, tasks_file):
@@ -53,11 +64,15 @@ def test_batches_split_at_the_limit_and_answer_everything_once(tmp_path, tasks_f
         summary = generate(tmp_path, server, tasks_file, **{"client.batch_max_requests": 25})
     traces = list(read_records(tmp_path / "traces.jsonl"))
     assert [t["id"] for t in traces] == task_ids(tasks_file) and summary["failed"] == 0
-    assert server.stats.batches_created == 3 and server.stats.requests == 0  # 60 requests in 25 + 25 + 10, no chat calls
+    assert (
+        server.stats.batches_created == 3 and server.stats.requests == 0
+    )  # 60 requests in 25 + 25 + 10, no chat calls
     lines = batch_file_lines(server)
     assert {line["custom_id"] for line in lines} == {t["meta"]["cache_key"] for t in traces}
     assert max(server.stats.batch_items_by_custom_id.values()) == 1
-    assert traces[0]["meta"]["teacher"] == "batch:loopback" and traces[0]["messages"][-1]["content"].startswith("Working")
+    assert traces[0]["meta"]["teacher"] == "batch:loopback" and traces[0]["messages"][-1]["content"].startswith(
+        "Working"
+    )
     for data in server.files.values():  # the key is in no batch file, output or metadata
         assert KEY.encode() not in data
     assert all(KEY not in json.dumps(b) for b in server.batches.values())
@@ -108,11 +123,30 @@ def test_rejected_file_and_wrong_key_are_one_line_errors_before_any_batch(tmp_pa
 
 def test_kill_9_after_submit_resumes_by_polling_never_resubmitting(tmp_path, tasks_file):
     cache = tmp_path / "cache"
-    args = [sys.executable, "-m", "orca2", "generate", "--tasks", str(tasks_file), "--strategy", "step-by-step",
-            "--teacher", "batch:loopback", "-o", str(tmp_path / "traces.jsonl"), "--cache-dir", str(cache),
-            "--poll-interval", "0.01", "--batch-max-requests", "20"]
-    with LoopbackServer(faults=Faults(batch_polls=10 ** 6)) as server:  # batches never finish while the first run lives
-        proc = subprocess.Popen(args + ["--base-url", server.base_url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        "-m",
+        "orca2",
+        "generate",
+        "--tasks",
+        str(tasks_file),
+        "--strategy",
+        "step-by-step",
+        "--teacher",
+        "batch:loopback",
+        "-o",
+        str(tmp_path / "traces.jsonl"),
+        "--cache-dir",
+        str(cache),
+        "--poll-interval",
+        "0.01",
+        "--batch-max-requests",
+        "20",
+    ]
+    with LoopbackServer(faults=Faults(batch_polls=10**6)) as server:  # batches never finish while the first run lives
+        proc = subprocess.Popen(
+            args + ["--base-url", server.base_url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         book = cache / "batches.jsonl"
         deadline = time.time() + 60
         while time.time() < deadline and not (book.exists() and book.read_text().count('"created"') == 3):
@@ -144,7 +178,10 @@ def test_an_unreachable_server_is_one_line(tmp_path, tasks_file):
     class Nowhere:
         base_url = "http://127.0.0.1:9/v1"  # the discard port: nothing listens
 
-    with pytest.raises(Orca2Error, match=r"batch:loopback: the batch file failed 2 times at http://127.0.0.1:9/v1 "
-                                         r"\(APIConnectionError\)") as info:
+    with pytest.raises(
+        Orca2Error,
+        match=r"batch:loopback: the batch file failed 2 times at http://127.0.0.1:9/v1 "
+        r"\(APIConnectionError\)",
+    ) as info:
         generate(tmp_path, Nowhere, tasks_file, **{"client.max_attempts": 2})
     assert "\n" not in str(info.value)

@@ -9,11 +9,18 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fused_ce
 
 
 def test_benchmark_runs_on_a_tiny_shape(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--shape", "64,16,300", "--rounds", "1"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--shape", "64,16,300", "--rounds", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "bench_out" / "fused_ce_part.csv")))
-    assert {(r["impl"], r["f"]) for r in rows} == {(i, f) for i in ("naive", "torch_chunked", "orca2") for f in ("1.0", "0.5", "0.2")}
+    assert {(r["impl"], r["f"]) for r in rows} == {
+        (i, f) for i in ("naive", "torch_chunked", "orca2") for f in ("1.0", "0.5", "0.2")
+    }
     for r in rows:
         assert float(r["time_ms"]) > 0 and r["peak_mb"] != ""
         if r["impl"] != "naive":
@@ -24,8 +31,13 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path):
 
 def test_dpo_benchmark_runs_on_a_tiny_head(tmp_path):
     script = SCRIPT.parent / "bench_dpo.py"
-    done = subprocess.run([sys.executable, str(script), "--quick", "--shape", "2,32,16,300", "--repeats", "2", "--rounds", "2"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--shape", "2,32,16,300", "--repeats", "2", "--rounds", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {(r["bench"], r["impl"]): r for r in csv.DictReader(open(tmp_path / "bench_out" / "dpo.csv"))}
     naive, fused = rows[("dpo_head", "naive")], rows[("dpo_head", "fused")]

@@ -17,10 +17,12 @@ def test_help_and_version(run_cli):
 
 
 def test_light_imports():
-    code = ("import sys; import orca2.strategies, orca2.prompts, orca2.cli; from orca2.cli import cli; "
-            "from click.testing import CliRunner; r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0; "
-            "r = CliRunner().invoke(cli, ['strategies', 'list']); assert r.exit_code == 0, r.output; "
-            "print([m for m in ('torch', 'transformers', 'openai', 'deepspeed', 'datasets') if m in sys.modules])")
+    code = (
+        "import sys; import orca2.strategies, orca2.prompts, orca2.cli; from orca2.cli import cli; "
+        "from click.testing import CliRunner; r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0; "
+        "r = CliRunner().invoke(cli, ['strategies', 'list']); assert r.exit_code == 0, r.output; "
+        "print([m for m in ('torch', 'transformers', 'openai', 'deepspeed', 'datasets') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -61,17 +63,37 @@ def test_bad_record_file_error(tmp_path, run_cli):
     src.write_text('{"id": "a", "task": "t", "messages": [{"role": "robot", "content": "x"}]}\n')
     result = run_cli("tasks", f"jsonl:{src}", "-o", str(tmp_path / "o.jsonl"))
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {src}:1: field 'messages[0].role' must be one of system, user, assistant, got 'robot'"
+    assert (
+        result.stderr.strip()
+        == f"error: {src}:1: field 'messages[0].role' must be one of system, user, assistant, got 'robot'"
+    )
 
 
 def test_run_needs_a_config(run_cli):
     result = run_cli("run")
-    assert result.returncode == 1 and result.stderr.strip() == "error: run: give --config pipeline.yaml (see configs/demo.yaml)"
+    assert (
+        result.returncode == 1
+        and result.stderr.strip() == "error: run: give --config pipeline.yaml (see configs/demo.yaml)"
+    )
 
 
 def test_package_data_in_wheel(tmp_path, repo):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(repo)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        check=True,
+        capture_output=True,
+    )
     import zipfile
 
     names = zipfile.ZipFile(next(tmp_path.glob("orca2-*.whl"))).namelist()
@@ -105,16 +127,31 @@ def test_an_option_that_would_do_nothing_is_refused(tmp_path, run_cli):
         assert "--seed" in run_cli(command, "--help").stdout, command
 
 
-HEAVY = ("torch", "transformers", "deepspeed", "openai", "datasets", "numpy", "asyncio", "tqdm", "yaml", "regex",
-         "matplotlib", "aiohttp", "jsonlines")
+HEAVY = (
+    "torch",
+    "transformers",
+    "deepspeed",
+    "openai",
+    "datasets",
+    "numpy",
+    "asyncio",
+    "tqdm",
+    "yaml",
+    "regex",
+    "matplotlib",
+    "aiohttp",
+    "jsonlines",
+)
 STAGE_MODULES = ("orca2.stages.", "orca2.train.trainer", "orca2.eval.evaluate", "orca2.pipeline")
 
 
 def loaded_by(args: list[str]) -> list[str]:
     """Modules a fresh interpreter loads to run `orca2 ARGS` (beyond what it had before importing the CLI)."""
-    code = ("import sys; before = set(sys.modules); from orca2.cli import main\n"
-            f"try: main({args!r})\nexcept SystemExit: pass\n"
-            "print(' '.join(sorted(set(sys.modules) - before)))")
+    code = (
+        "import sys; before = set(sys.modules); from orca2.cli import main\n"
+        f"try: main({args!r})\nexcept SystemExit: pass\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1].split()
 
@@ -124,10 +161,18 @@ def test_help_loads_no_heavy_module_and_no_other_stage():
     nothing heavy (numpy, asyncio, tqdm, yaml and regex load when work starts). Timings: docs/benchmarks.md."""
     top = loaded_by(["--help"])
     assert not [m for m in top if m.startswith(STAGE_MODULES) or m.split(".")[0] in HEAVY], top
-    for command, module in (("generate", "orca2.stages.generate"), ("select", "orca2.stages.select"),
-                            ("eval", "orca2.eval.evaluate"), ("instruct", "orca2.stages.instruct"),
-                            ("sample", "orca2.stages.sample"), ("judge", "orca2.stages.judge"), ("erase", None),
-                            ("train", None), ("run", None), ("persona", None)):
+    for command, module in (
+        ("generate", "orca2.stages.generate"),
+        ("select", "orca2.stages.select"),
+        ("eval", "orca2.eval.evaluate"),
+        ("instruct", "orca2.stages.instruct"),
+        ("sample", "orca2.stages.sample"),
+        ("judge", "orca2.stages.judge"),
+        ("erase", None),
+        ("train", None),
+        ("run", None),
+        ("persona", None),
+    ):
         found = loaded_by([command, "--help"])
         assert not [m for m in found if m.split(".")[0] in HEAVY], (command, found)
         stages = {m for m in found if m.startswith(STAGE_MODULES)}
@@ -139,7 +184,9 @@ def test_gpu_check_says_in_one_line_that_there_is_no_gpu(repo):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the whole check (make gpu-check), minutes long")
-    done = subprocess.run([sys.executable, str(repo / "scripts" / "gpu_check.py")], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "gpu_check.py")], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and done.stdout.strip().splitlines() == [
-        "gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"]
+        "gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"
+    ]

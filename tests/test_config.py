@@ -38,14 +38,17 @@ def test_unknown_key_names_file_line_and_key(tmp_path):
         load_config(Cfg, path)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("output: x\nn: many\n", r"c.yaml:2: key 'n': must be int"),
-    ("output: x\nmode: c\n", r"c.yaml:2: key 'mode': must be one of a, b"),
-    ("output: x\nn: true\n", r"key 'n': must be int"),
-    ("n: 3\n", r"missing required key 'output'"),
-    ("output: [x\n", r"c.yaml:1: invalid YAML|c.yaml:2: invalid YAML"),
-    ("- 1\n", r"c.yaml:1: the config must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("output: x\nn: many\n", r"c.yaml:2: key 'n': must be int"),
+        ("output: x\nmode: c\n", r"c.yaml:2: key 'mode': must be one of a, b"),
+        ("output: x\nn: true\n", r"key 'n': must be int"),
+        ("n: 3\n", r"missing required key 'output'"),
+        ("output: [x\n", r"c.yaml:1: invalid YAML|c.yaml:2: invalid YAML"),
+        ("- 1\n", r"c.yaml:1: the config must be a mapping"),
+    ],
+)
 def test_bad_values(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)

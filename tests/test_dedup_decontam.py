@@ -35,7 +35,7 @@ def test_near_deduper_s_curve():
     near = NearDeduper(threshold=0.8)
     bases = [text(rng) for _ in range(200)]
     assert near.check_batch(bases, [str(i) for i in range(200)]) == [None] * 200  # unrelated texts
-    edited = [b.replace(b.split()[30], "changed", 1) for b in bases[:100]]      # one word: J ≈ 0.9
+    edited = [b.replace(b.split()[30], "changed", 1) for b in bases[:100]]  # one word: J ≈ 0.9
     rewritten = [" ".join(b.split()[:30]) + " " + text(rng, 30) for b in bases[100:]]  # half: J ≈ 0.33
     caught = near.check_batch(edited + rewritten, [f"e{i}" for i in range(200)])
     assert sum(c is not None for c in caught[:100]) >= 95
@@ -54,9 +54,14 @@ def test_contamination_index_long_and_short_items():
     index = ContaminationIndex(n=13)
     index.add("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.", "gsm/1")
     index.add("not ( True and False ) or not ( False ) is", "bbh/1")  # 8 words: matched whole
-    index.add("True and True is", "bbh/2")                  # 4 words: too generic to index
-    assert index.find("Q: natalia SOLD clips to 48 of her friends in april and then she sold half as many").eval_id == "gsm/1"
-    assert index.find("Natalia sold clips to 48 of her friends in April, and then bought pens") is None  # 12 shared words
+    index.add("True and True is", "bbh/2")  # 4 words: too generic to index
+    assert (
+        index.find("Q: natalia SOLD clips to 48 of her friends in april and then she sold half as many").eval_id
+        == "gsm/1"
+    )
+    assert (
+        index.find("Natalia sold clips to 48 of her friends in April, and then bought pens") is None
+    )  # 12 shared words
     assert index.find("Evaluate: not (True and False) or not (False) is what?").eval_id == "bbh/1"
     assert index.find("is it True and True is it") is None
 

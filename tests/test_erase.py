@@ -5,15 +5,17 @@ import pytest
 
 from orca2.config import load_config
 from orca2.errors import Orca2Error
-from orca2.stages.erase import EraseConfig, run
 from orca2.io import read_records
 from orca2.prompts import generic_prompt
+from orca2.stages.erase import EraseConfig, run
 from orca2.strategies import get
 
 STEPS = get("step-by-step").system_text()
-VOCAB = ("apple river stone cloud ladder window garden pencil market candle violin harbor meadow silver engine "
-         "forest jacket mirror rocket tunnel button cactus dragon feather glacier island kettle lantern magnet "
-         "needle orange parrot quartz saddle tiger umbrella valley walnut yellow zebra anchor basket copper").split()
+VOCAB = (
+    "apple river stone cloud ladder window garden pencil market candle violin harbor meadow silver engine "
+    "forest jacket mirror rocket tunnel button cactus dragon feather glacier island kettle lantern magnet "
+    "needle orange parrot quartz saddle tiger umbrella valley walnut yellow zebra anchor basket copper"
+).split()
 
 
 def prompt(i: int) -> str:
@@ -24,12 +26,20 @@ def prompt(i: int) -> str:
     return f"Question {i}: " + " ".join(rng.choice(VOCAB) for _ in range(80)) + "?"
 
 
-def trace(i, user=None, reply="1. Add them.\nThe answer is: 7", answer="7", strategy="step-by-step", system=STEPS, **meta):
+def trace(
+    i, user=None, reply="1. Add them.\nThe answer is: 7", answer="7", strategy="step-by-step", system=STEPS, **meta
+):
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": user or prompt(i)},
-        {"role": "assistant", "content": reply}]
-    return {"id": f"t/{i}", "task": "toy", "messages": messages, "answer": answer,
-            "meta": {"strategy": strategy, "answer_type": "number", "finish_reason": "stop", **meta}}
+        {"role": "assistant", "content": reply},
+    ]
+    return {
+        "id": f"t/{i}",
+        "task": "toy",
+        "messages": messages,
+        "answer": answer,
+        "meta": {"strategy": strategy, "answer_type": "number", "finish_reason": "stop", **meta},
+    }
 
 
 def erase(tmp_path, records, raw_lines=(), **kw):
@@ -50,7 +60,9 @@ def test_erasure_keeps_user_and_assistant_byte_identical(tmp_path):
     for before, after in zip(records, kept):
         assert after["messages"][0] == {"role": "system", "content": generic_prompt("cautious")}
         assert orjson.dumps(after["messages"][1:]) == orjson.dumps(before["messages"][1:])
-        assert after["meta"]["erased"]["strategy"] == "step-by-step" and len(after["meta"]["erased"]["prompt_hash"]) == 16
+        assert (
+            after["meta"]["erased"]["strategy"] == "step-by-step" and len(after["meta"]["erased"]["prompt_hash"]) == 16
+        )
         assert after["meta"]["correct"] is True
     assert (tmp_path / "sft.report.md").exists() and json.loads((tmp_path / "sft.report.json").read_text())["kept"] == 5
 
@@ -69,22 +81,35 @@ def test_generic_from_file(tmp_path):
 
 def test_each_filter_fires_on_its_trigger_only(tmp_path):
     records = [
-        trace(0),                                                            # clean
-        {**trace(1), "error": "500 internal error (after 6 attempts)"},      # teacher_error
-        {**trace(2), "messages": trace(2)["messages"][:2]},                  # no_response
-        trace(3, reply="   "),                                               # empty_response
-        trace(4, finish_reason="length"),                                    # truncated
-        trace(5, reply="As instructed, I will go step by step.\nThe answer is: 7"),    # leak: phrase
-        trace(6, reply="Each step performs a single computation or inference and says what it found. The answer is: 7"),  # leak: n-gram
-        trace(7, reply="The answer is: 8"),                                  # wrong_answer
-        trace(8, user=prompt(0).upper().replace(" ", "  ") + "!!"),        # duplicate of t/0 (case, spacing, punctuation)
-        trace(9, user=" ".join(w if k != 40 else "changed" for k, w in enumerate(prompt(0).split()))),  # near-dup of t/0
+        trace(0),  # clean
+        {**trace(1), "error": "500 internal error (after 6 attempts)"},  # teacher_error
+        {**trace(2), "messages": trace(2)["messages"][:2]},  # no_response
+        trace(3, reply="   "),  # empty_response
+        trace(4, finish_reason="length"),  # truncated
+        trace(5, reply="As instructed, I will go step by step.\nThe answer is: 7"),  # leak: phrase
+        trace(
+            6, reply="Each step performs a single computation or inference and says what it found. The answer is: 7"
+        ),  # leak: n-gram
+        trace(7, reply="The answer is: 8"),  # wrong_answer
+        trace(8, user=prompt(0).upper().replace(" ", "  ") + "!!"),  # duplicate of t/0 (case, spacing, punctuation)
+        trace(
+            9, user=" ".join(w if k != 40 else "changed" for k, w in enumerate(prompt(0).split()))
+        ),  # near-dup of t/0
         trace(10, reply="I follow a careful, single computation each time.\nThe answer is: 7"),  # clean (no 8-gram)
     ]
     report, kept, dropped = erase(tmp_path, records)
     assert [r["id"] for r in kept] == ["t/0", "t/10"]
-    assert dropped == {"t/1": "teacher_error", "t/2": "no_response", "t/3": "empty_response", "t/4": "truncated",
-                       "t/5": "leak", "t/6": "leak", "t/7": "wrong_answer", "t/8": "duplicate", "t/9": "near_duplicate"}
+    assert dropped == {
+        "t/1": "teacher_error",
+        "t/2": "no_response",
+        "t/3": "empty_response",
+        "t/4": "truncated",
+        "t/5": "leak",
+        "t/6": "leak",
+        "t/7": "wrong_answer",
+        "t/8": "duplicate",
+        "t/9": "near_duplicate",
+    }
     assert report["read"] == 11 == report["kept"] + report["dropped"] + report["rejected"]
     assert report["dropped_by_reason"]["leak"] == 2
 
@@ -104,14 +129,19 @@ def test_keep_options_flag_and_label(tmp_path):
 
 
 def test_samples_of_one_task_are_not_duplicates(tmp_path):
-    records = [{**trace(0, task_id="t/0", sample=k), "id": f"t/0#{k}"} for k in range(3)] + [trace(1, user=trace(0)["messages"][1]["content"])]
+    records = [{**trace(0, task_id="t/0", sample=k), "id": f"t/0#{k}"} for k in range(3)] + [
+        trace(1, user=trace(0)["messages"][1]["content"])
+    ]
     _, kept, dropped = erase(tmp_path, records)
     assert [r["id"] for r in kept] == ["t/0#0", "t/0#1", "t/0#2"] and dropped == {"t/1": "duplicate"}
 
 
 def test_documented_rules_for_missing_system_and_unknown_strategy(tmp_path):
-    records = [trace(0, system=None), trace(1, strategy="my-own", system="Think in haiku, then answer in one line."),
-               trace(2, answer=None)]
+    records = [
+        trace(0, system=None),
+        trace(1, strategy="my-own", system="Think in haiku, then answer in one line."),
+        trace(2, answer=None),
+    ]
     report, kept, _ = erase(tmp_path, records)
     assert len(kept) == 3 and all(r["messages"][0]["content"] == generic_prompt("cautious") for r in kept)
     assert report["notes"] == {"no_system_prompt": 1, "unknown_strategy": 1, "unverified": 1}
@@ -139,10 +169,13 @@ def test_malformed_lines_rejected_or_fatal(tmp_path):
 def test_decontamination_against_real_gsm8k_test(tmp_path, data_dir):
     test_q = json.loads((data_dir / "gsm8k" / "test.jsonl").read_text().splitlines()[5])["question"]
     train_q = json.loads((data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[5])["question"]
-    records = [trace(0, user="Please solve: " + test_q.replace(".", " ."), answer=None),   # planted test question
-               trace(1, user=train_q, answer=None)]
-    report, kept, dropped = erase(tmp_path, records, decontaminate=(f"gsm8k:{data_dir}/gsm8k/test.jsonl",
-                                                                    f"bbh:{data_dir}/bbh"))
+    records = [
+        trace(0, user="Please solve: " + test_q.replace(".", " ."), answer=None),  # planted test question
+        trace(1, user=train_q, answer=None),
+    ]
+    report, kept, dropped = erase(
+        tmp_path, records, decontaminate=(f"gsm8k:{data_dir}/gsm8k/test.jsonl", f"bbh:{data_dir}/bbh")
+    )
     assert dropped == {"t/0": "contaminated"} and [r["id"] for r in kept] == ["t/1"]
     assert report["contaminated"][0]["eval_id"] == "gsm8k/test/5"
     assert report["decontamination"]["eval_items"] > 1319
@@ -150,7 +183,9 @@ def test_decontamination_against_real_gsm8k_test(tmp_path, data_dir):
 
 def test_report_plot_and_cli(tmp_path, run_cli):
     src = tmp_path / "traces.jsonl"
-    src.write_bytes(b"".join(orjson.dumps(trace(i, reply="The answer is: " + ("7" if i % 3 else "8"))) + b"\n" for i in range(30)))
+    src.write_bytes(
+        b"".join(orjson.dumps(trace(i, reply="The answer is: " + ("7" if i % 3 else "8"))) + b"\n" for i in range(30))
+    )
     result = run_cli("erase", str(src), "-o", str(tmp_path / "sft.jsonl"), "--generic", "empty")
     assert result.returncode == 0, result.stderr
     assert "read 30 = kept 20 + dropped 10 (wrong_answer 10) + rejected 0" in result.stdout
@@ -176,17 +211,21 @@ SCRIPTS = [
 
 
 def test_prompts_in_any_script_are_kept_when_distinct_and_deduplicated_when_equal(tmp_path):
-    variants = ["计算三个苹果加上四个苹果一共有多少个苹果?",  # the Chinese one with a half-width question mark
-                "СКОЛЬКО будет три яблока плюс четыре яблока",  # the Russian one, upper case, no punctuation
-                "🍎🍎🍎➕🍎🍎🍎🍎❓",  # the first emoji one without spaces
-                "? ! ?"]  # the first punctuation one, spaced
+    variants = [
+        "计算三个苹果加上四个苹果一共有多少个苹果?",  # the Chinese one with a half-width question mark
+        "СКОЛЬКО будет три яблока плюс четыре яблока",  # the Russian one, upper case, no punctuation
+        "🍎🍎🍎➕🍎🍎🍎🍎❓",  # the first emoji one without spaces
+        "? ! ?",
+    ]  # the first punctuation one, spaced
     records = [trace(i, user=text) for i, text in enumerate(SCRIPTS + variants)]
     report, kept, _ = erase(tmp_path, records, dedup="exact")
     assert [r["id"] for r in kept] == [f"t/{i}" for i in range(len(SCRIPTS))], report["dropped_by_reason"]
     assert report["dropped_by_reason"] == {"duplicate": len(variants)}
     # near-duplicates: one character of a long Chinese prompt changed is caught; unrelated scripts are not
-    long = ("小明有十二个苹果，他给了小红五个苹果，又从商店买了八个苹果，然后吃掉了两个苹果。第二天，他的妈妈又送给他六个梨和"
-            "三个橙子，他把其中一半的梨分给了同学。请问小明现在一共有多少个苹果？")
+    long = (
+        "小明有十二个苹果，他给了小红五个苹果，又从商店买了八个苹果，然后吃掉了两个苹果。第二天，他的妈妈又送给他六个梨和"
+        "三个橙子，他把其中一半的梨分给了同学。请问小明现在一共有多少个苹果？"
+    )
     edited = long.replace("商店", "商场")  # one character: character 3-gram Jaccard 0.92
     records = [trace(i, user=text) for i, text in enumerate(SCRIPTS + [long, edited])]
     report, kept, _ = erase(tmp_path, records, dedup="near")

@@ -18,12 +18,22 @@ def formats(gold: str, answer_type: str, k: int) -> str:
     if answer_type == "number":
         value = int(gold) if re.fullmatch(r"-?\d+", gold) else gold
         pretty = f"{value:,}" if isinstance(value, int) else gold
-        return [f"So the total is 3 + 4 = 7, then more.\n#### {gold}", f"The answer is {pretty}.", f"\\boxed{{{gold}}}",
-                f"{pretty} apples", f"Answer: ${pretty}"][k % 5]
+        return [
+            f"So the total is 3 + 4 = 7, then more.\n#### {gold}",
+            f"The answer is {pretty}.",
+            f"\\boxed{{{gold}}}",
+            f"{pretty} apples",
+            f"Answer: ${pretty}",
+        ][k % 5]
     if answer_type == "choice":
         letter = gold.strip("()")
-        return [gold, f"Answer: {letter}", f"{letter})", f"Comparing (A) and others, the answer is ({letter}).",
-                f"The answer is: {letter}"][k % 5]
+        return [
+            gold,
+            f"Answer: {letter}",
+            f"{letter})",
+            f"Comparing (A) and others, the answer is ({letter}).",
+            f"The answer is: {letter}",
+        ][k % 5]
     if answer_type in ("yes_no", "true_false"):
         return [f"{gold}.", f"The answer is: {gold.lower()}", f"After thinking, {gold.upper()}"][k % 3]
     return [f"The answer is: {gold}", f"{gold}", f"Final answer: **{gold}**"][k % 3]
@@ -55,10 +65,13 @@ def test_loaders_read_every_shipped_task(all_items, data_dir):
 
 
 def test_gold_in_varied_formats_scores_100_and_wrong_scores_0(all_items):
-    for name, items in all_items.items():
+    for _name, items in all_items.items():
         for k, item in enumerate(items):
             answer_type = item["meta"]["answer_type"]
-            assert is_correct(formats(item["answer"], answer_type, k), item["answer"], answer_type), (item["id"], item["answer"])
+            assert is_correct(formats(item["answer"], answer_type, k), item["answer"], answer_type), (
+                item["id"],
+                item["answer"],
+            )
             assert not is_correct(wrong(item["answer"], answer_type), item["answer"], answer_type), item["id"]
 
 
@@ -66,12 +79,20 @@ def test_usage_classifier():
     assert classify("42") == "direct"
     assert classify("The answer is: 42") == "direct"
     assert classify("1. 12 × 2 = 24.\n2. 24 + 8 = 32.\nThe answer is: 32") == "step-by-step"
-    assert classify("Doubling gives 12 * 2 = 24 pencils.\nThe boxes add 4 * 2 = 8, so 32.\nThe answer is: 32") == "step-by-step"
+    assert (
+        classify("Doubling gives 12 * 2 = 24 pencils.\nThe boxes add 4 * 2 = 8, so 32.\nThe answer is: 32")
+        == "step-by-step"
+    )
     assert classify("Relevant facts:\n- March has 31 days.\nAnswer: 2021-04-02") == "recall-first"
-    assert classify("Extracted:\n\"three apples\"\nAnswer: 3") == "extract-first"
-    assert classify("The argument affirms the consequent, which is a known fallacy. The premises do not force the "
-                    "conclusion, because other causes are possible. So the argument is not deductively valid.\n"
-                    "The answer is: invalid") == "explanation"
+    assert classify('Extracted:\n"three apples"\nAnswer: 3') == "extract-first"
+    assert (
+        classify(
+            "The argument affirms the consequent, which is a known fallacy. The premises do not force the "
+            "conclusion, because other causes are possible. So the argument is not deductively valid.\n"
+            "The answer is: invalid"
+        )
+        == "explanation"
+    )
 
 
 def test_wilson_interval():
@@ -94,8 +115,15 @@ def gold_responder(items, wrong_tasks=()):
 
 
 def evaluate(tmp_path, server, name="ep", **kw):
-    flags = {"model": "openai:loopback", "output": str(tmp_path / name), "bench": ("gsm8k", "bbh"), "limit": 3,
-             "client.base_url": server.base_url, "client.backoff_base": 0.01, **kw}
+    flags = {
+        "model": "openai:loopback",
+        "output": str(tmp_path / name),
+        "bench": ("gsm8k", "bbh"),
+        "limit": 3,
+        "client.base_url": server.base_url,
+        "client.backoff_base": 0.01,
+        **kw,
+    }
     return run(load_config(EvalConfig, None, (), flags))
 
 
@@ -117,13 +145,22 @@ def test_endpoint_end_to_end_report_and_resume(tmp_path, data_dir, all_items, mo
     assert empty["tasks"]["gsm8k"]["usage"]["step-by-step"] == 1.0
     assert again["benchmarks"] == report["benchmarks"]
     out = tmp_path / "ep"
-    for name in ("report.md", "report.json", "accuracy.png", "strategy_usage.png", "empty/items.jsonl",
-                 "strategy-step-by-step/items.jsonl"):
+    for name in (
+        "report.md",
+        "report.json",
+        "accuracy.png",
+        "strategy_usage.png",
+        "empty/items.jsonl",
+        "strategy-step-by-step/items.jsonl",
+    ):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "empty" / "items.jsonl").read_text().splitlines()]
     assert rows[0]["messages"][0] == {"role": "system", "content": ""} and "extracted_answer" in rows[0]["meta"]
     text = (out / "report.md").read_text()
-    assert "| Orca-2-13B (paper) | (their setup) | 50.18 | 59.14 |" in text and "| openai:loopback | empty | 95.2 [" in text
+    assert (
+        "| Orca-2-13B (paper) | (their setup) | 50.18 | 59.14 |" in text
+        and "| openai:loopback | empty | 95.2 [" in text
+    )
 
 
 def test_endpoint_failure_keeps_partial_results(tmp_path, data_dir, monkeypatch):
@@ -137,11 +174,26 @@ def test_endpoint_failure_keeps_partial_results(tmp_path, data_dir, monkeypatch)
 
 
 def test_tiny_model_end_to_end(tmp_path, tiny_model, data_dir, monkeypatch, run_cli):
-    result = run_cli("eval", "--model", str(tiny_model), "--bench", "gsm8k,bbh/boolean_expressions", "--system",
-                     "empty,cautious", "--limit", "2", "--max-tokens", "8", "-o", str(tmp_path / "tiny"),
-                     env={"ORCA2_DATA_DIR": str(data_dir)})
+    result = run_cli(
+        "eval",
+        "--model",
+        str(tiny_model),
+        "--bench",
+        "gsm8k,bbh/boolean_expressions",
+        "--system",
+        "empty,cautious",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "8",
+        "-o",
+        str(tmp_path / "tiny"),
+        env={"ORCA2_DATA_DIR": str(data_dir)},
+    )
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^tiny-model\d* \| empty \| gsm8k: \d+\.\d% \[\d+\.\d, \d+\.\d\] over 2 items$", result.stdout, re.M), result.stdout
+    assert re.search(
+        r"^tiny-model\d* \| empty \| gsm8k: \d+\.\d% \[\d+\.\d, \d+\.\d\] over 2 items$", result.stdout, re.M
+    ), result.stdout
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert set(report["benchmarks"]) == {"empty", "cautious"}
     assert report["benchmarks"]["empty"]["overall"]["gsm8k"]["n"] == 2
@@ -152,14 +204,20 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model, data_dir, monkeypatch, run_
 
 def test_user_benchmark_from_yaml_multiple_choice(tmp_path, monkeypatch):
     rows = tmp_path / "mc.jsonl"
-    rows.write_text("\n".join(json.dumps({"q": f"Pick the number {i}", "opts": ["1", "2", "3"], "key": i % 3}) for i in range(6)))
+    rows.write_text(
+        "\n".join(json.dumps({"q": f"Pick the number {i}", "opts": ["1", "2", "3"], "key": i % 3}) for i in range(6))
+    )
     spec = tmp_path / "mine.yaml"
-    spec.write_text(f"mine:\n  loader: multiple_choice\n  path: {rows}\n  fields: {{question: q, choices: opts, answer: key}}\n"
-                    "  answer_type: choice\n  template: \"{question}\\n{choices}\"\n")
+    spec.write_text(
+        f"mine:\n  loader: multiple_choice\n  path: {rows}\n  fields: {{question: q, choices: opts, answer: key}}\n"
+        '  answer_type: choice\n  template: "{question}\\n{choices}"\n'
+    )
     registry = load_registry((str(spec),))
-    (bench, task), = select(registry, ("mine",))
+    ((bench, task),) = select(registry, ("mine",))
     items = load_items(bench, task, tmp_path, None)
-    assert items[1]["answer"] == "(B)" and items[1]["messages"][0]["content"] == "Pick the number 1\n(A) 1\n(B) 2\n(C) 3"
+    assert (
+        items[1]["answer"] == "(B)" and items[1]["messages"][0]["content"] == "Pick the number 1\n(A) 1\n(B) 2\n(C) 3"
+    )
     assert infer_answer_type(items[0]["answer"]) == "choice"
 
 
@@ -184,8 +242,13 @@ def test_newcombe_interval():
     from orca2.eval.stats import newcombe
 
     d, low, high = newcombe(56, 70, 48, 80)  # Newcombe (1998), method 10, example (a): 0.0524 to 0.3339
-    assert d == pytest.approx(0.2) and low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
-    assert newcombe(9, 10, 3, 10)[1:] == (pytest.approx(0.1705, abs=1e-4), pytest.approx(0.8090, abs=1e-4))  # example (b)
+    assert (
+        d == pytest.approx(0.2) and low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
+    )
+    assert newcombe(9, 10, 3, 10)[1:] == (
+        pytest.approx(0.1705, abs=1e-4),
+        pytest.approx(0.8090, abs=1e-4),
+    )  # example (b)
 
 
 def test_gains_against_the_base_best_condition_per_task_and_benchmark():
@@ -195,27 +258,50 @@ def test_gains_against_the_base_best_condition_per_task_and_benchmark():
     def cell(correct, n, **extra):
         return {"n": n, "correct": correct, "accuracy": correct / n, **extra}
 
-    base = {"model": "base", "benchmarks": {
-        "empty": {"tasks": {"a": cell(12, 40), "b": cell(8, 10)}, "overall": {"g": cell(11, 20, aggregate="micro"),
-                                                                             "m": cell(5, 10, aggregate="macro")}},
-        "steps": {"tasks": {"a": cell(20, 40), "b": cell(2, 10)}, "overall": {"g": cell(7, 20, aggregate="micro"),
-                                                                             "m": cell(6, 10, aggregate="macro")}}}}
-    other = {"model": "student", "benchmarks": {
-        "cautious": {"tasks": {"a": cell(36, 40), "b": cell(7, 10), "c": cell(1, 2)},
-                     "overall": {"g": cell(16, 20, aggregate="micro"), "m": cell(9, 10, aggregate="macro")}}}}
-    rows = [line for line in render_gains(base, other).splitlines() if line.startswith("| ") and "condition" not in line]
+    base = {
+        "model": "base",
+        "benchmarks": {
+            "empty": {
+                "tasks": {"a": cell(12, 40), "b": cell(8, 10)},
+                "overall": {"g": cell(11, 20, aggregate="micro"), "m": cell(5, 10, aggregate="macro")},
+            },
+            "steps": {
+                "tasks": {"a": cell(20, 40), "b": cell(2, 10)},
+                "overall": {"g": cell(7, 20, aggregate="micro"), "m": cell(6, 10, aggregate="macro")},
+            },
+        },
+    }
+    other = {
+        "model": "student",
+        "benchmarks": {
+            "cautious": {
+                "tasks": {"a": cell(36, 40), "b": cell(7, 10), "c": cell(1, 2)},
+                "overall": {"g": cell(16, 20, aggregate="micro"), "m": cell(9, 10, aggregate="macro")},
+            }
+        },
+    }
+    rows = [
+        line for line in render_gains(base, other).splitlines() if line.startswith("| ") and "condition" not in line
+    ]
     d, low, high = newcombe(36, 40, 20, 40)
-    assert low > 0 and rows[0] == f"| a | steps | 50.0 | cautious | 90.0 | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | yes |"
+    assert (
+        low > 0
+        and rows[0]
+        == f"| a | steps | 50.0 | cautious | 90.0 | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | yes |"
+    )
     assert rows[1].startswith("| b | empty | 80.0 | cautious | 70.0 | -10.0 |") and rows[1].endswith("| no |")
     d, low, high = newcombe(16, 20, 11, 20)
-    assert rows[2] == f"| **g (all tasks)** | empty | 55.0 | cautious | 80.0 | {100 * d:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | no |"
+    assert (
+        rows[2] == f"| **g (all tasks)** | empty | 55.0 | cautious | 80.0 | {100 * d:+.1f} | [{100 * low:+.1f}, "
+        f"{100 * high:+.1f}] | no |"
+    )
     assert len(rows) == 3  # task c has no base cell; the macro-averaged benchmark m gets no difference CI
 
 
 def test_mcnemar_exact_against_hand_computed_binomial_tails():
     from orca2.eval.stats import mcnemar_exact
 
-    assert mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 2 ** 7)  # P(X <= 1 | 7, 1/2) = 8/128, two-sided
+    assert mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 2**7)  # P(X <= 1 | 7, 1/2) = 8/128, two-sided
     assert mcnemar_exact(6, 1) == mcnemar_exact(1, 6)
     assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
     assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0

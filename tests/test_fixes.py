@@ -29,10 +29,24 @@ def test_eval_of_two_tasks_of_one_benchmark_scores_both(tmp_path, data_dir, monk
 
     monkeypatch.setenv("OPENAI_API_KEY", "x")
     with LoopbackServer() as server:
-        report = run(load_config(EvalConfig, None, (), {
-            "model": "openai:loopback", "output": str(tmp_path / "r"), "data_dir": str(data_dir), "limit": 2,
-            "bench": ("bbh/snarks", "bbh/navigate" if (data_dir / "bbh/navigate.json").exists() else "bbh/hyperbaton"),
-            "client.base_url": server.base_url}))
+        report = run(
+            load_config(
+                EvalConfig,
+                None,
+                (),
+                {
+                    "model": "openai:loopback",
+                    "output": str(tmp_path / "r"),
+                    "data_dir": str(data_dir),
+                    "limit": 2,
+                    "bench": (
+                        "bbh/snarks",
+                        "bbh/navigate" if (data_dir / "bbh/navigate.json").exists() else "bbh/hyperbaton",
+                    ),
+                    "client.base_url": server.base_url,
+                },
+            )
+        )
     tasks = report["benchmarks"]["empty"]["tasks"]
     assert len(tasks) == 2 and "bbh/snarks" in tasks and all(t["n"] == 2 for t in tasks.values())
     assert report["benchmarks"]["empty"]["overall"]["bbh"]["tasks"] == 2
@@ -44,7 +58,7 @@ def test_a_user_benchmark_with_the_bbh_loader_picks_its_own_task(tmp_path, data_
     spec = tmp_path / "mine.yaml"
     spec.write_text(f"mybench:\n  loader: bbh\n  path: {data_dir / 'bbh'}\n")
     registry = load_registry((str(spec),))
-    (bench, task), = select(registry, ("mybench/snarks",))
+    ((bench, task),) = select(registry, ("mybench/snarks",))
     items = load_items(bench, task, data_dir, 3)
     assert len(items) == 3 and {i["task"] for i in items} == {"mybench/snarks"}
 
@@ -55,17 +69,33 @@ def test_program_teacher_recognises_a_strategy_prompt_with_the_task_filled_in(tm
     from orca2.stages.tasks import run as make_tasks
 
     strategy = tmp_path / "mine.yaml"
-    strategy.write_text("name: task-aware\ndescription: names the task\nsystem_prompt: 'You solve {task} problems, "
-                        "one step at a time.'\n")
+    strategy.write_text(
+        "name: task-aware\ndescription: names the task\nsystem_prompt: 'You solve {task} problems, "
+        "one step at a time.'\n"
+    )
     tasks = tmp_path / "tasks.jsonl"
     make_tasks(TasksConfig(sources=("synthetic:arithmetic",), output=str(tasks), per_kind=4))
     # program:synthetic writes no 'task-aware' style, so each task fails — with the error that proves the rendered
     # prompt was recognised (before the fix: "the system prompt is not one of the library's strategies")
-    summary = run(load_config(GenerateConfig, None, (), {
-        "tasks": str(tasks), "output": str(tmp_path / "t.jsonl"), "teacher": "program:synthetic",
-        "strategy": "task-aware", "strategies": (str(strategy),), "allow_failures": True}))
+    summary = run(
+        load_config(
+            GenerateConfig,
+            None,
+            (),
+            {
+                "tasks": str(tasks),
+                "output": str(tmp_path / "t.jsonl"),
+                "teacher": "program:synthetic",
+                "strategy": "task-aware",
+                "strategies": (str(strategy),),
+                "allow_failures": True,
+            },
+        )
+    )
     errors = list(read_records(tmp_path / "t.errors.jsonl"))
-    assert summary["failed"] == 4 and all("cannot write in the style of strategy 'task-aware'" in e["error"] for e in errors)
+    assert summary["failed"] == 4 and all(
+        "cannot write in the style of strategy 'task-aware'" in e["error"] for e in errors
+    )
 
 
 def test_non_utf8_bytes_name_file_and_line(tmp_path):
@@ -101,8 +131,9 @@ def test_the_launcher_takes_a_free_rendezvous_port(monkeypatch):
 
 
 def test_a_missing_student_is_reported_before_deepspeed_starts(tmp_path, run_cli, sft_file):
-    done = run_cli("train", "--model", str(tmp_path / "nope"), "--data", str(sft_file), "-o", str(tmp_path / "run"),
-                   "--nproc", "2")
+    done = run_cli(
+        "train", "--model", str(tmp_path / "nope"), "--data", str(sft_file), "-o", str(tmp_path / "run"), "--nproc", "2"
+    )
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model ") and f"{tmp_path / 'nope'}" in last and "no such model folder" in last

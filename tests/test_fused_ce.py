@@ -1,4 +1,5 @@
-"""fused_linear_cross_entropy against the naive reference (F.linear + F.cross_entropy): loss, d_hidden, d_weight, d_bias."""
+"""fused_linear_cross_entropy against the naive reference (F.linear + F.cross_entropy): loss, d_hidden, d_weight,
+d_bias."""
 
 import os
 import subprocess
@@ -19,7 +20,13 @@ CASES = [  # (N, H, V, masking, extras)
     (50, 16, 333, "none", {"reduction": "mean"}),
     (50, 16, 333, "random", {"scale": 0.125, "bias": True}),
     (40, 24, 257, "all", {}),
-    (40, 24, 257, "random", {"softcap": 3.0, "z_loss": 1e-2, "label_smoothing": 0.05, "bias": True, "reduction": "mean"}),
+    (
+        40,
+        24,
+        257,
+        "random",
+        {"softcap": 3.0, "z_loss": 1e-2, "label_smoothing": 0.05, "bias": True, "reduction": "mean"},
+    ),
 ]
 
 
@@ -55,7 +62,9 @@ def test_chunked_matches_reference(case, dtype, tol):
     torch.testing.assert_close(fused_loss.double(), reference_loss.double(), rtol=tol, atol=tol)
     for fused, reference in zip(fused_grads, reference_grads):
         assert fused.dtype == reference.dtype and fused.shape == reference.shape
-        torch.testing.assert_close(fused.double(), reference.double(), rtol=tol, atol=tol * (10 if dtype == torch.bfloat16 else 1))
+        torch.testing.assert_close(
+            fused.double(), reference.double(), rtol=tol, atol=tol * (10 if dtype == torch.bfloat16 else 1)
+        )
 
 
 def test_all_masked_is_a_defined_zero():
@@ -88,7 +97,9 @@ def accum_in_weight_dtype_check(backend):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.double(), b.double(), rtol=3e-2, atol=3e-1)
     # 13 chunks rounded to bf16 one by one: close to, but not bit-equal with, fp32 accumulation
-    exact = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels, backend=backend, chunk=16), weight)[0]
+    exact = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, labels, backend=backend, chunk=16), weight)[
+        0
+    ]
     assert 0 < (d_fused[1].double() - exact.double()).abs().max() < 0.1
 
 
@@ -109,22 +120,28 @@ def test_index_and_scale_need_no_host_sync_inputs():
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda h, w, y: fused_linear_cross_entropy(h[:, :5], w, y), "shape mismatch"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w.double(), y), "share a float dtype"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y.float()), "labels must be int64"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, torch.full_like(y, 50)), r"label 50 out of range \[0, 50\)"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, torch.full_like(y, -3)), "label -3 out of range"),
-    (lambda h, w, y: fused_linear_cross_entropy(h[:0], w, y[:0]), "empty input"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, reduction="none"), "reduction must be"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, bias=torch.zeros(3)), "bias must be"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w.to("meta"), y), "weight is on meta, hidden on cpu"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.zeros(2, 2, dtype=torch.long)), "index must be a 1-D"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.arange(3.0)), "index must be a 1-D"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="cuda"), "backend must be"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, accum_dtype=torch.float16), "accum_dtype must be"),
-    (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="triton"), "triton backend needs CUDA tensors"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda h, w, y: fused_linear_cross_entropy(h[:, :5], w, y), "shape mismatch"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w.double(), y), "share a float dtype"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, y.float()), "labels must be int64"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, torch.full_like(y, 50)), r"label 50 out of range \[0, 50\)"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, torch.full_like(y, -3)), "label -3 out of range"),
+        (lambda h, w, y: fused_linear_cross_entropy(h[:0], w, y[:0]), "empty input"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, y, reduction="none"), "reduction must be"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, y, bias=torch.zeros(3)), "bias must be"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w.to("meta"), y), "weight is on meta, hidden on cpu"),
+        (
+            lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.zeros(2, 2, dtype=torch.long)),
+            "index must be a 1-D",
+        ),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, y, index=torch.arange(3.0)), "index must be a 1-D"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="cuda"), "backend must be"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, y, accum_dtype=torch.float16), "accum_dtype must be"),
+        (lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="triton"), "triton backend needs CUDA tensors"),
+    ],
+)
 def test_bad_input(call, message, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     hidden, weight, labels, _ = make(8, 16, 50, "none", torch.float32)
@@ -146,7 +163,8 @@ for N, H, V, masking, extras in CASES:
         torch.testing.assert_close(fl.double(), rl.double(), rtol=tol, atol=tol)
         for a, b in zip(fg, rg):
             assert a.dtype == b.dtype and a.shape == b.shape
-            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * (1 if dtype == torch.float32 else 10))
+            atol = tol * (1 if dtype == torch.float32 else 10)
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=atol)
             worst = max(worst, (a.double() - b.double()).abs().max().item() if dtype == torch.float32 else 0.0)
 frozen_head_check(torch.float32, "triton")
 accum_in_weight_dtype_check("triton")
@@ -157,8 +175,13 @@ print("ok", len(CASES), worst)
 def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     script = TRITON_SCRIPT.format(tests=os.path.dirname(__file__))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith(f"ok {len(CASES)}")
 
@@ -170,7 +193,11 @@ def test_triton_on_gpu_matches_reference(dtype, tol):
     for N, H, V, masking, extras in CASES + [(4096, 576, 49152, "random", {})]:
         extras = dict(extras)
         hidden, weight, labels, bias = make(N, H, V, masking, dtype, bias=extras.pop("bias", False))
-        hidden, weight, labels = hidden.detach().cuda().requires_grad_(), weight.detach().cuda().requires_grad_(), labels.cuda()
+        hidden, weight, labels = (
+            hidden.detach().cuda().requires_grad_(),
+            weight.detach().cuda().requires_grad_(),
+            labels.cuda(),
+        )
         bias = bias.detach().cuda().requires_grad_() if bias is not None else None
         fused = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, backend="triton", **extras)
         reference = reference_linear_cross_entropy(hidden, weight, labels, bias=bias, **extras)
@@ -190,7 +217,9 @@ def test_no_host_sync_on_gpu():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = fused_linear_cross_entropy(hidden, weight, labels, index=index, scale=scale, validate=False, reduction="mean")
+        loss = fused_linear_cross_entropy(
+            hidden, weight, labels, index=index, scale=scale, validate=False, reduction="mean"
+        )
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -13,18 +13,25 @@ from orca2.errors import Orca2Error
 from orca2.train.fused_ce import fused_sequence_logprobs, reference_sequence_logprobs
 
 # (N rows, H, V, sequences, extras): packed rows of several sequences, odd sizes, ragged vocabularies
-CASES = [(7, 8, 33, 2, {}), (64, 16, 97, 5, {}), (50, 12, 1001, 3, {"softcap": 5.0}), (33, 8, 130, 4, {"bias": True}),
-         (40, 16, 257, 1, {"softcap": 2.0, "bias": True})]
+CASES = [
+    (7, 8, 33, 2, {}),
+    (64, 16, 97, 5, {}),
+    (50, 12, 1001, 3, {"softcap": 5.0}),
+    (33, 8, 130, 4, {"bias": True}),
+    (40, 16, 257, 1, {"softcap": 2.0, "bias": True}),
+]
 
 
 def make(N, H, V, S, dtype, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(N, H, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype).requires_grad_()
     b = (torch.randn(V, generator=g, dtype=torch.float64) * 0.1).to(dtype).requires_grad_() if bias else None
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.rand(N, generator=g) < 0.4] = -100  # prompts, padding, each sequence's first token
-    bounds = sorted(torch.randperm(N - 1, generator=g)[:S - 1].add(1).tolist())  # S consecutive sequences (a packed row)
+    bounds = sorted(
+        torch.randperm(N - 1, generator=g)[: S - 1].add(1).tolist()
+    )  # S consecutive sequences (a packed row)
     row_seq = torch.bucketize(torch.arange(N), torch.tensor(bounds, dtype=torch.long), right=True)
     index = (labels != -100).nonzero().squeeze(1)
     return hidden, weight, b, labels, index, row_seq[index]
@@ -56,7 +63,10 @@ def test_chunked_matches_log_softmax_gather(case, dtype, tol):
 
 def test_gradcheck_fp64():
     hidden, weight, bias, labels, index, seq_ids = make(9, 4, 11, 3, torch.float64, bias=True)
-    fn = lambda h, w, b: fused_sequence_logprobs(h, w, labels, seq_ids, 3, index=index, bias=b, softcap=3.0, chunk=4)
+
+    def fn(h, w, b):
+        return fused_sequence_logprobs(h, w, labels, seq_ids, 3, index=index, bias=b, softcap=3.0, chunk=4)
+
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
@@ -95,15 +105,21 @@ for N, H, V, S, extras in CASES:
             assert a.dtype == b.dtype and a.shape == b.shape
             # fp32 gradients: the kernel accumulates over 64-wide vocabulary tiles and 16-row chunks in another order
             # than the reference; 1e-4 (seen: 5e-5 once in a CI run) still catches any wrong term
-            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=1e-4 if dtype == torch.float32 else tol * 10)
+            atol = 1e-4 if dtype == torch.float32 else tol * 10
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=atol)
 print("ok", len(CASES))
 """
 
 
 def test_triton_logprobs_under_interpreter():
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", TRITON_SCRIPT.format(tests=os.path.dirname(__file__))],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT.format(tests=os.path.dirname(__file__))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith(f"ok {len(CASES)}")
 
@@ -146,10 +162,14 @@ def test_triton_logprobs_on_gpu(dtype, tol):
         hidden, weight = hidden.detach().cuda().requires_grad_(), weight.detach().cuda().requires_grad_()
         bias = bias.detach().cuda().requires_grad_() if bias is not None else None
         labels, index, seq_ids = labels.cuda(), index.cuda(), seq_ids.cuda()
-        fused = fused_sequence_logprobs(hidden, weight, labels, seq_ids, S, index=index, bias=bias, backend="triton", **extras)
+        fused = fused_sequence_logprobs(
+            hidden, weight, labels, seq_ids, S, index=index, bias=bias, backend="triton", **extras
+        )
         ref = reference_sequence_logprobs(hidden, weight, labels, seq_ids, S, bias=bias, **extras)
-        torch.testing.assert_close(fused.double(), ref.double(), rtol=tol, atol=tol * N ** 0.5)
+        torch.testing.assert_close(fused.double(), ref.double(), rtol=tol, atol=tol * N**0.5)
         g = torch.randn(S, device="cuda")
-        for a, b in zip(torch.autograd.grad((fused * g).sum(), (hidden, weight)),
-                        torch.autograd.grad((ref * g).sum(), (hidden, weight))):
+        for a, b in zip(
+            torch.autograd.grad((fused * g).sum(), (hidden, weight)),
+            torch.autograd.grad((ref * g).sum(), (hidden, weight)),
+        ):
             torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * 10)

@@ -12,16 +12,35 @@ from orca2.train.data import IGNORE, Example, collate_packed, collate_padded
 from orca2.train.model import CausalLMLoss, head_transform
 
 VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {  # name: (config class, extra config, expected (multiplier, softcap))
     "llama": ("LlamaConfig", {"tie_word_embeddings": True}, (1.0, None)),
     "mistral": ("MistralConfig", {"tie_word_embeddings": False}, (1.0, None)),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": False}, (1.0, None)),
     "qwen3": ("Qwen3Config", {"head_dim": 8}, (1.0, None)),
     "phi3": ("Phi3Config", {}, (1.0, None)),
-    "gemma2": ("Gemma2Config", {"head_dim": 8, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 50.0,
-                                "query_pre_attn_scalar": 8, "sliding_window": 64}, (1.0, 2.0)),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "head_dim": 8,
+            "final_logit_softcapping": 2.0,
+            "attn_logit_softcapping": 50.0,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": 64,
+        },
+        (1.0, 2.0),
+    ),
     "cohere": ("CohereConfig", {"logit_scale": 0.5}, (0.5, None)),
     "granite": ("GraniteConfig", {"logits_scaling": 4.0}, (0.25, None)),
 }

@@ -7,8 +7,17 @@ from orca2.backends.local import LocalBackend
 from orca2.engine import Engine, Job, stop_token_ids
 from orca2.models import ClientConfig, Sampling, load_local_model
 
-QUESTIONS = ["What is 2+2?", "Name a colour.", "hi", "Tell me a long story about a cat, a dog and a parrot.",
-             "x", "Count to ten, slowly and carefully please.", "Why?", "Spell 'orca' backwards.", "ok"]
+QUESTIONS = [
+    "What is 2+2?",
+    "Name a colour.",
+    "hi",
+    "Tell me a long story about a cat, a dog and a parrot.",
+    "x",
+    "Count to ten, slowly and carefully please.",
+    "Why?",
+    "Spell 'orca' backwards.",
+    "ok",
+]
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +28,13 @@ def peaky(tiny_model):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(6.0)
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-               add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    ids = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in QUESTIONS
+    ]
     return model, tok, ids
 
 
@@ -29,8 +43,13 @@ def reference_greedy(model, tok, ids, max_new, stops):
     model.set_attn_implementation("sdpa")
     out = []
     for x in ids:
-        row = model.generate(torch.tensor([x]), max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
-                             pad_token_id=tok.pad_token_id)[0, len(x):].tolist()
+        row = model.generate(
+            torch.tensor([x]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+        )[0, len(x) :].tolist()
         end = next((j for j, t in enumerate(row) if t in stops), None)
         out.append(row if end is None else row[: end + 1])
     return out
@@ -120,10 +139,17 @@ def test_shared_prefixes_are_prefilled_once_and_change_nothing(peaky):
     model, tok, _ = peaky
     system = "You are a careful assistant. Think one step at a time, then give the answer on its own line."
     other = "Answer with one word."
-    convs = [[{"role": "system", "content": sys_}, {"role": "user", "content": q}]
-             for sys_ in (system, other) for q in QUESTIONS[:5]]
-    ids = [tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
-           for c in convs]
+    convs = [
+        [{"role": "system", "content": sys_}, {"role": "user", "content": q}]
+        for sys_ in (system, other)
+        for q in QUESTIONS[:5]
+    ]
+    ids = [
+        tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for c in convs
+    ]
     stops = stop_token_ids(tok, model)
     expected = reference_greedy(model, tok, ids, 12, stops)
     for slots, prefill_tokens in ((3, 2048), (10, 2048), (2, 1)):

@@ -18,11 +18,21 @@ from orca2.eval.textmetrics import corpus_bleu, rouge_l, rouge_n, rouge_scores
 from orca2.io import iter_json_lines, write_records
 from orca2.models import ClientConfig
 from orca2.ngrams import distinct_n
-from orca2.traits import (DOMAINS, aggregate, chunks, consistency, facet_table, facets, read_posts, spearman,
-                           trait_report, vector)
 from orca2.stages import persona as stage
 from orca2.testing.agents import persona_responder
 from orca2.testing.loopback import Faults, LoopbackServer
+from orca2.traits import (
+    DOMAINS,
+    aggregate,
+    chunks,
+    consistency,
+    facet_table,
+    facets,
+    read_posts,
+    spearman,
+    trait_report,
+    vector,
+)
 
 
 def rows(path):
@@ -30,13 +40,20 @@ def rows(path):
 
 
 def test_35_numbers_from_hand_built_facet_marks():
-    marks = [{"Imagination", "Intellect", "Orderliness"},  # chunk 1: O 2, C 1
-             {"Imagination", "Artistic Interests", "Emotionality", "Anxiety"},  # chunk 2: O 3, N 1
-             set()]  # chunk 3: nothing shown
+    marks = [
+        {"Imagination", "Intellect", "Orderliness"},  # chunk 1: O 2, C 1
+        {"Imagination", "Artistic Interests", "Emotionality", "Anxiety"},  # chunk 2: O 3, N 1
+        set(),
+    ]  # chunk 3: nothing shown
     t = aggregate(marks)
     assert t["chunks_judged"] == 3 and len(vector(t)) == 35 and len(facets()) == 30
-    assert t["domains"] == {"Openness": 5 / 3, "Conscientiousness": 1 / 3, "Extraversion": 0.0, "Agreeableness": 0.0,
-                            "Neuroticism": 1 / 3}
+    assert t["domains"] == {
+        "Openness": 5 / 3,
+        "Conscientiousness": 1 / 3,
+        "Extraversion": 0.0,
+        "Agreeableness": 0.0,
+        "Neuroticism": 1 / 3,
+    }
     assert t["facets"]["Imagination"] == 2 / 3 and t["facets"]["Intellect"] == 1 / 3 and t["facets"]["Anger"] == 0
     v = vector(t)
     assert v[0] == 5 / 3 and v[1] == 2 / 3 and v[7] == 1 / 3  # Openness, Imagination, Conscientiousness
@@ -49,14 +66,30 @@ def test_chunking_and_the_post_accounting_rules(tmp_path):
     assert [len(c) for c in chunks(list(range(25)), 10)] == [10, 10, 5]
     assert [len(c) for c in chunks(list(range(4)), 10)] == [4]  # fewer than one chunk: one smaller chunk
     path = tmp_path / "posts.jsonl"
-    write_records(path, [{"user": "a", "text": "one"}, {"user": "a", "text": "two"}, {"user": "a", "text": "three"},
-                         {"text": "no user"}, {"user": "", "text": "empty user"}, {"user": "b", "text": "  "},
-                         {"user": "b", "text": "only one"}, {"user": "c"}])
+    write_records(
+        path,
+        [
+            {"user": "a", "text": "one"},
+            {"user": "a", "text": "two"},
+            {"user": "a", "text": "three"},
+            {"text": "no user"},
+            {"user": "", "text": "empty user"},
+            {"user": "b", "text": "  "},
+            {"user": "b", "text": "only one"},
+            {"user": "c"},
+        ],
+    )
     counts = Counter()
     users = read_posts(str(path), counts, min_posts=3)
     assert list(users) == ["a"] and [p.text for p in users["a"]] == ["one", "two", "three"]
-    assert counts == Counter(posts_read=8, posts_without_user=2, posts_without_text=2, users_too_few_posts=1,
-                             posts_of_users_too_few=1, users=1)
+    assert counts == Counter(
+        posts_read=8,
+        posts_without_user=2,
+        posts_without_text=2,
+        users_too_few_posts=1,
+        posts_of_users_too_few=1,
+        users=1,
+    )
 
 
 def test_a_judge_reply_with_unknown_facet_names_keeps_the_known_ones_and_counts_the_rest():
@@ -80,14 +113,16 @@ def test_bleu_rouge_distinct_and_consistency_against_hand_computed_values():
     assert rouge_n("the cat sat", "the cat on mat", 1) == pytest.approx(4 / 7)
     assert rouge_n("the cat sat", "the cat on mat", 2) == pytest.approx(2 / 5)
     assert rouge_l("a x b y c", "a b c") == pytest.approx(2 * (3 / 5) * 1 / (3 / 5 + 1))  # LCS a b c
-    assert distinct_n(["a a b", "a b"], 1) == pytest.approx(2 / 5) and distinct_n(["a a b", "a b"], 2) == pytest.approx(2 / 3)
+    assert distinct_n(["a a b", "a b"], 1) == pytest.approx(2 / 5) and distinct_n(["a a b", "a b"], 2) == pytest.approx(
+        2 / 3
+    )
     truth = {"Openness": 0, "Conscientiousness": 3, "Extraversion": 4, "Agreeableness": 0, "Neuroticism": 6}
     pred = {"Openness": 0, "Conscientiousness": 3, "Extraversion": 2, "Agreeableness": 1, "Neuroticism": 6}
     t, p = [0.1, 3, 4, 0.1, 6], [0.01, 3, 2, 1, 6]  # zeros floored: 0.1 in the truth, 0.01 in the prediction
     c = consistency(truth, pred)
     dot = sum(a * b for a, b in zip(t, p))
     assert c["cosine"] == pytest.approx(dot / math.sqrt(sum(a * a for a in t)) / math.sqrt(sum(b * b for b in p)))
-    assert c["euclidean"] == pytest.approx(math.sqrt(0.09 ** 2 + 0 + 4 + 0.9 ** 2 + 0))
+    assert c["euclidean"] == pytest.approx(math.sqrt(0.09**2 + 0 + 4 + 0.9**2 + 0))
     assert c["manhattan"] == pytest.approx(0.09 + 2 + 0.9)
     assert spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486832980505138)
 
@@ -95,13 +130,28 @@ def test_bleu_rouge_distinct_and_consistency_against_hand_computed_values():
 def test_bleu_and_rouge_agree_with_sacrebleu_and_rouge_score():
     sacrebleu = pytest.importorskip("sacrebleu")
     rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-    hyp = ["the cat sat on the mat today", "a quick brown fox jumps over it", "hello there my friend, how are you?",
-           "Numbers like 42 and 7 count too.", "short"]
-    ref = ["the cat sat on a mat", "the quick brown fox jumped over it", "hello my good friend how are you",
-           "numbers such as 42 and 8 count as well", "a short one"]
-    assert corpus_bleu(hyp, ref) == pytest.approx(sacrebleu.corpus_bleu(hyp, [ref], tokenize="none", smooth_method="none").score)
+    hyp = [
+        "the cat sat on the mat today",
+        "a quick brown fox jumps over it",
+        "hello there my friend, how are you?",
+        "Numbers like 42 and 7 count too.",
+        "short",
+    ]
+    ref = [
+        "the cat sat on a mat",
+        "the quick brown fox jumped over it",
+        "hello my good friend how are you",
+        "numbers such as 42 and 8 count as well",
+        "a short one",
+    ]
+    assert corpus_bleu(hyp, ref) == pytest.approx(
+        sacrebleu.corpus_bleu(hyp, [ref], tokenize="none", smooth_method="none").score
+    )
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    expected = {k: sum(scorer.score(r, h)[k].fmeasure for h, r in zip(hyp, ref)) / len(hyp) for k in ("rouge1", "rouge2", "rougeL")}
+    expected = {
+        k: sum(scorer.score(r, h)[k].fmeasure for h, r in zip(hyp, ref)) / len(hyp)
+        for k in ("rouge1", "rouge2", "rougeL")
+    }
     assert rouge_scores(hyp, ref) == pytest.approx(expected)
 
 
@@ -109,15 +159,33 @@ def chain(tmp_path, users=40, posts=30, judge="program:persona", client=None, **
     """synth → infer (→ augment → build, when build options are given), offline; returns infer's (or build's) report."""
     client = client or ClientConfig(cache_dir=str(tmp_path / "cache"))
     s = stage.synth(stage.SynthConfig(output=str(tmp_path / "posts.jsonl"), users=users, posts=posts, seed=1))
-    inferred = stage.infer(stage.InferConfig(posts=s["output"], output=str(tmp_path / "traits.jsonl"), judge=judge,
-                                             truth=s["truth"], client=client, bootstrap=200))
+    inferred = stage.infer(
+        stage.InferConfig(
+            posts=s["output"],
+            output=str(tmp_path / "traits.jsonl"),
+            judge=judge,
+            truth=s["truth"],
+            client=client,
+            bootstrap=200,
+        )
+    )
     if not build:
         return s, inferred
-    augmented = stage.augment(stage.AugmentConfig(posts=s["output"], traits=str(tmp_path / "traits.jsonl"),
-                                                  output=str(tmp_path / "aug.jsonl"), client=client))
+    augmented = stage.augment(
+        stage.AugmentConfig(
+            posts=s["output"], traits=str(tmp_path / "traits.jsonl"), output=str(tmp_path / "aug.jsonl"), client=client
+        )
+    )
     assert augmented["counts"]["posts_augmented"] == users * posts
-    return stage.build(stage.BuildConfig(augmented=str(tmp_path / "aug.jsonl"), traits=str(tmp_path / "traits.jsonl"),
-                                         output=str(tmp_path / "pcip.jsonl"), client=client, **build))
+    return stage.build(
+        stage.BuildConfig(
+            augmented=str(tmp_path / "aug.jsonl"),
+            traits=str(tmp_path / "traits.jsonl"),
+            output=str(tmp_path / "pcip.jsonl"),
+            client=client,
+            **build,
+        )
+    )
 
 
 def test_inference_on_synthetic_personas_recovers_each_domains_ordering(tmp_path):
@@ -154,7 +222,10 @@ def test_ptit_and_psit_records_render_with_the_chat_template_and_mask_only_the_r
     else:
         assert "you are" in system and "Openness: " not in system
     reply = json.loads(records[0]["messages"][-1]["content"])
-    assert set(reply) == {"psychological_activity", "post", "media"} and reply["post"] == records[0]["meta"]["persona"]["post"]
+    assert (
+        set(reply) == {"psychological_activity", "post", "media"}
+        and reply["post"] == records[0]["meta"]["persona"]["post"]
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     eot = end_of_turn_ids(tokenizer)
     for record in records[:5]:
@@ -186,13 +257,37 @@ def test_kill_9_then_resume_asks_nothing_twice(tmp_path, step):
     cache = tmp_path / "cache"
     with LoopbackServer(persona_responder, Faults(latency=0.03)) as server:
         common = ["--base-url", server.base_url, "--concurrency", "2", "--cache-dir", str(cache)]
-        infer = base + ["infer", "--posts", str(tmp_path / "posts.jsonl"), "-o", str(tmp_path / "traits.jsonl"),
-                        "--judge", "openai:judge"] + common
+        infer = (
+            base
+            + [
+                "infer",
+                "--posts",
+                str(tmp_path / "posts.jsonl"),
+                "-o",
+                str(tmp_path / "traits.jsonl"),
+                "--judge",
+                "openai:judge",
+            ]
+            + common
+        )
         args = infer
         if step == "augment":
             subprocess.run(infer, env=env, check=True, capture_output=True, timeout=300)
-            args = base + ["augment", "--posts", str(tmp_path / "posts.jsonl"), "--traits", str(tmp_path / "traits.jsonl"),
-                           "-o", str(tmp_path / "aug.jsonl"), "--model", "openai:writer"] + common
+            args = (
+                base
+                + [
+                    "augment",
+                    "--posts",
+                    str(tmp_path / "posts.jsonl"),
+                    "--traits",
+                    str(tmp_path / "traits.jsonl"),
+                    "-o",
+                    str(tmp_path / "aug.jsonl"),
+                    "--model",
+                    "openai:writer",
+                ]
+                + common
+            )
         start = cache_lines(cache / "responses.jsonl")
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -217,8 +312,9 @@ def test_orcabench_end_to_end_with_a_loopback_student(tmp_path):
     from orca2.eval.evaluate import EvalConfig, run
 
     built = chain(tmp_path, users=10, posts=20, holdout=0.5)
-    (tmp_path / "bench.yaml").write_text(f"orcabench:\n  loader: orcabench\n  path: {built['heldout']}\n"
-                                         f"  traits: {tmp_path / 'traits.jsonl'}\n")
+    (tmp_path / "bench.yaml").write_text(
+        f"orcabench:\n  loader: orcabench\n  path: {built['heldout']}\n  traits: {tmp_path / 'traits.jsonl'}\n"
+    )
 
     def student(body):  # copies the reference post of an item it recognises, else writes a bland one
         system = body["messages"][0]["content"]
@@ -228,14 +324,22 @@ def test_orcabench_end_to_end_with_a_loopback_student(tmp_path):
         return json.dumps({"psychological_activity": "bored", "post": f"About lunch. {system.splitlines()[3][:20]}"})
 
     with LoopbackServer(student) as server:
-        report = run(EvalConfig(model="openai:student", output=str(tmp_path / "eval"), bench=("orcabench",),
-                                benchmarks=(str(tmp_path / "bench.yaml"),),
-                                client=ClientConfig(base_url=server.base_url, api_key="x", cache_dir=str(tmp_path / "c2"))))
+        report = run(
+            EvalConfig(
+                model="openai:student",
+                output=str(tmp_path / "eval"),
+                bench=("orcabench",),
+                benchmarks=(str(tmp_path / "bench.yaml"),),
+                client=ClientConfig(base_url=server.base_url, api_key="x", cache_dir=str(tmp_path / "c2")),
+            )
+        )
     bench = report["orcabench"]["orcabench"]
     m = bench["metrics"]
     assert bench["items"] == built["heldout_records"] == 100 and bench["users"] == 5
     assert bench["counts"]["replies_not_json"] == 5 * 2  # the two January posts of each user
-    assert all(m[k]["ci95"] is not None and m[k]["ci95"][0] <= m[k]["value"] + 1e-9 for k in ("rouge1", "cosine", "knowledge"))
+    assert all(
+        m[k]["ci95"] is not None and m[k]["ci95"][0] <= m[k]["value"] + 1e-9 for k in ("rouge1", "cosine", "knowledge")
+    )
     assert 0 < m["rouge1"]["value"] < 1 and m["bleu"]["value"] >= 0 and 0 <= m["cosine"]["value"] <= 1
     items = [r for _, r in iter_json_lines(tmp_path / "eval" / "orcabench" / "items.jsonl")]
     counted = sum(1 for r in items if r["meta"]["relates_to_profile"])
@@ -296,8 +400,10 @@ def test_traits_name_chunks_asked_and_chunks_judged(tmp_path):
         prompt = body["messages"][-1]["content"]
         return "not json at all" if "SECOND CHUNK" in prompt else '{"shown": ["Imagination", "Anxiety"]}'
 
-    posts = {"u1": [f"first chunk post {i}" for i in range(10)] + [f"SECOND CHUNK post {i}" for i in range(10)],
-             "u2": [f"a post {i}" for i in range(10)]}
+    posts = {
+        "u1": [f"first chunk post {i}" for i in range(10)] + [f"SECOND CHUNK post {i}" for i in range(10)],
+        "u2": [f"a post {i}" for i in range(10)],
+    }
     counts = Counter()
     with LoopbackServer(judge) as server:
         client = ClientConfig(base_url=server.base_url, api_key="x", cache_dir=str(tmp_path / "cache"))

@@ -43,6 +43,7 @@ def config(tmp_path, tiny_model):
         path = tmp_path / "pipeline.yaml"
         path.write_text(CONFIG.format(run=tmp_path / "run", teacher=teacher, model=tiny_model) + extra)
         return path
+
     return write
 
 
@@ -103,10 +104,11 @@ def test_kill_mid_stage_and_rerun_completes(tmp_path, config, monkeypatch):
     from orca2.testing.loopback import Faults
 
     with LoopbackServer(faults=Faults(latency=0.1)) as server:
-        path = config(teacher="openai:loopback",
-                      extra="stages: [tasks, generate, erase]\n")
-        text = path.read_text().replace('generate: {teacher: "openai:loopback"}',
-                                        f'generate: {{teacher: "openai:loopback", client: {{base_url: "{server.base_url}", concurrency: 2}}}}')
+        path = config(teacher="openai:loopback", extra="stages: [tasks, generate, erase]\n")
+        text = path.read_text().replace(
+            'generate: {teacher: "openai:loopback"}',
+            f'generate: {{teacher: "openai:loopback", client: {{base_url: "{server.base_url}", concurrency: 2}}}}',
+        )
         path.write_text(text)
         args = [sys.executable, "-m", "orca2", "run", "--config", str(path)]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,15 +162,25 @@ def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, 
     assert [r["label"] for r in report["runs"]] == ["SFT start", "round 1", "control 1", "round 2", "control 2"]
     assert all(r["n"] == 6 for r in report["runs"])  # the held-out items, the same for every model
     assert ("round 2", "control 2") in {(g["model"], g["against"]) for g in report["comparisons"]}
-    assert set(report["phases_seconds"]["2"]) == {"sample", "judge", "pairs", "reference pass", "train", "eval",
-                                                  "control train", "control eval"}
+    assert set(report["phases_seconds"]["2"]) == {
+        "sample",
+        "judge",
+        "pairs",
+        "reference pass",
+        "train",
+        "eval",
+        "control train",
+        "control eval",
+    }
     assert (tmp_path / "run" / "iterate" / "report.png").stat().st_size > 0
     assert "McNemar" in (tmp_path / "run" / "iterate" / "report.md").read_text()
     r1, r2 = manifest["rounds"]["1"], manifest["rounds"]["2"]
     assert r1["sample"]["counts"]["prompts"] == 8 and r1["sample"]["counts"]["samples"] == 16
     assert r1["judge"]["counts"]["teacher_replies"] == 8  # the teacher's traces join as replies
     assert r1["pairs"]["counts"]["desirable"] >= 8 and r2["pairs"]["counts"].get("replay_t-1", 0) > 0
-    prompts = [{r["id"] for r in read_records(tmp_path / "run" / "iterate" / f"round-{t}" / "prompts.jsonl")} for t in (1, 2)]
+    prompts = [
+        {r["id"] for r in read_records(tmp_path / "run" / "iterate" / f"round-{t}" / "prompts.jsonl")} for t in (1, 2)
+    ]
     assert not prompts[0] & prompts[1]  # a fresh partition each round
     table = manifest["iterate"]["accuracy_by_round"]
     assert set(table) == {"0", "1", "2"} and manifest["iterate"]["best_round"] in (0, 1, 2)
@@ -194,7 +206,9 @@ def test_iterate_rounds_manifest_best_round_and_resume_inside_a_round(tmp_path, 
             assert after["rounds"][t][step]["seconds"] == value  # not re-run
     assert set(after["rounds"]["2"]) == steps
     # other pairs in round 2 (less replay): its pairs, train and eval run again, with new reference log-probs
-    path.write_text(path.read_text().replace("  control: true\n", "  control: true\n  pairs: {replay_fractions: [0.2]}\n"))
+    path.write_text(
+        path.read_text().replace("  control: true\n", "  control: true\n  pairs: {replay_fractions: [0.2]}\n")
+    )
     assert pipeline.run(str(path))["ran"] == ["iterate"]
     assert len(list((tmp_path / "run" / "iterate" / "round-2").glob("pairs.reference-*.jsonl"))) == 1
 
@@ -218,7 +232,9 @@ def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(t
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not round_one_paired():
         time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
+    assert proc.poll() is None, (
+        "the run finished before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
+    )
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     log.close()
@@ -232,7 +248,9 @@ def test_iterate_kill_9_inside_a_round_resumes_without_resampling_or_rejudging(t
     assert set(after["rounds"]["2"]) == {"sample", "judge", "pairs", "train", "eval"}
     assert set(after["iterate"]["accuracy_by_round"]) == {"0", "1", "2"}
     start = {r["id"] for r in read_records(tmp_path / "run" / "sft.start.jsonl")}
-    prompts = {r["id"] for t in (1, 2) for r in read_records(tmp_path / "run" / "iterate" / f"round-{t}" / "prompts.jsonl")}
+    prompts = {
+        r["id"] for t in (1, 2) for r in read_records(tmp_path / "run" / "iterate" / f"round-{t}" / "prompts.jsonl")
+    }
     assert len(prompts) == 16 and not start & prompts
     assert start | prompts == {r["id"] for r in read_records(tmp_path / "run" / "sft.jsonl")}
     assert after["stages"]["train"]["counts"]["stages"][0]["examples"]["read"] == len(start) == 8
@@ -242,15 +260,16 @@ def test_iterate_samples_from_a_served_student(tmp_path, config, data_dir, monke
     """iterate.serve: each round starts the server command on π_t, samples through it, and stops it."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
     serve = f"{sys.executable} -m orca2.testing.loopback --port {{port}}"
-    path = config(extra=ITERATE.replace("rounds: 2", "rounds: 1") + f"  serve: \"{serve}\"\n")
+    path = config(extra=ITERATE.replace("rounds: 2", "rounds: 1") + f'  serve: "{serve}"\n')
     assert pipeline.run(str(path))["ran"][-1] == "iterate"
     samples = list(read_records(tmp_path / "run" / "iterate" / "round-1" / "samples.jsonl"))
     assert len(samples) == 16 and samples[0]["meta"]["student"].startswith("openai:student-")
     assert (tmp_path / "run" / "iterate" / "round-1" / "server.log").exists()
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "loop-demo.yaml", "orca-math-7b/run.yaml", "dno-7b/run.yaml",
-                                  "persona-demo.yaml"])
+@pytest.mark.parametrize(
+    "name", ["demo.yaml", "loop-demo.yaml", "orca-math-7b/run.yaml", "dno-7b/run.yaml", "persona-demo.yaml"]
+)
 def test_shipped_run_configs_build_before_any_work(name, tmp_path):
     """Every section of the shipped configs builds (keys, types, models, iterate's steps) and names known strategies."""
     import yaml
@@ -277,8 +296,10 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
 
     path = config(extra=ITERATE.replace("prompts_per_round: 8", "partitions: 3"))
     run = pipeline.Pipeline(str(path))
-    write_records(run.paths["tasks"], [{"id": f"t{i}", "task": "x", "messages": [{"role": "user", "content": str(i)}]}
-                                       for i in range(10)])
+    write_records(
+        run.paths["tasks"],
+        [{"id": f"t{i}", "task": "x", "messages": [{"role": "user", "content": str(i)}]} for i in range(10)],
+    )
     rounds = []
     for t in (1, 2, 3, 4):
         run._write_prompts(run.configs["iterate"], t)
@@ -288,7 +309,11 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
     # the control: the round's learning rate and step count, SFT on the teacher's traces of the round's prompts
     control = run._round_config(run.configs["iterate"], 1, "control", steps=3)
     assert (control.objective, control.lr, control.max_steps, control.data) == (
-        "sft", 0.0005, 3, (str(run._round_dir(1) / "control.jsonl"),))
+        "sft",
+        0.0005,
+        3,
+        (str(run._round_dir(1) / "control.jsonl"),),
+    )
     # the student samples under the generic prompt erase trained it with
     assert run._round_config(run.configs["iterate"], 1, "sample").generic == "cautious"
     # the round's sampling is seeded by the run's seed unless iterate.sample.sampling.seed says otherwise
@@ -301,14 +326,24 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
     with pytest.raises(Orca2Error, match="prompts_per_round or partitions"):
         pipeline.Pipeline(str(config(extra=ITERATE + "  partitions: 2\n")))
     with pytest.raises(Orca2Error, match="fresh_prompts needs prompts_per_round"):
-        pipeline.Pipeline(str(config(extra=ITERATE.replace("prompts_per_round: 8", "partitions: 3") + "  fresh_prompts: true\n")))
-    fresh = pipeline.Pipeline(str(config(extra=ITERATE.replace("prompts_per_round: 8", "prompts_per_round: 5")
-                                         + "  fresh_prompts: true\n")))
-    assert fresh.configs["train"].data == (str(fresh.paths["sft_start"]),) and fresh.inputs("train") == [fresh.paths["sft_start"]]
-    write_records(fresh.paths["tasks"], [{"id": f"t{i}", "task": "x", "messages": [{"role": "user", "content": str(i)}]}
-                                         for i in range(10)])
-    with pytest.raises(Orca2Error, match=r"2 rounds × 5 prompts need 10 tasks and more for the SFT start .fresh_prompts.; "
-                                         "the run has 10"):
+        pipeline.Pipeline(
+            str(config(extra=ITERATE.replace("prompts_per_round: 8", "partitions: 3") + "  fresh_prompts: true\n"))
+        )
+    fresh = pipeline.Pipeline(
+        str(config(extra=ITERATE.replace("prompts_per_round: 8", "prompts_per_round: 5") + "  fresh_prompts: true\n"))
+    )
+    assert fresh.configs["train"].data == (str(fresh.paths["sft_start"]),) and fresh.inputs("train") == [
+        fresh.paths["sft_start"]
+    ]
+    write_records(
+        fresh.paths["tasks"],
+        [{"id": f"t{i}", "task": "x", "messages": [{"role": "user", "content": str(i)}]} for i in range(10)],
+    )
+    with pytest.raises(
+        Orca2Error,
+        match=r"2 rounds × 5 prompts need 10 tasks and more for the SFT start .fresh_prompts.; "
+        "the run has 10",
+    ):
         fresh._write_sft_start()
 
 
@@ -332,14 +367,24 @@ def test_the_run_seed_reaches_every_section_that_has_one(tmp_path, config):
     """orca2 run --seed N (the `seed` key): every resolved section's seed and sampling seed is N — select, generate
     and eval included — unless the section sets its own."""
     extra = ITERATE + "select: {teacher: program:synthetic, candidates: [direct-answer, step-by-step]}\n"
-    path = config(extra=extra.replace("iterate:", "stages: [tasks, select, generate, erase, train, eval, iterate]\niterate:"))
+    path = config(
+        extra=extra.replace("iterate:", "stages: [tasks, select, generate, erase, train, eval, iterate]\niterate:")
+    )
     run = pipeline.Pipeline(str(path), ("seed=7",))
     found = {k: v for name, cfg in run.configs.items() for k, v in seeds_of(cfg, f"{name}.").items()}
     it = run.configs["iterate"]
     for step in ("sample", "judge", "pairs", "train"):
         found.update(seeds_of(run._round_config(it, 1, step, steps=1), f"iterate.{step}."))
-    assert {"select.sampling.seed", "generate.sampling.seed", "eval.student.sampling.seed", "eval.base.sampling.seed",
-            "tasks.seed", "train.seed", "iterate.sample.sampling.seed", "iterate.train.seed"} <= set(found)
+    assert {
+        "select.sampling.seed",
+        "generate.sampling.seed",
+        "eval.student.sampling.seed",
+        "eval.base.sampling.seed",
+        "tasks.seed",
+        "train.seed",
+        "iterate.sample.sampling.seed",
+        "iterate.train.seed",
+    } <= set(found)
     assert set(found.values()) == {7}, found
     own = pipeline.Pipeline(str(path), ("seed=7", "generate.sampling.seed=2", "train.seed=3"))
     assert own.configs["generate"].sampling.seed == 2 and own.configs["train"].seed == 3
@@ -397,7 +442,7 @@ def pinned_dtypes(cfg, where):
     if "dtype" in names:
         found.append((f"{where}.dtype", cfg.dtype))
     models = [getattr(cfg, n) for n in ("teacher", "model", "student", "judge") if n in names]
-    models += [getattr(cfg.student, "model")] if dataclasses.is_dataclass(getattr(cfg, "student", None)) else []
+    models += [cfg.student.model] if dataclasses.is_dataclass(getattr(cfg, "student", None)) else []
     local = [m for m in models if isinstance(m, str) and parse_model(m, paths=True).scheme == "local"]
     if "client" in names and local:
         found.append((f"{where}.client.dtype", cfg.client.dtype))

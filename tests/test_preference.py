@@ -20,7 +20,7 @@ from orca2.train.dpo import dpo_losses
 from orca2.train.kto import kto_losses, reference_point
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import build_tiny_model, preference_records, child_env  # noqa: E402
+from conftest import build_tiny_model, child_env, preference_records  # noqa: E402
 
 # --- losses against the formulas, in float64 -----------------------------------------------------------
 
@@ -45,9 +45,14 @@ def plain_kto(p, r, desirable, z0, beta, ld, lu):
 @pytest.mark.parametrize("beta, eps", [(0.1, 0.0), (0.5, 0.2), (2.0, 0.1)])
 def test_dpo_loss_and_gradients_match_the_formula(n, beta, eps):
     g = torch.Generator().manual_seed(n)
-    pc, pr = (torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50).requires_grad_(), \
-        (torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50).requires_grad_()
-    rc, rr = torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50, torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50
+    pc, pr = (
+        (torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50).requires_grad_(),
+        (torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50).requires_grad_(),
+    )
+    rc, rr = (
+        torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50,
+        torch.randn(n, generator=g, dtype=torch.float64) * 20 - 50,
+    )
     loss, reward_c, reward_r = dpo_losses(pc, pr, rc, rr, beta, eps)
     ref = plain_dpo(pc, pr, rc, rr, beta, eps)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
@@ -69,7 +74,10 @@ def test_kto_loss_and_gradients_match_the_formula(labels):
         ref = plain_kto(p, r, labels, z0, 0.3, 1.0, 1.5)
         torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(torch.autograd.grad(loss.sum(), p)[0], torch.autograd.grad(ref.sum(), p)[0])
-    kl_p, kl_r = torch.tensor([-3.0, -1.0, 2.0], dtype=torch.float64), torch.tensor([-2.0, -2.0, -2.0], dtype=torch.float64)
+    kl_p, kl_r = (
+        torch.tensor([-3.0, -1.0, 2.0], dtype=torch.float64),
+        torch.tensor([-2.0, -2.0, -2.0], dtype=torch.float64),
+    )
     total, count = reference_point(kl_p, kl_r)
     assert float(total) == pytest.approx(4.0) and float(count) == 3
 
@@ -80,18 +88,32 @@ def test_kto_loss_and_gradients_match_the_formula(labels):
 def test_records_validate_and_name_file_line_and_field():
     good = preference_records(1)[0]
     assert validate_record(good, "f:1") is good
-    bad = [({**good, "pairs": [[0, 5]]}, r"f:1: field 'pairs\[0\]' = \[0, 5\] is out of range"),
-           ({**good, "messages": good["messages"] + [{"role": "assistant", "content": "x"}]}, "must end with a user message"),
-           ({**good, "chosen": [{"content": 3}]}, r"field 'chosen\[0\]' must be an object with a string 'content'"),
-           ({**good, "chosen": [], "rejected": []}, "needs at least one chosen or rejected reply"),
-           ({"prompt": "hi", "chosen": "a"}, "f:1: field 'rejected' missing: a DPO pair needs a chosen and a rejected reply"),
-           ({"prompt": "hi", "completion": "a", "label": "yes"}, "f:1: field 'label' must be true .* got 'yes'"),
-           ({"prompt": "hi", "completion": "a", "label": 1}, "field 'label' must be true")]
+    bad = [
+        ({**good, "pairs": [[0, 5]]}, r"f:1: field 'pairs\[0\]' = \[0, 5\] is out of range"),
+        (
+            {**good, "messages": good["messages"] + [{"role": "assistant", "content": "x"}]},
+            "must end with a user message",
+        ),
+        ({**good, "chosen": [{"content": 3}]}, r"field 'chosen\[0\]' must be an object with a string 'content'"),
+        ({**good, "chosen": [], "rejected": []}, "needs at least one chosen or rejected reply"),
+        (
+            {"prompt": "hi", "chosen": "a"},
+            "f:1: field 'rejected' missing: a DPO pair needs a chosen and a rejected reply",
+        ),
+        ({"prompt": "hi", "completion": "a", "label": "yes"}, "f:1: field 'label' must be true .* got 'yes'"),
+        ({"prompt": "hi", "completion": "a", "label": 1}, "field 'label' must be true"),
+    ]
     for obj, message in bad:
         with pytest.raises(Orca2Error, match=message):
             validate_record(obj, "f:1")
-    kto_row = validate_record({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}],
-                               "label": False}, "f:2")
+    kto_row = validate_record(
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "completion": [{"role": "assistant", "content": "yo"}],
+            "label": False,
+        },
+        "f:2",
+    )
     assert kto_row["rejected"] == [{"content": "yo"}] and "chosen" not in kto_row
 
 
@@ -106,7 +128,11 @@ def test_trl_columns_exactly_and_round_trip():
     kto = to_hf_dataset(records, "kto")
     assert kto.column_names == ["prompt", "completion", "label"] and len(kto) == 9 and sum(kto["label"]) == 3
     back = list(from_hf_dataset(dpo))  # TRL rows grouped by prompt: each prompt and each reply stored once
-    assert len(back) == 3 and [len(r["chosen"]) for r in back] == [1, 1, 1] and [len(r["rejected"]) for r in back] == [1, 2, 2]
+    assert (
+        len(back) == 3
+        and [len(r["chosen"]) for r in back] == [1, 1, 1]
+        and [len(r["rejected"]) for r in back] == [1, 2, 2]
+    )
     assert back[0]["pairs"] == [[0, 0]] and back[1]["pairs"] == [[0, 0], [0, 1]]
     assert back[1]["messages"] == records[1]["messages"]
     back_kto = list(from_hf_dataset(kto))
@@ -128,8 +154,12 @@ def pref_file(tmp_path):
 
 
 def train(tmp_path, name, data, model, **kw):
-    cfg = load_config(trainer.TrainConfig, None, (), {"model": str(model), "data": (str(data),), "output": str(tmp_path / name),
-                                                      **BASE, **kw})
+    cfg = load_config(
+        trainer.TrainConfig,
+        None,
+        (),
+        {"model": str(model), "data": (str(data),), "output": str(tmp_path / name), **BASE, **kw},
+    )
     summary = trainer.run(cfg)
     return [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()], summary
 
@@ -148,33 +178,60 @@ def test_grad_accumulation_equals_batch_and_fused_equals_naive(tmp_path, tiny_mo
     balance_warned = "outside the paper's range [1, 4/3]" in caplog.text  # 12 desirable vs 24 undesirable: 0.5
     assert balance_warned == (objective == "kto")
     batch, _ = train(tmp_path, "batch", pref_file, tiny_model, micro_batch_size=4, grad_accum=1, **common)
-    fused, _ = train(tmp_path, "fused", pref_file, tiny_model, micro_batch_size=4, grad_accum=1, loss_impl="fused", **common)
+    fused, _ = train(
+        tmp_path, "fused", pref_file, tiny_model, micro_batch_size=4, grad_accum=1, loss_impl="fused", **common
+    )
     same_logs(ga, batch, keys=("loss", "grad_norm") + (("z0",) if objective == "kto" else ("reward_margin",)))
     same_logs(batch, fused, rel=1e-4)
     counts = summary["stages"][0]["examples"]
-    assert counts == ({"records": 12, "pairs_read": 24, "pairs_kept": 24, "pairs_dropped_too_long": 0,
-                       "pairs_dropped_row_too_short": 0} if objective == "dpo" else
-                      {"records": 12, "replies_read": 36, "desirable": 12, "undesirable": 24, "replies_dropped_too_long": 0})
+    assert counts == (
+        {
+            "records": 12,
+            "pairs_read": 24,
+            "pairs_kept": 24,
+            "pairs_dropped_too_long": 0,
+            "pairs_dropped_row_too_short": 0,
+        }
+        if objective == "dpo"
+        else {"records": 12, "replies_read": 36, "desirable": 12, "undesirable": 24, "replies_dropped_too_long": 0}
+    )
 
 
 def two_ranks(tmp_path, name, data, model, **kw):
     env = child_env()
     objective = kw.pop("objective")  # the flag, as users type it
-    args = [sys.executable, "-m", "orca2", "train", "--nproc", "2", "--objective", objective, "--model", str(model),
-            "--data", str(data), "-o", str(tmp_path / name)] + [f"--set={k}={v}" for k, v in {**BASE, **kw}.items()]
+    args = [
+        sys.executable,
+        "-m",
+        "orca2",
+        "train",
+        "--nproc",
+        "2",
+        "--objective",
+        objective,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "-o",
+        str(tmp_path / name),
+    ] + [f"--set={k}={v}" for k, v in {**BASE, **kw}.items()]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("objective, zero, loss_impl", [("dpo", 2, "naive"), ("dpo", 3, "fused"), ("kto", 2, "fused"),
-                                                        ("kto", 3, "naive")])
+@pytest.mark.parametrize(
+    "objective, zero, loss_impl", [("dpo", 2, "naive"), ("dpo", 3, "fused"), ("kto", 2, "fused"), ("kto", 3, "naive")]
+)
 def test_two_ranks_equal_one(tmp_path, tiny_model, pref_file, objective, zero, loss_impl):
     """2 ranks × GA 2 = 1 rank × GA 4, step by step (KTO's z0 included), packed rows, then the same weights."""
     common = {"objective": objective, "zero_stage": zero, "loss_impl": loss_impl, "max_steps": 4}
     two = two_ranks(tmp_path, "two", pref_file, tiny_model, grad_accum=2, **common)
     one, _ = train(tmp_path, "one", pref_file, tiny_model, grad_accum=4, **common)
-    same_logs(two, one, keys=("loss", "grad_norm") + (("z0", "kl_estimate") if objective == "kto" else ("reward_margin",)))
+    same_logs(
+        two, one, keys=("loss", "grad_norm") + (("z0", "kl_estimate") if objective == "kto" else ("reward_margin",))
+    )
     from transformers import AutoModelForCausalLM
 
     w2, w1 = (AutoModelForCausalLM.from_pretrained(tmp_path / n / "model").state_dict() for n in ("two", "one"))
@@ -258,8 +315,9 @@ def test_partial_replies_end_without_end_of_turn_and_train(tmp_path, tiny_model)
     assert part.input_ids == whole.input_ids[:eot] and part.labels == whole.labels[:eot]
     assert not t.eot & set(part.input_ids[-3:]) and tok.decode(part.input_ids[-5:]) == content[-5:]
     model, _ = load_student(str(tiny_model))
-    batch = collate_sequences([t.sequence("w", "f:1", record, content), t.sequence("p", "f:1", record, content, partial=True)],
-                              False, 0, 0)
+    batch = collate_sequences(
+        [t.sequence("w", "f:1", record, content), t.sequence("p", "f:1", record, content, partial=True)], False, 0, 0
+    )
     with torch.no_grad():
         lp = CausalLMLoss(model.eval()).sequence_logprobs(batch.rows, batch.seq_ids, batch.n_seq)
         logits = model(torch.tensor([whole.input_ids[:eot]])).logits[0, -1].double()
@@ -267,8 +325,12 @@ def test_partial_replies_end_without_end_of_turn_and_train(tmp_path, tiny_model)
     records = preference_records(6)
     for r in records:  # cut both sides after their first line, as orca2 pairs --cut first-difference writes them
         for side in ("chosen", "rejected"):
-            r[side] = [{"content": x["content"].split("\n")[0] + "\n" + x["content"].split("\n")[1][:4], "partial": True}
-                       if "\n" in x["content"] else x for x in r[side]]
+            r[side] = [
+                {"content": x["content"].split("\n")[0] + "\n" + x["content"].split("\n")[1][:4], "partial": True}
+                if "\n" in x["content"]
+                else x
+                for x in r[side]
+            ]
     path = tmp_path / "cut.jsonl"
     write_records(path, records)
     log, summary = train(tmp_path, "cut", path, tiny_model, objective="dpo", max_steps=2, sft_weight=1.0, mask_check=12)
@@ -315,7 +377,10 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path, tiny_model):
     train(tmp_path, "control", control_file, tiny_model, **common)
     wins, n, margin = held_out_accuracy(tmp_path / "planted" / "model", tiny_model, held_out)
     c_wins, c_n, c_margin = held_out_accuracy(tmp_path / "control" / "model", tiny_model, held_out)
-    print(f"held-out preference accuracy: trained {wins}/{n}, control {c_wins}/{c_n}; mean margin {margin:.2f} vs {c_margin:.2f}")
+    print(
+        f"held-out preference accuracy: trained {wins}/{n}, control {c_wins}/{c_n}; mean margin {margin:.2f} vs "
+        f"{c_margin:.2f}"
+    )
     low, high = wilson(wins, n)
     _, diff_low, _ = newcombe(wins, n, c_wins, c_n)
     assert n == c_n == 60 and low > 0.5, (wins, n, margin)
@@ -328,12 +393,19 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path, tiny_model):
 
 def multi_turn_record(i: int) -> dict:
     """A prompt that already holds an assistant turn (a follow-up question), replies of different lengths."""
-    return {"id": f"mt/{i}", "task": "t", "meta": {},
-            "messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": f"What is {i} + {i}?"},
-                         {"role": "assistant", "content": f"{i} + {i} = {2 * i}. A long earlier turn: " + "x" * (5 + i)},
-                         {"role": "user", "content": "And doubled again?"}],
-            "chosen": [{"content": f"{4 * i}."}], "rejected": [{"content": f"I think {4 * i + 1}, maybe."}]}
+    return {
+        "id": f"mt/{i}",
+        "task": "t",
+        "meta": {},
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"What is {i} + {i}?"},
+            {"role": "assistant", "content": f"{i} + {i} = {2 * i}. A long earlier turn: " + "x" * (5 + i)},
+            {"role": "user", "content": "And doubled again?"},
+        ],
+        "chosen": [{"content": f"{4 * i}."}],
+        "rejected": [{"content": f"I think {4 * i + 1}, maybe."}],
+    }
 
 
 def plain_reply_logprob(model, tokenizer, messages, reply):
@@ -364,7 +436,9 @@ def test_multi_turn_prompt_logprob_is_the_reply_only_and_kto_matches_the_formula
     records = [multi_turn_record(i) for i in (1, 2, 3)]
     t = Tokenised(tok, 1024, "drop")
     seq = t.sequence("k", "f:1", records[0], "4.")
-    spans = sum(1 for j, y in enumerate(seq.example.labels) if y != IGNORE and (j == 0 or seq.example.labels[j - 1] == IGNORE))
+    spans = sum(
+        1 for j, y in enumerate(seq.example.labels) if y != IGNORE and (j == 0 or seq.example.labels[j - 1] == IGNORE)
+    )
     assert spans == 1 and tok.decode([y for y in seq.example.labels if y != IGNORE]) == "4.<|im_end|>"
     t.check_masks(8, 0)
     units, counts = kto_units([(f"f:{i}", r) for i, r in enumerate(records)], t, seed=0)
@@ -379,8 +453,12 @@ def test_multi_turn_prompt_logprob_is_the_reply_only_and_kto_matches_the_formula
         for name, lm in (("policy", policy), ("reference", reference)):
             for part, seqs in (("main", main), ("kl", kl)):
                 batch = collate_sequences(seqs, True, 4096, 0)
-                out[name, part] = CausalLMLoss(lm.eval(), loss_impl).sequence_logprobs(batch.rows, batch.seq_ids,
-                                                                                      batch.n_seq).double()
+                out[name, part] = (
+                    CausalLMLoss(lm.eval(), loss_impl)
+                    .sequence_logprobs(batch.rows, batch.seq_ids, batch.n_seq)
+                    .double()
+                )
+
     def plain(lm, seqs):
         values = []
         for s in seqs:
@@ -396,5 +474,7 @@ def test_multi_turn_prompt_logprob_is_the_reply_only_and_kto_matches_the_formula
     torch.testing.assert_close(out["policy", "kl"] - out["reference", "kl"], plain_kl, rtol=0, atol=4e-4)
     z0 = max(0.0, float(plain_kl.mean()))
     loss, reward = kto_losses(out["policy", "main"], out["reference", "main"], labels, z0, beta, 1.0, 1.0)
-    torch.testing.assert_close(loss, plain_kto(plain_p, plain_r, labels.tolist(), z0, beta, 1.0, 1.0), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        loss, plain_kto(plain_p, plain_r, labels.tolist(), z0, beta, 1.0, 1.0), rtol=0, atol=1e-4
+    )
     torch.testing.assert_close(reward, beta * (plain_p - plain_r), rtol=0, atol=1e-4)

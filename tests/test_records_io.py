@@ -13,24 +13,36 @@ from orca2.records import assistant_reply, make_record, system_prompt, user_prom
 
 
 def rec(i=0, **kw):
-    r = make_record(f"t/{i}", "t", [{"role": "system", "content": "S"}, {"role": "user", "content": f"q{i}"},
-                                    {"role": "assistant", "content": f"a{i}"}], str(i), {"strategy": "x"})
+    r = make_record(
+        f"t/{i}",
+        "t",
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": f"q{i}"},
+            {"role": "assistant", "content": f"a{i}"},
+        ],
+        str(i),
+        {"strategy": "x"},
+    )
     r.update(kw)
     return r
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda r: r.pop("messages"), "messages"),
-    (lambda r: r.update(messages=[]), "messages"),
-    (lambda r: r["messages"][1].update(role="bot"), "messages[1].role"),
-    (lambda r: r["messages"][1].update(content=3), "messages[1].content"),
-    (lambda r: r["messages"].append({"role": "system", "content": "late"}), "messages[3].role"),
-    (lambda r: r.update(id=""), "id"),
-    (lambda r: r.pop("task"), "task"),
-    (lambda r: r.update(answer=72), "answer"),
-    (lambda r: r.update(meta=[1]), "meta"),
-    (lambda r: r.update(extra=1), "extra"),
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda r: r.pop("messages"), "messages"),
+        (lambda r: r.update(messages=[]), "messages"),
+        (lambda r: r["messages"][1].update(role="bot"), "messages[1].role"),
+        (lambda r: r["messages"][1].update(content=3), "messages[1].content"),
+        (lambda r: r["messages"].append({"role": "system", "content": "late"}), "messages[3].role"),
+        (lambda r: r.update(id=""), "id"),
+        (lambda r: r.pop("task"), "task"),
+        (lambda r: r.update(answer=72), "answer"),
+        (lambda r: r.update(meta=[1]), "meta"),
+        (lambda r: r.update(extra=1), "extra"),
+    ],
+)
 def test_validation_names_the_field(mutate, field):
     r = rec()
     mutate(r)

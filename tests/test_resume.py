@@ -33,13 +33,41 @@ def inputs(tmp_path):
 def command(stage: str, spec: str, folder: Path) -> list[str]:
     base = [sys.executable, "-m", "orca2", stage, "--cache-dir", str(folder / "cache")]
     if stage == "generate":
-        return base + ["--teacher", spec, "--tasks", str(folder / "tasks.jsonl"), "--strategy", "step-by-step",
-                       "-o", str(folder / "out.jsonl")]
+        return base + [
+            "--teacher",
+            spec,
+            "--tasks",
+            str(folder / "tasks.jsonl"),
+            "--strategy",
+            "step-by-step",
+            "-o",
+            str(folder / "out.jsonl"),
+        ]
     if stage == "select":
-        return base + ["--teacher", spec, "--tasks", str(folder / "tasks.jsonl"), "--dev-size", "20",
-                       "--candidates", "step-by-step,direct-answer", "-o", str(folder / "assign.yaml")]
-    return base + ["--model", spec, "--bench", "mine", "--benchmarks", str(folder / "mine.yaml"), "-o", str(folder / "report"),
-                   "--system", "strategy:step-by-step"]
+        return base + [
+            "--teacher",
+            spec,
+            "--tasks",
+            str(folder / "tasks.jsonl"),
+            "--dev-size",
+            "20",
+            "--candidates",
+            "step-by-step,direct-answer",
+            "-o",
+            str(folder / "assign.yaml"),
+        ]
+    return base + [
+        "--model",
+        spec,
+        "--bench",
+        "mine",
+        "--benchmarks",
+        str(folder / "mine.yaml"),
+        "-o",
+        str(folder / "report"),
+        "--system",
+        "strategy:step-by-step",
+    ]
 
 
 def cache_keys(folder: Path) -> list[str]:
@@ -83,7 +111,7 @@ def test_openai_kill_9_then_rerun(inputs, stage):
 def test_batch_kill_9_then_rerun(inputs, stage):
     env = {**os.environ, "OPENAI_API_KEY": "x"}
     book = inputs / "cache" / "batches.jsonl"
-    with LoopbackServer(faults=Faults(batch_polls=10 ** 6)) as server:
+    with LoopbackServer(faults=Faults(batch_polls=10**6)) as server:
         args = command(stage, "batch:loopback", inputs) + ["--base-url", server.base_url, "--poll-interval", "0.01"]
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(proc, lambda: book.exists() and b'"created"' in book.read_bytes())
@@ -97,7 +125,14 @@ def test_batch_kill_9_then_rerun(inputs, stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_local_kill_9_then_rerun(inputs, stage, tiny_model):
     env = dict(os.environ)
-    args = command(stage, f"local:{tiny_model}", inputs) + ["--batch-size", "1", "--max-tokens", "24", "--dtype", "float32"]
+    args = command(stage, f"local:{tiny_model}", inputs) + [
+        "--batch-size",
+        "1",
+        "--max-tokens",
+        "24",
+        "--dtype",
+        "float32",
+    ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(proc, lambda: len(cache_keys(inputs)) >= 5)
     before = cache_keys(inputs)

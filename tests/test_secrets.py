@@ -28,17 +28,29 @@ def stage_configs() -> list[type]:
     from orca2.stages.sample import SampleConfig
     from orca2.stages.select import SelectConfig
 
-    return [EvalConfig, GenerateConfig, InstructConfig, JudgeConfig, AugmentConfig, InferConfig, SampleConfig,
-            SelectConfig]
+    return [
+        EvalConfig,
+        GenerateConfig,
+        InstructConfig,
+        JudgeConfig,
+        AugmentConfig,
+        InferConfig,
+        SampleConfig,
+        SelectConfig,
+    ]
 
 
 def with_key(cls: type, key: str):
-    required = {"EvalConfig": {"model": "program:synthetic", "output": "o"}, "GenerateConfig": {"tasks": "t", "output": "o", "strategy": "step-by-step",
-                "teacher": "openai:m"}, "InstructConfig": {"docs": ("d",), "output": "o", "flow": "text-modification"},
-                "JudgeConfig": {"replies": ("r",), "output": "o"}, "AugmentConfig": {"posts": "p", "traits": "t",
-                "output": "o"}, "InferConfig": {"posts": "p", "output": "o"}, "SampleConfig": {"tasks": "t",
-                "output": "o", "student": "openai:m"}, "SelectConfig": {"tasks": "t", "output": "o",
-                "teacher": "openai:m"}}[cls.__name__]
+    required = {
+        "EvalConfig": {"model": "program:synthetic", "output": "o"},
+        "GenerateConfig": {"tasks": "t", "output": "o", "strategy": "step-by-step", "teacher": "openai:m"},
+        "InstructConfig": {"docs": ("d",), "output": "o", "flow": "text-modification"},
+        "JudgeConfig": {"replies": ("r",), "output": "o"},
+        "AugmentConfig": {"posts": "p", "traits": "t", "output": "o"},
+        "InferConfig": {"posts": "p", "output": "o"},
+        "SampleConfig": {"tasks": "t", "output": "o", "student": "openai:m"},
+        "SelectConfig": {"tasks": "t", "output": "o", "teacher": "openai:m"},
+    }[cls.__name__]
     return cls(**required, client=ClientConfig(api_key=key))
 
 
@@ -93,29 +105,70 @@ iterate:
 
 
 def test_keys_from_config_set_and_environment_reach_no_file_of_a_run(tmp_path, tiny_model):
-    keys = {"config": "sk-cfg-5d1e0a7c", "set": "sk-set-93b2f4aa", "env": "sk-env-77c0e1d9", "iterate": "sk-it-c4e81f02",
-            "instruct": "sk-ins-0f3a9b61", "persona": "sk-per-a81c3e55"}
+    keys = {
+        "config": "sk-cfg-5d1e0a7c",
+        "set": "sk-set-93b2f4aa",
+        "env": "sk-env-77c0e1d9",
+        "iterate": "sk-it-c4e81f02",
+        "instruct": "sk-ins-0f3a9b61",
+        "persona": "sk-per-a81c3e55",
+    }
     cache = tmp_path / "cache"
     env = child_env(OPENAI_API_KEY=keys["env"], ORCA2_CACHE_DIR=str(cache))
     with LoopbackServer() as server:
         path = tmp_path / "run.yaml"
-        path.write_text(RUN.format(run=tmp_path / "run", url=server.base_url, model=tiny_model, config_key=keys["config"],
-                                   iterate_key=keys["iterate"]))
-        done = subprocess.run([sys.executable, "-m", "orca2", "run", "--config", str(path),
-                               "--set", f"generate.client.api_key={keys['set']}"],
-                              capture_output=True, text=True, env=env, timeout=600)
+        path.write_text(
+            RUN.format(
+                run=tmp_path / "run",
+                url=server.base_url,
+                model=tiny_model,
+                config_key=keys["config"],
+                iterate_key=keys["iterate"],
+            )
+        )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "orca2",
+                "run",
+                "--config",
+                str(path),
+                "--set",
+                f"generate.client.api_key={keys['set']}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert server.stats.ok > 0
         secrets = list(keys.values())
         assert not [s for s in secrets if s in done.stdout + done.stderr]
         manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-        assert set(manifest["stages"]) >= {"select", "generate", "eval", "iterate"} and manifest["rounds"]["1"]["sample"]
+        assert (
+            set(manifest["stages"]) >= {"select", "generate", "eval", "iterate"} and manifest["rounds"]["1"]["sample"]
+        )
         # the same run with other keys: every config hash the same, so nothing re-runs
         other = path.read_text().replace(keys["config"], "sk-cfg-other").replace(keys["iterate"], "sk-it-other")
         path.write_text(other)
-        again = subprocess.run([sys.executable, "-m", "orca2", "run", "--config", str(path),
-                                "--set", "generate.client.api_key=sk-set-other"],
-                               capture_output=True, text=True, env={**env, "OPENAI_API_KEY": "sk-env-other"}, timeout=600)
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "orca2",
+                "run",
+                "--config",
+                str(path),
+                "--set",
+                "generate.client.api_key=sk-set-other",
+            ],
+            capture_output=True,
+            text=True,
+            env={**env, "OPENAI_API_KEY": "sk-env-other"},
+            timeout=600,
+        )
         assert again.returncode == 0, again.stderr[-3000:]
         rerun = json.loads((tmp_path / "run" / "manifest.json").read_text())
         assert rerun["stages"] == manifest["stages"] and rerun["rounds"] == manifest["rounds"]  # seconds too: none ran
@@ -129,10 +182,15 @@ def test_keys_from_config_set_and_environment_reach_no_file_of_a_run(tmp_path, t
 output: {tmp_path / "run2"}
 stages: [instruct]
 instruct: {{docs: ["{docs}"], flow: text-modification, model: "openai:agent", rounds: 0,
-           client: {{base_url: "{server.base_url}", api_key: "{keys['instruct']}"}}}}
+           client: {{base_url: "{server.base_url}", api_key: "{keys["instruct"]}"}}}}
 """)
-        done = subprocess.run([sys.executable, "-m", "orca2", "run", "--config", str(flows)], capture_output=True,
-                              text=True, env=env, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "orca2", "run", "--config", str(flows)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     persona = tmp_path / "persona.yaml"
     persona.write_text(f"""
@@ -140,11 +198,16 @@ output: {tmp_path / "run3"}
 stages: [persona]
 persona:
   synth: {{users: 3, posts: 10}}
-  infer: {{client: {{api_key: "{keys['persona']}"}}}}
-  augment: {{client: {{api_key: "{keys['persona']}"}}}}
+  infer: {{client: {{api_key: "{keys["persona"]}"}}}}
+  augment: {{client: {{api_key: "{keys["persona"]}"}}}}
 """)
-    done = subprocess.run([sys.executable, "-m", "orca2", "run", "--config", str(persona)], capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "orca2", "run", "--config", str(persona)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert files_holding([tmp_path / "run", tmp_path / "run2", tmp_path / "run3", cache], secrets) == []
     assert files_holding([tmp_path / "run"], ["api_key: '***'"])  # the saved configs say a key was given

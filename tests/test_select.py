@@ -2,14 +2,14 @@ import pytest
 
 from orca2.config import load_config
 from orca2.errors import Orca2Error
+from orca2.io import read_records, write_records
 from orca2.stages.generate import GenerateConfig
 from orca2.stages.generate import run as generate
-from orca2.io import read_records, write_records
-from orca2.testing.loopback import LoopbackServer
 from orca2.stages.select import SelectConfig, dev_slices, run
-from orca2.strategies import Assignment, get
 from orca2.stages.tasks import TasksConfig
 from orca2.stages.tasks import run as make_tasks
+from orca2.strategies import Assignment, get
+from orca2.testing.loopback import LoopbackServer
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def teacher_that_prefers(tasks_file):
             if system == direct:
                 return gold[user]
             if system == steps:
-                return "1. Read the two numbers.\n2. Apply the operation carefully.\n" f"The answer is: {gold[user]}"
+                return f"1. Read the two numbers.\n2. Apply the operation carefully.\nThe answer is: {gold[user]}"
         if system == steps:
             return f"1. Start.\n2. Apply each change.\nThe answer is: {gold[user]}"
         return "The answer is: -1"
@@ -43,9 +43,21 @@ def teacher_that_prefers(tasks_file):
 def test_select_measures_and_assigns(tmp_path, tasks_file, monkeypatch, run_cli):
     monkeypatch.setenv("OPENAI_API_KEY", "x")
     with LoopbackServer(responder=teacher_that_prefers(tasks_file)) as server:
-        result = run_cli("select", "--tasks", str(tasks_file), "-o", str(tmp_path / "assign.yaml"), "--teacher", "openai:t",
-                         "--base-url", server.base_url, "--candidates", "direct-answer,step-by-step,explain-then-answer",
-                         "--dev-size", "8")
+        result = run_cli(
+            "select",
+            "--tasks",
+            str(tasks_file),
+            "-o",
+            str(tmp_path / "assign.yaml"),
+            "--teacher",
+            "openai:t",
+            "--base-url",
+            server.base_url,
+            "--candidates",
+            "direct-answer,step-by-step,explain-then-answer",
+            "--dev-size",
+            "8",
+        )
         assert result.returncode == 0, result.stderr
         assert server.stats.ok == 2 * 3 * 8
         assignment = Assignment.load(tmp_path / "assign.yaml")
@@ -55,9 +67,20 @@ def test_select_measures_and_assigns(tmp_path, tasks_file, monkeypatch, run_cli)
         assert "| synthetic/word-problem | 8 |" in table and "**100%" in table and "0% (" in table
         # generate under the chosen assignment: the 2 × 8 dev responses already paid for are reused
         before = server.stats.ok
-        summary = generate(load_config(GenerateConfig, None, (), {
-            "tasks": str(tasks_file), "output": str(tmp_path / "traces.jsonl"), "teacher": "openai:t",
-            "assign": str(tmp_path / "assign.yaml"), "client.base_url": server.base_url}))
+        summary = generate(
+            load_config(
+                GenerateConfig,
+                None,
+                (),
+                {
+                    "tasks": str(tasks_file),
+                    "output": str(tmp_path / "traces.jsonl"),
+                    "teacher": "openai:t",
+                    "assign": str(tmp_path / "assign.yaml"),
+                    "client.base_url": server.base_url,
+                },
+            )
+        )
         assert summary["cached_at_start"] == 16 and server.stats.ok - before == 24 - 16
 
 
@@ -74,7 +97,11 @@ def test_select_without_gold_answers(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"id": "a", "task": "t", "messages": [{"role": "user", "content": "q"}]}\n')
     with pytest.raises(Orca2Error, match="no task records with gold answers"):
-        run(load_config(SelectConfig, None, (), {"tasks": str(path), "output": str(tmp_path / "a.yaml"), "teacher": "openai:x"}))
+        run(
+            load_config(
+                SelectConfig, None, (), {"tasks": str(path), "output": str(tmp_path / "a.yaml"), "teacher": "openai:x"}
+            )
+        )
 
 
 # --- student probes -------------------------------------------------------------------------------------
@@ -87,8 +114,14 @@ def summary(verdicts, logprobs=None, seeds=1):
     ids = [f"i{k}" for k in range(len(verdicts))]
     logprobs = logprobs or [-1.0] * len(verdicts)
     n = len(ids)
-    return {"accuracy": sum(verdicts) / n, "answer_logprob": sum(logprobs) / n, "n": n, "seeds": seeds,
-            "verdicts": dict(zip(ids, verdicts)), "logprobs": dict(zip(ids, logprobs))}
+    return {
+        "accuracy": sum(verdicts) / n,
+        "answer_logprob": sum(logprobs) / n,
+        "n": n,
+        "seeds": seeds,
+        "verdicts": dict(zip(ids, verdicts)),
+        "logprobs": dict(zip(ids, logprobs)),
+    }
 
 
 def test_the_paired_rule_on_hand_built_verdicts():
@@ -116,12 +149,19 @@ def test_the_paired_rule_on_hand_built_verdicts():
     assert d["decided"] and d["comparisons"]["b"]["test"] == "paired bootstrap" and d["comparisons"]["b"]["ci95"][0] > 0
     # deciding by answer log-prob: the continuous signal separates what the verdicts cannot
     same = [0] * 24
-    d = decide({"a": summary(same, [-2.0 + 0.1 * (k % 3) for k in range(24)]), "b": summary(same, [-2.5] * 24)},
-               TEACHER, ["a", "b"], decide_by="answer_logprob")
+    d = decide(
+        {"a": summary(same, [-2.0 + 0.1 * (k % 3) for k in range(24)]), "b": summary(same, [-2.5] * 24)},
+        TEACHER,
+        ["a", "b"],
+        decide_by="answer_logprob",
+    )
     assert d["decided"] and d["winner"] == "a" and d["signal"] == "answer_logprob"
     # a failed probe is out and named; every probe failed is an error
-    d = decide({"a": {"failed": "no supervised tokens"}, "b": summary([1] * 24), "c": summary([0] * 24)}, TEACHER,
-               ["a", "b", "c"])
+    d = decide(
+        {"a": {"failed": "no supervised tokens"}, "b": summary([1] * 24), "c": summary([0] * 24)},
+        TEACHER,
+        ["a", "b", "c"],
+    )
     assert d["winner"] == "b" and d["decided"] and "probe failed: a" in d["rule"]
     with pytest.raises(Orca2Error, match="every probe of this task failed"):
         decide({"a": {"failed": "x"}}, TEACHER, ["a"])
@@ -131,7 +171,7 @@ class HandProbes:
     """Probes whose scoring is a table: (strategy, seed) → per-item verdicts and log-probs; counts what is scored."""
 
     def __new__(cls, verdicts, logprobs, dev_size, max_dev, max_seeds):
-        from orca2.stages.select import Probes, ProbeConfig, SelectConfig
+        from orca2.stages.select import ProbeConfig, Probes, SelectConfig
 
         class Scripted(Probes):
             def score(self, name, seed, dev):
@@ -140,11 +180,19 @@ class HandProbes:
                 for r in dev:
                     if r["id"] not in got:
                         k = int(r["id"][1:])
-                        got[r["id"]] = {"correct": bool(verdicts[(name, seed)][k]), "logprob": logprobs[(name, seed)][k]}
+                        got[r["id"]] = {
+                            "correct": bool(verdicts[(name, seed)][k]),
+                            "logprob": logprobs[(name, seed)][k],
+                        }
                         self.scored.append((name, seed, r["id"]))
 
-        cfg = SelectConfig(tasks="t", output="o", teacher="program:synthetic", dev_size=dev_size,
-                           student=ProbeConfig(model="local:default", max_dev=max_dev, max_seeds=max_seeds))
+        cfg = SelectConfig(
+            tasks="t",
+            output="o",
+            teacher="program:synthetic",
+            dev_size=dev_size,
+            student=ProbeConfig(model="local:default", max_dev=max_dev, max_seeds=max_seeds),
+        )
         dev = [{"id": f"i{k}", "answer": "1", "messages": []} for k in range(max_dev or dev_size)]
         from pathlib import Path
 
@@ -180,12 +228,24 @@ def test_escalation_by_hand_more_items_then_more_seeds():
 
 
 def secret_tasks(path, n=40):
-    write_records(path, [{"id": f"secret/{i}", "task": "secret", "answer": "blue", "meta": {"answer_type": "text"},
-                          "messages": [{"role": "user", "content": f"Secret question number {i}?"}]} for i in range(n)])
+    write_records(
+        path,
+        [
+            {
+                "id": f"secret/{i}",
+                "task": "secret",
+                "answer": "blue",
+                "meta": {"answer_type": "text"},
+                "messages": [{"role": "user", "content": f"Secret question number {i}?"}],
+            }
+            for i in range(n)
+        ],
+    )
 
 
-def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_reruns_train_nothing(tmp_path, tiny_model,
-                                                                                                     monkeypatch):
+def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_reruns_train_nothing(
+    tmp_path, tiny_model, monkeypatch
+):
     """The teacher is right under both strategies; under step-by-step its traces open with 60 random characters, so
     a student answering in 24 tokens never reaches the answer. Teacher accuracy ties; the probes do not."""
     import random
@@ -209,26 +269,48 @@ def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_
 
     secret_tasks(tmp_path / "tasks.jsonl")
     with LoopbackServer(teacher) as server:
+
         def select(**kw):
-            flags = {"tasks": str(tmp_path / "tasks.jsonl"), "output": str(tmp_path / "assign.yaml"),
-                     "teacher": "openai:teacher", "candidates": ("direct-answer", "step-by-step"), "dev_size": 8,
-                     "client.base_url": server.base_url, "client.api_key": "x", "client.cache_dir": str(tmp_path / "cache"),
-                     "student.model": str(tiny_model), "student.traces": 16, "student.steps": 150, "student.lr": 0.01,
-                     "student.max_tokens": 24, **kw}
+            flags = {
+                "tasks": str(tmp_path / "tasks.jsonl"),
+                "output": str(tmp_path / "assign.yaml"),
+                "teacher": "openai:teacher",
+                "candidates": ("direct-answer", "step-by-step"),
+                "dev_size": 8,
+                "client.base_url": server.base_url,
+                "client.api_key": "x",
+                "client.cache_dir": str(tmp_path / "cache"),
+                "student.model": str(tiny_model),
+                "student.traces": 16,
+                "student.steps": 150,
+                "student.lr": 0.01,
+                "student.max_tokens": 24,
+                **kw,
+            }
             return run(load_config(SelectConfig, None, ("student.train_layers=null",), flags))  # every layer learns
 
         report = select()
-        assert [a[0] for a in loads].count(str(tiny_model)) == 1  # two probes, one load of the student: each trains a copy
+        assert [a[0] for a in loads].count(
+            str(tiny_model)
+        ) == 1  # two probes, one load of the student: each trains a copy
         probes = report["probes"]["secret"]
-        assert report["table"]["secret"]["direct-answer"]["accuracy"] == report["table"]["secret"]["step-by-step"]["accuracy"] == 1.0
+        assert (
+            report["table"]["secret"]["direct-answer"]["accuracy"]
+            == report["table"]["secret"]["step-by-step"]["accuracy"]
+            == 1.0
+        )
         assert probes["direct-answer"]["accuracy"] >= 0.75 and probes["step-by-step"]["accuracy"] == 0.0, probes
-        assert report["chosen"] == {"secret": "direct-answer"} and report["rules"]["secret"].startswith("best student probe")
+        assert report["chosen"] == {"secret": "direct-answer"} and report["rules"]["secret"].startswith(
+            "best student probe"
+        )
         decision = report["decisions"]["secret"]
         assert decision["decided"] and decision["comparisons"]["step-by-step"]["test"] == "McNemar"
         assert probes["direct-answer"]["answer_logprob"] > probes["step-by-step"]["answer_logprob"]
         assert "8 dev items, 1 probe seed(s)" in report["rules"]["secret"]
         assert "student" in (tmp_path / "assign.table.md").read_text() and (tmp_path / "assign.table.png").exists()
-        assert not any(p.name == "train" for p in (tmp_path / "assign.probes").glob("*/*"))  # weights deleted, results kept
+        assert not any(
+            p.name == "train" for p in (tmp_path / "assign.probes").glob("*/*")
+        )  # weights deleted, results kept
         asked = server.stats.ok
         again = select()
         assert all(p["cached"] for p in again["probes"]["secret"].values()) and server.stats.ok == asked
@@ -237,9 +319,15 @@ def test_a_probe_rejects_the_strategy_whose_traces_the_student_cannot_learn_and_
 
 def test_probe_bad_inputs_fail_in_one_line_before_any_probe(tmp_path, tiny_model):
     secret_tasks(tmp_path / "tasks.jsonl", n=8)
-    base = {"tasks": str(tmp_path / "tasks.jsonl"), "output": str(tmp_path / "assign.yaml"), "teacher": "program:synthetic",
-            "candidates": ("direct-answer",), "dev_size": 8, "client.cache_dir": str(tmp_path / "cache"),
-            "student.model": str(tiny_model)}
+    base = {
+        "tasks": str(tmp_path / "tasks.jsonl"),
+        "output": str(tmp_path / "assign.yaml"),
+        "teacher": "program:synthetic",
+        "candidates": ("direct-answer",),
+        "dev_size": 8,
+        "client.cache_dir": str(tmp_path / "cache"),
+        "student.model": str(tiny_model),
+    }
     with pytest.raises(Orca2Error, match="leaves no training step"):
         load_config(SelectConfig, None, (), {**base, "student.steps": 0})
     with pytest.raises(Orca2Error, match="is served, and a probe fine-tunes the student"):
@@ -253,17 +341,37 @@ def test_probe_inputs_without_gold_or_without_traces_fail_before_any_probe(tmp_p
 
     secret_tasks(tmp_path / "tasks.jsonl", n=30)
     rows = list(read_records(tmp_path / "tasks.jsonl"))
-    write(tmp_path / "mixed.jsonl", rows + [{"id": "open/0", "task": "open", "answer": None,
-                                             "messages": [{"role": "user", "content": "Tell me a story."}]}])
+    write(
+        tmp_path / "mixed.jsonl",
+        rows
+        + [
+            {
+                "id": "open/0",
+                "task": "open",
+                "answer": None,
+                "messages": [{"role": "user", "content": "Tell me a story."}],
+            }
+        ],
+    )
 
     def teacher(body):  # right under direct-answer, always wrong under step-by-step
         return "The answer is: blue" if "step" not in body["messages"][0]["content"].lower() else "The answer is: red"
 
     with LoopbackServer(teacher) as server:
-        base = {"tasks": str(tmp_path / "tasks.jsonl"), "output": str(tmp_path / "assign.yaml"), "teacher": "openai:t",
-                "candidates": ("direct-answer", "step-by-step"), "dev_size": 8, "client.base_url": server.base_url,
-                "client.api_key": "x", "client.cache_dir": str(tmp_path / "cache"), "student.model": str(tiny_model)}
-        with pytest.raises(Orca2Error, match="task 'open' has no items with gold answers, so its probes cannot be scored"):
+        base = {
+            "tasks": str(tmp_path / "tasks.jsonl"),
+            "output": str(tmp_path / "assign.yaml"),
+            "teacher": "openai:t",
+            "candidates": ("direct-answer", "step-by-step"),
+            "dev_size": 8,
+            "client.base_url": server.base_url,
+            "client.api_key": "x",
+            "client.cache_dir": str(tmp_path / "cache"),
+            "student.model": str(tiny_model),
+        }
+        with pytest.raises(
+            Orca2Error, match="task 'open' has no items with gold answers, so its probes cannot be scored"
+        ):
             run(load_config(SelectConfig, None, (), {**base, "tasks": str(tmp_path / "mixed.jsonl")}))
         with pytest.raises(Orca2Error, match="strategy 'step-by-step' has no correct teacher traces for task 'secret'"):
             run(load_config(SelectConfig, None, (), base))

@@ -1,4 +1,5 @@
 import dataclasses
+
 import pytest
 
 from orca2 import strategies
@@ -6,9 +7,18 @@ from orca2.errors import Orca2Error
 from orca2.prompts import GENERIC_NAMES, PROMPTS_DIR, generic_prompt, read_prompt, render_template, template_fields
 from orca2.strategies import Assignment, Library, load_strategies
 
-REQUIRED = {"direct-answer", "step-by-step", "explain-then-answer", "recall-then-generate", "recall-reason-generate", "extract-generate"}
-CAUTIOUS = ("You are Orca, an AI language model created by Microsoft. You are a cautious assistant. You carefully "
-            "follow instructions. You are helpful and harmless and you follow ethical guidelines and promote positive behavior.")
+REQUIRED = {
+    "direct-answer",
+    "step-by-step",
+    "explain-then-answer",
+    "recall-then-generate",
+    "recall-reason-generate",
+    "extract-generate",
+}
+CAUTIOUS = (
+    "You are Orca, an AI language model created by Microsoft. You are a cautious assistant. You carefully "
+    "follow instructions. You are helpful and harmless and you follow ethical guidelines and promote positive behavior."
+)
 
 
 def test_library_has_the_required_strategies():
@@ -78,22 +88,29 @@ def test_unknown_strategy_lists_valid_names():
 def test_user_strategies_from_file_and_folder(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
-    (folder / "a.yaml").write_text("name: socratic\ndescription: Ask and answer sub-questions first.\n"
-                                   "system_prompt: Ask yourself the sub-questions for {task}, answer each, then conclude.\n")
-    (tmp_path / "many.yaml").write_text("- name: terse\n  description: Very short answers.\n  system_prompt: Be terse.\n"
-                                        "- name: step-by-step\n  description: Replaced.\n  system_prompt: My own steps.\n")
+    (folder / "a.yaml").write_text(
+        "name: socratic\ndescription: Ask and answer sub-questions first.\n"
+        "system_prompt: Ask yourself the sub-questions for {task}, answer each, then conclude.\n"
+    )
+    (tmp_path / "many.yaml").write_text(
+        "- name: terse\n  description: Very short answers.\n  system_prompt: Be terse.\n"
+        "- name: step-by-step\n  description: Replaced.\n  system_prompt: My own steps.\n"
+    )
     lib = Library.load([folder, tmp_path / "many.yaml"])
     assert {"socratic", "terse"} <= set(lib.names())
     assert lib.get("step-by-step").system_prompt == "My own steps."  # a user file may replace a built-in
     assert "for gsm8k," in lib.get("socratic").system_text(task="gsm8k")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: x\ndescription: d\n", "field 'system_prompt'"),
-    ("name: x\ndescription: d\nsystem_prompt: p\ncolour: red\n", "unknown key 'colour'"),
-    ("name: Bad Name\ndescription: d\nsystem_prompt: p\n", "field 'name'"),
-    ("name: x\ndescription: d\nsystem_prompt: 'use {tool}'\n", r"placeholder \{tool\}"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\ndescription: d\n", "field 'system_prompt'"),
+        ("name: x\ndescription: d\nsystem_prompt: p\ncolour: red\n", "unknown key 'colour'"),
+        ("name: Bad Name\ndescription: d\nsystem_prompt: p\n", "field 'name'"),
+        ("name: x\ndescription: d\nsystem_prompt: 'use {tool}'\n", r"placeholder \{tool\}"),
+    ],
+)
 def test_invalid_user_strategy(tmp_path, text, message):
     path = tmp_path / "s.yaml"
     path.write_text(text)
@@ -111,8 +128,10 @@ def test_duplicate_user_strategy(tmp_path):
 
 def test_assignment_globs_first_match_and_default(tmp_path):
     path = tmp_path / "assign.yaml"
-    path.write_text("default: direct-answer\ntasks:\n  gsm8k: step-by-step\n  'bbh/logical_*': recall-reason-generate\n"
-                    "  'bbh/*': explain-then-answer\n")
+    path.write_text(
+        "default: direct-answer\ntasks:\n  gsm8k: step-by-step\n  'bbh/logical_*': recall-reason-generate\n"
+        "  'bbh/*': explain-then-answer\n"
+    )
     assignment = Assignment.load(path)
     assert assignment.strategy_for("gsm8k") == "step-by-step"
     assert assignment.strategy_for("bbh/logical_deduction_five_objects") == "recall-reason-generate"
@@ -125,7 +144,10 @@ def test_assignment_globs_first_match_and_default(tmp_path):
 def test_assignment_errors_name_file_line_and_valid_names(tmp_path):
     path = tmp_path / "assign.yaml"
     path.write_text("tasks:\n  gsm8k: step-by-step\n  bbh/*: think-harder\n")
-    with pytest.raises(Orca2Error, match=r"assign.yaml:3: field 'tasks.bbh/\*': unknown strategy 'think-harder' \(valid: .*step-by-step"):
+    with pytest.raises(
+        Orca2Error,
+        match=r"assign.yaml:3: field 'tasks.bbh/\*': unknown strategy 'think-harder' \(valid: .*step-by-step",
+    ):
         Assignment.load(path)
     path.write_text("tasks:\n  gsm8k: step-by-step\n")
     with pytest.raises(Orca2Error, match="no pattern matches task 'bbh/snarks'"):
@@ -145,7 +167,9 @@ def test_assignment_mix_spreads_a_task_over_strategies_by_record_id(tmp_path):
     assert picks == [again.strategy_for("synthetic/word-problem", f"item-{i}") for i in range(1000)]
     assert assignment.strategy_for("gsm8k", "item-1") == "step-by-step"
     (tmp_path / "again.yaml").write_text(assignment.to_yaml())
-    assert Assignment.load(tmp_path / "again.yaml") == dataclasses.replace(assignment, source=str(tmp_path / "again.yaml"))
+    assert Assignment.load(tmp_path / "again.yaml") == dataclasses.replace(
+        assignment, source=str(tmp_path / "again.yaml")
+    )
     path.write_text("default: {direct-answer: 3, step-by-step: 1}\n")  # weights
     weighted = Assignment.load(path)
     picks = [weighted.strategy_for("t", f"item-{i}") for i in range(2000)]

@@ -57,7 +57,9 @@ def test_word_problem(lo, hi):
 
 def test_date_arithmetic():
     for item in items("date-arithmetic"):
-        m = re.fullmatch(r"What date is (\d+) days (after|before) (\w+ \d+, \d{4})\? Answer in the form YYYY-MM-DD\.", item.question)
+        m = re.fullmatch(
+            r"What date is (\d+) days (after|before) (\w+ \d+, \d{4})\? Answer in the form YYYY-MM-DD\.", item.question
+        )
         start = dt.datetime.strptime(m[3], "%B %d, %Y").date()
         ordinal = start.toordinal() + (int(m[1]) if m[2] == "after" else -int(m[1]))
         assert item.answer == dt.date.fromordinal(ordinal).isoformat()
@@ -109,22 +111,30 @@ def test_first_error_census_of_word_problems():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("first_errors", Path(__file__).parents[1] / "scripts" / "first_errors.py")
+    spec = importlib.util.spec_from_file_location(
+        "first_errors", Path(__file__).parents[1] / "scripts" / "first_errors.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    steps = ["Mia starts with 16 cards.", "The boxes hold 3 × 4 = 12 cards, so 16 + 12 = 28 cards.",
-             "After giving 7 away: 28 - 7 = 21 cards.", "Mia has 21 cards now."]
+    steps = [
+        "Mia starts with 16 cards.",
+        "The boxes hold 3 × 4 = 12 cards, so 16 + 12 = 28 cards.",
+        "After giving 7 away: 28 - 7 = 21 cards.",
+        "Mia has 21 cards now.",
+    ]
 
     def reply(*lines):
         return "\n".join(f"{i + 1}. {line}" for i, line in enumerate(lines)) + "\nThe answer is: x"
 
-    cases = {reply(steps[0], "The boxes hold 3 × 4 = 12 cards, so 16 + 12 = 29 cards."): "slip +",
-             reply(steps[0], "The boxes hold 3 × 4 = 14 cards, so 16 + 14 = 30 cards."): "slip ×",
-             reply(steps[0], steps[1], "After giving 7 away: 28 - 7 = 20 cards."): "slip -",
-             reply(steps[0], steps[1], "After giving 7 away: 28 + 7 = 35 cards."): "wrong operation",
-             reply(steps[0], steps[1], "After giving 7 away: 27 - 7 = 20 cards."): "wrong operand",
-             reply(steps[0], steps[1], "Mia has 28 cards now."): "stops early",
-             reply(steps[0]): "stops early",  # the answer line where a computation belongs
-             reply(steps[0], "Mia likes cards."): "other"}
+    cases = {
+        reply(steps[0], "The boxes hold 3 × 4 = 12 cards, so 16 + 12 = 29 cards."): "slip +",
+        reply(steps[0], "The boxes hold 3 × 4 = 14 cards, so 16 + 14 = 30 cards."): "slip ×",
+        reply(steps[0], steps[1], "After giving 7 away: 28 - 7 = 20 cards."): "slip -",
+        reply(steps[0], steps[1], "After giving 7 away: 28 + 7 = 35 cards."): "wrong operation",
+        reply(steps[0], steps[1], "After giving 7 away: 27 - 7 = 20 cards."): "wrong operand",
+        reply(steps[0], steps[1], "Mia has 28 cards now."): "stops early",
+        reply(steps[0]): "stops early",  # the answer line where a computation belongs
+        reply(steps[0], "Mia likes cards."): "other",
+    }
     for text, kind in cases.items():
         assert module.first_error(text, steps) == kind, (text, kind)

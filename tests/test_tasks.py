@@ -3,10 +3,10 @@ import json
 import orjson
 import pytest
 
+from orca2.answers import infer_answer_type
 from orca2.config import load_config
 from orca2.errors import Orca2Error
 from orca2.io import read_records
-from orca2.answers import infer_answer_type
 from orca2.stages.tasks import TasksConfig, run
 
 

@@ -11,28 +11,50 @@ from orca2.chat import end_of_turn_ids
 from orca2.train.data import IGNORE, check_masks, tokenize_example
 
 # The three formats, as their model cards describe them (written for this test).
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
-         "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
-         "{% for m in rest %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-         "<start_of_turn>{{ role }}\n{{ (first if loop.first else '') + m['content'] | trim }}<end_of_turn>\n{% endfor %}"
-         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-MISTRAL = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
-           "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
-           "{% for m in rest %}{% if m['role'] == 'user' %}[INST] {{ (first if loop.first else '') + m['content'] }} [/INST]"
-           "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ (first if loop.first else '') + m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}{% if m['role'] == 'user' %}[INST] {{ (first if loop.first else '') + m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
 
 FORMATS = {  # template, special tokens, bos, eos, the end-of-turn token
-    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
-    "gemma": (GEMMA, ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
+    "llama3": (
+        LLAMA3,
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+    ),
+    "gemma": (
+        GEMMA,
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<bos>",
+        "<eos>",
+        "<end_of_turn>",
+    ),
     "mistral": (MISTRAL, ["<unk>", "<s>", "</s>"], "<s>", "</s>", "</s>"),
     # a template whose end-of-turn token no list knows: read off the template itself
-    "custom": ("{% for m in messages %}<|turn|>{{ m['role'] }}: {{ m['content'] }}<|turn_end|>\n{% endfor %}"
-               "{% if add_generation_prompt %}<|turn|>assistant: {% endif %}",
-               ["<|unk|>", "<|bos|>", "<|eos|>", "<|turn|>", "<|turn_end|>"], "<|bos|>", "<|eos|>", "<|turn_end|>"),
+    "custom": (
+        "{% for m in messages %}<|turn|>{{ m['role'] }}: {{ m['content'] }}<|turn_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|turn|>assistant: {% endif %}",
+        ["<|unk|>", "<|bos|>", "<|eos|>", "<|turn|>", "<|turn_end|>"],
+        "<|bos|>",
+        "<|eos|>",
+        "<|turn_end|>",
+    ),
 }
 
 
@@ -106,8 +128,9 @@ def test_preference_sequence_supervises_the_reply_after_a_multi_turn_prompt(name
     t = Tokenised(tokenizer, 4096, "drop")
     record = {"id": "p", "messages": CONVERSATION[:-1]}
     sequence = t.sequence("p/chosen/0", "f:1", record, CONVERSATION[-1]["content"])
-    assert spans(sequence.example) == [tokenizer(CONVERSATION[-1]["content"], add_special_tokens=False)["input_ids"]
-                                       + [eot_id]]
+    assert spans(sequence.example) == [
+        tokenizer(CONVERSATION[-1]["content"], add_special_tokens=False)["input_ids"] + [eot_id]
+    ]
     t.check_masks(4, 0)
     partial = t.sequence("p/chosen/0", "f:1", record, CONVERSATION[-1]["content"], partial=True)
     assert spans(partial.example) == [tokenizer(CONVERSATION[-1]["content"], add_special_tokens=False)["input_ids"]]

@@ -19,8 +19,12 @@ BASE = {"max_len": 1024, "lr": 1e-3, "warmup_ratio": 0.0, "mask_check": 4, "log_
 
 
 def train_in_process(tmp_path, name, data, model, **kw):
-    cfg = load_config(trainer.TrainConfig, None, (), {"model": str(model), "data": (str(data),), "output": str(tmp_path / name),
-                                                  **BASE, **kw})
+    cfg = load_config(
+        trainer.TrainConfig,
+        None,
+        (),
+        {"model": str(model), "data": (str(data),), "output": str(tmp_path / name), **BASE, **kw},
+    )
     trainer.run(cfg)
     return read_log(tmp_path / name)
 
@@ -31,9 +35,28 @@ def read_log(folder):
 
 def train_two_ranks(tmp_path, name, data, model, zero, loss_impl="naive"):
     env = child_env()
-    args = [sys.executable, "-m", "orca2", "train", "--nproc", "2", "--model", str(model), "--data", str(data),
-            "-o", str(tmp_path / name), "--set", f"zero_stage={zero}", "--set", "grad_accum=2", "--set", "epochs=3",
-            "--set", f"loss_impl={loss_impl}"]
+    args = [
+        sys.executable,
+        "-m",
+        "orca2",
+        "train",
+        "--nproc",
+        "2",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "-o",
+        str(tmp_path / name),
+        "--set",
+        f"zero_stage={zero}",
+        "--set",
+        "grad_accum=2",
+        "--set",
+        "epochs=3",
+        "--set",
+        f"loss_impl={loss_impl}",
+    ]
     args += [f"--set={k}={v}" for k, v in BASE.items()]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -63,8 +86,12 @@ def test_two_rank_job_learns_and_equals_one_rank(tmp_path, tiny_model, sft_file,
 
 
 def test_grad_accumulation_equals_batch(tmp_path, tiny_model, sft_file):
-    ga = train_in_process(tmp_path, "ga", sft_file, tiny_model, packing=False, micro_batch_size=1, grad_accum=4, max_steps=3)
-    batch = train_in_process(tmp_path, "batch", sft_file, tiny_model, packing=False, micro_batch_size=4, grad_accum=1, max_steps=3)
+    ga = train_in_process(
+        tmp_path, "ga", sft_file, tiny_model, packing=False, micro_batch_size=1, grad_accum=4, max_steps=3
+    )
+    batch = train_in_process(
+        tmp_path, "batch", sft_file, tiny_model, packing=False, micro_batch_size=4, grad_accum=1, max_steps=3
+    )
     for a, b in zip(ga, batch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -87,7 +114,7 @@ def test_resume_equals_straight_run(tmp_path, tiny_model, sft_file):
 def test_progressive_stages_and_chatml(tmp_path, tiny_model, sft_file):
     config = tmp_path / "train.yaml"
     config.write_text(f"""model: {tiny_model}
-output: {tmp_path / 'run'}
+output: {tmp_path / "run"}
 chat_template: chatml
 max_len: 1024
 warmup_ratio: 0.0
@@ -107,7 +134,8 @@ stages:
     final = tmp_path / "run" / "model"
     tok = AutoTokenizer.from_pretrained(final)
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False)
+        [{"role": "user", "content": "hi"}], tokenize=False
+    )
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] >= len(tok)
 
@@ -115,15 +143,30 @@ stages:
 def test_bad_configs_fail_before_training(tmp_path, tiny_model, sft_file):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
-    cfg = load_config(trainer.TrainConfig, None, (), {"model": str(tiny_model), "data": (str(sft_file),), "output": str(tmp_path / "x"),
-                                                  "deepspeed_config": str(ds)})
-    with pytest.raises(Orca2Error, match=r"ds.json: 'train_micro_batch_size_per_gpu' is 8 but the training config says 1"):
+    cfg = load_config(
+        trainer.TrainConfig,
+        None,
+        (),
+        {
+            "model": str(tiny_model),
+            "data": (str(sft_file),),
+            "output": str(tmp_path / "x"),
+            "deepspeed_config": str(ds),
+        },
+    )
+    with pytest.raises(
+        Orca2Error, match=r"ds.json: 'train_micro_batch_size_per_gpu' is 8 but the training config says 1"
+    ):
         trainer.run(cfg)
     ds.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(Orca2Error, match="'optimizer' is set by orca2"):
         trainer.run(cfg)
     with pytest.raises(Orca2Error, match="no such training data file"):
-        trainer.run(load_config(trainer.TrainConfig, None, (), {"model": str(tiny_model), "data": ("missing.jsonl",), "output": "x"}))
+        trainer.run(
+            load_config(
+                trainer.TrainConfig, None, (), {"model": str(tiny_model), "data": ("missing.jsonl",), "output": "x"}
+            )
+        )
     with pytest.raises(Orca2Error, match="either data .* or stages"):
         load_config(trainer.TrainConfig, None, (), {"model": "m", "output": "x"})
     assert not (tmp_path / "x").exists()

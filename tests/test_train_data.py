@@ -5,9 +5,19 @@ import torch
 
 from orca2.errors import Orca2Error
 from orca2.train.attention import register
-from orca2.train.data import (IGNORE, Example, check_masks, collate_packed, collate_padded, empty_micro_batch,
-                              end_of_turn_ids, make_micro_batches, pack_best_fit_decreasing, prepare_examples,
-                              tokenize_example)
+from orca2.train.data import (
+    IGNORE,
+    Example,
+    check_masks,
+    collate_packed,
+    collate_padded,
+    empty_micro_batch,
+    end_of_turn_ids,
+    make_micro_batches,
+    pack_best_fit_decreasing,
+    prepare_examples,
+    tokenize_example,
+)
 from orca2.train.model import CausalLMLoss, use_chatml
 
 
@@ -23,8 +33,10 @@ def tiny(tiny_model):
 def conversation(reply="The answer is: 7", turns=1):
     messages = [{"role": "system", "content": "Be careful."}]
     for t in range(turns):
-        messages += [{"role": "user", "content": f"Question {t}: what is 3 + 4?"},
-                     {"role": "assistant", "content": f"{reply} (turn {t})"}]
+        messages += [
+            {"role": "user", "content": f"Question {t}: what is 3 + 4?"},
+            {"role": "assistant", "content": f"{reply} (turn {t})"},
+        ]
     return messages
 
 
@@ -63,8 +75,9 @@ def test_mask_check_catches_a_wrong_mask(tiny):
 
 def test_smollm2_tokenizer_masks():
     pytest.importorskip("gguf")
-    from orca2.models import smollm2_gguf
     from transformers import AutoTokenizer
+
+    from orca2.models import smollm2_gguf
 
     try:
         path = smollm2_gguf()
@@ -87,16 +100,27 @@ def test_chatml_tokens_added_and_embeddings_resized(tiny_model):
     before = model.get_input_embeddings().weight.shape[0]
     use_chatml(model, tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
-    assert model.get_input_embeddings().weight.shape[0] >= before and len(tok) <= model.get_input_embeddings().weight.shape[0]
+    assert (
+        model.get_input_embeddings().weight.shape[0] >= before
+        and len(tok) <= model.get_input_embeddings().weight.shape[0]
+    )
     example = tokenize_example("x", conversation(), tok, end_of_turn_ids(tok))
     assert supervised_text(example, tok).endswith("<|im_end|>")
 
 
 def test_prepare_counts_and_bad_inputs(tiny):
     _, tok = tiny
-    records = [(f"f.jsonl:{i}", {"id": str(i), "messages": conversation("x" * (10 if i % 2 else 900))}) for i in range(6)]
+    records = [
+        (f"f.jsonl:{i}", {"id": str(i), "messages": conversation("x" * (10 if i % 2 else 900))}) for i in range(6)
+    ]
     prepared = prepare_examples(records, tok, max_len=400, overlong="drop")
-    assert prepared.counts == {"read": 6, "kept": 3, "dropped_no_supervised_tokens": 0, "dropped_too_long": 3, "truncated": 0}
+    assert prepared.counts == {
+        "read": 6,
+        "kept": 3,
+        "dropped_no_supervised_tokens": 0,
+        "dropped_too_long": 3,
+        "truncated": 0,
+    }
     truncated = prepare_examples(records, tok, max_len=400, overlong="truncate")
     assert truncated.counts["truncated"] == 3 and all(len(e.input_ids) <= 400 for e in truncated.examples)
     no_reply = [("f.jsonl:9", {"id": "q", "messages": conversation()[:2]})]
@@ -111,8 +135,10 @@ def test_template_that_cannot_express_roles(tiny):
 
     _, tok = tiny
     tok = copy.deepcopy(tok)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(Orca2Error, match="cannot express roles system/user"):
         tokenize_example("f.jsonl:3", conversation(), tok, end_of_turn_ids(tok))
 

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-
 from orca2.weights import cached_conversion, list_entries, models_dir, valid_entry
 
 
 def build_files(marker: Path | None = None, delay: float = 0.0):
     """A conversion that writes two files (and counts its runs in `marker`)."""
+
     def build(folder: Path) -> None:
         if marker is not None:
             with open(marker, "a") as f:
@@ -23,6 +23,7 @@ def build_files(marker: Path | None = None, delay: float = 0.0):
         time.sleep(delay)
         (folder / "model.safetensors").write_bytes(b"\x01" * 4096)
         (folder / "config.json").write_text('{"a": 1}')
+
     return build
 
 
@@ -38,7 +39,12 @@ def test_a_conversion_runs_once_and_a_damaged_entry_is_rebuilt(tmp_path, caplog)
         f.truncate(100)
     assert not valid_entry(first)
     rebuilt = cached_conversion(source, "float32", build_files(runs))
-    assert rebuilt == first and valid_entry(rebuilt) and runs.read_text() == "xxx" and "incomplete or damaged" in caplog.text
+    assert (
+        rebuilt == first
+        and valid_entry(rebuilt)
+        and runs.read_text() == "xxx"
+        and "incomplete or damaged" in caplog.text
+    )
     (first / "entry.json").unlink()  # a partial entry (killed before it was complete)
     assert valid_entry(cached_conversion(source, "float32", build_files(runs))) and runs.read_text() == "xxxx"
     source.write_bytes(b"other weights" * 1000)  # new content: a new entry
@@ -51,11 +57,20 @@ def test_a_conversion_runs_once_and_a_damaged_entry_is_rebuilt(tmp_path, caplog)
 def test_two_processes_converting_at_once_both_succeed(tmp_path):
     source = tmp_path / "m.gguf"
     source.write_bytes(b"weights" * 1000)
-    code = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "from test_weights import build_files; from orca2.weights import cached_conversion; "
-            "print(cached_conversion(Path(sys.argv[2]), 'float32', build_files(Path(sys.argv[3]), delay=1.0)))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(source), str(tmp_path / "runs")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    code = (
+        "import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from test_weights import build_files; from orca2.weights import cached_conversion; "
+        "print(cached_conversion(Path(sys.argv[2]), 'float32', build_files(Path(sys.argv[3]), delay=1.0)))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(Path(__file__).parent), str(source), str(tmp_path / "runs")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     folders = {o[0].strip() for o in outs}
@@ -89,18 +104,22 @@ def test_the_embedded_gguf_loads_warm_without_reading_the_gguf(tmp_path, monkeyp
     second, tokenizer = models.load_local_model("default", "cpu")
     print(f"warm load {time.perf_counter() - start:.2f} s")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
-    assert "<|im_start|>assistant" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                                      add_generation_prompt=True)
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_cache_command_lists_and_clears(tmp_path, run_cli):
     env = {"ORCA2_CACHE_DIR": str(tmp_path / "c")}
     source = tmp_path / "m.gguf"
     source.write_bytes(b"weights" * 1000)
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from test_weights import build_files; "
-            "from orca2.weights import cached_conversion; cached_conversion(Path(sys.argv[2]), 'float32', build_files())")
-    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(source)], check=True,
-                   env={**os.environ, **env})
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from test_weights import build_files; "
+        "from orca2.weights import cached_conversion; cached_conversion(Path(sys.argv[2]), 'float32', build_files())"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(source)], check=True, env={**os.environ, **env}
+    )
     (tmp_path / "c" / "responses.jsonl").write_text(json.dumps({"key": "k"}) + "\n")
     listed = run_cli("cache", env=env)
     assert listed.returncode == 0, listed.stderr

@@ -26,14 +26,24 @@ NAME = "orca2_varlen"
 KERNELS = ("auto", "loop", "flex", "flash")
 
 
-def _loop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], scaling: float | None,
-          dropout: float) -> torch.Tensor:
+def _loop(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                            scale=scaling, dropout_p=dropout) for s, e in zip(bounds[:-1], bounds[1:])]
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling, dropout_p=dropout
+        )
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
@@ -58,8 +68,14 @@ def _compiled_flex() -> Any:
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], scaling: float | None,
-          compiled: bool) -> torch.Tensor:
+def _flex(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    scaling: float | None,
+    compiled: bool,
+) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     mask = _document_mask(tuple(bounds), str(query.device))
@@ -67,14 +83,22 @@ def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: l
     return fn(query, key, value, block_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
 
 
-def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], scaling: float | None,
-           dropout: float) -> torch.Tensor:
+def _flash(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
     longest = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
-    out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True)
+    out = flash_attn_varlen_func(
+        q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True
+    )
     return out.transpose(0, 1)[None]
 
 
@@ -94,15 +118,25 @@ def pick(kernel: str, query: torch.Tensor) -> str:
     return "flash" if flash_available() and query.dtype in (torch.float16, torch.bfloat16) else "flex"
 
 
-def varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-                     scaling: float | None = None, dropout: float = 0.0, kernel: str = "auto",
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+def varlen_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kernel: str = "auto",
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """query (1, H, T, D), key/value (1, H_kv, T, D) → (1, T, H, D); examples from kwargs['orca2_segments']."""
     bounds = kwargs.get("orca2_segments")
     if bounds is None:  # not a packed batch (e.g. generation after training): plain causal SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     p = dropout if module.training else 0.0
     chosen = pick(kernel, query)
     if chosen == "flash":

@@ -24,7 +24,7 @@ class ChunkBlocks:
         self.blocks = [torch.empty((rows, V), dtype=dtype, device=device) for _ in range(count)]
 
     def logits(self, hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = torch.mm(hc, weight.T, out=self.blocks[0][:hc.shape[0]])
+        out = torch.mm(hc, weight.T, out=self.blocks[0][: hc.shape[0]])
         return out.add_(bias) if bias is not None else out
 
     def spare(self, rows: int) -> torch.Tensor:

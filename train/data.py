@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -39,18 +40,19 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-
-
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja raise_exception, e.g. "System role not supported"
         roles = "/".join(m["role"] for m in messages)
-        raise Orca2Error(f"{where}: the chat template cannot express roles {roles} ({str(exc).splitlines()[0][:160]})") from None
+        raise Orca2Error(
+            f"{where}: the chat template cannot express roles {roles} ({str(exc).splitlines()[0][:160]})"
+        ) from None
 
 
-def tokenize_example(record_id: str, messages: list[dict[str, str]], tokenizer: Any, eot: set[int],
-                     last_only: bool = False) -> Example:
+def tokenize_example(
+    record_id: str, messages: list[dict[str, str]], tokenizer: Any, eot: set[int], last_only: bool = False
+) -> Example:
     """Token ids and labels for one conversation; labels cover each assistant reply and its end-of-turn token.
 
     last_only: only the final assistant turn is supervised (a preference reply y after a multi-turn prompt x:
@@ -63,12 +65,14 @@ def tokenize_example(record_id: str, messages: list[dict[str, str]], tokenizer: 
         if message["role"] != "assistant":
             continue
         prompt_text = _render(tokenizer, messages[:k], True, record_id)
-        full_text = _render(tokenizer, messages[:k + 1], False, record_id)
+        full_text = _render(tokenizer, messages[: k + 1], False, record_id)
         if not prompt_text.startswith(rendered) or not full_text.startswith(prompt_text):
-            raise Orca2Error(f"{record_id}: the chat template is not prefix-stable (rendering a conversation changes "
-                             "how its earlier turns render), so assistant tokens cannot be located exactly")
-        prompt_ids = tokenizer(prompt_text[len(rendered):], add_special_tokens=False)["input_ids"]
-        reply_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+            raise Orca2Error(
+                f"{record_id}: the chat template is not prefix-stable (rendering a conversation changes "
+                "how its earlier turns render), so assistant tokens cannot be located exactly"
+            )
+        prompt_ids = tokenizer(prompt_text[len(rendered) :], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
         last_eot = max((i for i, t in enumerate(reply_ids) if t in eot), default=None)
         supervised_len = len(reply_ids) if last_eot is None else last_eot + 1
         if last_only and k != last:
@@ -92,13 +96,17 @@ def check_masks(examples: list[Example], records: list[dict[str, Any]], tokenize
             previous = label != IGNORE
         replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
         if len(spans) != len(replies):
-            raise Orca2Error(f"{example.id}: mask check failed: {len(spans)} supervised spans for {len(replies)} assistant replies")
+            raise Orca2Error(
+                f"{example.id}: mask check failed: {len(spans)} supervised spans for {len(replies)} assistant replies"
+            )
         for span, reply in zip(spans, replies):
             body = span[:-1] if span and span[-1] in eot else span
             text = tokenizer.decode(body, skip_special_tokens=False)
             if text.strip() != reply.strip():
-                raise Orca2Error(f"{example.id}: mask check failed: supervised tokens decode to {text[:80]!r}, "
-                                 f"the assistant wrote {reply[:80]!r}")
+                raise Orca2Error(
+                    f"{example.id}: mask check failed: supervised tokens decode to {text[:80]!r}, "
+                    f"the assistant wrote {reply[:80]!r}"
+                )
 
 
 @dataclass
@@ -107,8 +115,14 @@ class PreparedData:
     counts: dict[str, int] = field(default_factory=dict)  # read, kept, dropped_* (accounting)
 
 
-def prepare_examples(records: Iterable[tuple[str, dict[str, Any]]], tokenizer: Any, max_len: int, overlong: str,
-                     mask_check: int = 8, seed: int = 0) -> PreparedData:
+def prepare_examples(
+    records: Iterable[tuple[str, dict[str, Any]]],
+    tokenizer: Any,
+    max_len: int,
+    overlong: str,
+    mask_check: int = 8,
+    seed: int = 0,
+) -> PreparedData:
     """Tokenise (where, record) pairs; count and drop examples with no supervised token; apply the over-long policy.
 
     Errors, before any step runs: a record without an assistant turn, a template that cannot express
@@ -129,8 +143,10 @@ def prepare_examples(records: Iterable[tuple[str, dict[str, Any]]], tokenizer: A
                 continue
             first = next(i for i, label in enumerate(example.labels) if label != IGNORE)
             if first >= max_len:
-                raise Orca2Error(f"{where}: max_len {max_len} is smaller than the prompt of record {record['id']!r} "
-                                 f"({first} tokens before the first assistant token)")
+                raise Orca2Error(
+                    f"{where}: max_len {max_len} is smaller than the prompt of record {record['id']!r} "
+                    f"({first} tokens before the first assistant token)"
+                )
             example = Example(example.id, example.input_ids[:max_len], example.labels[:max_len])
             counts["truncated"] += 1
         if example.supervised == 0:
@@ -143,8 +159,11 @@ def prepare_examples(records: Iterable[tuple[str, dict[str, Any]]], tokenizer: A
         raise Orca2Error(f"no trainable examples: {counts}")
     if mask_check:
         rng = random.Random(seed)
-        picks = [i for i in rng.sample(range(len(examples)), min(mask_check, len(examples)))
-                 if len(examples[i].input_ids) < max_len]  # a truncated reply cannot match its full text
+        picks = [
+            i
+            for i in rng.sample(range(len(examples)), min(mask_check, len(examples)))
+            if len(examples[i].input_ids) < max_len
+        ]  # a truncated reply cannot match its full text
         check_masks([examples[i] for i in picks], [kept_records[i] for i in picks], tokenizer, eot)
     return PreparedData(examples, counts)
 
@@ -187,10 +206,19 @@ class MicroBatch:
     supervised: int  # tokens that count in the loss (after the shift)
     index: torch.Tensor  # positions of those tokens in labels[:, 1:].reshape(-1)
 
-    def to(self, device: Any) -> "MicroBatch":
+    def to(self, device: Any) -> MicroBatch:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return MicroBatch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device), mask,
-                          self.segments, self.tokens, self.capacity, self.supervised, self.index.to(device))
+        return MicroBatch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.position_ids.to(device),
+            mask,
+            self.segments,
+            self.tokens,
+            self.capacity,
+            self.supervised,
+            self.index.to(device),
+        )
 
     def model_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"input_ids": self.input_ids, "position_ids": self.position_ids}
@@ -214,8 +242,7 @@ def collate_packed(examples: list[Example], capacity: int) -> MicroBatch:
     for e in examples:
         labels[0, segments[-1]] = IGNORE  # nothing before an example's first token predicts it
         segments.append(segments[-1] + len(e.input_ids))
-    return MicroBatch(input_ids, labels, position_ids, None, segments, segments[-1], capacity,
-                      *_counted(labels))
+    return MicroBatch(input_ids, labels, position_ids, None, segments, segments[-1], capacity, *_counted(labels))
 
 
 def collate_padded(examples: list[Example], pad_id: int) -> MicroBatch:
@@ -240,19 +267,22 @@ def _counted(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
     return int(index.numel()), index
 
 
-def make_micro_batches(examples: list[Example], *, max_len: int, micro_batch_size: int, packing: bool, pad_id: int,
-                       seed: int, epoch: int) -> list[MicroBatch]:
+def make_micro_batches(
+    examples: list[Example], *, max_len: int, micro_batch_size: int, packing: bool, pad_id: int, seed: int, epoch: int
+) -> list[MicroBatch]:
     """One epoch of micro-batches, shuffled by (seed, epoch): packed bins of max_len, or padded examples."""
     rng = random.Random(f"{seed}:{epoch}")
     if packing:
         bins = pack_best_fit_decreasing([len(e.input_ids) for e in examples], max_len)
         rng.shuffle(bins)
-        groups = [bins[i:i + micro_batch_size] for i in range(0, len(bins), micro_batch_size)]
+        groups = [bins[i : i + micro_batch_size] for i in range(0, len(bins), micro_batch_size)]
         return [collate_packed([examples[i] for b in g for i in b], max_len * len(g)) for g in groups]
     order = list(range(len(examples)))
     rng.shuffle(order)
-    return [collate_padded([examples[i] for i in order[j:j + micro_batch_size]], pad_id)
-            for j in range(0, len(order), micro_batch_size)]
+    return [
+        collate_padded([examples[i] for i in order[j : j + micro_batch_size]], pad_id)
+        for j in range(0, len(order), micro_batch_size)
+    ]
 
 
 def empty_micro_batch(pad_id: int) -> MicroBatch:

@@ -20,8 +20,14 @@ from orca2.train.preference import PreferenceBatch, PreferenceRecipe, Tokenised,
 from orca2.train.trainer import all_reduced
 
 
-def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-               ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, ...]:
+def dpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, ...]:
     """(loss per pair, reward of chosen, reward of rejected); rewards β ρ are detached."""
     rho_c = policy_chosen - ref_chosen
     rho_r = policy_rejected - ref_rejected
@@ -46,24 +52,38 @@ class DPOLoss(nn.Module):
         if self.sft_weight:
             share = share - self.sft_weight * logps[c].sum() / ctx["chosen_tokens"]
         margin = reward_c - reward_r
-        stats = {"reward_margin": margin.sum() / ctx["pairs"], "reward_accuracy": (margin > 0).sum() / ctx["pairs"],
-                 "reward_chosen": reward_c.sum() / ctx["pairs"], "reward_rejected": reward_r.sum() / ctx["pairs"]}
+        stats = {
+            "reward_margin": margin.sum() / ctx["pairs"],
+            "reward_accuracy": (margin > 0).sum() / ctx["pairs"],
+            "reward_chosen": reward_c.sum() / ctx["pairs"],
+            "reward_rejected": reward_r.sum() / ctx["pairs"],
+        }
         return share, stats
 
 
 class Recipe(PreferenceRecipe):
-    def __init__(self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]],
-                 **where: Any):
+    def __init__(
+        self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]], **where: Any
+    ):
         super().__init__(cfg, stage, model, tokenizer, records, **where)
         self.module = DPOLoss(model, cfg)
 
-    def make_units(self, records: list[tuple[str, dict[str, Any]]], tok: Tokenised) -> tuple[list[Unit], dict[str, int]]:
+    def make_units(
+        self, records: list[tuple[str, dict[str, Any]]], tok: Tokenised
+    ) -> tuple[list[Unit], dict[str, int]]:
         return dpo_units(records, tok, self.cfg.packing)
 
     def step_context(self, engine: Any, micro_batches: list[PreferenceBatch], device: Any) -> dict[str, Any]:
         for mb in micro_batches:
             self.reference.attach(mb.main)
-        n = all_reduced({"pairs": sum(len(mb.pairs) for mb in micro_batches),
-                         "chosen_tokens": sum(int(mb.main.supervised[mb.pairs[:, 0]].sum()) for mb in micro_batches)})
-        return {"pairs": max(1.0, n["pairs"]), "chosen_tokens": max(1.0, n["chosen_tokens"]),
-                "log": {"pairs": n["pairs"]}}
+        n = all_reduced(
+            {
+                "pairs": sum(len(mb.pairs) for mb in micro_batches),
+                "chosen_tokens": sum(int(mb.main.supervised[mb.pairs[:, 0]].sum()) for mb in micro_batches),
+            }
+        )
+        return {
+            "pairs": max(1.0, n["pairs"]),
+            "chosen_tokens": max(1.0, n["chosen_tokens"]),
+            "log": {"pairs": n["pairs"]},
+        }

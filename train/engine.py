@@ -57,8 +57,9 @@ def _clear_stale_build_locks(max_age: float = 600.0) -> None:
             age = time.time() - lock.stat().st_mtime
             if age > max_age:
                 lock.unlink()
-                log.warning("removed a stale build lock %s (%.0f s old: its process was killed while building)",
-                            lock, age)
+                log.warning(
+                    "removed a stale build lock %s (%.0f s old: its process was killed while building)", lock, age
+                )
         except OSError:
             pass
 
@@ -72,11 +73,13 @@ def deepspeed_config(cfg: Any, bf16: bool) -> dict[str, Any]:
         raise Orca2Error(f"{path}: no such DeepSpeed config") from None
     except json.JSONDecodeError as exc:
         raise Orca2Error(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    wanted = {("train_micro_batch_size_per_gpu",): cfg.micro_batch_size,
-              ("gradient_accumulation_steps",): cfg.grad_accum,
-              ("gradient_clipping",): cfg.max_grad_norm,
-              ("bf16", "enabled"): bf16,
-              ("zero_optimization", "stage"): cfg.zero_stage}
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): cfg.micro_batch_size,
+        ("gradient_accumulation_steps",): cfg.grad_accum,
+        ("gradient_clipping",): cfg.max_grad_norm,
+        ("bf16", "enabled"): bf16,
+        ("zero_optimization", "stage"): cfg.zero_stage,
+    }
     for keys, value in wanted.items():
         node = ds
         for key in keys[:-1]:
@@ -85,12 +88,16 @@ def deepspeed_config(cfg: Any, bf16: bool) -> dict[str, Any]:
         if current == "auto":
             node[keys[-1]] = value
         elif current != value:
-            raise Orca2Error(f"{path}: '{'.'.join(keys)}' is {current!r} but the training config says {value!r}; "
-                             "make them agree or set it to \"auto\"")
+            raise Orca2Error(
+                f"{path}: '{'.'.join(keys)}' is {current!r} but the training config says {value!r}; "
+                'make them agree or set it to "auto"'
+            )
     for key in ("train_batch_size", "optimizer", "scheduler", "fp16"):
         if key in ds and (key != "fp16" or ds[key].get("enabled")):
-            raise Orca2Error(f"{path}: '{key}' is set by orca2 (batch sizes, AdamW and the LR schedule come from the "
-                             "training config); remove it from the DeepSpeed JSON")
+            raise Orca2Error(
+                f"{path}: '{key}' is set by orca2 (batch sizes, AdamW and the LR schedule come from the "
+                "training config); remove it from the DeepSpeed JSON"
+            )
     return ds
 
 
@@ -110,11 +117,16 @@ def build_engine(module: Any, cfg: Any, lr: float, total: int, bf16: bool) -> tu
     import torch
 
     warmup = int(cfg.warmup_ratio * total)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                                  betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, bf16))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, bf16)
+    )
     return engine, scheduler
 
 
@@ -135,7 +147,9 @@ def freeze_below(model: Any, top: int) -> None:
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     layers = getattr(base, "layers", None)
     if layers is None or not 0 < top <= len(layers):
-        raise Orca2Error(f"train_layers {top}: the model has {len(layers) if layers is not None else 'no'} decoder layers")
+        raise Orca2Error(
+            f"train_layers {top}: the model has {len(layers) if layers is not None else 'no'} decoder layers"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for module in list(layers[-top:]) + [getattr(base, "norm", None)]:
@@ -151,7 +165,7 @@ def save_hf(engine: Any, model: Any, tokenizer: Any, folder: Path, zero_stage: i
         return
     if state is not None:  # keys carry the loss wrapper's path to the model ("lm.model." ...)
         prefix = next(name for name, m in engine.module.named_modules() if m is model) + "."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     folder.mkdir(parents=True, exist_ok=True)
     model.set_attn_implementation("sdpa")  # the packing-only attention is not what a loader of the model should get
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)

@@ -23,18 +23,28 @@ from orca2.errors import Orca2Error
 from orca2.train.chunking import ChunkBlocks, auto_chunk
 
 
-def _reference_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      softcap: float | None) -> torch.Tensor:
+def _reference_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return softcap * torch.tanh(logits / softcap) if softcap else logits
 
 
-def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                                   ignore_index: int = -100, reduction: str = "sum", scale: Any = None,
-                                   softcap: float | None = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
-                                   bias: torch.Tensor | None = None) -> torch.Tensor:
+def reference_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    scale: Any = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The naive reference: full logits (fp32 for half-precision inputs), F.cross_entropy, then the extras."""
     logits = _reference_logits(hidden, weight, bias, softcap)
     mask = labels != ignore_index
@@ -50,16 +60,30 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, l
     return loss
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
-           bias: torch.Tensor | None, index: torch.Tensor | None) -> None:
+def _check(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    bias: torch.Tensor | None,
+    index: torch.Tensor | None,
+) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
-        raise Orca2Error(f"fused_linear_cross_entropy: expected hidden [N, H], weight [V, H], labels [N]; got "
-                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+        raise Orca2Error(
+            f"fused_linear_cross_entropy: expected hidden [N, H], weight [V, H], labels [N]; got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
     if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
-        raise Orca2Error(f"fused_linear_cross_entropy: shape mismatch: hidden {tuple(hidden.shape)}, weight "
-                         f"{tuple(weight.shape)}, labels {tuple(labels.shape)}")
+        raise Orca2Error(
+            f"fused_linear_cross_entropy: shape mismatch: hidden {tuple(hidden.shape)}, weight "
+            f"{tuple(weight.shape)}, labels {tuple(labels.shape)}"
+        )
     if hidden.dtype != weight.dtype or not hidden.is_floating_point():
-        raise Orca2Error(f"fused_linear_cross_entropy: hidden and weight must share a float dtype, got {hidden.dtype}, {weight.dtype}")
+        raise Orca2Error(
+            f"fused_linear_cross_entropy: hidden and weight must share a float dtype, got {hidden.dtype}, "
+            f"{weight.dtype}"
+        )
     if labels.dtype not in (torch.int64, torch.int32):
         raise Orca2Error(f"fused_linear_cross_entropy: labels must be int64 or int32, got {labels.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -72,10 +96,13 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ign
     for name, tensor in others.items():
         if tensor is not None and tensor.device != hidden.device:
             raise Orca2Error(f"fused_linear_cross_entropy: {name} is on {tensor.device}, hidden on {hidden.device}")
-    if index is not None and (index.dim() != 1 or index.dtype not in (torch.int64, torch.int32)
-                              or index.numel() > hidden.shape[0]):
-        raise Orca2Error(f"fused_linear_cross_entropy: index must be a 1-D integer tensor of at most N = {hidden.shape[0]} "
-                         f"row positions, got {index.dtype} {tuple(index.shape)}")
+    if index is not None and (
+        index.dim() != 1 or index.dtype not in (torch.int64, torch.int32) or index.numel() > hidden.shape[0]
+    ):
+        raise Orca2Error(
+            f"fused_linear_cross_entropy: index must be a 1-D integer tensor of at most N = {hidden.shape[0]} "
+            f"row positions, got {index.dtype} {tuple(index.shape)}"
+        )
 
 
 def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -83,13 +110,24 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         value = int(labels[bad][0])
-        raise Orca2Error(f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})")
+        raise Orca2Error(
+            f"fused_linear_cross_entropy: label {value} out of range [0, {vocab}) (ignore_index={ignore_index})"
+        )
 
 
-def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
-                             softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                             chunk: int | None, need_weight_grad: bool = True,
-                             accum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any, Any, Any]:
+def chunked_forward_backward(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    z_loss: float,
+    label_smoothing: float,
+    need_grad: bool,
+    chunk: int | None,
+    need_weight_grad: bool = True,
+    accum_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, Any, Any, Any]:
     """Loss sum over the (already compacted) rows of h, and its gradients, in fp32, one row chunk at a time.
 
     Each chunk's (c, V) block is turned into d loss / d logits in place, so a chunk costs one block
@@ -109,9 +147,9 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     d_b = torch.zeros((V,), dtype=acc, device=h.device) if (need_grad and bias is not None) else None
     blocks = ChunkBlocks(min(chunk, n), V, acc, h.device, 2 if (softcap and need_grad) else 1)
     for start in range(0, n, chunk):
-        hc = h[start:start + chunk]
+        hc = h[start : start + chunk]
         hc = hc if hc.dtype == acc else hc.to(acc)
-        yc = y[start:start + chunk, None]
+        yc = y[start : start + chunk, None]
         logits = blocks.logits(hc, w32, b32)  # (c, V): the only place logits exist, one chunk at a time
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
@@ -142,7 +180,7 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
         grad.scatter_add_(1, yc, torch.full(yc.shape, -(1 - label_smoothing), dtype=acc, device=h.device))
         if cap_grad is not None:
             grad.mul_(cap_grad)
-        torch.mm(grad, w32, out=d_h[start:start + chunk])
+        torch.mm(grad, w32, out=d_h[start : start + chunk])
         if d_w is not None:  # a frozen lm_head skips the (V, H) gradient GEMM altogether
             if dw_dtype == acc:
                 d_w.addmm_(grad.T, hc)
@@ -155,10 +193,23 @@ def chunked_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-                index: torch.Tensor | None, ignore_index: int, reduction: str, scale: Any, softcap: float | None,
-                z_loss: float, label_smoothing: float, chunk: int, backend: str,
-                accum_dtype: torch.dtype | None) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None,
+        index: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        scale: Any,
+        softcap: float | None,
+        z_loss: float,
+        label_smoothing: float,
+        chunk: int,
+        backend: str,
+        accum_dtype: torch.dtype | None,
+    ) -> torch.Tensor:
         if index is None:
             index = (labels != ignore_index).nonzero().squeeze(1)  # syncs on a GPU; pass `index` to avoid it
         h = hidden.index_select(0, index)
@@ -167,17 +218,40 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if h.shape[0] == 0:  # all masked: a defined zero, zero gradients
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             d_h = torch.zeros((0, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-            d_w, d_b = torch.zeros_like(weight, dtype=torch.float32), None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            d_w, d_b = (
+                torch.zeros_like(weight, dtype=torch.float32),
+                None if bias is None else torch.zeros_like(bias, dtype=torch.float32),
+            )
         elif backend == "triton":
             from orca2.train.fused_ce_triton import triton_forward_backward
 
-            total, d_h, d_w, d_b = triton_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad,
-                                                           chunk, need_weight_grad=ctx.needs_input_grad[1],
-                                                           accum_dtype=accum_dtype)
+            total, d_h, d_w, d_b = triton_forward_backward(
+                h,
+                weight,
+                y,
+                bias,
+                softcap,
+                z_loss,
+                label_smoothing,
+                need_grad,
+                chunk,
+                need_weight_grad=ctx.needs_input_grad[1],
+                accum_dtype=accum_dtype,
+            )
         else:
-            total, d_h, d_w, d_b = chunked_forward_backward(h, weight, y, bias, softcap, z_loss, label_smoothing, need_grad,
-                                                            chunk, need_weight_grad=ctx.needs_input_grad[1],
-                                                            accum_dtype=accum_dtype)
+            total, d_h, d_w, d_b = chunked_forward_backward(
+                h,
+                weight,
+                y,
+                bias,
+                softcap,
+                z_loss,
+                label_smoothing,
+                need_grad,
+                chunk,
+                need_weight_grad=ctx.needs_input_grad[1],
+                accum_dtype=accum_dtype,
+            )
         factor = torch.ones((), dtype=total.dtype, device=hidden.device)
         if reduction == "mean":
             factor = factor / max(1, index.numel())  # the count is the index's shape: known on the host, no sync
@@ -193,8 +267,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         if getattr(ctx, "done", False):
-            raise RuntimeError("fused_linear_cross_entropy: its gradients were computed in forward and are used once; "
-                               "a second backward through the same call is not supported")
+            raise RuntimeError(
+                "fused_linear_cross_entropy: its gradients were computed in forward and are used once; "
+                "a second backward through the same call is not supported"
+            )
         ctx.done = True
         index, factor = ctx.saved_tensors
         d_h, d_w, d_b = ctx.grads
@@ -213,12 +289,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               ignore_index: int = -100, reduction: str = "sum", scale: Any = None,
-                               softcap: float | None = None, z_loss: float = 0.0, label_smoothing: float = 0.0,
-                               bias: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                               chunk: int | None = None, backend: str = "auto", validate: bool = True,
-                               accum_dtype: torch.dtype | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    scale: Any = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    bias: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    chunk: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+    accum_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Cross-entropy of hidden @ weight.T (+ bias) against labels, summed (or averaged) over supervised rows.
 
     hidden [N, H], weight [V, H], labels [N] (ignore_index rows contribute nothing; all-masked gives 0).
@@ -238,15 +326,33 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if backend not in ("triton", "chunked"):
         raise Orca2Error(f"fused_linear_cross_entropy: backend must be auto, triton or chunked, got {backend!r}")
     if backend == "triton" and not (hidden.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise Orca2Error(f"fused_linear_cross_entropy: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), "
-                         f"hidden is on {hidden.device}; use backend='auto' or 'chunked'")
+        raise Orca2Error(
+            f"fused_linear_cross_entropy: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), "
+            f"hidden is on {hidden.device}; use backend='auto' or 'chunked'"
+        )
     if backend == "triton" and not _triton_available():
         raise Orca2Error("fused_linear_cross_entropy: backend 'triton' needs the triton package (pip install triton)")
     if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64, weight.dtype):
-        raise Orca2Error(f"fused_linear_cross_entropy: accum_dtype must be None, float32, float64 or the weight's dtype "
-                         f"({weight.dtype}), got {accum_dtype}")
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, bias, index, ignore_index, reduction, scale,
-                                            softcap, z_loss, label_smoothing, chunk, backend, accum_dtype)
+        raise Orca2Error(
+            f"fused_linear_cross_entropy: accum_dtype must be None, float32, float64 or the weight's dtype "
+            f"({weight.dtype}), got {accum_dtype}"
+        )
+    return LinearCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        labels,
+        bias,
+        index,
+        ignore_index,
+        reduction,
+        scale,
+        softcap,
+        z_loss,
+        label_smoothing,
+        chunk,
+        backend,
+        accum_dtype,
+    )
 
 
 def _triton_available() -> bool:
@@ -266,9 +372,17 @@ def _triton_available() -> bool:
 # (the naive path runs 3 over every row and holds the (N, V) logits and their log-softmax).
 
 
-def reference_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
-                                n_seq: int, *, ignore_index: int = -100, bias: torch.Tensor | None = None,
-                                softcap: float | None = None) -> torch.Tensor:
+def reference_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    n_seq: int,
+    *,
+    ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """The naive reference: full logits (fp32 for half precision), log_softmax, gather, summed per sequence."""
     logits = _reference_logits(hidden, weight, bias, softcap)
     mask = labels != ignore_index
@@ -276,8 +390,14 @@ def reference_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labe
     return torch.zeros(n_seq, dtype=token.dtype, device=token.device).index_add(0, seq_ids, token)
 
 
-def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
-                     softcap: float | None, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_logprobs(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    chunk: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(y) per row, log-sum-exp per row) in fp32 (fp64 for fp64 input), one reused (chunk, V) block."""
     n, H = h.shape
     V = weight.shape[0]
@@ -289,21 +409,30 @@ def chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bia
     logp = torch.empty(n, dtype=acc, device=h.device)
     lse = torch.empty(n, dtype=acc, device=h.device)
     for start in range(0, n, chunk):
-        hc = h[start:start + chunk].to(acc)
+        hc = h[start : start + chunk].to(acc)
         logits = blocks.logits(hc, w, b)
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
-        target = logits.gather(1, y[start:start + chunk, None]).squeeze(1)
+        target = logits.gather(1, y[start : start + chunk, None]).squeeze(1)
         row_max = logits.amax(dim=-1)
         row_lse = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=-1).log()
-        lse[start:start + chunk] = row_lse
-        logp[start:start + chunk] = target - row_lse
+        lse[start : start + chunk] = row_lse
+        logp[start : start + chunk] = target - row_lse
     return logp, lse
 
 
-def chunked_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
-                              softcap: float | None, lse: torch.Tensor, g: torch.Tensor, chunk: int | None,
-                              need_weight_grad: bool, need_bias_grad: bool) -> tuple[torch.Tensor, Any, Any]:
+def chunked_logprobs_backward(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    chunk: int | None,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, Any, Any]:
     """d/dh, d/dW, d/db of Σ_rows g_row · log p(y_row): logits recomputed per chunk in one reused block."""
     n, H = h.shape
     V = weight.shape[0]
@@ -317,8 +446,8 @@ def chunked_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Te
     d_w = torch.zeros((V, H), dtype=acc, device=h.device) if need_weight_grad else None
     d_b = torch.zeros((V,), dtype=acc, device=h.device) if need_bias_grad else None
     for start in range(0, n, chunk):
-        hc = h[start:start + chunk].to(acc)
-        gc = g[start:start + chunk]
+        hc = h[start : start + chunk].to(acc)
+        gc = g[start : start + chunk]
         logits = blocks.logits(hc, w, b)
         cap_grad = None
         if softcap:
@@ -326,11 +455,11 @@ def chunked_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Te
             cap_grad = torch.mul(t, t, out=blocks.spare(hc.shape[0])).neg_().add_(1)
             t.mul_(softcap)
         # g · (onehot − p), p = exp(x − lse): the block becomes d / d logits in place
-        grad = logits.sub_(lse[start:start + chunk, None]).exp_().mul_(-gc[:, None])
-        grad.scatter_add_(1, y[start:start + chunk, None], gc[:, None])
+        grad = logits.sub_(lse[start : start + chunk, None]).exp_().mul_(-gc[:, None])
+        grad.scatter_add_(1, y[start : start + chunk, None], gc[:, None])
         if cap_grad is not None:
             grad.mul_(cap_grad)
-        torch.mm(grad, w, out=d_h[start:start + chunk])
+        torch.mm(grad, w, out=d_h[start : start + chunk])
         if d_w is not None:
             d_w.addmm_(grad.T, hc)
         if d_b is not None:
@@ -340,8 +469,17 @@ def chunked_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Te
 
 class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-                index: torch.Tensor, softcap: float | None, chunk: int | None, backend: str) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None,
+        index: torch.Tensor,
+        softcap: float | None,
+        chunk: int | None,
+        backend: str,
+    ) -> torch.Tensor:
         h = hidden.index_select(0, index)
         y = labels.index_select(0, index).long()
         if backend == "triton":
@@ -369,14 +507,33 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_hidden = torch.zeros(hidden_shape, dtype=h.dtype, device=h.device)
             d_hidden.index_copy_(0, index, d_h.to(h.dtype))
-        return (d_hidden, None if d_w is None else d_w.to(weight.dtype), None,
-                None if d_b is None else d_b.to(bias.dtype), None, None, None, None)
+        return (
+            d_hidden,
+            None if d_w is None else d_w.to(weight.dtype),
+            None,
+            None if d_b is None else d_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def fused_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor,
-                            n_seq: int, *, index: torch.Tensor | None = None, ignore_index: int = -100,
-                            bias: torch.Tensor | None = None, softcap: float | None = None, chunk: int | None = None,
-                            backend: str = "auto", validate: bool = True) -> torch.Tensor:
+def fused_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    n_seq: int,
+    *,
+    index: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    chunk: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
     """Σ log p(label) over each sequence's supervised rows of hidden @ weight.T (+ bias), without the (N, V) logits.
 
     hidden [N, H], weight [V, H], labels [N] (ignore_index rows count for nothing); seq_ids gives, for
@@ -390,8 +547,10 @@ def fused_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     if index is None:
         index = (labels != ignore_index).nonzero().squeeze(1)
     if seq_ids.shape != index.shape:
-        raise Orca2Error(f"fused_sequence_logprobs: seq_ids must name a sequence for each of the {index.numel()} "
-                         f"supervised rows, got shape {tuple(seq_ids.shape)}")
+        raise Orca2Error(
+            f"fused_sequence_logprobs: seq_ids must name a sequence for each of the {index.numel()} "
+            f"supervised rows, got shape {tuple(seq_ids.shape)}"
+        )
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and _triton_available() else "chunked"
     if backend not in ("triton", "chunked"):

@@ -11,7 +11,8 @@ the count of rows for `mean` is a shape, not a reduction.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import triton
@@ -34,8 +35,20 @@ def _tanh(x):
 
 
 @triton.jit
-def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, lse_ptr, V, softcap, z_loss, smoothing,
-                    HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_rows_kernel(
+    logits_ptr,
+    stride_row,
+    labels_ptr,
+    loss_ptr,
+    lse_ptr,
+    V,
+    softcap,
+    z_loss,
+    smoothing,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     label = tl.load(labels_ptr + row)
@@ -80,12 +93,13 @@ def _ce_rows_kernel(logits_ptr, stride_row, labels_ptr, loss_ptr, lse_ptr, V, so
 BLOCK_V = 1024  # vocabulary tile of the row kernel (tests shrink it to cover many tiles at small V)
 
 
-def _logit_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  chunk: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def _logit_chunks(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(start, hidden rows, their (c, V) logits in the input dtype) chunk by chunk, all in one reused block."""
     blocks = ChunkBlocks(min(chunk, h.shape[0]), weight.shape[0], h.dtype, h.device)
     for start in range(0, h.shape[0], chunk):
-        hc = h[start:start + chunk]
+        hc = h[start : start + chunk]
         yield start, hc, blocks.logits(hc, weight, bias)
 
 
@@ -104,10 +118,19 @@ def _gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: 
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
 
-def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
-                            softcap: float | None, z_loss: float, label_smoothing: float, need_grad: bool,
-                            chunk: int | None = None, need_weight_grad: bool = True,
-                            accum_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Any, Any, Any]:
+def triton_forward_backward(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    z_loss: float,
+    label_smoothing: float,
+    need_grad: bool,
+    chunk: int | None = None,
+    need_weight_grad: bool = True,
+    accum_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, Any, Any, Any]:
     """Loss sum over the compacted rows of h and its gradients (d_hidden, d_weight, d_bias in fp32).
 
     The matrix products run in the input dtype (tensor cores for bf16/fp16), so the logits block is
@@ -132,12 +155,23 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
         c = logits.shape[0]
         loss = torch.empty((c,), dtype=torch.float32, device=h.device)
         lse = torch.empty((c,), dtype=torch.float32, device=h.device)
-        _ce_rows_kernel[(c,)](logits, logits.stride(0), y[start:start + c], loss, lse, V,
-                              float(softcap or 1.0), float(z_loss), float(label_smoothing),
-                              HAS_SOFTCAP=bool(softcap), WRITE_GRAD=need_grad, BLOCK_V=block_v)
+        _ce_rows_kernel[(c,)](
+            logits,
+            logits.stride(0),
+            y[start : start + c],
+            loss,
+            lse,
+            V,
+            float(softcap or 1.0),
+            float(z_loss),
+            float(label_smoothing),
+            HAS_SOFTCAP=bool(softcap),
+            WRITE_GRAD=need_grad,
+            BLOCK_V=block_v,
+        )
         total += loss.sum()
         if need_grad:  # `logits` now holds d loss / d logits
-            _gemm_into(d_h[start:start + c], logits, weight, accumulate=False)
+            _gemm_into(d_h[start : start + c], logits, weight, accumulate=False)
             if d_w is not None:  # fp32, or the weight's half dtype (rounded once per chunk)
                 _gemm_into(d_w, logits.T, hc, accumulate=True)
             if d_b is not None:
@@ -146,8 +180,9 @@ def triton_forward_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tens
 
 
 @triton.jit
-def _logprob_grad_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, g_ptr, V, softcap,
-                         HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+def _logprob_grad_kernel(
+    logits_ptr, stride_row, labels_ptr, lse_ptr, g_ptr, V, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr
+):
     # d (g · log p(label)) / d logits = g (onehot − exp(x − lse)), through the softcap; written over the block
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
@@ -167,8 +202,14 @@ def _logprob_grad_kernel(logits_ptr, stride_row, labels_ptr, lse_ptr, g_ptr, V, 
         tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=valid)
 
 
-def triton_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
-                    softcap: float | None, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_logprobs(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    chunk: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(y) per row, log-sum-exp per row) in fp32: the cross-entropy row kernel without its gradient pass."""
     n, H = h.shape
     V = weight.shape[0]
@@ -179,15 +220,35 @@ def triton_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
     for start, hc, logits in _logit_chunks(h, weight, bias, chunk):
         c = hc.shape[0]
-        _ce_rows_kernel[(c,)](logits, logits.stride(0), y[start:start + c], loss[start:start + c], lse[start:start + c],
-                              V, float(softcap or 1.0), 0.0, 0.0, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=False,
-                              BLOCK_V=block_v)
+        _ce_rows_kernel[(c,)](
+            logits,
+            logits.stride(0),
+            y[start : start + c],
+            loss[start : start + c],
+            lse[start : start + c],
+            V,
+            float(softcap or 1.0),
+            0.0,
+            0.0,
+            HAS_SOFTCAP=bool(softcap),
+            WRITE_GRAD=False,
+            BLOCK_V=block_v,
+        )
     return -loss, lse
 
 
-def triton_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
-                             softcap: float | None, lse: torch.Tensor, g: torch.Tensor, chunk: int | None,
-                             need_weight_grad: bool, need_bias_grad: bool) -> tuple[torch.Tensor, Any, Any]:
+def triton_logprobs_backward(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    chunk: int | None,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, Any, Any]:
     """Gradients of Σ g_row · log p(y_row): logits recomputed per chunk (cuBLAS), the row kernel writes
     d / d logits in place, cuBLAS gives d_hidden and accumulates d_weight in fp32."""
     n, H = h.shape
@@ -201,9 +262,18 @@ def triton_logprobs_backward(h: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     block_v = min(BLOCK_V, triton.next_power_of_2(V))
     for start, hc, logits in _logit_chunks(h, weight, bias, chunk):
         c = hc.shape[0]
-        _logprob_grad_kernel[(c,)](logits, logits.stride(0), y[start:start + c], lse[start:start + c], g[start:start + c],
-                                   V, float(softcap or 1.0), HAS_SOFTCAP=bool(softcap), BLOCK_V=block_v)
-        _gemm_into(d_h[start:start + c], logits, weight, accumulate=False)
+        _logprob_grad_kernel[(c,)](
+            logits,
+            logits.stride(0),
+            y[start : start + c],
+            lse[start : start + c],
+            g[start : start + c],
+            V,
+            float(softcap or 1.0),
+            HAS_SOFTCAP=bool(softcap),
+            BLOCK_V=block_v,
+        )
+        _gemm_into(d_h[start : start + c], logits, weight, accumulate=False)
         if d_w is not None:
             _gemm_into(d_w, logits.T, hc, accumulate=True)
         if d_b is not None:
@@ -223,15 +293,39 @@ def launch_variants(block_v: int = BLOCK_V) -> list[tuple[Any, dict[str, str], d
     logits blocks in the input dtype (fp32, bf16, fp16), int64 labels, fp32 rows, softcap on or off,
     the gradient pass on or off."""
     variants = []
-    for dtype, ptr in _POINTER.items():
+    for ptr in _POINTER.values():
         for softcap in (False, True):
             for write_grad in (False, True):
-                variants.append((_ce_rows_kernel,
-                                 {"logits_ptr": ptr, "stride_row": "i32", "labels_ptr": "*i64", "loss_ptr": "*fp32",
-                                  "lse_ptr": "*fp32", "V": "i32", "softcap": "fp32", "z_loss": "fp32", "smoothing": "fp32"},
-                                 {"HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad, "BLOCK_V": block_v}))
-            variants.append((_logprob_grad_kernel,
-                             {"logits_ptr": ptr, "stride_row": "i32", "labels_ptr": "*i64", "lse_ptr": "*fp32",
-                              "g_ptr": "*fp32", "V": "i32", "softcap": "fp32"},
-                             {"HAS_SOFTCAP": softcap, "BLOCK_V": block_v}))
+                variants.append(
+                    (
+                        _ce_rows_kernel,
+                        {
+                            "logits_ptr": ptr,
+                            "stride_row": "i32",
+                            "labels_ptr": "*i64",
+                            "loss_ptr": "*fp32",
+                            "lse_ptr": "*fp32",
+                            "V": "i32",
+                            "softcap": "fp32",
+                            "z_loss": "fp32",
+                            "smoothing": "fp32",
+                        },
+                        {"HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad, "BLOCK_V": block_v},
+                    )
+                )
+            variants.append(
+                (
+                    _logprob_grad_kernel,
+                    {
+                        "logits_ptr": ptr,
+                        "stride_row": "i32",
+                        "labels_ptr": "*i64",
+                        "lse_ptr": "*fp32",
+                        "g_ptr": "*fp32",
+                        "V": "i32",
+                        "softcap": "fp32",
+                    },
+                    {"HAS_SOFTCAP": softcap, "BLOCK_V": block_v},
+                )
+            )
     return variants

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from orca2.errors import Orca2Error
 from orca2.train.data import CHATML_TEMPLATE, IGNORE, MicroBatch
-
 
 _SHARED: dict[tuple[str, Any], tuple[Any, Any]] | None = None  # while `shared_students` is active: spec → loaded base
 
@@ -54,14 +54,17 @@ def _load_student(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise Orca2Error(f"model '{spec}': cannot load from the hub or cache ({str(exc).splitlines()[0][:160]})") from None
+        raise Orca2Error(
+            f"model '{spec}': cannot load from the hub or cache ({str(exc).splitlines()[0][:160]})"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
 def use_chatml(model: Any, tokenizer: Any) -> int:
-    """Give the tokenizer ChatML with <|im_start|>/<|im_end|> as added special tokens (as Orca 2 did); resize embeddings."""
+    """Give the tokenizer ChatML with <|im_start|>/<|im_end|> as added special tokens (as Orca 2 did); resize
+    embeddings."""
     added = tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.eos_token = "<|im_end|>"
@@ -112,8 +115,10 @@ class CausalLMLoss(nn.Module):
             head = model.get_output_embeddings()
             base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
             if head is None or base is None or not isinstance(head, nn.Linear):
-                raise Orca2Error(f"loss_impl fused needs a causal LM with a base model and a linear lm_head "
-                                 f"(Llama, Mistral, Qwen2, Gemma, ...); {type(model).__name__} has not: use loss_impl naive")
+                raise Orca2Error(
+                    f"loss_impl fused needs a causal LM with a base model and a linear lm_head "
+                    f"(Llama, Mistral, Qwen2, Gemma, ...); {type(model).__name__} has not: use loss_impl naive"
+                )
             self._base = base
             self._head = head
             self._multiplier, self._softcap = head_transform(model)
@@ -143,8 +148,17 @@ class CausalLMLoss(nn.Module):
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if self._multiplier != 1.0:
             hidden = hidden * self._multiplier
-        return fused_sequence_logprobs(hidden, self._head.weight, labels, seq_ids, n_seq, index=index,
-                                       bias=self._head.bias, softcap=self._softcap, validate=False)
+        return fused_sequence_logprobs(
+            hidden,
+            self._head.weight,
+            labels,
+            seq_ids,
+            n_seq,
+            index=index,
+            bias=self._head.bias,
+            softcap=self._softcap,
+            validate=False,
+        )
 
     def forward(self, batch: MicroBatch) -> torch.Tensor:
         kwargs = batch.model_kwargs()
@@ -162,5 +176,6 @@ class CausalLMLoss(nn.Module):
         index = batch.index  # supervised rows, found by the collator on the host: no device sync here
         if index.numel() == 0:
             return hidden.sum() * 0.0  # keeps the graph (and ZeRO's hooks) alive for an all-masked micro-batch
-        return fused_linear_cross_entropy(hidden, self._head.weight, labels, index=index,
-                                          bias=self._head.bias, softcap=self._softcap, validate=False)
+        return fused_linear_cross_entropy(
+            hidden, self._head.weight, labels, index=index, bias=self._head.bias, softcap=self._softcap, validate=False
+        )

@@ -31,8 +31,17 @@ from typing import Any
 import torch
 
 from orca2.errors import Orca2Error
-from orca2.train.data import (IGNORE, Example, MicroBatch, check_masks, collate_packed, collate_padded, end_of_turn_ids,
-                              pack_best_fit_decreasing, tokenize_example)
+from orca2.train.data import (
+    IGNORE,
+    Example,
+    MicroBatch,
+    check_masks,
+    collate_packed,
+    collate_padded,
+    end_of_turn_ids,
+    pack_best_fit_decreasing,
+    tokenize_example,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,7 @@ class Unit:
 @dataclass
 class SequenceBatch:
     """Rows of sequences and, per supervised position, which sequence it belongs to."""
+
     rows: MicroBatch
     seq_ids: torch.Tensor  # [supervised positions] → sequence index in this batch
     keys: list[str]
@@ -68,7 +78,7 @@ class SequenceBatch:
     def n_seq(self) -> int:
         return len(self.keys)
 
-    def to(self, device: Any) -> "SequenceBatch":
+    def to(self, device: Any) -> SequenceBatch:
         ref = self.ref.to(device) if self.ref is not None else None
         return SequenceBatch(self.rows.to(device), self.seq_ids.to(device), self.keys, self.supervised.to(device), ref)
 
@@ -82,9 +92,14 @@ class PreferenceBatch:
     tokens: int
     capacity: int
 
-    def to(self, device: Any) -> "PreferenceBatch":
-        return replace(self, main=self.main.to(device), pairs=self.pairs.to(device), labels=self.labels.to(device),
-                       kl=self.kl.to(device) if self.kl is not None else None)
+    def to(self, device: Any) -> PreferenceBatch:
+        return replace(
+            self,
+            main=self.main.to(device),
+            pairs=self.pairs.to(device),
+            labels=self.labels.to(device),
+            kl=self.kl.to(device) if self.kl is not None else None,
+        )
 
 
 def collate_sequences(sequences: list[Sequence], packing: bool, capacity: int, pad_id: int) -> SequenceBatch:
@@ -114,8 +129,14 @@ def collate_units(units: list[Unit], packing: bool, capacity: int, pad_id: int) 
         labels += unit.labels
         kl += unit.kl
     main = collate_sequences(sequences, packing, capacity, pad_id)
-    return PreferenceBatch(main, torch.tensor(pairs, dtype=torch.long).reshape(-1, 2), torch.tensor(labels, dtype=torch.bool),
-                           collate_sequences(kl, packing, 0, pad_id) if kl else None, main.rows.tokens, main.rows.capacity)
+    return PreferenceBatch(
+        main,
+        torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(labels, dtype=torch.bool),
+        collate_sequences(kl, packing, 0, pad_id) if kl else None,
+        main.rows.tokens,
+        main.rows.capacity,
+    )
 
 
 def empty_batch(pad_id: int) -> PreferenceBatch:
@@ -130,19 +151,23 @@ def empty_batch(pad_id: int) -> PreferenceBatch:
     return batch
 
 
-def make_batches(units: list[Unit], *, max_len: int, micro_batch_size: int, packing: bool, pad_id: int, seed: int,
-                 epoch: int) -> list[PreferenceBatch]:
-    """One epoch of micro-batches shuffled by (seed, epoch): packed bins of whole units, or micro_batch_size units padded."""
+def make_batches(
+    units: list[Unit], *, max_len: int, micro_batch_size: int, packing: bool, pad_id: int, seed: int, epoch: int
+) -> list[PreferenceBatch]:
+    """One epoch of micro-batches shuffled by (seed, epoch): packed bins of whole units, or micro_batch_size units
+    padded."""
     rng = random.Random(f"{seed}:{epoch}")
     if packing:
         bins = pack_best_fit_decreasing([u.length for u in units], max_len)
         rng.shuffle(bins)
-        groups = [bins[i:i + micro_batch_size] for i in range(0, len(bins), micro_batch_size)]
+        groups = [bins[i : i + micro_batch_size] for i in range(0, len(bins), micro_batch_size)]
         return [collate_units([units[i] for b in g for i in b], True, max_len * len(g), pad_id) for g in groups]
     order = list(range(len(units)))
     rng.shuffle(order)
-    return [collate_units([units[i] for i in order[j:j + micro_batch_size]], False, 0, pad_id)
-            for j in range(0, len(order), micro_batch_size)]
+    return [
+        collate_units([units[i] for i in order[j : j + micro_batch_size]], False, 0, pad_id)
+        for j in range(0, len(order), micro_batch_size)
+    ]
 
 
 # --- records → sequences ----------------------------------------------------------------------------
@@ -158,8 +183,15 @@ class Tokenised:
         self.overlong = overlong
         self.checked: list[tuple[Example, dict[str, Any]]] = []
 
-    def sequence(self, key: str, where: str, record: dict[str, Any], reply: str, overlong: str | None = None,
-                 partial: bool = False) -> Sequence | None:
+    def sequence(
+        self,
+        key: str,
+        where: str,
+        record: dict[str, Any],
+        reply: str,
+        overlong: str | None = None,
+        partial: bool = False,
+    ) -> Sequence | None:
         """The tokenised conversation, truncated to max_len (overlong: truncate) or None (drop).
 
         A partial reply (the start of a turn) ends with its own last token: the end-of-turn token and what
@@ -176,9 +208,11 @@ class Tokenised:
                 return None
             first = next(i for i, y in enumerate(example.labels) if y != IGNORE)
             if first >= self.max_len:
-                raise Orca2Error(f"{where}: max_len {self.max_len} is smaller than the prompt of record {record['id']!r} "
-                                 f"({first} tokens before the reply)")
-            example = Example(example.id, example.input_ids[:self.max_len], example.labels[:self.max_len])
+                raise Orca2Error(
+                    f"{where}: max_len {self.max_len} is smaller than the prompt of record {record['id']!r} "
+                    f"({first} tokens before the reply)"
+                )
+            example = Example(example.id, example.input_ids[: self.max_len], example.labels[: self.max_len])
         elif len(self.checked) < 64:
             self.checked.append((example, {"messages": messages[-1:]}))  # only the reply is supervised
         return Sequence(key, example)
@@ -189,31 +223,44 @@ class Tokenised:
             check_masks([e for e, _ in picks], [r for _, r in picks], self.tokenizer, self.eot)
 
 
-def dpo_units(records: list[tuple[str, dict[str, Any]]], tok: Tokenised, packing: bool) -> tuple[list[Unit], dict[str, int]]:
+def dpo_units(
+    records: list[tuple[str, dict[str, Any]]], tok: Tokenised, packing: bool
+) -> tuple[list[Unit], dict[str, int]]:
     """Units of DPO pairs; counts: records, pairs read / kept / dropped by reason."""
     from orca2.records import preference_pairs
 
-    counts = {"records": 0, "pairs_read": 0, "pairs_kept": 0, "pairs_dropped_too_long": 0, "pairs_dropped_row_too_short": 0}
+    counts = {
+        "records": 0,
+        "pairs_read": 0,
+        "pairs_kept": 0,
+        "pairs_dropped_too_long": 0,
+        "pairs_dropped_row_too_short": 0,
+    }
     units = []
     for where, record in records:
         counts["records"] += 1
         if not record.get("chosen") or not record.get("rejected"):
             side = "rejected" if record.get("chosen") else "chosen"
-            raise Orca2Error(f"{where}: field '{side}': record {record['id']!r} has no {side} reply, so it has no DPO pair "
-                             "(train replies without pairs with --objective kto)")
+            raise Orca2Error(
+                f"{where}: field '{side}': record {record['id']!r} has no {side} reply, so it has no DPO pair "
+                "(train replies without pairs with --objective kto)"
+            )
         pairs = preference_pairs(record)
         counts["pairs_read"] += len(pairs)
         seqs = {}
         for side in ("chosen", "rejected"):
             for i, reply in enumerate(record[side]):
-                seqs[(side, i)] = tok.sequence(f"{record['id']}/{side}/{i}", where, record, reply["content"],
-                                               partial=reply.get("partial", False))
+                seqs[(side, i)] = tok.sequence(
+                    f"{record['id']}/{side}/{i}", where, record, reply["content"], partial=reply.get("partial", False)
+                )
         kept = [(c, r) for c, r in pairs if seqs[("chosen", c)] is not None and seqs[("rejected", r)] is not None]
         counts["pairs_dropped_too_long"] += len(pairs) - len(kept)
         if not kept:
             continue
         used = sorted({("chosen", c) for c, _ in kept} | {("rejected", r) for _, r in kept})
-        whole = Unit([seqs[k] for k in used], [(used.index(("chosen", c)), used.index(("rejected", r))) for c, r in kept])
+        whole = Unit(
+            [seqs[k] for k in used], [(used.index(("chosen", c)), used.index(("rejected", r))) for c, r in kept]
+        )
         if not packing or whole.length <= tok.max_len:
             units.append(whole)
             counts["pairs_kept"] += len(kept)
@@ -230,7 +277,9 @@ def dpo_units(records: list[tuple[str, dict[str, Any]]], tok: Tokenised, packing
     return units, counts
 
 
-def kto_units(records: list[tuple[str, dict[str, Any]]], tok: Tokenised, seed: int) -> tuple[list[Unit], dict[str, int]]:
+def kto_units(
+    records: list[tuple[str, dict[str, Any]]], tok: Tokenised, seed: int
+) -> tuple[list[Unit], dict[str, int]]:
     """One unit per reply, with its KL sequence: its prompt with the reply of another prompt (seeded, fixed for the
     run, so the reference point's estimate does not depend on how steps are split over micro-batches and ranks)."""
     counts = {"records": 0, "replies_read": 0, "desirable": 0, "undesirable": 0, "replies_dropped_too_long": 0}
@@ -240,16 +289,19 @@ def kto_units(records: list[tuple[str, dict[str, Any]]], tok: Tokenised, seed: i
         for side, label in (("chosen", True), ("rejected", False)):
             for i, reply in enumerate(record.get(side, [])):
                 counts["replies_read"] += 1
-                seq = tok.sequence(f"{record['id']}/{side}/{i}", where, record, reply["content"],
-                                   partial=reply.get("partial", False))
+                seq = tok.sequence(
+                    f"{record['id']}/{side}/{i}", where, record, reply["content"], partial=reply.get("partial", False)
+                )
                 if seq is None:
                     counts["replies_dropped_too_long"] += 1
                     continue
                 kept.append((where, record, seq, label, reply["content"]))
                 counts["desirable" if label else "undesirable"] += 1
     if len({r["id"] for _, r, _, _, _ in kept}) < 2:
-        raise Orca2Error("KTO needs replies to at least two prompts (its KL reference point pairs each prompt with "
-                         f"another prompt's reply); got {counts}")
+        raise Orca2Error(
+            "KTO needs replies to at least two prompts (its KL reference point pairs each prompt with "
+            f"another prompt's reply); got {counts}"
+        )
     order = list(range(len(kept)))
     random.Random(seed).shuffle(order)
     units = []
@@ -277,14 +329,17 @@ def data_hash(paths: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def sequence_logprobs_of(lm: Any, sequences: list[Sequence], max_len: int, pad_id: int, device: Any,
-                         desc: str = "") -> dict[str, float]:
+def sequence_logprobs_of(
+    lm: Any, sequences: list[Sequence], max_len: int, pad_id: int, device: Any, desc: str = ""
+) -> dict[str, float]:
     """Σ log p of each sequence under `lm` (a CausalLMLoss), no gradient, sequences packed into rows of max_len."""
     from tqdm import tqdm
 
     unique = list({s.key: s for s in sequences}.values())
-    bins = pack_best_fit_decreasing([len(s.example.input_ids) for s in unique], max(max_len, max(
-        (len(s.example.input_ids) for s in unique), default=1)))
+    bins = pack_best_fit_decreasing(
+        [len(s.example.input_ids) for s in unique],
+        max(max_len, max((len(s.example.input_ids) for s in unique), default=1)),
+    )
     out: dict[str, float] = {}
     was_training = lm.training
     lm.eval()
@@ -301,8 +356,10 @@ def check_same_tokenizer(policy: Any, reference: Any, spec: str) -> None:
     if policy.get_vocab() != reference.get_vocab():
         a, b = policy.get_vocab(), reference.get_vocab()
         differ = sorted(set(a.items()) ^ set(b.items()))[:2]
-        raise Orca2Error(f"reference {spec}: its tokenizer differs from the policy's ({len(a)} vs {len(b)} tokens; "
-                         f"e.g. {differ}); log-probs of the same token ids would mean different text")
+        raise Orca2Error(
+            f"reference {spec}: its tokenizer differs from the policy's ({len(a)} vs {len(b)} tokens; "
+            f"e.g. {differ}); log-probs of the same token ids would mean different text"
+        )
 
 
 REFERENCE_HEADER = "orca2_reference_logps"  # the key of a stored file's first line (whose reference, settings, data)
@@ -338,8 +395,18 @@ def drop_stale_reference_logps(data: str) -> list[Path]:
 class Reference:
     """Reference log-probs for a stage: precomputed once (stored beside the data) or from a resident model."""
 
-    def __init__(self, cfg: Any, stage: Any, policy: Any, tokenizer: Any, model_spec: str, sequences: list[Sequence],
-                 rank: int, world: int, device: Any):
+    def __init__(
+        self,
+        cfg: Any,
+        stage: Any,
+        policy: Any,
+        tokenizer: Any,
+        model_spec: str,
+        sequences: list[Sequence],
+        rank: int,
+        world: int,
+        device: Any,
+    ):
         from orca2.train.model import CausalLMLoss
 
         self.cfg = cfg
@@ -349,12 +416,22 @@ class Reference:
         self.values: dict[str, float] = {}
         self.resident = None
         self.seconds = 0.0  # the reference pass's wall-clock (0 when read from the store or resident)
-        settings = {"max_len": cfg.max_len, "overlong": cfg.overlong, "chat_template": cfg.chat_template,
-                    "objective": cfg.objective, "seed": cfg.seed}
+        settings = {
+            "max_len": cfg.max_len,
+            "overlong": cfg.overlong,
+            "chat_template": cfg.chat_template,
+            "objective": cfg.objective,
+            "seed": cfg.seed,
+        }
         from orca2.models import model_fingerprint
 
-        self.header = {"reference": self.spec, "fingerprint": model_fingerprint(self.spec), "settings": settings,
-                       "data": list(stage.data), "data_sha256": data_hash(stage.data)}
+        self.header = {
+            "reference": self.spec,
+            "fingerprint": model_fingerprint(self.spec),
+            "settings": settings,
+            "data": list(stage.data),
+            "data_sha256": data_hash(stage.data),
+        }
         if cfg.reference_mode == "resident":  # a frozen copy (of the starting policy, by default) kept on the device
             model = self._load(tokenizer)
             self.resident = CausalLMLoss(model.to(device).eval().requires_grad_(False), cfg.loss_impl)
@@ -368,8 +445,9 @@ class Reference:
         model = self._load(tokenizer) if cfg.reference is not None else policy
         lm = CausalLMLoss(model.to(device), cfg.loss_impl)
         mine = sequences[rank::world]
-        values = sequence_logprobs_of(lm, mine, cfg.max_len, self.pad_id, device,
-                                      desc="reference log-probs" if rank == 0 else "")
+        values = sequence_logprobs_of(
+            lm, mine, cfg.max_len, self.pad_id, device, desc="reference log-probs" if rank == 0 else ""
+        )
         if world > 1:
             import torch.distributed as dist
 
@@ -405,7 +483,9 @@ class Reference:
     def _path(self, stage: Any, settings: dict[str, Any]) -> Path:
         if self.cfg.reference_logps:
             return Path(self.cfg.reference_logps)
-        key = hashlib.sha256(json.dumps([self.header["fingerprint"], settings], sort_keys=True).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([self.header["fingerprint"], settings], sort_keys=True).encode()).hexdigest()[
+            :12
+        ]
         return _store_path(stage.data[0], key)
 
     def _read(self, sequences: list[Sequence]) -> dict[str, float]:
@@ -413,16 +493,22 @@ class Reference:
             header = _stored_header(f)
             values = {row["key"]: row["logp"] for row in map(json.loads, f)}
         if header.get("data_sha256") != self.header["data_sha256"]:
-            raise Orca2Error(f"{self.path}: stored reference log-probs belong to other data (sha256 "
-                             f"{str(header.get('data_sha256'))[:12]}…, the data is now {self.header['data_sha256'][:12]}…); "
-                             "delete the file to recompute them")
+            raise Orca2Error(
+                f"{self.path}: stored reference log-probs belong to other data (sha256 "
+                f"{str(header.get('data_sha256'))[:12]}…, the data is now {self.header['data_sha256'][:12]}…); "
+                "delete the file to recompute them"
+            )
         if header.get("fingerprint") != self.header["fingerprint"] or header.get("settings") != self.header["settings"]:
-            raise Orca2Error(f"{self.path}: stored reference log-probs were computed by another reference model or with "
-                             "other tokenisation settings; delete the file to recompute them")
+            raise Orca2Error(
+                f"{self.path}: stored reference log-probs were computed by another reference model or with "
+                "other tokenisation settings; delete the file to recompute them"
+            )
         missing = [s.key for s in sequences if s.key not in values]
         if missing:
-            raise Orca2Error(f"{self.path}: no stored reference log-prob for {len(missing)} sequences (e.g. {missing[0]}); "
-                             "delete the file to recompute them")
+            raise Orca2Error(
+                f"{self.path}: no stored reference log-prob for {len(missing)} sequences (e.g. {missing[0]}); "
+                "delete the file to recompute them"
+            )
         return values
 
     def _write(self, values: dict[str, float]) -> None:
@@ -447,8 +533,19 @@ class Reference:
 class PreferenceRecipe:
     """What the DPO and KTO recipes share: tokenised units, the mask check, reference log-probs, micro-batches."""
 
-    def __init__(self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]],
-                 *, model_spec: str, rank: int, world: int, device: Any):
+    def __init__(
+        self,
+        cfg: Any,
+        stage: Any,
+        model: Any,
+        tokenizer: Any,
+        records: list[tuple[str, dict[str, Any]]],
+        *,
+        model_spec: str,
+        rank: int,
+        world: int,
+        device: Any,
+    ):
         self.cfg = cfg
         tok = Tokenised(tokenizer, cfg.max_len, cfg.overlong)
         self.units, self.counts = self.make_units(records, tok)
@@ -457,12 +554,21 @@ class PreferenceRecipe:
         sequences = list({s.key: s for u in self.units for s in u.sequences + u.kl}.values())
         self.reference = Reference(cfg, stage, model, tokenizer, model_spec, sequences, rank, world, device)
 
-    def make_units(self, records: list[tuple[str, dict[str, Any]]], tok: Tokenised) -> tuple[list[Unit], dict[str, int]]:
+    def make_units(
+        self, records: list[tuple[str, dict[str, Any]]], tok: Tokenised
+    ) -> tuple[list[Unit], dict[str, int]]:
         raise NotImplementedError
 
     def batches(self, epoch: int) -> list[PreferenceBatch]:
-        return make_batches(self.units, max_len=self.cfg.max_len, micro_batch_size=self.cfg.micro_batch_size,
-                            packing=self.cfg.packing, pad_id=self.pad_id, seed=self.cfg.seed, epoch=epoch)
+        return make_batches(
+            self.units,
+            max_len=self.cfg.max_len,
+            micro_batch_size=self.cfg.micro_batch_size,
+            packing=self.cfg.packing,
+            pad_id=self.pad_id,
+            seed=self.cfg.seed,
+            epoch=epoch,
+        )
 
     def empty(self) -> PreferenceBatch:
         return empty_batch(self.pad_id)

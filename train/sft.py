@@ -24,8 +24,9 @@ class SFTLoss(nn.Module):
 
 
 class Recipe:
-    def __init__(self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]],
-                 **_: Any):
+    def __init__(
+        self, cfg: Any, stage: Any, model: Any, tokenizer: Any, records: list[tuple[str, dict[str, Any]]], **_: Any
+    ):
         self.cfg = cfg
         prepared = prepare_examples(records, tokenizer, cfg.max_len, cfg.overlong, cfg.mask_check, cfg.seed)
         self.examples, self.counts = prepared.examples, prepared.counts
@@ -33,14 +34,24 @@ class Recipe:
         self.module = SFTLoss(model, cfg.loss_impl)
 
     def batches(self, epoch: int) -> list[MicroBatch]:
-        return make_micro_batches(self.examples, max_len=self.cfg.max_len, micro_batch_size=self.cfg.micro_batch_size,
-                                  packing=self.cfg.packing, pad_id=self.pad_id, seed=self.cfg.seed, epoch=epoch)
+        return make_micro_batches(
+            self.examples,
+            max_len=self.cfg.max_len,
+            micro_batch_size=self.cfg.micro_batch_size,
+            packing=self.cfg.packing,
+            pad_id=self.pad_id,
+            seed=self.cfg.seed,
+            epoch=epoch,
+        )
 
     def empty(self) -> MicroBatch:
         return empty_micro_batch(self.pad_id)
 
     def step_context(self, engine: Any, micro_batches: list[MicroBatch], device: Any) -> dict[str, Any]:
-        n = all_reduced({"supervised": sum(mb.supervised for mb in micro_batches),
-                         "tokens": sum(mb.tokens for mb in micro_batches)})
-        return {"supervised": max(1.0, n["supervised"]),
-                "log": {"supervised_fraction": n["supervised"] / max(1.0, n["tokens"])}}
+        n = all_reduced(
+            {"supervised": sum(mb.supervised for mb in micro_batches), "tokens": sum(mb.tokens for mb in micro_batches)}
+        )
+        return {
+            "supervised": max(1.0, n["supervised"]),
+            "log": {"supervised_fraction": n["supervised"] / max(1.0, n["tokens"])},
+        }

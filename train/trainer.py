@@ -38,8 +38,16 @@ class StageConfig:
     max_steps: int | None = None  # stop this stage after this many optimizer steps
 
 
-PREFERENCE_KEYS = ("beta", "label_smoothing", "sft_weight", "desirable_weight", "undesirable_weight", "reference",
-                   "reference_mode", "reference_logps")  # TrainConfig keys that only dpo and kto read
+PREFERENCE_KEYS = (
+    "beta",
+    "label_smoothing",
+    "sft_weight",
+    "desirable_weight",
+    "undesirable_weight",
+    "reference",
+    "reference_mode",
+    "reference_logps",
+)  # TrainConfig keys that only dpo and kto read
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,16 @@ class TrainConfig:
     output: str  # run folder: checkpoints, logs, final model (HF format) in <output>/model
     data: tuple[str, ...] = ()  # one-stage shorthand for stages: [{data: ...}]
     stages: tuple[StageConfig, ...] = ()  # progressive learning: each starts from the previous stage's weights
-    objective: Literal["sft", "dpo", "kto"] = "sft"  # sft: erased traces; dpo: chosen/rejected pairs; kto: labelled replies
+    objective: Literal["sft", "dpo", "kto"] = (
+        "sft"  # sft: erased traces; dpo: chosen/rejected pairs; kto: labelled replies
+    )
     chat_template: Literal["tokenizer", "chatml"] = "tokenizer"  # chatml adds <|im_start|>/<|im_end|> tokens
     max_len: int = 2048  # tokens per packed row / example
     overlong: Literal["drop", "truncate"] = "drop"  # examples longer than max_len (counted either way)
     packing: bool = True  # best-fit-decreasing packing with per-example attention
-    attention: Literal["auto", "loop", "flex", "flash"] = "auto"  # packed rows' kernel; auto: flash/flex on GPU, loop on CPU
+    attention: Literal["auto", "loop", "flex", "flash"] = (
+        "auto"  # packed rows' kernel; auto: flash/flex on GPU, loop on CPU
+    )
     micro_batch_size: int = 1  # rows per micro-batch (packed rows, or examples / preference groups unpacked)
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     epochs: int = 1  # default for stages that do not say
@@ -67,7 +79,9 @@ class TrainConfig:
     deepspeed_config: str | None = None  # your DeepSpeed JSON; "auto" values are filled from this config
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
-    train_layers: int | None = None  # train only the top N transformer layers + final norm (embeddings frozen): CPU demos
+    train_layers: int | None = (
+        None  # train only the top N transformer layers + final norm (embeddings frozen): CPU demos
+    )
     loss_impl: Literal["naive", "fused"] = "naive"  # fused: log-probs / cross-entropy from hidden states, no logits
     # --- preference objectives (dpo, kto) ---
     beta: float = 0.1  # DPO/KTO temperature of the implicit reward β·log(π/π_ref)
@@ -76,7 +90,9 @@ class TrainConfig:
     desirable_weight: float = 1.0  # KTO λ_D
     undesirable_weight: float = 1.0  # KTO λ_U
     reference: str | None = None  # reference model spec; default: the policy each stage starts from
-    reference_mode: Literal["precomputed", "resident"] = "precomputed"  # log-probs once before training, or a model kept in memory
+    reference_mode: Literal["precomputed", "resident"] = (
+        "precomputed"  # log-probs once before training, or a model kept in memory
+    )
     reference_logps: str | None = None  # where stored reference log-probs live; default beside the data
     # ---
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of each stage)
@@ -101,8 +117,11 @@ class TrainConfig:
 
     def resolved_stages(self) -> list[StageConfig]:
         if self.data:
-            return [StageConfig(data=self.data, epochs=self.epochs, lr=self.lr, max_steps=self.max_steps,
-                                name=self.objective)]
+            return [
+                StageConfig(
+                    data=self.data, epochs=self.epochs, lr=self.lr, max_steps=self.max_steps, name=self.objective
+                )
+            ]
         return list(self.stages)
 
 
@@ -110,7 +129,7 @@ class Batch(Protocol):
     tokens: int  # real tokens
     capacity: int  # token slots it stands for (packing efficiency = tokens / capacity)
 
-    def to(self, device: Any) -> "Batch": ...
+    def to(self, device: Any) -> Batch: ...
 
 
 class Recipe(Protocol):
@@ -165,8 +184,9 @@ def prepare_model(cfg: TrainConfig, model_spec: str, first_stage: bool) -> tuple
     return model, tokenizer
 
 
-def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: str, out_dir: Path,
-                rank: int, world: int) -> dict[str, Any]:
+def train_stage(
+    cfg: TrainConfig, stage: StageConfig, index: int, model_spec: str, out_dir: Path, rank: int, world: int
+) -> dict[str, Any]:
     """Train one stage from `model_spec`; save the final model (HF format) in out_dir/model."""
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -178,8 +198,17 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
     model, tokenizer = prepare_model(cfg, model_spec, index == 0)
     started = time.perf_counter()
     recipe_module = importlib.import_module(f"orca2.train.{cfg.objective}")
-    recipe: Recipe = recipe_module.Recipe(cfg, stage, model, tokenizer, _read_stage_records(stage),
-                                          model_spec=model_spec, rank=rank, world=world, device=device)
+    recipe: Recipe = recipe_module.Recipe(
+        cfg,
+        stage,
+        model,
+        tokenizer,
+        _read_stage_records(stage),
+        model_spec=model_spec,
+        rank=rank,
+        world=world,
+        device=device,
+    )
 
     def rank_steps(epoch: int) -> list[list[Batch]]:
         """This rank's micro-batches for one epoch, grouped by optimizer step (all ranks get the same count).
@@ -189,7 +218,7 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
         steps = math.ceil(per_rank / cfg.grad_accum)
         mine = batches[rank::world]
         mine += [recipe.empty()] * (steps * cfg.grad_accum - len(mine))  # zero-loss fillers
-        return [mine[i:i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
+        return [mine[i : i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
 
     steps_per_epoch = len(rank_steps(0))
     total = steps_per_epoch * stage.epochs
@@ -214,8 +243,9 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
             if step >= total:
                 break
             t0 = time.perf_counter()
-            size = all_reduced({"tokens": sum(mb.tokens for mb in micro_batches),
-                                "capacity": sum(mb.capacity for mb in micro_batches)})
+            size = all_reduced(
+                {"tokens": sum(mb.tokens for mb in micro_batches), "capacity": sum(mb.capacity for mb in micro_batches)}
+            )
             ctx = recipe.step_context(engine, micro_batches, device)
             lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
             sums: dict[str, float] = {}
@@ -232,10 +262,19 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
             if rank == 0 and (step % cfg.log_every == 0 or step == total):
                 norm = engine.get_global_grad_norm()
                 elapsed = time.perf_counter() - t0
-                logger.write({"stage": stage.name, "step": step, "epoch": epoch, **sums, "lr": lr,
-                              "grad_norm": float(norm) if norm is not None else None,
-                              "tokens_per_s": size["tokens"] / elapsed, **ctx.get("log", {}),
-                              "packing_efficiency": size["tokens"] / max(1.0, size["capacity"])})
+                logger.write(
+                    {
+                        "stage": stage.name,
+                        "step": step,
+                        "epoch": epoch,
+                        **sums,
+                        "lr": lr,
+                        "grad_norm": float(norm) if norm is not None else None,
+                        "tokens_per_s": size["tokens"] / elapsed,
+                        **ctx.get("log", {}),
+                        "packing_efficiency": size["tokens"] / max(1.0, size["capacity"]),
+                    }
+                )
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)
             bar.update(1)
             stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < total
@@ -244,19 +283,31 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
             if stopping:
                 bar.close()
                 logger.close()
-                return {"stage": stage.name, "objective": cfg.objective, "steps": step, "stopped": True,
-                        "examples": recipe.counts, "model": None,
-                        "packing_efficiency": packed_tokens / capacity if capacity else None}
+                return {
+                    "stage": stage.name,
+                    "objective": cfg.objective,
+                    "steps": step,
+                    "stopped": True,
+                    "examples": recipe.counts,
+                    "model": None,
+                    "packing_efficiency": packed_tokens / capacity if capacity else None,
+                }
     bar.close()
     logger.close()
     final = out_dir / "model"
     ds.save_hf(engine, model, tokenizer, final, cfg.zero_stage, rank)
     dist.barrier()
     reference = getattr(recipe, "reference", None)
-    summary = {"stage": stage.name, "objective": cfg.objective, "steps": step, "examples": recipe.counts,
-               "packing_efficiency": packed_tokens / capacity if capacity else None, "model": str(final),
-               "reference_seconds": round(reference.seconds if reference is not None else 0.0, 2),
-               "seconds": round(time.perf_counter() - started, 2)}  # data, reference pass, steps and save
+    summary = {
+        "stage": stage.name,
+        "objective": cfg.objective,
+        "steps": step,
+        "examples": recipe.counts,
+        "packing_efficiency": packed_tokens / capacity if capacity else None,
+        "model": str(final),
+        "reference_seconds": round(reference.seconds if reference is not None else 0.0, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+    }  # data, reference pass, steps and save
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.destroy() if hasattr(engine, "destroy") else None
@@ -264,7 +315,8 @@ def train_stage(cfg: TrainConfig, stage: StageConfig, index: int, model_spec: st
 
 
 def check_data_kind(cfg: TrainConfig) -> None:
-    """A preference file given to sft, or SFT records given to dpo/kto: one line naming the file and line, before any step."""
+    """A preference file given to sft, or SFT records given to dpo/kto: one line naming the file and line, before
+    any step."""
     from orca2.io import iter_json_lines
     from orca2.records import is_preference
 
@@ -277,11 +329,15 @@ def check_data_kind(cfg: TrainConfig) -> None:
                     break  # the record reader names this error
                 preference = is_preference(obj)
                 if cfg.objective == "sft" and preference:
-                    raise Orca2Error(f"{path}:{line}: a preference record (chosen/rejected replies) but objective is sft; "
-                                     "use --objective dpo or kto")
+                    raise Orca2Error(
+                        f"{path}:{line}: a preference record (chosen/rejected replies) but objective is sft; "
+                        "use --objective dpo or kto"
+                    )
                 if cfg.objective != "sft" and not preference:
-                    raise Orca2Error(f"{path}:{line}: an SFT record (no chosen/rejected replies) but objective is "
-                                     f"{cfg.objective}; use --objective sft or give preference records")
+                    raise Orca2Error(
+                        f"{path}:{line}: an SFT record (no chosen/rejected replies) but objective is "
+                        f"{cfg.objective}; use --objective sft or give preference records"
+                    )
                 break
 
 
@@ -296,8 +352,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     deepspeed_config(cfg, cfg.dtype == "bf16" or (cfg.dtype == "auto" and torch.cuda.is_available()))  # fail early
     check_student(cfg.model)  # before DeepSpeed builds its ops or starts processes
     if cfg.attention in ("flex", "flash") and not torch.cuda.is_available():
-        raise Orca2Error(f"train: attention {cfg.attention} needs a CUDA GPU (PyTorch's flex attention has no CPU backward; "
-                         "flash-attn is CUDA only); use attention: auto or loop")
+        raise Orca2Error(
+            f"train: attention {cfg.attention} needs a CUDA GPU (PyTorch's flex attention has no CPU backward; "
+            "flash-attn is CUDA only); use attention: auto or loop"
+        )
     if cfg.reference is not None:
         check_student(cfg.reference)
     check_data_kind(cfg)

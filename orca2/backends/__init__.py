@@ -1,1 +1,2 @@
-"""Backends: how a request reaches a model (openai, batch, local, program). Stages never import these; orca2.ask does."""
+"""Backends: how a request reaches a model (openai, batch, local, program). Stages never import these; orca2.ask
+does."""

@@ -91,17 +91,21 @@ class BatchBackend:
             try:
                 return fn(*args, **kwargs)
             except openai.AuthenticationError:
-                raise Orca2Error(f"{self.spec}: 401 authentication failed at {self.base_url}: check the API key "
-                                 f"(${self.cfg.api_key_env})") from None
+                raise Orca2Error(
+                    f"{self.spec}: 401 authentication failed at {self.base_url}: check the API key "
+                    f"(${self.cfg.api_key_env})"
+                ) from None
             except openai.BadRequestError as exc:
                 raise Orca2Error(f"{self.spec}: {what} rejected by {self.base_url}: {self._message(exc)}") from None
             except (openai.PermissionDeniedError, openai.NotFoundError) as exc:
                 raise Orca2Error(f"{self.spec}: {what}: {exc.status_code} {self._message(exc)}") from None
             except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
                 if attempt == self.cfg.max_attempts:
-                    raise Orca2Error(f"{self.spec}: {what} failed {attempt} times at {self.base_url} "
-                                     f"({type(exc).__name__}); batches already submitted are recorded and resume "
-                                     "on the next run") from None
+                    raise Orca2Error(
+                        f"{self.spec}: {what} failed {attempt} times at {self.base_url} "
+                        f"({type(exc).__name__}); batches already submitted are recorded and resume "
+                        "on the next run"
+                    ) from None
                 time.sleep(min(self.cfg.backoff_max, self.cfg.backoff_base * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")
 
@@ -110,7 +114,9 @@ class BatchBackend:
         message = body.get("message") if isinstance(body, dict) else None
         return str(message or type(exc).__name__)[:200].replace(self._key, "***")
 
-    def _submit(self, keys: list[str], requests: dict[str, Any], sampling: Sampling, book: BatchLog) -> dict[str, list[str]]:
+    def _submit(
+        self, keys: list[str], requests: dict[str, Any], sampling: Sampling, book: BatchLog
+    ) -> dict[str, list[str]]:
         """Upload and create batches for `keys`, split at the API's limits; return batch_id → keys."""
         created: dict[str, list[str]] = {}
         lines: list[bytes] = []
@@ -119,13 +125,24 @@ class BatchBackend:
 
         def flush() -> None:
             data = b"".join(lines)
-            upload = self._call("the batch file", self.client.files.create, file=("orca2-batch.jsonl", data), purpose="batch")
+            upload = self._call(
+                "the batch file", self.client.files.create, file=("orca2-batch.jsonl", data), purpose="batch"
+            )
             book.write(event="uploaded", file_id=upload.id, model=self.model, base_url=self.base_url, keys=list(chunk))
             created[self._create(upload.id, book)] = list(chunk)
 
         for key in keys:
-            line = orjson.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
-                                 "body": chat_body(self.model, requests[key].messages, sampling)}) + b"\n"
+            line = (
+                orjson.dumps(
+                    {
+                        "custom_id": key,
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": chat_body(self.model, requests[key].messages, sampling),
+                    }
+                )
+                + b"\n"
+            )
             if chunk and (len(chunk) >= self.cfg.batch_max_requests or size + len(line) > self.cfg.batch_max_bytes):
                 flush()
                 lines, chunk, size = [], [], 0
@@ -137,13 +154,20 @@ class BatchBackend:
         return created
 
     def _create(self, file_id: str, book: BatchLog) -> str:
-        batch = self._call("the batch", self.client.batches.create, input_file_id=file_id, endpoint="/v1/chat/completions",
-                           completion_window=self.cfg.completion_window, metadata={"created_by": "orca2", "model": self.model})
+        batch = self._call(
+            "the batch",
+            self.client.batches.create,
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window=self.cfg.completion_window,
+            metadata={"created_by": "orca2", "model": self.model},
+        )
         book.write(event="created", file_id=file_id, batch_id=batch.id)
         return batch.id
 
     def _adopt(self, file_id: str, book: BatchLog) -> str:
-        """The batch made from an uploaded file whose batch id a killed run did not record; created only if none exists."""
+        """The batch made from an uploaded file whose batch id a killed run did not record; created only if none
+        exists."""
         for batch in self._call("listing batches", self.client.batches.list, limit=100):
             if batch.input_file_id == file_id:
                 book.write(event="created", file_id=file_id, batch_id=batch.id)
@@ -214,8 +238,9 @@ class BatchBackend:
                     outstanding.update(self._submit(retry, requests, sampling, book))
                     delay = self.cfg.poll_interval
 
-    def _collect(self, batch: Any, keys: list[str], requests: dict[str, Any], attempts: dict[str, int], sink: Any,
-                 book: BatchLog) -> list[str]:
+    def _collect(
+        self, batch: Any, keys: list[str], requests: dict[str, Any], attempts: dict[str, int], sink: Any, book: BatchLog
+    ) -> list[str]:
         """Write a finished batch's answers to the cache; return the keys to submit again."""
         results = self._results(batch)
         if batch.status == "failed":
@@ -224,8 +249,13 @@ class BatchBackend:
             sink.abort(f"batch {batch.id} failed at {self.base_url}: {reason}")
         if batch.status == "cancelled":
             self.cancelled.append(batch.id)
-            log.warning("%s: batch %s was cancelled; %d of its %d requests had finished", self.spec, batch.id,
-                        sum(isinstance(r, Response) for r in results.values()), len(keys))
+            log.warning(
+                "%s: batch %s was cancelled; %d of its %d requests had finished",
+                self.spec,
+                batch.id,
+                sum(isinstance(r, Response) for r in results.values()),
+                len(keys),
+            )
         book.write(event="finished", batch_id=batch.id, status=batch.status)
         retry = []
         for key in keys:

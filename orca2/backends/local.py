@@ -31,8 +31,18 @@ class LocalBackend:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
-        jobs = [Job(key, self.encode(request.messages), sampling.n, sampling.max_tokens, sampling.temperature,
-                    sampling.top_p, sampling.seed) for key, request in pending]
+        jobs = [
+            Job(
+                key,
+                self.encode(request.messages),
+                sampling.n,
+                sampling.max_tokens,
+                sampling.temperature,
+                sampling.top_p,
+                sampling.seed,
+            )
+            for key, request in pending
+        ]
 
         def done(job: Job) -> None:
             contents, reasons, completion = [], [], 0
@@ -42,7 +52,16 @@ class LocalBackend:
                 text_tokens = tokens[:-1] if reason == "stop" else tokens
                 contents.append(self.tokenizer.decode(text_tokens, skip_special_tokens=True).strip())
                 reasons.append(reason)
-            sink.done(job.key, Response(contents, reasons, len(job.prompt), completion,
-                                        round(time.perf_counter() - job.started_at, 4), model=self.spec))
+            sink.done(
+                job.key,
+                Response(
+                    contents,
+                    reasons,
+                    len(job.prompt),
+                    completion,
+                    round(time.perf_counter() - job.started_at, 4),
+                    model=self.spec,
+                ),
+            )
 
         self.engine.run(jobs, done, lambda job, reason: sink.failed(job.key, reason))

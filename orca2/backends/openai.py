@@ -51,8 +51,10 @@ def credentials(spec: str, client: ClientConfig) -> tuple[str, str]:
     """(API key, base URL) for a spec, or a one-line error before any request when there is no key."""
     key = client.api_key or os.environ.get(client.api_key_env)
     if not key:
-        raise Orca2Error(f"model {spec}: no API key: set ${client.api_key_env} "
-                         "(for a local server without auth, any value such as EMPTY)")
+        raise Orca2Error(
+            f"model {spec}: no API key: set ${client.api_key_env} "
+            "(for a local server without auth, any value such as EMPTY)"
+        )
     return key, client.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
 
 
@@ -67,8 +69,13 @@ def http_response_class() -> Any:
 
 def chat_body(model: str, messages: list[dict[str, str]], sampling: Sampling) -> dict[str, Any]:
     """The /v1/chat/completions request body (also each line of a batch file)."""
-    body: dict[str, Any] = {"model": model, "messages": messages, "temperature": sampling.temperature,
-                            "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+    }
     if sampling.n != 1:
         body["n"] = sampling.n
     if sampling.seed is not None:
@@ -87,8 +94,13 @@ def parse_chat_completion(data: Any, model: str) -> Response:
     if not contents:
         raise ModelError("malformed response (no choices)", retryable=True)
     usage = data.get("usage") or {}
-    return Response(contents=contents, finish_reasons=reasons, prompt_tokens=usage.get("prompt_tokens") or 0,
-                    completion_tokens=usage.get("completion_tokens") or 0, model=data.get("model") or model)
+    return Response(
+        contents=contents,
+        finish_reasons=reasons,
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        model=data.get("model") or model,
+    )
 
 
 class OpenAIBackend:
@@ -116,8 +128,9 @@ class OpenAIBackend:
             except (AttributeError, ImportError, RuntimeError):  # older SDKs, or no aiohttp bridge installed
                 http_client = None
             # Retries are ours (Retry-After, jitter, accounting), so the client's own are off.
-            self._client_obj = openai.AsyncOpenAI(api_key=self._key, base_url=self.base_url, max_retries=0,
-                                                  timeout=self._timeout, http_client=http_client)
+            self._client_obj = openai.AsyncOpenAI(
+                api_key=self._key, base_url=self.base_url, max_retries=0, timeout=self._timeout, http_client=http_client
+            )
         return self._client_obj
 
     async def complete(self, messages: list[dict[str, str]], sampling: Sampling) -> Response:
@@ -131,22 +144,37 @@ class OpenAIBackend:
             raw = await self._client.post("/chat/completions", body=kwargs, cast_to=self._http_response)
             data = orjson.loads(raw.content)
         except openai.RateLimitError as exc:
-            raise ModelError("429 rate limited", retryable=True, retry_after=_retry_after(exc.response.headers)) from None
+            raise ModelError(
+                "429 rate limited", retryable=True, retry_after=_retry_after(exc.response.headers)
+            ) from None
         except openai.AuthenticationError:
-            raise ModelError(f"401 authentication failed at {self.base_url}: check the API key (${self._key_env})",
-                               retryable=False, fatal=True) from None
+            raise ModelError(
+                f"401 authentication failed at {self.base_url}: check the API key (${self._key_env})",
+                retryable=False,
+                fatal=True,
+            ) from None
         except (openai.PermissionDeniedError, openai.NotFoundError) as exc:
-            raise ModelError(f"{exc.status_code} {self._message(exc)} (model '{self.model}' at {self.base_url})",
-                               retryable=False, fatal=True) from None
-        except openai.APIConnectionError as exc:  # APITimeoutError included: transports report refused connects as timeouts
+            raise ModelError(
+                f"{exc.status_code} {self._message(exc)} (model '{self.model}' at {self.base_url})",
+                retryable=False,
+                fatal=True,
+            ) from None
+        except (
+            openai.APIConnectionError
+        ) as exc:  # APITimeoutError included: transports report refused connects as timeouts
             refused = _os_error(exc)
             if refused is None and isinstance(exc, openai.APITimeoutError):
                 raise ModelError("timeout", retryable=True) from None
-            raise ModelError(f"connection error ({type(refused or exc).__name__}) at {self.base_url}", retryable=True) from None
+            raise ModelError(
+                f"connection error ({type(refused or exc).__name__}) at {self.base_url}", retryable=True
+            ) from None
         except openai.APIStatusError as exc:
             retryable = exc.status_code >= 500 or exc.status_code in (408, 409)
-            raise ModelError(f"{exc.status_code} {self._message(exc)}", retryable=retryable,
-                               retry_after=_retry_after(exc.response.headers)) from None
+            raise ModelError(
+                f"{exc.status_code} {self._message(exc)}",
+                retryable=retryable,
+                retry_after=_retry_after(exc.response.headers),
+            ) from None
         except (openai.APIResponseValidationError, ValueError) as exc:  # malformed JSON body
             raise ModelError(f"malformed response ({type(exc).__name__})", retryable=True) from None
         response = parse_chat_completion(data, self.model)

@@ -5,7 +5,8 @@ The synthetic generator knows each task's computation (meta.synthetic: steps and
 teacher writes a correct solution *in the style of the requested strategy*: a bare answer under
 direct-answer, numbered steps under step-by-step, the relevant facts first under recall-then-generate,
 and so on. It is exact, instant and free — and labelled as what it is (teacher "program:synthetic"),
-not passed off as a language model. The strategy is recognised from the system prompt it is sent, rendered for the request's task.
+not passed off as a language model. The strategy is recognised from the system prompt it is sent, rendered for the
+request's task.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from orca2.errors import Orca2Error
-from orca2.strategies import Library
 from orca2.models import ModelError, Response, Sampling
+from orca2.strategies import Library
 
 
 def write_solution(strategy: str, steps: list[str], facts: list[str], answer: str, question: str) -> str:
@@ -30,8 +31,13 @@ def write_solution(strategy: str, steps: list[str], facts: list[str], answer: st
     if strategy == "recall-then-generate":
         return "Relevant facts:\n" + "\n".join(f"- {f}" for f in facts) + f"\nAnswer: {work[-1]}\n{final}"
     if strategy == "recall-reason-generate":
-        return ("Relevant facts:\n" + "\n".join(f"- {f}" for f in facts) + "\nReasoning:\n"
-                + "\n".join(f"{i}. {s}" for i, s in enumerate(work, 1)) + f"\nAnswer: {answer}\n{final}")
+        return (
+            "Relevant facts:\n"
+            + "\n".join(f"- {f}" for f in facts)
+            + "\nReasoning:\n"
+            + "\n".join(f"{i}. {s}" for i, s in enumerate(work, 1))
+            + f"\nAnswer: {answer}\n{final}"
+        )
     if strategy == "extract-generate":
         quoted = list(facts) or [question]
         return "Extracted:\n" + "\n".join(f"- {q}" for q in quoted) + f"\nAnswer: {work[-1]}\n{final}"
@@ -41,7 +47,9 @@ def write_solution(strategy: str, steps: list[str], facts: list[str], answer: st
 class _Program:
     """A program model: `complete_one` per request, answered in order, instantly."""
 
-    def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
+    def complete_one(
+        self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling
+    ) -> Response:
         raise NotImplementedError
 
     def answer_all(self, pending: list[tuple[str, Any]], sampling: Sampling, sink: Any) -> None:
@@ -69,18 +77,31 @@ class ProgramBackend(_Program):
                 return strategy.name
         raise ModelError("program:synthetic: the system prompt is not one of the library's strategies", retryable=False)
 
-    def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
+    def complete_one(
+        self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling
+    ) -> Response:
         context = context or {}
         synthetic = context.get("synthetic")
         if not synthetic or "answer" not in context:
-            raise ModelError("program:synthetic only answers built-in synthetic tasks (meta.synthetic missing)",
-                             retryable=False)
-        text = write_solution(self.strategy_of(messages, context.get("task")), synthetic["steps"],
-                              synthetic.get("facts", []), context["answer"], messages[-1]["content"])
+            raise ModelError(
+                "program:synthetic only answers built-in synthetic tasks (meta.synthetic missing)", retryable=False
+            )
+        text = write_solution(
+            self.strategy_of(messages, context.get("task")),
+            synthetic["steps"],
+            synthetic.get("facts", []),
+            context["answer"],
+            messages[-1]["content"],
+        )
         words = len(text.split())
-        return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
-                        completion_tokens=words * sampling.n, latency_s=0.0, model=self.spec)
-
+        return Response(
+            [text] * sampling.n,
+            ["stop"] * sampling.n,
+            prompt_tokens=sum(len(m["content"].split()) for m in messages),
+            completion_tokens=words * sampling.n,
+            latency_s=0.0,
+            model=self.spec,
+        )
 
 
 def program_backend(name: str, library: Library | None = None) -> Any:
@@ -95,7 +116,9 @@ class PersonaProgram(_Program):
 
     spec = "program:persona"
 
-    def complete_one(self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling) -> Response:
+    def complete_one(
+        self, messages: list[dict[str, str]], context: dict[str, Any] | None, sampling: Sampling
+    ) -> Response:
         import json
 
         from orca2 import traits
@@ -114,6 +137,11 @@ class PersonaProgram(_Program):
             text = json.dumps({"consistent": traits.rule_consistent(c["aspect"], c["reference"], c["post"])})
         else:
             raise ModelError(f"program:persona does not play the agent {agent!r}", retryable=False)
-        return Response([text] * sampling.n, ["stop"] * sampling.n, prompt_tokens=sum(len(m["content"].split()) for m in messages),
-                        completion_tokens=len(text.split()) * sampling.n, latency_s=0.0, model=self.spec)
-
+        return Response(
+            [text] * sampling.n,
+            ["stop"] * sampling.n,
+            prompt_tokens=sum(len(m["content"].split()) for m in messages),
+            completion_tokens=len(text.split()) * sampling.n,
+            latency_s=0.0,
+            model=self.spec,
+        )

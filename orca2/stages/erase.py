@@ -38,8 +38,18 @@ from orca2.strategies import Library
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("teacher_error", "no_response", "empty_response", "truncated", "too_long", "leak", "wrong_answer",
-                "contaminated", "duplicate", "near_duplicate")
+DROP_REASONS = (
+    "teacher_error",
+    "no_response",
+    "empty_response",
+    "truncated",
+    "too_long",
+    "leak",
+    "wrong_answer",
+    "contaminated",
+    "duplicate",
+    "near_duplicate",
+)
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,12 @@ def run(cfg: EraseConfig) -> dict[str, Any]:
 
     def flush(sink: Any) -> None:
         nonlocal kept
-        matches = near.check_batch([user_prompt(r) for r, _, _ in batch], [g for _, g, _ in batch]) if near else [None] * len(batch)
-        for (record, group, key), match in zip(batch, matches):
+        matches = (
+            near.check_batch([user_prompt(r) for r, _, _ in batch], [g for _, g, _ in batch])
+            if near
+            else [None] * len(batch)
+        )
+        for (record, _group, key), match in zip(batch, matches):
             if match is not None:
                 drop(record, "near_duplicate", f"near-duplicate of {match}")
                 continue
@@ -143,7 +157,7 @@ def run(cfg: EraseConfig) -> dict[str, Any]:
 
     try:
         with atomic_writer(cfg.output) as sink:
-            for lineno, record in read_numbered(cfg.input, on_invalid=on_invalid):
+            for _lineno, record in read_numbered(cfg.input, on_invalid=on_invalid):
                 read += 1
                 meta = record.get("meta", {})
                 strategy = meta.get("strategy")
@@ -208,9 +222,19 @@ def run(cfg: EraseConfig) -> dict[str, Any]:
                     if first is not None:
                         drop(record, "duplicate", f"same prompt as {first}")
                         continue
-                new_meta["erased"] = {"strategy": strategy, "prompt_hash": hashlib.sha256(erased.encode()).hexdigest()[:16]
-                                      if erased is not None else None, "generic": cfg.generic, "generic_hash": generic_hash}
-                out = {"id": record["id"], "task": record["task"], "messages": messages, "answer": answer, "meta": new_meta}
+                new_meta["erased"] = {
+                    "strategy": strategy,
+                    "prompt_hash": hashlib.sha256(erased.encode()).hexdigest()[:16] if erased is not None else None,
+                    "generic": cfg.generic,
+                    "generic_hash": generic_hash,
+                }
+                out = {
+                    "id": record["id"],
+                    "task": record["task"],
+                    "messages": messages,
+                    "answer": answer,
+                    "meta": new_meta,
+                }
                 batch.append((out, group, key))
                 if len(batch) >= 4096:
                     flush(sink)
@@ -221,20 +245,29 @@ def run(cfg: EraseConfig) -> dict[str, Any]:
 
     total_dropped = sum(dropped.values())
     if read != kept + total_dropped + rejected:
-        raise Orca2Error(f"accounting mismatch: read {read} != kept {kept} + dropped {total_dropped} + rejected {rejected}")
+        raise Orca2Error(
+            f"accounting mismatch: read {read} != kept {kept} + dropped {total_dropped} + rejected {rejected}"
+        )
     report = {
-        "input": cfg.input, "output": cfg.output, "generic": cfg.generic,
-        "read": read, "kept": kept, "dropped": total_dropped, "rejected": rejected,
+        "input": cfg.input,
+        "output": cfg.output,
+        "generic": cfg.generic,
+        "read": read,
+        "kept": kept,
+        "dropped": total_dropped,
+        "rejected": rejected,
         "dropped_by_reason": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
         "notes": dict(notes),
         "by_task_strategy": [
-            {"task": t, "strategy": s, **dict(c),
-             "accuracy": (c["correct"] / c["verified"]) if c["verified"] else None}
+            {"task": t, "strategy": s, **dict(c), "accuracy": (c["correct"] / c["verified"]) if c["verified"] else None}
             for (t, s), c in sorted(by_task_strategy.items())
         ],
         "contaminated": contaminated_ids[:1000],
-        "decontamination": {"sources": list(cfg.decontaminate), "eval_items": contamination.items if contamination else 0,
-                            "ngram": cfg.decontam_ngram},
+        "decontamination": {
+            "sources": list(cfg.decontaminate),
+            "eval_items": contamination.items if contamination else 0,
+            "ngram": cfg.decontam_ngram,
+        },
         "files": {name: str(path) for name, path in paths.items() if path.exists()},
     }
     if cfg.plots and read:
@@ -249,22 +282,45 @@ def run(cfg: EraseConfig) -> dict[str, Any]:
 
 def render_report(report: dict[str, Any]) -> str:
     """The Markdown report: accounting, drop reasons, task × strategy accuracy."""
-    lines = [f"# Erasure report: {report['input']} → {report['output']}", "",
-             f"Generic prompt: `{report['generic']}`", "",
-             "| read | kept | dropped | rejected |", "|---:|---:|---:|---:|",
-             f"| {report['read']} | {report['kept']} | {report['dropped']} | {report['rejected']} |", "",
-             "## Dropped, by reason", "", "| reason | records |", "|---|---:|"]
+    lines = [
+        f"# Erasure report: {report['input']} → {report['output']}",
+        "",
+        f"Generic prompt: `{report['generic']}`",
+        "",
+        "| read | kept | dropped | rejected |",
+        "|---:|---:|---:|---:|",
+        f"| {report['read']} | {report['kept']} | {report['dropped']} | {report['rejected']} |",
+        "",
+        "## Dropped, by reason",
+        "",
+        "| reason | records |",
+        "|---|---:|",
+    ]
     lines += [f"| {reason} | {n} |" for reason, n in report["dropped_by_reason"].items()] or ["| (none) | 0 |"]
     if report["notes"]:
         lines += ["", "## Kept, with notes", "", "| note | records |", "|---|---:|"]
         lines += [f"| {note} | {n} |" for note, n in report["notes"].items()]
-    lines += ["", "## Task × strategy", "", "| task | strategy | read | kept | verified | accuracy |", "|---|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Task × strategy",
+        "",
+        "| task | strategy | read | kept | verified | accuracy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for row in report["by_task_strategy"]:
         acc = "–" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-        lines.append(f"| {row['task']} | {row['strategy']} | {row.get('read', 0)} | {row.get('kept', 0)} | "
-                     f"{row.get('verified', 0)} | {acc} |")
+        lines.append(
+            f"| {row['task']} | {row['strategy']} | {row.get('read', 0)} | {row.get('kept', 0)} | "
+            f"{row.get('verified', 0)} | {acc} |"
+        )
     if report["contaminated"]:
-        lines += ["", f"## Contaminated (first {len(report['contaminated'])})", "", "| id | eval item | shared n-gram |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Contaminated (first {len(report['contaminated'])})",
+            "",
+            "| id | eval item | shared n-gram |",
+            "|---|---|---|",
+        ]
         lines += [f"| {c['id']} | {c['eval_id']} | {c['ngram']} |" for c in report["contaminated"][:50]]
     if "lengths_png" in report["files"]:
         lines += ["", f"![response lengths]({report['files']['lengths_png'].rsplit('/', 1)[-1]})"]
@@ -279,7 +335,9 @@ def plot_lengths(lengths: dict[str, list[int]], path: Any) -> Any:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    series = [(name, values) for name, values in sorted(lengths.items(), key=lambda kv: (kv[0] != "kept", kv[0])) if values]
+    series = [
+        (name, values) for name, values in sorted(lengths.items(), key=lambda kv: (kv[0] != "kept", kv[0])) if values
+    ]
     top = max((max(v) for _, v in series), default=1) or 1
     bins = list(range(0, top + max(1, top // 40) + 1, max(1, top // 40)))
     for name, values in series:

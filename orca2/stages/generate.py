@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
@@ -20,9 +21,9 @@ from orca2.ask import Answers, Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_errors
+from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library, Strategy
-from orca2.models import ClientConfig, Sampling, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,10 @@ class Prepared:
 
     def request(self) -> Request:
         """What the model is asked; a program model also sees the task's gold answer and meta."""
-        return Request(self.messages, {**self.record.get("meta", {}), "answer": self.record.get("answer"),
-                                       "task": self.record["task"]})
+        return Request(
+            self.messages,
+            {**self.record.get("meta", {}), "answer": self.record.get("answer"), "task": self.record["task"]},
+        )
 
 
 def prepare(path: str, chooser: Any, library: Library, limit: int | None) -> Iterator[Prepared]:
@@ -74,8 +77,10 @@ def prepare(path: str, chooser: Any, library: Library, limit: int | None) -> Ite
         if limit is not None and count >= limit:
             return
         if record["messages"][-1]["role"] != "user":
-            raise Orca2Error(f"{path}:{lineno}: field 'messages': the last message must be the user's task, "
-                             f"got a {record['messages'][-1]['role']} message")
+            raise Orca2Error(
+                f"{path}:{lineno}: field 'messages': the last message must be the user's task, "
+                f"got a {record['messages'][-1]['role']} message"
+            )
         try:
             strategy = library.get(chooser(record["task"], record["id"]))
         except Orca2Error as exc:
@@ -90,16 +95,28 @@ def trace_records(item: Prepared, answers: Answers, i: int, response: dict[str, 
     for k, content in enumerate(response["contents"]):
         meta = dict(item.record.get("meta", {}))
         provenance = answers.provenance(i, response, k)
-        meta.update({"strategy": item.strategy.name, "prompt_hash": prompt_hash(item.messages[0]["content"]),
-                     "teacher": provenance.pop("model"), **provenance})
+        meta.update(
+            {
+                "strategy": item.strategy.name,
+                "prompt_hash": prompt_hash(item.messages[0]["content"]),
+                "teacher": provenance.pop("model"),
+                **provenance,
+            }
+        )
         if n > 1:
             meta.update(sample=k, task_id=item.record["id"], usage_per="request")
-        yield {"id": item.record["id"] if n == 1 else f"{item.record['id']}#{k}", "task": item.record["task"],
-               "messages": item.messages + [{"role": "assistant", "content": content}],
-               "answer": item.record.get("answer"), "meta": meta}
+        yield {
+            "id": item.record["id"] if n == 1 else f"{item.record['id']}#{k}",
+            "task": item.record["task"],
+            "messages": item.messages + [{"role": "assistant", "content": content}],
+            "answer": item.record.get("answer"),
+            "meta": meta,
+        }
 
 
-def estimate_cost(prices: dict[str, dict[str, float]], spec: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+def estimate_cost(
+    prices: dict[str, dict[str, float]], spec: str, prompt_tokens: int, completion_tokens: int
+) -> float | None:
     """USD at the listed per-1M-token prices; the Batch API bills half of them."""
     scheme, model = spec.split(":", 1)
     price = prices.get(model) or prices.get(spec)
@@ -125,17 +142,25 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     by_strategy: dict[str, int] = {}
     finish: dict[str, int] = {}
     answered = written = 0
-    with ask(spec, requests, cfg.sampling, cfg.client, desc=f"generate {cfg.teacher}", library=library) as answers, \
-            atomic_writer(cfg.output) as sink:
+    with (
+        ask(spec, requests, cfg.sampling, cfg.client, desc=f"generate {cfg.teacher}", library=library) as answers,
+        atomic_writer(cfg.output) as sink,
+    ):
         del requests  # the answers are read back from the cache, streaming the tasks a second time
         result = answers.result
         for i, item in enumerate(prepare(cfg.tasks, chooser, library, cfg.limit)):
             response = answers.response(i)
             if response is None:
-                errors.append({"id": item.record["id"], "task": item.record["task"], "messages": item.messages,
-                               "answer": item.record.get("answer"),
-                               "meta": {**item.record.get("meta", {}), "strategy": item.strategy.name, "teacher": spec.id},
-                               "error": answers.error(i)})
+                errors.append(
+                    {
+                        "id": item.record["id"],
+                        "task": item.record["task"],
+                        "messages": item.messages,
+                        "answer": item.record.get("answer"),
+                        "meta": {**item.record.get("meta", {}), "strategy": item.strategy.name, "teacher": spec.id},
+                        "error": answers.error(i),
+                    }
+                )
                 continue
             answered += 1
             usage["prompt_tokens"] += response["prompt_tokens"]

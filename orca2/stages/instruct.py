@@ -25,8 +25,9 @@ import dataclasses
 import logging
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -46,8 +47,16 @@ from orca2.parse import PARSERS
 log = logging.getLogger(__name__)
 # Per agent: replies the flow got; how its requests were answered (sent to the model this run, from the cache,
 # shared with an identical request in flight); tokens of the replies; replies that did not parse; calls given up.
-AGENT_COUNTS = ("replies", "sent", "cached", "shared", "prompt_tokens", "completion_tokens", "unparsable_replies",
-                "calls_lost")
+AGENT_COUNTS = (
+    "replies",
+    "sent",
+    "cached",
+    "shared",
+    "prompt_tokens",
+    "completion_tokens",
+    "unparsable_replies",
+    "calls_lost",
+)
 DROP_REASONS = ("empty", "too_long", "ungrounded", "contaminated", "duplicate", "near_duplicate")
 
 
@@ -113,7 +122,7 @@ class Item:
     fields: dict[str, str]
     models: dict[str, str]  # agent → model that wrote this item's steps
     order: tuple[int, int]  # (passage position, type position): output order, whatever order replies came in
-    parent: "Item | None" = None
+    parent: Item | None = None
     suggestions: str | None = None
 
     @property
@@ -144,15 +153,24 @@ class FlowRun:
     def model(self, agent: str) -> str:
         return self.cfg.models.get(agent, self.cfg.model)
 
-    def call(self, agent: str, prompt: str, values: dict[str, Any], parse: Callable[[str], Any],
-             then: Callable[[Any], None], attempt: int = 0) -> None:
+    def call(
+        self,
+        agent: str,
+        prompt: str,
+        values: dict[str, Any],
+        parse: Callable[[str], Any],
+        then: Callable[[Any], None],
+        attempt: int = 0,
+    ) -> None:
         """Ask `agent`; `then` gets the parsed reply, or None once it failed or did not parse `parse_attempts` times."""
         messages = [{"role": "user", "content": fill(self.flow.prompts[prompt], values)}]
         sampling = dataclasses.replace(self.cfg.sampling, n=1, seed=(self.cfg.sampling.seed or 0) + attempt)
 
         def answered(response: dict[str, Any] | None, origin: str) -> None:
             usage = self.usage[agent]
-            usage[origin] += 1  # sent to the model this run, answered from the cache, or shared with an identical request
+            usage[origin] += (
+                1  # sent to the model this run, answered from the cache, or shared with an identical request
+            )
             if response is None:
                 usage["calls_lost"] += 1
                 return then(None)
@@ -181,7 +199,9 @@ class FlowRun:
             if not isinstance(value, dict):
                 return None
             item = {k: value.get(k) for k in names}
-            if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v).strip() for v in item.values()):
+            if not all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v).strip() for v in item.values()
+            ):
                 return None
             return {k: str(v).strip() for k, v in item.items()}
 
@@ -203,8 +223,13 @@ class FlowRun:
             if t.prompt is None:
                 self.transformed(position, p, t.name, p.text)
             else:
-                self.call("transform", t.prompt, {"passage": p.text}, _as_text(PARSERS[t.parse]),
-                          lambda text, position=position, p=p, name=t.name: self.transformed(position, p, name, text))
+                self.call(
+                    "transform",
+                    t.prompt,
+                    {"passage": p.text},
+                    _as_text(PARSERS[t.parse]),
+                    lambda text, position=position, p=p, name=t.name: self.transformed(position, p, name, text),
+                )
         self.queue.run()
         return sorted(self.items, key=lambda i: i.sort_key)
 
@@ -218,7 +243,13 @@ class FlowRun:
         state = {"pending": len(types), "items": 0}
         models = {"transform": self.model("transform") if name != "identity" else "none", "seed": self.model("seed")}
         for type_position, t in enumerate(types):
-            values = {"passage": text, "type": t.name, "definition": t.definition, "example": t.example, "count": str(count)}
+            values = {
+                "passage": text,
+                "type": t.name,
+                "definition": t.definition,
+                "example": t.example,
+                "count": str(count),
+            }
 
             def seeded(reply: Any, t=t, order=(position, type_position)) -> None:
                 state["pending"] -= 1
@@ -240,7 +271,12 @@ class FlowRun:
         if item.round >= self.rounds:
             return
         refine = self.flow.refine
-        values = {"passage": item.text, "type": item.type, "definition": self.types[item.type].definition, **item.fields}
+        values = {
+            "passage": item.text,
+            "type": item.type,
+            "definition": self.types[item.type].definition,
+            **item.fields,
+        }
 
         def suggested(suggestions: str | None) -> None:
             if suggestions is None:
@@ -251,18 +287,36 @@ class FlowRun:
                 if fields is None:
                     self.lost["chains_ended_at_editor"] += 1
                     return
-                self.add(Item(item.passage, item.text, item.transformation, item.type, item.index, item.round + 1, fields,
-                              {**item.models, "suggester": self.model("suggester"), "editor": self.model("editor")},
-                              item.order, parent=item, suggestions=suggestions))
+                self.add(
+                    Item(
+                        item.passage,
+                        item.text,
+                        item.transformation,
+                        item.type,
+                        item.index,
+                        item.round + 1,
+                        fields,
+                        {**item.models, "suggester": self.model("suggester"), "editor": self.model("editor")},
+                        item.order,
+                        parent=item,
+                        suggestions=suggestions,
+                    )
+                )
 
-            self.call("editor", refine.editor.prompt, {**values, "suggestions": suggestions},  # type: ignore[union-attr]
-                      self.editor_parser, edited)
+            self.call(
+                "editor",
+                refine.editor.prompt,
+                {**values, "suggestions": suggestions},  # type: ignore[union-attr]
+                self.editor_parser,
+                edited,
+            )
 
         self.call("suggester", refine.suggester.prompt, values, self.suggestion_parser, suggested)  # type: ignore[union-attr]
 
 
 def _as_text(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
     """A transformation or suggestion read as text: a list becomes bullet lines, an object its JSON."""
+
     def text(reply: str) -> str | None:
         value = parse(reply)
         if isinstance(value, list):
@@ -270,24 +324,43 @@ def _as_text(parse: Callable[[str], Any]) -> Callable[[str], str | None]:
         elif isinstance(value, dict):
             value = orjson.dumps(value).decode()
         return value
+
     return text
 
 
 def to_record(flow: Flow, item: Item) -> dict[str, Any]:
     values = {"passage": item.text, "type": item.type, **item.fields}
     answer = item.fields.get(flow.answer_field) if flow.answer_field else None
-    meta = {"source": "instruct", "instruct": {
-        "flow": flow.name, "skill": flow.skill, "document": item.passage.document, "passage": item.passage.index,
-        "passage_hash": item.passage.hash, "transformation": item.transformation, "type": item.type, "item": item.index,
-        "round": item.round, "fields": item.fields, "models": item.models,
-        "parent": f"instruct/{flow.name}/{item.parent.id}" if item.parent else None,
-        "suggestions": item.suggestions}}
-    return {"id": f"instruct/{flow.name}/{item.id}", "task": f"instruct/{flow.name}/{item.type}",
-            "messages": [{"role": "user", "content": fill(flow.task_template, values)}], "answer": answer, "meta": meta}
+    meta = {
+        "source": "instruct",
+        "instruct": {
+            "flow": flow.name,
+            "skill": flow.skill,
+            "document": item.passage.document,
+            "passage": item.passage.index,
+            "passage_hash": item.passage.hash,
+            "transformation": item.transformation,
+            "type": item.type,
+            "item": item.index,
+            "round": item.round,
+            "fields": item.fields,
+            "models": item.models,
+            "parent": f"instruct/{flow.name}/{item.parent.id}" if item.parent else None,
+            "suggestions": item.suggestions,
+        },
+    }
+    return {
+        "id": f"instruct/{flow.name}/{item.id}",
+        "task": f"instruct/{flow.name}/{item.type}",
+        "messages": [{"role": "user", "content": fill(flow.task_template, values)}],
+        "answer": answer,
+        "meta": meta,
+    }
 
 
 def quality(flow: Flow, cfg: InstructConfig, items: list[Item]) -> list[tuple[Item, dict[str, Any], str | None]]:
-    """(item, record, drop reason or None) in candidate order: the checks of the module docstring, first failure wins."""
+    """(item, record, drop reason or None) in candidate order: the checks of the module docstring, first failure
+    wins."""
     contamination = build_contamination_index(cfg.decontaminate, cfg.decontam_ngram) if cfg.decontaminate else None
     exact = ExactDeduper() if cfg.dedup != "off" else None
     near = NearDeduper(cfg.near_threshold) if cfg.dedup == "near" else None
@@ -346,7 +419,7 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
         counts["documents"] += documents
     if cfg.max_passages is not None:
         lost["passages_over_limit"] = max(0, len(passages) - cfg.max_passages)
-        passages = passages[:cfg.max_passages]
+        passages = passages[: cfg.max_passages]
     if not passages:
         raise Orca2Error(f"{', '.join(cfg.docs)}: no passages of at least {cfg.min_passage} characters")
     counts["passages"] = len(passages)
@@ -357,8 +430,10 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
     items = FlowRun(flow, cfg, rounds, lost, usage).run(passages)
     chains = [[i for i in items if i.round == r] for r in range(max((i.round for i in items), default=0) + 1)]
     counts["passages_with_items"] = len({i.passage.id for i in items})
-    assert counts["passages"] == counts["passages_with_items"] + lost["passages_lost_at_transform"] \
-        + lost["passages_lost_at_seed"], (counts, lost)
+    assert (
+        counts["passages"]
+        == counts["passages_with_items"] + lost["passages_lost_at_transform"] + lost["passages_lost_at_seed"]
+    ), (counts, lost)
     if cfg.keep_rounds == "all":
         candidates = items
     else:
@@ -382,24 +457,43 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
     return report
 
 
-def _report(flow: Flow, cfg: InstructConfig, rounds: int, counts: Counter, lost: Counter, usage: dict[str, Counter],
-            chains: list[list[Item]], judged: list[Any], kept: list[tuple[Item, dict[str, Any]]], dropped: Counter) -> dict[str, Any]:
+def _report(
+    flow: Flow,
+    cfg: InstructConfig,
+    rounds: int,
+    counts: Counter,
+    lost: Counter,
+    usage: dict[str, Counter],
+    chains: list[list[Item]],
+    judged: list[Any],
+    kept: list[tuple[Item, dict[str, Any]]],
+    dropped: Counter,
+) -> dict[str, Any]:
     main = flow.item_fields[0]
     grid: Counter = Counter()
     for item, _ in kept:
         grid[(item.transformation, item.type, item.round)] += 1
     instructions = [item.fields[main] for item, _ in kept]
     report: dict[str, Any] = {
-        "output": cfg.output, "flow": flow.name, "flow_file": flow.source, "rounds": rounds,
-        "documents": counts["documents"], "passages": counts["passages"],
-        "items_by_round": [len(level) for level in chains], "candidates": len(judged), "kept": len(kept),
-        "dropped": sum(dropped.values()), "dropped_by_reason": {r: dropped.get(r, 0) for r in DROP_REASONS},
+        "output": cfg.output,
+        "flow": flow.name,
+        "flow_file": flow.source,
+        "rounds": rounds,
+        "documents": counts["documents"],
+        "passages": counts["passages"],
+        "items_by_round": [len(level) for level in chains],
+        "candidates": len(judged),
+        "kept": len(kept),
+        "dropped": sum(dropped.values()),
+        "dropped_by_reason": {r: dropped.get(r, 0) for r in DROP_REASONS},
         "agents": {agent: {k: u[k] for k in AGENT_COUNTS} for agent, u in sorted(usage.items())},
         "counts": dict(counts),
         "lost": {k: v for k, v in sorted(lost.items()) if v},
-        "records_by_transformation_type_round": [{"transformation": t, "type": y, "round": r, "records": n}
-                                                 for (t, y, r), n in sorted(grid.items())],
-        "distinct_1": round(distinct_n(instructions, 1), 4), "distinct_2": round(distinct_n(instructions, 2), 4),
+        "records_by_transformation_type_round": [
+            {"transformation": t, "type": y, "round": r, "records": n} for (t, y, r), n in sorted(grid.items())
+        ],
+        "distinct_1": round(distinct_n(instructions, 1), 4),
+        "distinct_2": round(distinct_n(instructions, 2), 4),
         "instruction_chars": _quantiles([len(s) for s in instructions]),
         "task_chars": _quantiles([len(r["messages"][-1]["content"]) for _, r in kept]),
     }
@@ -418,28 +512,50 @@ def _quantiles(values: list[int]) -> dict[str, float]:
         return {}
     s = sorted(values)
     pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-    return {"min": s[0], "p10": pick(0.1), "median": pick(0.5), "p90": pick(0.9), "max": s[-1], "mean": round(sum(s) / len(s), 1)}
+    return {
+        "min": s[0],
+        "p10": pick(0.1),
+        "median": pick(0.5),
+        "p90": pick(0.9),
+        "max": s[-1],
+        "mean": round(sum(s) / len(s), 1),
+    }
 
 
 def render(report: dict[str, Any]) -> str:
     requests = report["agent_requests"]
-    lines = [f"# instruct: flow {report['flow']}", "",
-             f"{report['documents']} documents → {report['passages']} passages → items by round "
-             f"{' → '.join(map(str, report['items_by_round']))} → {report['candidates']} candidates → "
-             f"**{report['kept']} task records** ({report['dropped']} dropped); agent requests: {requests['sent']} sent, "
-             f"{requests['cached']} from the cache, {requests['shared']} shared with an identical request.", "",
-             "| agent | replies | sent | cached | shared | prompt tokens | completion tokens | unparsable replies | calls lost |",
-             "|---|" + "---:|" * 8]
+    lines = [
+        f"# instruct: flow {report['flow']}",
+        "",
+        f"{report['documents']} documents → {report['passages']} passages → items by round "
+        f"{' → '.join(map(str, report['items_by_round']))} → {report['candidates']} candidates → "
+        f"**{report['kept']} task records** ({report['dropped']} dropped); agent requests: {requests['sent']} sent, "
+        f"{requests['cached']} from the cache, {requests['shared']} shared with an identical request.",
+        "",
+        "| agent | replies | sent | cached | shared | prompt tokens | completion tokens | unparsable replies | "
+        "calls lost |",
+        "|---|" + "---:|" * 8,
+    ]
     lines += ["| " + " | ".join([a] + [str(u[k]) for k in AGENT_COUNTS]) + " |" for a, u in report["agents"].items()]
-    lines += ["", "| drop reason | records |", "|---|---:|"] + [f"| {r} | {n} |" for r, n in report["dropped_by_reason"].items()]
+    lines += ["", "| drop reason | records |", "|---|---:|"] + [
+        f"| {r} | {n} |" for r, n in report["dropped_by_reason"].items()
+    ]
     if report["lost"]:
         lines += ["", "Lost on the way: " + ", ".join(f"{k} {v}" for k, v in report["lost"].items()) + "."]
     lines += ["", "| transformation | type | round | records |", "|---|---|---:|---:|"]
-    lines += [f"| {g['transformation']} | {g['type']} | {g['round']} | {g['records']} |" for g in report["records_by_transformation_type_round"]]
+    lines += [
+        f"| {g['transformation']} | {g['type']} | {g['round']} | {g['records']} |"
+        for g in report["records_by_transformation_type_round"]
+    ]
     q = report["instruction_chars"]
-    lines += ["", f"Distinct-1 {report['distinct_1']:.3f}, distinct-2 {report['distinct_2']:.3f} over the kept instructions."]
+    lines += [
+        "",
+        f"Distinct-1 {report['distinct_1']:.3f}, distinct-2 {report['distinct_2']:.3f} over the kept instructions.",
+    ]
     if q:
-        lines.append(f"Instruction length (characters): median {q['median']}, p10 {q['p10']}, p90 {q['p90']}, max {q['max']}.")
+        lines.append(
+            f"Instruction length (characters): median {q['median']}, p10 {q['p10']}, p90 {q['p90']}, max {q['max']}."
+        )
     if report.get("plot"):
         lines += ["", f"![lengths]({report['plot'].rsplit('/', 1)[-1]})"]
     return "\n".join(lines) + "\n"

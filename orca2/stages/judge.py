@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -78,8 +79,9 @@ def repeated_share(text: str, n: int = 3) -> float:
 
 
 def _ask(cfg: JudgeConfig, requests: list[Request], parse: Callable[[str], Any], counts: Counter) -> list[Any]:
-    values, unparsable = ask_parsed(cfg.model, requests, parse, cfg.sampling, cfg.client, cfg.parse_attempts,
-                                    desc=f"judge {cfg.model}")
+    values, unparsable = ask_parsed(
+        cfg.model, requests, parse, cfg.sampling, cfg.client, cfg.parse_attempts, desc=f"judge {cfg.model}"
+    )
     counts["judge_replies_unparsable"] += unparsable
     return values
 
@@ -95,17 +97,32 @@ def llm_verdicts(cfg: JudgeConfig, items: list[tuple[Record, str]], counts: Coun
     from orca2.prompts import read_prompt, render_template
 
     template = read_prompt("judge/answer.txt")
-    requests = [Request([{"role": "user", "content": render_template(template, "judge/answer.txt",
-                                                                     question=user_prompt(r), reference=ref,
-                                                                     reply=_reply(r))}], {}) for r, ref in items]
+    requests = [
+        Request(
+            [
+                {
+                    "role": "user",
+                    "content": render_template(
+                        template, "judge/answer.txt", question=user_prompt(r), reference=ref, reply=_reply(r)
+                    ),
+                }
+            ],
+            {},
+        )
+        for r, ref in items
+    ]
 
     def parse(text: str) -> bool | None:
         value = (parse_json_object(text) or {}).get("correct")
         return value if isinstance(value, bool) else None
 
     verdicts = _ask(cfg, requests, parse, counts)
-    return [{"by": f"llm:{cfg.model}", "correct": v} if v is not None else
-            {"by": f"llm:{cfg.model}", "error": f"unparsable judge reply ({cfg.parse_attempts} tries)"} for v in verdicts]
+    return [
+        {"by": f"llm:{cfg.model}", "correct": v}
+        if v is not None
+        else {"by": f"llm:{cfg.model}", "error": f"unparsable judge reply ({cfg.parse_attempts} tries)"}
+        for v in verdicts
+    ]
 
 
 def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Counter) -> dict[int, dict[str, Any]]:
@@ -120,7 +137,12 @@ def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Cou
         for r in replies:
             share = repeated_share(_reply(r))
             if share > cfg.repetition:
-                verdicts[id(r)] = {"by": f"rubric:{cfg.model}", "score": 0, "max": 6, "reason": f"repetition {share:.2f}"}
+                verdicts[id(r)] = {
+                    "by": f"rubric:{cfg.model}",
+                    "score": 0,
+                    "max": 6,
+                    "reason": f"repetition {share:.2f}",
+                }
                 counts["rubric_repetition_negatives"] += 1
             else:
                 scored.append(r)
@@ -129,16 +151,21 @@ def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Cou
 
     def request(replies: list[Record]) -> Request:
         listing = "\n\n".join(f"[{k + 1}]\n{_reply(r)}" for k, r in enumerate(replies))
-        text = render_template(template, "judge/rubric.txt", count=str(len(replies)), question=user_prompt(replies[0]),
-                               replies=listing)
+        text = render_template(
+            template, "judge/rubric.txt", count=str(len(replies)), question=user_prompt(replies[0]), replies=listing
+        )
         return Request([{"role": "user", "content": text}], {})
 
     def parser(n: int) -> Callable[[str], list[float] | None]:
         def parse(text: str) -> list[float] | None:
             values = (parse_json_object(text) or {}).get("scores")
-            ok = isinstance(values, list) and len(values) == n and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 6 for v in values)
+            ok = (
+                isinstance(values, list)
+                and len(values) == n
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 6 for v in values)
+            )
             return [float(v) for v in values] if ok else None
+
         return parse
 
     by_size: dict[int, list[int]] = defaultdict(list)
@@ -153,14 +180,19 @@ def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Cou
         replies = jobs[k][0]
         for pos, r in enumerate(replies):
             if forward is None or backward is None:
-                verdicts[id(r)] = {"by": f"rubric:{cfg.model}", "error": f"unparsable judge reply ({cfg.parse_attempts} tries)"}
+                verdicts[id(r)] = {
+                    "by": f"rubric:{cfg.model}",
+                    "error": f"unparsable judge reply ({cfg.parse_attempts} tries)",
+                }
                 continue
             a, b = forward[pos], backward[len(replies) - 1 - pos]
             verdicts[id(r)] = {"by": f"rubric:{cfg.model}", "score": (a + b) / 2, "max": 6, "orders": [a, b]}
     return verdicts
 
 
-def judge_rows(cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record], counts: Counter) -> list[dict[str, Any]]:
+def judge_rows(
+    cfg: JudgeConfig, rows: list[Record], teacher: dict[str, Record], counts: Counter
+) -> list[dict[str, Any]]:
     """One verdict per row (teacher and student replies), by cfg.judge."""
     if cfg.judge == "rubric":
         groups: dict[str, list[Record]] = defaultdict(list)
@@ -207,7 +239,7 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
         prompt_of.setdefault(prompt_id(r), r["messages"][:-1])
     teacher: dict[str, Record] = {}
     for path in cfg.teacher:
-        for line, record in read_numbered(path):
+        for _line, record in read_numbered(path):
             pid = record.get("meta", {}).get("task_id") or record["id"]
             if record.get("error") or record["messages"][-1]["role"] != "assistant":
                 counts["teacher_rows_without_reply"] += 1
@@ -219,8 +251,15 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
     rows: list[Record] = []  # the teacher's replies first (under the student's prompt), then the students'
     for pid, record in teacher.items():
         meta = {**record.get("meta", {}), "prompt_id": pid, "author": "teacher"}
-        rows.append({"id": f"{pid}#teacher", "task": record["task"], "answer": record.get("answer"), "meta": meta,
-                     "messages": prompt_of[pid] + [{"role": "assistant", "content": _reply(record)}]})
+        rows.append(
+            {
+                "id": f"{pid}#teacher",
+                "task": record["task"],
+                "answer": record.get("answer"),
+                "meta": meta,
+                "messages": prompt_of[pid] + [{"role": "assistant", "content": _reply(record)}],
+            }
+        )
     rows += [r for _, r in replies]
     counts["teacher_replies"] = len(teacher)
     verdicts = judge_rows(cfg, rows, teacher, counts)

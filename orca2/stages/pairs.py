@@ -64,11 +64,15 @@ class PairsConfig:
         if not self.judged:
             raise Orca2Error("pairs: give the judged replies (orca2 judge output)")
         if len(self.replay) > len(self.replay_fractions):
-            raise Orca2Error(f"pairs: {len(self.replay)} replay files but {len(self.replay_fractions)} replay_fractions")
-        if sum(self.replay_fractions[:len(self.replay)]) >= 1 or any(f < 0 for f in self.replay_fractions):
+            raise Orca2Error(
+                f"pairs: {len(self.replay)} replay files but {len(self.replay_fractions)} replay_fractions"
+            )
+        if sum(self.replay_fractions[: len(self.replay)]) >= 1 or any(f < 0 for f in self.replay_fractions):
             raise Orca2Error("pairs: replay_fractions must be >= 0 and sum to less than 1")
         if self.cut not in ("none", "first-difference") or (self.cut != "none" and self.objective != "dpo"):
-            raise Orca2Error(f"pairs: cut must be none or first-difference (dpo only), got {self.cut!r} with {self.objective}")
+            raise Orca2Error(
+                f"pairs: cut must be none or first-difference (dpo only), got {self.cut!r} with {self.objective}"
+            )
 
 
 @dataclass
@@ -143,7 +147,7 @@ def cut_at_first_difference(chosen: Reply, rejected: Reply) -> tuple[Reply, Repl
         return None
 
     def cut(reply: Reply, lines: list[str]) -> Reply:
-        return reply if k + 1 >= len(lines) else dataclasses.replace(reply, cut_to="\n".join(lines[:k + 1]))
+        return reply if k + 1 >= len(lines) else dataclasses.replace(reply, cut_to="\n".join(lines[: k + 1]))
 
     return cut(chosen, a), cut(rejected, b)
 
@@ -151,8 +155,9 @@ def cut_at_first_difference(chosen: Reply, rejected: Reply) -> tuple[Reply, Repl
 def build(groups: dict[str, list[Reply]], cfg: PairsConfig, counts: Counter) -> list[Record]:
     """One preference record per prompt that has pairs (dpo) or labelled replies (kto)."""
     rng = random.Random(cfg.seed)
-    wrong_pool = [(pid, r) for pid, replies in groups.items() for r in replies
-                  if r.author == "student" and r.correct is False]
+    wrong_pool = [
+        (pid, r) for pid, replies in groups.items() for r in replies if r.author == "student" and r.correct is False
+    ]
     out = []
     for pid, replies in groups.items():
         labelled: list[tuple[Reply, bool]] = []
@@ -165,7 +170,9 @@ def build(groups: dict[str, list[Reply]], cfg: PairsConfig, counts: Counter) -> 
                 others = [(q, r) for q, r in wrong_pool if q != pid]
                 borrowed = rng.sample(others, min(cfg.borrow_negatives, len(others)))
                 for q, r in borrowed:
-                    marked = dataclasses.replace(r, record={**r.record, "meta": {**r.record.get("meta", {}), "borrowed_from": q}})
+                    marked = dataclasses.replace(
+                        r, record={**r.record, "meta": {**r.record.get("meta", {}), "borrowed_from": q}}
+                    )
                     pairs += [(p, marked) for p in positives]
                 counts["pairs_borrowed"] += len(borrowed) * len(positives)
         else:
@@ -193,8 +200,14 @@ def cut_pair(chosen: Reply, rejected: Reply, counts: Counter) -> tuple[Reply, Re
     return cut
 
 
-def _record(pid: str, first: Record, pairs: list[tuple[Reply, Reply]], labelled: list[tuple[Reply, bool]],
-            cfg: PairsConfig, counts: Counter) -> Record:
+def _record(
+    pid: str,
+    first: Record,
+    pairs: list[tuple[Reply, Reply]],
+    labelled: list[tuple[Reply, bool]],
+    cfg: PairsConfig,
+    counts: Counter,
+) -> Record:
     chosen: list[Reply] = []
     rejected: list[Reply] = []
 
@@ -207,13 +220,20 @@ def _record(pid: str, first: Record, pairs: list[tuple[Reply, Reply]], labelled:
         side.append(reply)
         return len(side) - 1
 
-    record: dict[str, Any] = {"id": pid, "task": first["task"], "messages": first["messages"][:-1],
-                              "answer": first.get("answer"), "meta": {"recipe": cfg.recipe, "objective": cfg.objective}}
+    record: dict[str, Any] = {
+        "id": pid,
+        "task": first["task"],
+        "messages": first["messages"][:-1],
+        "answer": first.get("answer"),
+        "meta": {"recipe": cfg.recipe, "objective": cfg.objective},
+    }
     if cfg.objective == "dpo":
         index_pairs = [[index(chosen, p), index(rejected, n)] for p, n in pairs]
         record["pairs"] = [list(x) for x in dict.fromkeys(tuple(x) for x in index_pairs)]
         counts["pairs"] += len(record["pairs"])
-        counts["pairs_student_over_teacher"] += sum(1 for p, n in pairs if p.author == "student" and n.author == "teacher")
+        counts["pairs_student_over_teacher"] += sum(
+            1 for p, n in pairs if p.author == "student" and n.author == "teacher"
+        )
     else:
         for reply, good in labelled:
             index(chosen if good else rejected, reply, count=True)
@@ -227,10 +247,13 @@ def _record(pid: str, first: Record, pairs: list[tuple[Reply, Reply]], labelled:
 def replayed(new: list[Record], cfg: PairsConfig, counts: Counter) -> list[Record]:
     """Pairs (dpo) or replies (kto) of earlier rounds, at most replay_fractions of the output each, sampled per unit."""
     rng = random.Random(f"{cfg.seed}:replay")
-    unit = (lambda r: len(preference_pairs(r))) if cfg.objective == "dpo" else (
-        lambda r: len(r.get("chosen", [])) + len(r.get("rejected", [])))
+    unit = (
+        (lambda r: len(preference_pairs(r)))
+        if cfg.objective == "dpo"
+        else (lambda r: len(r.get("chosen", [])) + len(r.get("rejected", [])))
+    )
     n_new = sum(unit(r) for r in new)
-    share = sum(cfg.replay_fractions[:len(cfg.replay)])
+    share = sum(cfg.replay_fractions[: len(cfg.replay)])
     total = math.floor(n_new / (1 - share) + 1e-9) if cfg.replay else n_new
     out = []
     for age, (path, fraction) in enumerate(zip(cfg.replay, cfg.replay_fractions), start=1):
@@ -266,17 +289,40 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     records += replayed(records, cfg, counts)
     write_records(cfg.output, records)
     save_config(cfg, sidecar(cfg.output, "config.yaml"))
-    histogram = {author: dict(sorted(Counter(r.score for rs in groups.values() for r in rs
-                                             if r.author == author and r.score is not None).items()))
-                 for author in ("student", "teacher")}
-    verdicts = {author: {"right": sum(r.correct is True for rs in groups.values() for r in rs if r.author == author),
-                         "wrong": sum(r.correct is False for rs in groups.values() for r in rs if r.author == author)}
-                for author in ("student", "teacher")}
-    report = {"recipe": cfg.recipe, "objective": cfg.objective, "prompts": len(groups), **dict(counts),
-              "answer_verdicts": verdicts,
-              "student_over_teacher_share": counts["pairs_student_over_teacher"] / counts["pairs"] if counts["pairs"] else None,
-              "score_histogram": histogram, "output": cfg.output}
-    accounted = counts["replies_in_prompts_with_pairs"] + counts["replies_unjudged"] + counts["replies_in_prompts_without_pairs"]
+    histogram = {
+        author: dict(
+            sorted(
+                Counter(
+                    r.score for rs in groups.values() for r in rs if r.author == author and r.score is not None
+                ).items()
+            )
+        )
+        for author in ("student", "teacher")
+    }
+    verdicts = {
+        author: {
+            "right": sum(r.correct is True for rs in groups.values() for r in rs if r.author == author),
+            "wrong": sum(r.correct is False for rs in groups.values() for r in rs if r.author == author),
+        }
+        for author in ("student", "teacher")
+    }
+    report = {
+        "recipe": cfg.recipe,
+        "objective": cfg.objective,
+        "prompts": len(groups),
+        **dict(counts),
+        "answer_verdicts": verdicts,
+        "student_over_teacher_share": counts["pairs_student_over_teacher"] / counts["pairs"]
+        if counts["pairs"]
+        else None,
+        "score_histogram": histogram,
+        "output": cfg.output,
+    }
+    accounted = (
+        counts["replies_in_prompts_with_pairs"]
+        + counts["replies_unjudged"]
+        + counts["replies_in_prompts_without_pairs"]
+    )
     assert accounted == counts["replies_read"], (accounted, counts)  # every input reply is accounted for
     _write_report(report, cfg.output)
     return report
@@ -287,26 +333,41 @@ def _write_report(report: dict[str, Any], output: str) -> None:
 
     with atomic_text(sidecar(output, "report.json")) as f:
         f.write(json.dumps(report, indent=2, default=str))
-    lines = [f"# Pairs ({report['recipe']}, {report['objective']})", "",
-             f"- replies read: {report.get('replies_read', 0)} = in prompts with pairs {report.get('replies_in_prompts_with_pairs', 0)} + unjudged "
-             f"{report.get('replies_unjudged', 0)} + in prompts without pairs {report.get('replies_in_prompts_without_pairs', 0)}",
-             f"- prompts: {report['prompts']}, with pairs {report.get('prompts_with_pairs', 0)}, without "
-             f"{report.get('prompts_without_pairs', 0)}"]
+    lines = [
+        f"# Pairs ({report['recipe']}, {report['objective']})",
+        "",
+        f"- replies read: {report.get('replies_read', 0)} = in prompts with pairs "
+        f"{report.get('replies_in_prompts_with_pairs', 0)} + unjudged "
+        f"{report.get('replies_unjudged', 0)} + in prompts without pairs "
+        f"{report.get('replies_in_prompts_without_pairs', 0)}",
+        f"- prompts: {report['prompts']}, with pairs {report.get('prompts_with_pairs', 0)}, without "
+        f"{report.get('prompts_without_pairs', 0)}",
+    ]
     if report["objective"] == "dpo":
         share = report["student_over_teacher_share"]
-        lines += [f"- pairs: {report.get('pairs', 0)} (borrowed negatives: {report.get('pairs_borrowed', 0)}); "
-                  f"student ≻ teacher: {report.get('pairs_student_over_teacher', 0)}"
-                  + (f" ({share:.1%})" if share is not None else "")]
+        lines += [
+            f"- pairs: {report.get('pairs', 0)} (borrowed negatives: {report.get('pairs_borrowed', 0)}); "
+            f"student ≻ teacher: {report.get('pairs_student_over_teacher', 0)}"
+            + (f" ({share:.1%})" if share is not None else "")
+        ]
         if "pairs_cut" in report or "pairs_left_whole" in report:
-            lines += [f"- before identical pairs merge: {report.get('pairs_cut', 0)} cut at their first differing line, "
-                      f"{report.get('pairs_left_whole', 0)} left whole (no shared first line, the difference in the last "
-                      "line, or a borrowed negative)"]
+            lines += [
+                f"- before identical pairs merge: {report.get('pairs_cut', 0)} cut at their first differing line, "
+                f"{report.get('pairs_left_whole', 0)} left whole (no shared first line, the difference in the last "
+                "line, or a borrowed negative)"
+            ]
     else:
-        lines += [f"- desirable: {report.get('desirable', 0)}, undesirable: {report.get('undesirable', 0)} "
-                  f"(replies word for word like one already labelled, stored once: {report.get('identical_replies_merged', 0)})"]
+        lines += [
+            f"- desirable: {report.get('desirable', 0)}, undesirable: {report.get('undesirable', 0)} "
+            "(replies word for word like one already labelled, stored once: "
+            f"{report.get('identical_replies_merged', 0)})"
+        ]
     lines += [f"- replayed from round t-{k[-1]}: {v}" for k, v in report.items() if k.startswith("replay_t-")]
     lines += ["", "| author | right | wrong | score histogram |", "|---|---:|---:|---|"]
-    lines += [f"| {a} | {report['answer_verdicts'][a]['right']} | {report['answer_verdicts'][a]['wrong']} | "
-              f"{', '.join(f'{s}: {n}' for s, n in h.items()) or '—'} |" for a, h in report["score_histogram"].items()]
+    lines += [
+        f"| {a} | {report['answer_verdicts'][a]['right']} | {report['answer_verdicts'][a]['wrong']} | "
+        f"{', '.join(f'{s}: {n}' for s, n in h.items()) or '—'} |"
+        for a, h in report["score_histogram"].items()
+    ]
     with atomic_text(sidecar(output, "report.md")) as f:
         f.write("\n".join(lines) + "\n")

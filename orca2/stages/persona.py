@@ -37,15 +37,15 @@ from typing import Any, Literal
 import orjson
 
 from orca2.ask import Request, ask_parsed
+from orca2.bigfive import infer_users
 from orca2.config import save_config
-from orca2.eval.stats import bootstrap_ci
 from orca2.errors import Orca2Error
+from orca2.eval.stats import bootstrap_ci
 from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
 from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.parse import parse_json_object, parse_text
-from orca2.bigfive import infer_users
-from orca2.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 from orca2.prompts import read_prompt, render_template
+from orca2.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def _judge_sampling() -> Sampling:
 
 # --- synth ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SynthConfig:
     output: str  # posts.jsonl; the truth goes to <output>.truth.jsonl
@@ -79,10 +80,16 @@ def synth(cfg: SynthConfig) -> dict[str, Any]:
     posts, truth = synthetic_users(cfg.users, cfg.posts, cfg.seed, cfg.rate)
     write_records(cfg.output, posts)
     write_records(sidecar(cfg.output, "truth.jsonl"), truth)
-    return {"output": cfg.output, "truth": str(sidecar(cfg.output, "truth.jsonl")), "users": cfg.users, "posts": len(posts)}
+    return {
+        "output": cfg.output,
+        "truth": str(sidecar(cfg.output, "truth.jsonl")),
+        "users": cfg.users,
+        "posts": len(posts),
+    }
 
 
 # --- infer ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class InferConfig:
@@ -109,9 +116,28 @@ def infer(cfg: InferConfig) -> dict[str, Any]:
     users = read_posts(cfg.posts, counts, cfg.min_posts)
     if not users:
         raise Orca2Error(f"{cfg.posts}: no user with at least {cfg.min_posts} posts (counts: {dict(counts)})")
-    traits = infer_users({u: [p.text for p in posts] for u, posts in users.items()}, cfg.judge, cfg.chunk, cfg.client, cfg.sampling, cfg.parse_attempts, counts)
-    rows = [{"user": u, "judge": cfg.judge, "chunks_asked": t["chunks_asked"], "chunks_judged": t["chunks_judged"], "domains": t["domains"], "facets": t["facets"],
-             "vector": vector(t), "report": trait_report(t)} for u, t in traits.items()]
+    traits = infer_users(
+        {u: [p.text for p in posts] for u, posts in users.items()},
+        cfg.judge,
+        cfg.chunk,
+        cfg.client,
+        cfg.sampling,
+        cfg.parse_attempts,
+        counts,
+    )
+    rows = [
+        {
+            "user": u,
+            "judge": cfg.judge,
+            "chunks_asked": t["chunks_asked"],
+            "chunks_judged": t["chunks_judged"],
+            "domains": t["domains"],
+            "facets": t["facets"],
+            "vector": vector(t),
+            "report": trait_report(t),
+        }
+        for u, t in traits.items()
+    ]
     write_records(cfg.output, rows)
     report: dict[str, Any] = {"output": cfg.output, "judge": cfg.judge, "users": len(rows), "counts": dict(counts)}
     if cfg.truth:
@@ -121,8 +147,13 @@ def infer(cfg: InferConfig) -> dict[str, Any]:
         for d in DOMAINS:
             pairs = [(float(truth[u][d]), traits[u]["domains"][d]) for u in common]
             rho = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) > 2 else float("nan")
-            ci = bootstrap_ci(pairs, lambda ps: {"rho": spearman([a for a, _ in ps], [b for _, b in ps])},
-                              cfg.bootstrap, cfg.seed) if len(pairs) > 2 else {}
+            ci = (
+                bootstrap_ci(
+                    pairs, lambda ps: {"rho": spearman([a for a, _ in ps], [b for _, b in ps])}, cfg.bootstrap, cfg.seed
+                )
+                if len(pairs) > 2
+                else {}
+            )
             low, high = ci.get("rho", [float("nan"), float("nan")])
             report["truth"]["spearman"][d] = {"rho": rho, "ci95": [low, high]}
     save_config(cfg, sidecar(cfg.output, "config.yaml"))
@@ -132,12 +163,23 @@ def infer(cfg: InferConfig) -> dict[str, Any]:
 
 def _render_infer(report: dict[str, Any]) -> str:
     c = report["counts"]
-    lines = [f"# persona infer ({report['judge']})", "",
-             f"{c.get('posts_read', 0)} posts read; {c.get('users', 0)} users kept; {report['users']} with traits.", "",
-             "| count | n |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in sorted(c.items())]
+    lines = [
+        f"# persona infer ({report['judge']})",
+        "",
+        f"{c.get('posts_read', 0)} posts read; {c.get('users', 0)} users kept; {report['users']} with traits.",
+        "",
+        "| count | n |",
+        "|---|---:|",
+    ] + [f"| {k} | {v} |" for k, v in sorted(c.items())]
     if "truth" in report:
-        lines += ["", f"Against the synthetic truth ({report['truth']['users']} users): Spearman's ρ per domain, "
-                  "bootstrap 95 % CI over users.", "", "| domain | ρ | 95 % CI |", "|---|---:|---|"]
+        lines += [
+            "",
+            f"Against the synthetic truth ({report['truth']['users']} users): Spearman's ρ per domain, "
+            "bootstrap 95 % CI over users.",
+            "",
+            "| domain | ρ | 95 % CI |",
+            "|---|---:|---|",
+        ]
         for d, s in report["truth"]["spearman"].items():
             lines.append(f"| {d} | {s['rho']:.3f} | [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] |")
     return "\n".join(lines) + "\n"
@@ -151,6 +193,7 @@ def _write_report(output: str, report: dict[str, Any], markdown: str) -> None:
 
 
 # --- augment --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -178,17 +221,31 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
     if not users:
         raise Orca2Error(f"{cfg.traits}: none of the users of {cfg.posts} has traits (run persona infer first)")
     template = read_prompt("persona/profile.txt")
-    requests = [Request([{"role": "user", "content": render_template(
-        template, "persona/profile.txt", posts="\n".join(f"- {p.text}" for p in posts[:cfg.profile_posts]))}],
-        {"agent": "profile", "posts": [p.text for p in posts[:cfg.profile_posts]]}) for posts in users.values()]
+    requests = [
+        Request(
+            [
+                {
+                    "role": "user",
+                    "content": render_template(
+                        template,
+                        "persona/profile.txt",
+                        posts="\n".join(f"- {p.text}" for p in posts[: cfg.profile_posts]),
+                    ),
+                }
+            ],
+            {"agent": "profile", "posts": [p.text for p in posts[: cfg.profile_posts]]},
+        )
+        for posts in users.values()
+    ]
 
     def profile(text: str) -> dict[str, str] | None:
         value = parse_json_object(text) or {}
         ok = all(isinstance(value.get(k), str) and value[k].strip() for k in ("profile", "knowledge"))
         return {"profile": value["profile"].strip(), "knowledge": value["knowledge"].strip()} if ok else None
 
-    profiles, unparsable = ask_parsed(cfg.model, requests, profile, cfg.sampling, cfg.client, cfg.parse_attempts,
-                                      desc="persona profile")
+    profiles, unparsable = ask_parsed(
+        cfg.model, requests, profile, cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona profile"
+    )
     counts["profile_replies_unparsable"] += unparsable
     by_user = {}
     for user, p in zip(users, profiles):
@@ -197,20 +254,45 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
         else:
             by_user[user] = p
     template = read_prompt("persona/activity.txt")
-    plan: list[tuple[Post, dict[str, str]]] = [(post, by_user[u]) for u, posts in users.items() if u in by_user for post in posts]
-    requests = [Request([{"role": "user", "content": render_template(
-        template, "persona/activity.txt", profile=prof["profile"], personality=traits[post.user]["report"], post=post.text)}],
-        {"agent": "activity", "post": post.text, "profile": prof["profile"], "domains": traits[post.user]["domains"]})
-        for post, prof in plan]
+    plan: list[tuple[Post, dict[str, str]]] = [
+        (post, by_user[u]) for u, posts in users.items() if u in by_user for post in posts
+    ]
+    requests = [
+        Request(
+            [
+                {
+                    "role": "user",
+                    "content": render_template(
+                        template,
+                        "persona/activity.txt",
+                        profile=prof["profile"],
+                        personality=traits[post.user]["report"],
+                        post=post.text,
+                    ),
+                }
+            ],
+            {
+                "agent": "activity",
+                "post": post.text,
+                "profile": prof["profile"],
+                "domains": traits[post.user]["domains"],
+            },
+        )
+        for post, prof in plan
+    ]
 
     def activity(text: str) -> dict[str, Any] | None:
         value = parse_json_object(text) or {}
-        ok = (isinstance(value.get("activity"), str) and value["activity"].strip()
-              and all(isinstance(value.get(k), bool) for k in ("relates_to_profile", "relates_to_personality")))
+        ok = (
+            isinstance(value.get("activity"), str)
+            and value["activity"].strip()
+            and all(isinstance(value.get(k), bool) for k in ("relates_to_profile", "relates_to_personality"))
+        )
         return {k: value[k] for k in ("activity", "relates_to_profile", "relates_to_personality")} if ok else None
 
-    activities, unparsable = ask_parsed(cfg.model, requests, activity, cfg.sampling, cfg.client, cfg.parse_attempts,
-                                        desc="persona activity")
+    activities, unparsable = ask_parsed(
+        cfg.model, requests, activity, cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona activity"
+    )
     counts["activity_replies_unparsable"] += unparsable
     rows = []
     for (post, prof), act in zip(plan, activities):
@@ -222,12 +304,17 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
     counts["posts_augmented"] = len(rows)
     save_config(cfg, sidecar(cfg.output, "config.yaml"))
     report = {"output": cfg.output, "model": cfg.model, "counts": dict(counts)}
-    _write_report(cfg.output, report, "# persona augment\n\n| count | n |\n|---|---:|\n"
-                  + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())))
+    _write_report(
+        cfg.output,
+        report,
+        "# persona augment\n\n| count | n |\n|---|---:|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())),
+    )
     return report
 
 
 # --- build ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -257,14 +344,23 @@ def pcip_messages(row: dict[str, Any], personality: str, with_activity: bool) ->
     """The PCIP prompt (system + user turn) and the reply the model should write, as chat messages."""
     keys = REPLY_KEYS if with_activity else REPLY_KEYS[1:]
     fmt = "{" + ", ".join(f'"{k}": ...' for k in keys) + "}"
-    system = render_template(read_prompt("persona/pcip-system.txt"), "persona/pcip-system.txt", profile=row["profile"],
-                             personality=personality, knowledge=row["knowledge"], reply_format=fmt)
+    system = render_template(
+        read_prompt("persona/pcip-system.txt"),
+        "persona/pcip-system.txt",
+        profile=row["profile"],
+        personality=personality,
+        knowledge=row["knowledge"],
+        reply_format=fmt,
+    )
     when = f"It is {row['time']}. " if row.get("time") else ""
     user = render_template(read_prompt("persona/pcip-user.txt"), "persona/pcip-user.txt", when=when)
     reply = {"psychological_activity": row["activity"], "post": row["text"], "media": row.get("media")}
     content = orjson.dumps({k: reply[k] for k in keys}).decode()
-    return [{"role": "system", "content": system}, {"role": "user", "content": user},
-            {"role": "assistant", "content": content}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": content},
+    ]
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:
@@ -277,11 +373,16 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     if cfg.variant == "psit":
         template = read_prompt("persona/summary.txt")
         asked = list(personality)
-        requests = [Request([{"role": "user", "content": render_template(template, "persona/summary.txt",
-                                                                          report=personality[u])}],
-                            {"agent": "summary", "report": personality[u]}) for u in asked]
-        summaries, unparsable = ask_parsed(cfg.summarizer, requests, parse_text, cfg.sampling, cfg.client,
-                                           cfg.parse_attempts, desc="persona summary")
+        requests = [
+            Request(
+                [{"role": "user", "content": render_template(template, "persona/summary.txt", report=personality[u])}],
+                {"agent": "summary", "report": personality[u]},
+            )
+            for u in asked
+        ]
+        summaries, unparsable = ask_parsed(
+            cfg.summarizer, requests, parse_text, cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona summary"
+        )
         counts["summary_replies_unparsable"] += unparsable
         for u, s in zip(asked, summaries):
             if s is None:
@@ -294,26 +395,53 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     train, heldout = [], []
     for user in personality:
         mine = [r for r in rows if r["user"] == user]
-        kept = mine if user in held or cfg.fraction == 1 else random.Random(f"{cfg.seed}:{user}").sample(
-            mine, max(1, round(cfg.fraction * len(mine))))
+        kept = (
+            mine
+            if user in held or cfg.fraction == 1
+            else random.Random(f"{cfg.seed}:{user}").sample(mine, max(1, round(cfg.fraction * len(mine))))
+        )
         counts["posts_left_out_by_fraction"] += len(mine) - len(kept)
         for k, row in enumerate(kept):
-            record = {"id": f"persona/{user}/{k}", "task": f"persona/{cfg.variant}", "answer": None,
-                      "messages": pcip_messages(row, personality[user], cfg.with_activity),
-                      "meta": {"persona": {"user": user, "variant": cfg.variant, "with_activity": cfg.with_activity,
-                                           "post": row["text"], "media": row.get("media"), "profile": row["profile"],
-                                           "knowledge": row["knowledge"], "personality": personality[user],
-                                           "relates_to_profile": row["relates_to_profile"],
-                                           "relates_to_personality": row["relates_to_personality"]}}}
+            record = {
+                "id": f"persona/{user}/{k}",
+                "task": f"persona/{cfg.variant}",
+                "answer": None,
+                "messages": pcip_messages(row, personality[user], cfg.with_activity),
+                "meta": {
+                    "persona": {
+                        "user": user,
+                        "variant": cfg.variant,
+                        "with_activity": cfg.with_activity,
+                        "post": row["text"],
+                        "media": row.get("media"),
+                        "profile": row["profile"],
+                        "knowledge": row["knowledge"],
+                        "personality": personality[user],
+                        "relates_to_profile": row["relates_to_profile"],
+                        "relates_to_personality": row["relates_to_personality"],
+                    }
+                },
+            }
             (heldout if user in held else train).append(record)
     counts["posts_without_user_traits"] = sum(1 for r in rows if r["user"] not in personality)
     write_records(cfg.output, train)
     heldout_path = sidecar(cfg.output, "heldout.jsonl")
     write_records(heldout_path, heldout)
     save_config(cfg, sidecar(cfg.output, "config.yaml"))
-    report = {"output": cfg.output, "heldout": str(heldout_path), "variant": cfg.variant, "train_records": len(train),
-              "heldout_records": len(heldout), "heldout_users": len(held), "counts": dict(counts)}
-    _write_report(cfg.output, report, f"# persona build ({cfg.variant})\n\n{len(train)} training records, "
-                  f"{len(heldout)} held-out records of {len(held)} users.\n\n| count | n |\n|---|---:|\n"
-                  + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())))
+    report = {
+        "output": cfg.output,
+        "heldout": str(heldout_path),
+        "variant": cfg.variant,
+        "train_records": len(train),
+        "heldout_records": len(heldout),
+        "heldout_users": len(held),
+        "counts": dict(counts),
+    }
+    _write_report(
+        cfg.output,
+        report,
+        f"# persona build ({cfg.variant})\n\n{len(train)} training records, "
+        f"{len(heldout)} held-out records of {len(held)} users.\n\n| count | n |\n|---|---:|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())),
+    )
     return report

@@ -54,20 +54,25 @@ def prompts(path: str, generic: str | None, limit: int | None) -> list[tuple[Rec
         messages = record["messages"]
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         if any(m["role"] == "assistant" for m in messages[:last_user]):
-            raise Orca2Error(f"{path}:{line}: field 'messages': sample takes single-turn prompts (an assistant turn "
-                             "comes before the last user message)")
-        out.append((record, with_system_prompt(messages[:last_user + 1], system)))
+            raise Orca2Error(
+                f"{path}:{line}: field 'messages': sample takes single-turn prompts (an assistant turn "
+                "comes before the last user message)"
+            )
+        out.append((record, with_system_prompt(messages[: last_user + 1], system)))
     return out
 
 
 def run(cfg: SampleConfig) -> dict[str, Any]:
     items = prompts(cfg.tasks, cfg.generic, cfg.limit)
-    requests = [Request(messages, {**r.get("meta", {}), "answer": r.get("answer"), "task": r["task"]})
-                for r, messages in items]
+    requests = [
+        Request(messages, {**r.get("meta", {}), "answer": r.get("answer"), "task": r["task"]}) for r, messages in items
+    ]
     errors: list[Record] = []
     written = 0
-    with ask(cfg.student, requests, cfg.sampling, cfg.client, desc=f"sample {cfg.student}") as answers, \
-            atomic_writer(cfg.output) as sink:
+    with (
+        ask(cfg.student, requests, cfg.sampling, cfg.client, desc=f"sample {cfg.student}") as answers,
+        atomic_writer(cfg.output) as sink,
+    ):
         for i, (record, messages) in enumerate(items):
             response = answers.response(i)
             if response is None:
@@ -75,25 +80,48 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
                 continue
             for k, content in enumerate(response["contents"]):
                 provenance = answers.provenance(i, response, k)
-                meta = {**record.get("meta", {}), "prompt_id": record["id"], "author": "student", "sample": k,
-                        "student": provenance.pop("model"), **provenance}
-                sink.write({"id": f"{record['id']}#s{k}", "task": record["task"],
-                            "messages": messages + [{"role": "assistant", "content": content}],
-                            "answer": record.get("answer"), "meta": meta})
+                meta = {
+                    **record.get("meta", {}),
+                    "prompt_id": record["id"],
+                    "author": "student",
+                    "sample": k,
+                    "student": provenance.pop("model"),
+                    **provenance,
+                }
+                sink.write(
+                    {
+                        "id": f"{record['id']}#s{k}",
+                        "task": record["task"],
+                        "messages": messages + [{"role": "assistant", "content": content}],
+                        "answer": record.get("answer"),
+                        "meta": meta,
+                    }
+                )
                 written += 1
         result = answers.result
         cached = answers.cached_at_start
     errors_path = write_errors(cfg.output, errors)
     save_config(cfg, sidecar(cfg.output, "config.yaml"))
-    summary = {"output": cfg.output, "prompts": len(items), "samples": written, "failed": len(errors),
-               "cached_at_start": cached, "done_this_run": result.done, "seconds": round(result.seconds, 2),
-               "completion_tokens_this_run": result.completion_tokens,
-               "tokens_per_s": result.completion_tokens / result.seconds if result.seconds else None}
+    summary = {
+        "output": cfg.output,
+        "prompts": len(items),
+        "samples": written,
+        "failed": len(errors),
+        "cached_at_start": cached,
+        "done_this_run": result.done,
+        "seconds": round(result.seconds, 2),
+        "completion_tokens_this_run": result.completion_tokens,
+        "tokens_per_s": result.completion_tokens / result.seconds if result.seconds else None,
+    }
     if errors:
         summary["errors"] = str(errors_path)
     with atomic_text(sidecar(cfg.output, "summary.json")) as f:
         f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     if errors:
-        log.warning("%d of %d prompts failed (listed in %s); re-running retries only these", len(errors), len(items),
-                    errors_path)
+        log.warning(
+            "%d of %d prompts failed (listed in %s); re-running retries only these",
+            len(errors),
+            len(items),
+            errors_path,
+        )
     return summary

@@ -32,18 +32,20 @@ from orca2.answers import score
 from orca2.ask import Request, ask
 from orca2.config import save_config
 from orca2.errors import Orca2Error
+from orca2.eval.stats import wilson
 from orca2.io import atomic_text, read_numbered, sidecar
+from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.records import Record, with_system_prompt
 from orca2.strategies import Assignment, Library
-from orca2.eval.stats import wilson
-from orca2.models import ClientConfig, Sampling, parse_model
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    model: str  # the student: local:default | local:<folder or .gguf> | an HF folder (a served model cannot be fine-tuned)
+    model: (
+        str  # the student: local:default | local:<folder or .gguf> | an HF folder (a served model cannot be fine-tuned)
+    )
     traces: int = 48  # items per task the teacher answers for each probe's training data (correct ones kept)
     steps: int = 24  # optimizer steps per probe
     train_layers: int | None = 4  # the top N layers learn (CPU budget); None: all
@@ -79,15 +81,21 @@ class SelectConfig:
         if self.student is not None:
             p = self.student
             if p.max_seeds < 1 or (p.max_dev is not None and p.max_dev < self.dev_size):
-                raise Orca2Error(f"select.student: max_seeds must be >= 1 and max_dev >= dev_size ({self.dev_size}), "
-                                 f"got max_seeds={p.max_seeds}, max_dev={p.max_dev}")
+                raise Orca2Error(
+                    f"select.student: max_seeds must be >= 1 and max_dev >= dev_size ({self.dev_size}), "
+                    f"got max_seeds={p.max_seeds}, max_dev={p.max_dev}"
+                )
             if p.steps < 1 or p.traces < 1 or p.max_tokens < 1:
-                raise Orca2Error(f"select.student: a budget of {p.steps} steps on {p.traces} traces leaves no training "
-                                 "step (steps >= 1 and traces >= 1 required)")
+                raise Orca2Error(
+                    f"select.student: a budget of {p.steps} steps on {p.traces} traces leaves no training "
+                    "step (steps >= 1 and traces >= 1 required)"
+                )
             spec = parse_model(p.model, paths=True)
             if spec.scheme != "local":
-                raise Orca2Error(f"select.student: {p.model} is served, and a probe fine-tunes the student; give the "
-                                 "local model it serves (local:default, a folder or a .gguf)")
+                raise Orca2Error(
+                    f"select.student: {p.model} is served, and a probe fine-tunes the student; give the "
+                    "local model it serves (local:default, a folder or a .gguf)"
+                )
 
 
 def _glob_literal(name: str) -> str:
@@ -95,7 +103,9 @@ def _glob_literal(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def dev_slices(path: str, size: int, seed: int, exclude: frozenset[str] = frozenset()) -> tuple[dict[str, list[Record]], int]:
+def dev_slices(
+    path: str, size: int, seed: int, exclude: frozenset[str] = frozenset()
+) -> tuple[dict[str, list[Record]], int]:
     """Per task, `size` items with gold answers drawn by seed (constant memory per task), none of `exclude`; and
     how many had no answer."""
     heaps: dict[str, list[tuple[bytes, int, Record]]] = {}
@@ -113,7 +123,9 @@ def dev_slices(path: str, size: int, seed: int, exclude: frozenset[str] = frozen
             heapq.heappush(heap, item)
         elif item[0] > heap[0][0]:
             heapq.heapreplace(heap, item)
-    return {task: [r for _, _, r in sorted(heap, key=lambda x: x[1])] for task, heap in sorted(heaps.items())}, no_answer
+    return {
+        task: [r for _, _, r in sorted(heap, key=lambda x: x[1])] for task, heap in sorted(heaps.items())
+    }, no_answer
 
 
 def run(cfg: SelectConfig) -> dict[str, Any]:
@@ -132,8 +144,12 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
             system = library.get(name).system_text(task)
             for record in records:
                 plan.append((task, name, record))
-                requests.append(Request(with_system_prompt(record["messages"], system),
-                                        {**record.get("meta", {}), "answer": record.get("answer"), "task": task}))
+                requests.append(
+                    Request(
+                        with_system_prompt(record["messages"], system),
+                        {**record.get("meta", {}), "answer": record.get("answer"), "task": task},
+                    )
+                )
     with ask(cfg.teacher, requests, cfg.sampling, cfg.client, desc=f"select {cfg.teacher}", library=library) as answers:
         if answers.result.aborted:
             raise Orca2Error(f"select stopped early: {answers.result.aborted} (responses so far are cached)")
@@ -155,8 +171,12 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         row = {}
         for name in candidates:
             c = by_name[name]
-            row[name] = {"accuracy": c["correct"] / c["n"] if c["n"] else None,
-                         "mean_completion_tokens": c["tokens"] / max(1, c["n"]), "n": c["n"], "failed": c["failed"]}
+            row[name] = {
+                "accuracy": c["correct"] / c["n"] if c["n"] else None,
+                "mean_completion_tokens": c["tokens"] / max(1, c["n"]),
+                "n": c["n"],
+                "failed": c["failed"],
+            }
         table[task] = row
     chosen = {task: _best(row, candidates) for task, row in table.items()}
     rules = {task: "best teacher accuracy (ties: fewer tokens)" for task in table}
@@ -173,14 +193,27 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     if probes:
         overall = {name: _mean([probes[t][name].get("accuracy") for t in table]) for name in candidates}
         default = max(candidates, key=lambda n: (overall[n] if overall[n] is not None else -1, -candidates.index(n)))
-    report = {"teacher": spec, "candidates": candidates, "dev_size": cfg.dev_size, "table": table, "chosen": chosen,
-              "rules": rules, "probes": probes, "decisions": decisions, "default": default, "overall_accuracy": overall,
-              "skipped_without_answer": no_answer, "requests_this_run": done}
+    report = {
+        "teacher": spec,
+        "candidates": candidates,
+        "dev_size": cfg.dev_size,
+        "table": table,
+        "chosen": chosen,
+        "rules": rules,
+        "probes": probes,
+        "decisions": decisions,
+        "default": default,
+        "overall_accuracy": overall,
+        "skipped_without_answer": no_answer,
+        "requests_this_run": done,
+    }
     assignment = Assignment(tuple((_glob_literal(t), s) for t, s in chosen.items()), default, cfg.output)
     judged = f"student probes of {cfg.student.model}" if cfg.student else f"teacher {spec}"
     with atomic_text(cfg.output) as f:
-        f.write(f"# Written by `orca2 select` ({judged}): the best of {len(candidates)} strategies per task\n"
-                f"# on dev slices of up to {cfg.dev_size} items (table: {sidecar(cfg.output, 'table.md').name}).\n")
+        f.write(
+            f"# Written by `orca2 select` ({judged}): the best of {len(candidates)} strategies per task\n"
+            f"# on dev slices of up to {cfg.dev_size} items (table: {sidecar(cfg.output, 'table.md').name}).\n"
+        )
         f.write(assignment.to_yaml())
     with atomic_text(sidecar(cfg.output, "table.json")) as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -205,8 +238,13 @@ def _best(row: dict[str, dict[str, Any]], candidates: list[str]) -> str:
     return max(candidates, key=rank)
 
 
-def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slices: dict[str, list[Record]],
-               table: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+def run_probes(
+    cfg: SelectConfig,
+    library: Library,
+    candidates: list[str],
+    slices: dict[str, list[Record]],
+    table: dict[str, dict[str, Any]],
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
     """(task → strategy → probe summary ({accuracy, answer_logprob, n, seeds, verdicts, ...} or {failed: reason}),
     task → its paired decision (see `decide`), escalated as far as the budget allows)."""
     from pathlib import Path
@@ -222,8 +260,10 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
     seed = cfg.sampling.seed or 0
     without_gold = sorted({r["task"] for _, r in read_numbered(cfg.tasks)} - set(slices))
     if without_gold:
-        raise Orca2Error(f"select.student: task '{without_gold[0]}' has no items with gold answers, so its probes "
-                         f"cannot be scored ({len(without_gold)} such tasks)")
+        raise Orca2Error(
+            f"select.student: task '{without_gold[0]}' has no items with gold answers, so its probes "
+            f"cannot be scored ({len(without_gold)} such tasks)"
+        )
     # the dev items an escalation may reach: the first dev_size of them (by rank) are the task's dev slice
     reach, _ = dev_slices(cfg.tasks, max(cfg.dev_size, p.max_dev or 0), seed)
     dev = {task: sorted(reach[task], key=lambda r: _rank(seed, r["id"])) for task in slices}
@@ -231,12 +271,19 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
     pool, _ = dev_slices(cfg.tasks, p.traces, seed + 1, exclude=dev_ids)
     for task in slices:
         if not pool.get(task):
-            raise Orca2Error(f"select.student: task '{task}' has no items with gold answers beyond its dev slice to "
-                             "train probes on (give more tasks or a smaller dev_size)")
+            raise Orca2Error(
+                f"select.student: task '{task}' has no items with gold answers beyond its dev slice to "
+                "train probes on (give more tasks or a smaller dev_size)"
+            )
     # the teacher under each strategy on the probe items (the same cache as generate: these are paid once)
     plan = [(task, name, r) for task in slices for name in candidates for r in pool[task]]
-    requests = [Request(with_system_prompt(r["messages"], library.get(name).system_text(task)),
-                        {**r.get("meta", {}), "answer": r.get("answer"), "task": task}) for task, name, r in plan]
+    requests = [
+        Request(
+            with_system_prompt(r["messages"], library.get(name).system_text(task)),
+            {**r.get("meta", {}), "answer": r.get("answer"), "task": task},
+        )
+        for task, name, r in plan
+    ]
     traces: dict[tuple[str, str], list[Record]] = {}
     with ask(cfg.teacher, requests, cfg.sampling, cfg.client, desc="select probe traces", library=library) as answers:
         for i, (task, name, r) in enumerate(plan):
@@ -246,15 +293,27 @@ def run_probes(cfg: SelectConfig, library: Library, candidates: list[str], slice
                 continue
             reply = response["contents"][0]
             if score(reply, r["answer"], r.get("meta", {}).get("answer_type")).correct:  # erase drops wrong answers
-                kept.append({"id": r["id"], "task": task, "answer": r["answer"], "meta": {"strategy": name},
-                             "messages": with_system_prompt(r["messages"], generic) + [{"role": "assistant", "content": reply}]})
+                kept.append(
+                    {
+                        "id": r["id"],
+                        "task": task,
+                        "answer": r["answer"],
+                        "meta": {"strategy": name},
+                        "messages": with_system_prompt(r["messages"], generic)
+                        + [{"role": "assistant", "content": reply}],
+                    }
+                )
     empty = [(t, n) for (t, n), kept in traces.items() if not kept]
     if empty:
-        raise Orca2Error(f"select.student: strategy '{empty[0][1]}' has no correct teacher traces for task '{empty[0][0]}' "
-                         f"({len(empty)} such pairs), so its probe has nothing to learn from")
+        raise Orca2Error(
+            f"select.student: strategy '{empty[0][1]}' has no correct teacher traces for task '{empty[0][0]}' "
+            f"({len(empty)} such pairs), so its probe has nothing to learn from"
+        )
     folder = Path(p.folder) if p.folder else sidecar(cfg.output, "probes")
-    budget = {k: getattr(p, k) for k in ("steps", "train_layers", "lr", "max_len", "grad_accum", "generic", "max_tokens",
-                                         "dtype")}
+    budget = {
+        k: getattr(p, k)
+        for k in ("steps", "train_layers", "lr", "max_len", "grad_accum", "generic", "max_tokens", "dtype")
+    }
     student_id = f"{p.model}@{model_fingerprint(p.model)}"
     out: dict[str, dict[str, dict[str, Any]]] = {}
     decisions: dict[str, dict[str, Any]] = {}
@@ -274,16 +333,26 @@ class Probes:
     the gold answer after the probe's own solution), keeps its weights until the task is decided, and caches
     every result, so a re-run trains nothing and a larger budget scores only what is new."""
 
-    def __init__(self, cfg: SelectConfig, p: ProbeConfig, task: str, dev: list[Record],
-                 traces: dict[tuple[str, str], list[Record]], folder: Any, budget: dict[str, Any], student_id: str,
-                 generic: str):
+    def __init__(
+        self,
+        cfg: SelectConfig,
+        p: ProbeConfig,
+        task: str,
+        dev: list[Record],
+        traces: dict[tuple[str, str], list[Record]],
+        folder: Any,
+        budget: dict[str, Any],
+        student_id: str,
+        generic: str,
+    ):
         self.cfg, self.p, self.task, self.dev, self.traces = cfg, p, task, dev, traces
         self.folder, self.budget, self.student_id, self.generic = folder, budget, student_id, generic
         self.items: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (strategy, seed) → item id → result
         self.meta: dict[tuple[str, int], dict[str, Any]] = {}  # (strategy, seed) → traces, steps, seconds, failed
 
-    def escalate(self, candidates: list[str], teacher: dict[str, Any],
-                 seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    def escalate(
+        self, candidates: list[str], teacher: dict[str, Any], seed: int
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Probe every candidate on dev_size items; while the leader is not decided against every other, score
         more dev items (up to max_dev), then train probes with further seeds (up to max_seeds)."""
         import shutil
@@ -291,8 +360,11 @@ class Probes:
         p = self.p
         sizes = [self.cfg.dev_size] + ([len(self.dev)] if len(self.dev) > self.cfg.dev_size else [])
         seeds = [seed + 1000 * k for k in range(p.max_seeds)]
-        steps = [(sizes[0], seeds[:1])] + [(n, seeds[:1]) for n in sizes[1:]] + \
-                [(sizes[-1], seeds[:k]) for k in range(2, len(seeds) + 1)]
+        steps = (
+            [(sizes[0], seeds[:1])]
+            + [(n, seeds[:1]) for n in sizes[1:]]
+            + [(sizes[-1], seeds[:k]) for k in range(2, len(seeds) + 1)]
+        )
         alive = list(candidates)
         try:
             for n, used in steps:
@@ -305,7 +377,7 @@ class Probes:
                 if decision["decided"] or not alive:
                     break
         finally:
-            for (name, s) in self.meta:  # the weights: hundreds of MB per probe
+            for name, s in self.meta:  # the weights: hundreds of MB per probe
                 shutil.rmtree(self._dir(name, s) / "train", ignore_errors=True)
         return self.table(candidates, used, n), decision
 
@@ -322,18 +394,35 @@ class Probes:
             verdicts = {i: sum(self.items[(name, s)][i]["correct"] for s in seeds) / len(seeds) for i in ids}
             logprobs = {i: sum(self.items[(name, s)][i]["logprob"] for s in seeds) / len(seeds) for i in ids}
             correct = sum(self.items[(name, s)][i]["correct"] for s in seeds for i in ids)
-            out[name] = {"accuracy": correct / (n * len(seeds)), "correct": correct, "n": n, "seeds": len(seeds),
-                         "ci95": list(wilson(correct, n * len(seeds))),
-                         "answer_logprob": sum(logprobs.values()) / n, "verdicts": verdicts, "logprobs": logprobs,
-                         "traces": metas[0].get("traces"), "steps": metas[0].get("steps"),
-                         "seconds": round(sum(m.get("seconds", 0.0) for m in metas), 1),
-                         "cached": all(m.get("cached") for m in metas)}
+            out[name] = {
+                "accuracy": correct / (n * len(seeds)),
+                "correct": correct,
+                "n": n,
+                "seeds": len(seeds),
+                "ci95": list(wilson(correct, n * len(seeds))),
+                "answer_logprob": sum(logprobs.values()) / n,
+                "verdicts": verdicts,
+                "logprobs": logprobs,
+                "traces": metas[0].get("traces"),
+                "steps": metas[0].get("steps"),
+                "seconds": round(sum(m.get("seconds", 0.0) for m in metas), 1),
+                "cached": all(m.get("cached") for m in metas),
+            }
         return out
 
     def _dir(self, name: str, seed: int) -> Any:
-        key = hashlib.sha256(orjson.dumps({"student": self.student_id, "strategy": name, "budget": self.budget,
-                                           "seed": seed, "data": self.traces[(self.task, name)]},
-                                          option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+        key = hashlib.sha256(
+            orjson.dumps(
+                {
+                    "student": self.student_id,
+                    "strategy": name,
+                    "budget": self.budget,
+                    "seed": seed,
+                    "data": self.traces[(self.task, name)],
+                },
+                option=orjson.OPT_SORT_KEYS,
+            )
+        ).hexdigest()[:16]
         return self.folder / f"{_safe(self.task)}-{name}-{key}"
 
     def score(self, name: str, seed: int, dev: list[Record]) -> None:
@@ -350,8 +439,9 @@ class Probes:
             self.items[(name, seed)] = orjson.loads(items_path.read_bytes()) if items_path.exists() else {}
         weights = here / "train" / "model"
         missing = [r for r in dev if r["id"] not in self.items.get((name, seed), {})]
-        if (name, seed) not in self.meta or ("failed" not in self.meta[(name, seed)] and missing
-                                              and not (weights / "config.json").exists()):
+        if (name, seed) not in self.meta or (
+            "failed" not in self.meta[(name, seed)] and missing and not (weights / "config.json").exists()
+        ):
             # not trained yet, or more items asked of a probe whose weights went with an earlier decision: train
             # (again: its earlier item results are dropped, so one probe's weights score all its items)
             self.items[(name, seed)] = {}
@@ -361,13 +451,30 @@ class Probes:
             write_records(here / "data.jsonl", data)
             p = self.p
             try:
-                trained = trainer.run(trainer.TrainConfig(
-                    model=p.model, output=str(here / "train"), data=(str(here / "data.jsonl"),), max_steps=p.steps,
-                    epochs=p.steps, lr=p.lr, train_layers=p.train_layers, max_len=p.max_len,
-                    grad_accum=p.grad_accum, zero_stage=0, warmup_ratio=0.0, seed=seed, mask_check=2, save_every=0,
-                    dtype=p.dtype))
-                meta = {"traces": len(data), "steps": trained["stages"][0]["steps"],
-                        "seconds": round(time.perf_counter() - start, 1)}
+                trained = trainer.run(
+                    trainer.TrainConfig(
+                        model=p.model,
+                        output=str(here / "train"),
+                        data=(str(here / "data.jsonl"),),
+                        max_steps=p.steps,
+                        epochs=p.steps,
+                        lr=p.lr,
+                        train_layers=p.train_layers,
+                        max_len=p.max_len,
+                        grad_accum=p.grad_accum,
+                        zero_stage=0,
+                        warmup_ratio=0.0,
+                        seed=seed,
+                        mask_check=2,
+                        save_every=0,
+                        dtype=p.dtype,
+                    )
+                )
+                meta = {
+                    "traces": len(data),
+                    "steps": trained["stages"][0]["steps"],
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
             except Orca2Error as exc:  # a probe that cannot train is out of the running, with its reason
                 meta = {"failed": str(exc), "traces": len(data), "seconds": round(time.perf_counter() - start, 1)}
             with atomic_text(meta_path) as f:
@@ -377,16 +484,26 @@ class Probes:
             return
         model = weights
         start = time.perf_counter()
-        self.items[(name, seed)].update(score_probe(str(model), missing, self.generic, self.p.max_tokens, self.cfg.client,
-                                                    desc=f"probe {self.task} {name} seed {seed}"))
-        self.meta[(name, seed)]["seconds"] = round(self.meta[(name, seed)].get("seconds", 0.0)
-                                                   + time.perf_counter() - start, 1)
+        self.items[(name, seed)].update(
+            score_probe(
+                str(model),
+                missing,
+                self.generic,
+                self.p.max_tokens,
+                self.cfg.client,
+                desc=f"probe {self.task} {name} seed {seed}",
+            )
+        )
+        self.meta[(name, seed)]["seconds"] = round(
+            self.meta[(name, seed)].get("seconds", 0.0) + time.perf_counter() - start, 1
+        )
         with atomic_text(items_path) as f:
             f.write(orjson.dumps(self.items[(name, seed)]).decode())
 
 
-def score_probe(model: str, dev: list[Record], generic: str, max_tokens: int, client: ClientConfig,
-                desc: str) -> dict[str, dict[str, Any]]:
+def score_probe(
+    model: str, dev: list[Record], generic: str, max_tokens: int, client: ClientConfig, desc: str
+) -> dict[str, dict[str, Any]]:
     """item id → {correct, logprob}: the probe's greedy answer under the generic prompt scored against gold, and
     log p(gold answer | prompt, the probe's own solution up to where it writes its answer) from a plain forward."""
     import torch
@@ -402,12 +519,17 @@ def score_probe(model: str, dev: list[Record], generic: str, max_tokens: int, cl
     out = {}
     with torch.no_grad():
         for r, reply in zip(dev, replies):
-            context = tokenizer.apply_chat_template(with_system_prompt(r["messages"], generic), tokenize=False,
-                                                    add_generation_prompt=True) + answer_prefix(reply)
+            context = tokenizer.apply_chat_template(
+                with_system_prompt(r["messages"], generic), tokenize=False, add_generation_prompt=True
+            ) + answer_prefix(reply)
             ids = tokenizer(context, add_special_tokens=False)["input_ids"]
             full = tokenizer(context + str(r["answer"]), add_special_tokens=False)["input_ids"]
-            target = full[len(ids):] if full[:len(ids)] == ids else tokenizer(str(r["answer"]), add_special_tokens=False)["input_ids"]
-            logits = lm(torch.tensor([ids + target])).logits[0, len(ids) - 1:-1].double().log_softmax(-1)
+            target = (
+                full[len(ids) :]
+                if full[: len(ids)] == ids
+                else tokenizer(str(r["answer"]), add_special_tokens=False)["input_ids"]
+            )
+            logits = lm(torch.tensor([ids + target])).logits[0, len(ids) - 1 : -1].double().log_softmax(-1)
             logprob = float(logits.gather(1, torch.tensor(target)[:, None]).sum())
             correct = score(reply, r["answer"], r.get("meta", {}).get("answer_type")).correct
             out[r["id"]] = {"correct": bool(correct), "logprob": round(logprob, 4)}
@@ -418,8 +540,13 @@ def _safe(task: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
 
 
-def decide(probes: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]], candidates: list[str],
-           decide_by: str = "accuracy", alpha: float = 0.05) -> dict[str, Any]:
+def decide(
+    probes: dict[str, dict[str, Any]],
+    teacher: dict[str, dict[str, Any]],
+    candidates: list[str],
+    decide_by: str = "accuracy",
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """The paired rule. The leader has the best probe accuracy (ties: the higher answer log-prob, then fewer teacher
     tokens, then the candidates' order); it is *decided* when, against every other live candidate, the paired
     difference on the same dev items is significant: exact McNemar p < alpha on the items' verdicts (one seed), or,
@@ -446,29 +573,46 @@ def decide(probes: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]]
         a, b = probes[leader], probes[other]
         ids = sorted(a["verdicts"].keys() & b["verdicts"].keys())
         if signal == "accuracy" and a["seeds"] == 1:
-            both, only_a, only_b, neither = paired_counts({i: a["verdicts"][i] >= 1 for i in ids},
-                                                          {i: b["verdicts"][i] >= 1 for i in ids})
+            both, only_a, only_b, neither = paired_counts(
+                {i: a["verdicts"][i] >= 1 for i in ids}, {i: b["verdicts"][i] >= 1 for i in ids}
+            )
             p = mcnemar_exact(only_a, only_b)
-            comparisons[other] = {"test": "McNemar", "leader_only": only_a, "other_only": only_b, "p": round(p, 4),
-                                  "decided": p < alpha and only_a > only_b}
+            comparisons[other] = {
+                "test": "McNemar",
+                "leader_only": only_a,
+                "other_only": only_b,
+                "p": round(p, 4),
+                "decided": p < alpha and only_a > only_b,
+            }
         else:
             key = "verdicts" if signal == "accuracy" else "logprobs"
             diffs = [a[key][i] - b[key][i] for i in ids]
             ci = bootstrap_ci(diffs, lambda xs: {"d": sum(xs) / len(xs)}, resamples=2000)["d"]
-            comparisons[other] = {"test": "paired bootstrap", "mean_difference": round(sum(diffs) / len(diffs), 4),
-                                  "ci95": [round(x, 4) for x in ci], "decided": ci[0] > 0}
+            comparisons[other] = {
+                "test": "paired bootstrap",
+                "mean_difference": round(sum(diffs) / len(diffs), 4),
+                "ci95": [round(x, 4) for x in ci],
+                "decided": ci[0] > 0,
+            }
     decided = all(c["decided"] for c in comparisons.values())
     rule = f"best student probe by {signal}"
     if decided and comparisons:
         rule += " (paired: " + ", ".join(_said(n, c) for n, c in comparisons.items()) + ")"
     elif comparisons:  # the leader stands, said as undecided (docs/reproducibility.md: why not the log-prob)
-        rule = (f"undecided at the budget (paired: {', '.join(_said(n, c) for n, c in comparisons.items())}): "
-                f"the leader by {signal} stands")
+        rule = (
+            f"undecided at the budget (paired: {', '.join(_said(n, c) for n, c in comparisons.items())}): "
+            f"the leader by {signal} stands"
+        )
     failed = [n for n in candidates if "failed" in probes.get(n, {})]
     if failed:
         rule += f"; probe failed: {', '.join(failed)}"
-    return {"winner": leader, "decided": decided or not comparisons, "rule": rule, "signal": signal,
-            "comparisons": comparisons}
+    return {
+        "winner": leader,
+        "decided": decided or not comparisons,
+        "rule": rule,
+        "signal": signal,
+        "comparisons": comparisons,
+    }
 
 
 def _said(name: str, c: dict[str, Any]) -> str:
@@ -477,32 +621,48 @@ def _said(name: str, c: dict[str, Any]) -> str:
     return f"vs {name} {c['mean_difference']:+.3g} [{c['ci95'][0]:+.3g}, {c['ci95'][1]:+.3g}]"
 
 
-def render_table(table: dict[str, dict[str, Any]], candidates: list[str], chosen: dict[str, str],
-                 probes: dict[str, dict[str, Any]] | None = None, rules: dict[str, str] | None = None) -> str:
+def render_table(
+    table: dict[str, dict[str, Any]],
+    candidates: list[str],
+    chosen: dict[str, str],
+    probes: dict[str, dict[str, Any]] | None = None,
+    rules: dict[str, str] | None = None,
+) -> str:
     """Markdown: task × strategy, each cell the teacher's 'accuracy % (mean completion tokens)' and, with probes,
     the student probe's accuracy [95 % CI] and seconds; the winner in bold; the rule that decided each row."""
     probes = probes or {}
-    lines = ["| task | n | " + " | ".join(candidates) + " | chosen | rule |", "|---|---:|" + "---:|" * len(candidates) + "---|---|"]
+    lines = [
+        "| task | n | " + " | ".join(candidates) + " | chosen | rule |",
+        "|---|---:|" + "---:|" * len(candidates) + "---|---|",
+    ]
     for task, row in table.items():
         n = max(c["n"] for c in row.values())
         cells = []
         for name in candidates:
             c = row[name]
-            text = "–" if c["accuracy"] is None else f"{100 * c['accuracy']:.0f}% ({c['mean_completion_tokens']:.0f} tok)"
+            text = (
+                "–" if c["accuracy"] is None else f"{100 * c['accuracy']:.0f}% ({c['mean_completion_tokens']:.0f} tok)"
+            )
             text = f"teacher {text}" if probes else text
             probe = probes.get(task, {}).get(name)
             if probe is not None:
-                text += (f"; probe failed ({probe['failed'][:60]})" if "failed" in probe else
-                         f"; student {100 * probe['accuracy']:.0f}% [{100 * probe['ci95'][0]:.0f}, {100 * probe['ci95'][1]:.0f}]"
-                         f", answer log-p {probe['answer_logprob']:.2f}"
-                         f" ({probe['seconds']:.0f} s{', cached' if probe.get('cached') else ''})")
+                text += (
+                    f"; probe failed ({probe['failed'][:60]})"
+                    if "failed" in probe
+                    else f"; student {100 * probe['accuracy']:.0f}% [{100 * probe['ci95'][0]:.0f}, "
+                    f"{100 * probe['ci95'][1]:.0f}]"
+                    f", answer log-p {probe['answer_logprob']:.2f}"
+                    f" ({probe['seconds']:.0f} s{', cached' if probe.get('cached') else ''})"
+                )
             cells.append(f"**{text}**" if name == chosen[task] else text)
         rule = (rules or {}).get(task, "best teacher accuracy (ties: fewer tokens)")
         lines.append(f"| {task} | {n} | " + " | ".join(cells) + f" | {chosen[task]} | {rule} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_probes(table: dict[str, dict[str, Any]], probes: dict[str, dict[str, Any]], candidates: list[str], path: Any) -> Any:
+def plot_probes(
+    table: dict[str, dict[str, Any]], probes: dict[str, dict[str, Any]], candidates: list[str], path: Any
+) -> Any:
     """Grouped bars per task: each strategy's student probe accuracy with its 95 % CI, and the teacher's as dots."""
     import matplotlib
 
@@ -518,8 +678,10 @@ def plot_probes(table: dict[str, dict[str, Any]], probes: dict[str, dict[str, An
         xs = [i + (k - (len(candidates) - 1) / 2) * width for i in range(len(tasks))]
         cells = [probes[t].get(name, {}) for t in tasks]
         acc = [100 * c.get("accuracy", 0.0) for c in cells]
-        err = [[max(0.0, a - 100 * c["ci95"][0]) if "ci95" in c else 0 for a, c in zip(acc, cells)],
-               [max(0.0, 100 * c["ci95"][1] - a) if "ci95" in c else 0 for a, c in zip(acc, cells)]]
+        err = [
+            [max(0.0, a - 100 * c["ci95"][0]) if "ci95" in c else 0 for a, c in zip(acc, cells)],
+            [max(0.0, 100 * c["ci95"][1] - a) if "ci95" in c else 0 for a, c in zip(acc, cells)],
+        ]
         ax.bar(xs, acc, width, yerr=err, capsize=3, label=f"{name} (student probe)")
         teacher = [100 * (table[t][name]["accuracy"] or 0) for t in tasks]
         ax.plot(xs, teacher, "k.", markersize=8)

@@ -56,14 +56,23 @@ def run(cfg: TasksConfig) -> dict[str, Any]:
         with atomic_writer(cfg.output) as sink:
             for spec in cfg.sources:
                 tally = counts.setdefault(spec, {"read": 0, "kept": 0, "rejected": 0})
-                for where, item in open_source(spec, columns=cfg.columns, task=cfg.task, per_kind=cfg.per_kind,
-                                               split=cfg.split, seed=cfg.seed, min_steps=cfg.min_steps,
-                                               max_steps=cfg.max_steps):
+                for where, item in open_source(
+                    spec,
+                    columns=cfg.columns,
+                    task=cfg.task,
+                    per_kind=cfg.per_kind,
+                    split=cfg.split,
+                    seed=cfg.seed,
+                    min_steps=cfg.min_steps,
+                    max_steps=cfg.max_steps,
+                ):
                     if cfg.limit is not None and tally["kept"] >= cfg.limit:
                         break
                     tally["read"] += 1
                     if not isinstance(item, Orca2Error) and item["id"] in seen_ids:
-                        item = Orca2Error(f"{where}: field 'id' {item['id']!r} repeats an id first seen at {seen_ids[item['id']]}")
+                        item = Orca2Error(
+                            f"{where}: field 'id' {item['id']!r} repeats an id first seen at {seen_ids[item['id']]}"
+                        )
                     if isinstance(item, Orca2Error):
                         if not cfg.skip_invalid:
                             raise item

@@ -40,7 +40,7 @@ def _value(name: str, sentence: str, label: str) -> str:
         return max(words, key=len)
     if name == "evidence":
         return sentence
-    return f"{label}: what does the text say about \"{' '.join(words[:5])}\"?"
+    return f'{label}: what does the text say about "{" ".join(words[:5])}"?'
 
 
 def flow_responder(body: dict[str, Any]) -> str:
@@ -64,8 +64,12 @@ def flow_responder(body: dict[str, Any]) -> str:
         count = int(re.search(r"\bWrite (\d+)", prompt).group(1)) if re.search(r"\bWrite (\d+)", prompt) else 2
         kind = re.search(r"type: ([\w-]+) —", prompt)
         label = kind.group(1) if kind else "item"
-        sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", _passage(prompt)) if len(s.split()) >= 4] or [_passage(prompt)]
-        items = [{name: _value(name, sentences[j % len(sentences)], f"{label} {j}") for name in fields} for j in range(count)]
+        sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", _passage(prompt)) if len(s.split()) >= 4] or [
+            _passage(prompt)
+        ]
+        items = [
+            {name: _value(name, sentences[j % len(sentences)], f"{label} {j}") for name in fields} for j in range(count)
+        ]
         return "Here they are:\n```json\n" + json.dumps(items) + "\n```"
     return "I do not know this agent."
 

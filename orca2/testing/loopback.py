@@ -19,8 +19,9 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -43,7 +44,9 @@ class Faults:
     slow_latency: float = 1.0
     seed: int = 0
     batch_polls: int = 1  # status polls a batch spends in each of validating and in_progress
-    batch_item_fail_rate: float = 0.0  # fraction of batch items answered 500 in the error file (first attempt of a prompt)
+    batch_item_fail_rate: float = (
+        0.0  # fraction of batch items answered 500 in the error file (first attempt of a prompt)
+    )
     batch_expire: str = ""  # comma-separated ordinals (1 = first batch created) that expire, half their items done
     batch_cancel: str = ""  # ordinals cancelled by "someone else" while in progress, half their items done
     reject_files: int = 0  # 1: every uploaded batch file is rejected (400) as malformed
@@ -64,7 +67,9 @@ class Stats:
     attempts_by_prompt: Counter = field(default_factory=Counter)
     batches_created: int = 0
     files_uploaded: int = 0
-    batch_items_by_custom_id: Counter = field(default_factory=Counter)  # items processed per custom_id, over all batches
+    batch_items_by_custom_id: Counter = field(
+        default_factory=Counter
+    )  # items processed per custom_id, over all batches
     batch_ok_by_custom_id: Counter = field(default_factory=Counter)
 
 
@@ -75,8 +80,12 @@ def prompt_key(body: dict[str, Any]) -> str:
 class LoopbackServer:
     """Serve /v1/chat/completions on 127.0.0.1 from a background thread: `with LoopbackServer() as s: s.base_url`."""
 
-    def __init__(self, responder: Callable[[dict[str, Any]], str] = default_responder, faults: Faults | None = None,
-                 port: int = 0):
+    def __init__(
+        self,
+        responder: Callable[[dict[str, Any]], str] = default_responder,
+        faults: Faults | None = None,
+        port: int = 0,
+    ):
         self.responder = responder
         self.faults = faults or Faults()
         self.stats = Stats()
@@ -96,9 +105,15 @@ class LoopbackServer:
     def _draw(self) -> str:
         f = self.faults
         x = self._rng.random()
-        for name, rate in (("429", f.rate_429), ("500", f.rate_500), ("timeout", f.rate_timeout),
-                           ("malformed", f.rate_malformed), ("drop", f.rate_drop), ("empty", f.rate_empty),
-                           ("length", f.rate_length)):
+        for name, rate in (
+            ("429", f.rate_429),
+            ("500", f.rate_500),
+            ("timeout", f.rate_timeout),
+            ("malformed", f.rate_malformed),
+            ("drop", f.rate_drop),
+            ("empty", f.rate_empty),
+            ("length", f.rate_length),
+        ):
             if x < rate:
                 return name
             x -= rate
@@ -113,7 +128,9 @@ class LoopbackServer:
             messages = body["messages"]
             assert isinstance(messages, list) and messages
         except Exception:  # noqa: BLE001 - a client bug: answer 400 as the real API does
-            return web.json_response({"error": {"message": "invalid request body", "type": "invalid_request_error"}}, status=400)
+            return web.json_response(
+                {"error": {"message": "invalid request body", "type": "invalid_request_error"}}, status=400
+            )
         key = prompt_key(body)
         with self._lock:
             self.stats.requests += 1
@@ -125,8 +142,11 @@ class LoopbackServer:
         if wait:
             await asyncio.sleep(wait)
         if outcome == "429":
-            return web.json_response({"error": {"message": "Rate limit reached", "type": "requests"}}, status=429,
-                                     headers={"Retry-After": str(f.retry_after)})
+            return web.json_response(
+                {"error": {"message": "Rate limit reached", "type": "requests"}},
+                status=429,
+                headers={"Retry-After": str(f.retry_after)},
+            )
         if outcome == "500":
             return web.json_response({"error": {"message": "internal error", "type": "server_error"}}, status=500)
         if outcome == "timeout":
@@ -159,10 +179,15 @@ class LoopbackServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "loopback"),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": finish}
-                        for i, c in enumerate(contents)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": c}, "finish_reason": finish}
+                for i, c in enumerate(contents)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     # --- the Batch API -----------------------------------------------------------------------------
@@ -172,8 +197,16 @@ class LoopbackServer:
         key = self.faults.require_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
             self.stats.by_outcome["401"] += 1
-            return web.json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
-                                                "code": "invalid_api_key"}}, status=401)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "Incorrect API key provided",
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+                status=401,
+            )
         return None
 
     async def _upload(self, request: web.Request) -> web.Response:
@@ -189,17 +222,30 @@ class LoopbackServer:
                 raise ValueError("rejected by fault injection")
             for number, line in enumerate(data.splitlines(), 1):
                 row = json.loads(line)
-                if not isinstance(row.get("custom_id"), str) or row.get("url") != "/v1/chat/completions" or "body" not in row:
+                if (
+                    not isinstance(row.get("custom_id"), str)
+                    or row.get("url") != "/v1/chat/completions"
+                    or "body" not in row
+                ):
                     raise ValueError(f"line {number}: needs custom_id, method, url /v1/chat/completions and body")
         except ValueError as exc:
-            return web.json_response({"error": {"message": f"Invalid batch file: {exc}", "type": "invalid_request_error"}},
-                                     status=400)
+            return web.json_response(
+                {"error": {"message": f"Invalid batch file: {exc}", "type": "invalid_request_error"}}, status=400
+            )
         with self._lock:
             self.stats.files_uploaded += 1
             file_id = f"file-{len(self.files) + 1:06d}"
             self.files[file_id] = data
-        return web.json_response({"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                                  "filename": getattr(upload, "filename", "batch.jsonl"), "purpose": "batch"})
+        return web.json_response(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": int(time.time()),
+                "filename": getattr(upload, "filename", "batch.jsonl"),
+                "purpose": "batch",
+            }
+        )
 
     async def _file_content(self, request: web.Request) -> web.Response:
         if (denied := self._auth_error(request)) is not None:
@@ -223,11 +269,21 @@ class LoopbackServer:
             ordinal = self.stats.batches_created
             batch_id = f"batch_{ordinal:06d}"
             self.batches[batch_id] = {
-                "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "input_file_id": body["input_file_id"],
-                "completion_window": body.get("completion_window", "24h"), "status": "validating",
-                "output_file_id": None, "error_file_id": None, "created_at": int(time.time()), "errors": None,
-                "metadata": body.get("metadata"), "request_counts": {"total": 0, "completed": 0, "failed": 0},
-                "_polls": 0, "_ordinal": ordinal}
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body["endpoint"],
+                "input_file_id": body["input_file_id"],
+                "completion_window": body.get("completion_window", "24h"),
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": int(time.time()),
+                "errors": None,
+                "metadata": body.get("metadata"),
+                "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                "_polls": 0,
+                "_ordinal": ordinal,
+            }
         return web.json_response(self._public(self.batches[batch_id]))
 
     def _advance(self, batch: dict[str, Any]) -> None:
@@ -238,8 +294,13 @@ class LoopbackServer:
             batch["status"], batch["_polls"] = "in_progress", 0
         elif batch["status"] == "in_progress" and batch["_polls"] >= f.batch_polls:
             ordinal = str(batch["_ordinal"])
-            final = ("expired" if ordinal in f.batch_expire.split(",") else
-                     "cancelled" if ordinal in f.batch_cancel.split(",") else "completed")
+            final = (
+                "expired"
+                if ordinal in f.batch_expire.split(",")
+                else "cancelled"
+                if ordinal in f.batch_cancel.split(",")
+                else "completed"
+            )
             self._finish(batch, final)
 
     def _finish(self, batch: dict[str, Any], final: str) -> None:
@@ -251,20 +312,44 @@ class LoopbackServer:
             custom_id = row["custom_id"]
             if index >= done_upto:
                 code = "batch_expired" if final == "expired" else "batch_cancelled"
-                err.append({"id": f"batch_req_{index}", "custom_id": custom_id, "response": None,
-                            "error": {"code": code, "message": f"This request was not executed: the batch was {final}."}})
+                err.append(
+                    {
+                        "id": f"batch_req_{index}",
+                        "custom_id": custom_id,
+                        "response": None,
+                        "error": {"code": code, "message": f"This request was not executed: the batch was {final}."},
+                    }
+                )
                 continue
             self.stats.batch_items_by_custom_id[custom_id] += 1
             first = self.stats.batch_items_by_custom_id[custom_id] == 1
             if first and self._rng.random() < self.faults.batch_item_fail_rate:
-                err.append({"id": f"batch_req_{index}", "custom_id": custom_id, "error": None,
-                            "response": {"status_code": 500, "request_id": f"req_{index}",
-                                         "body": {"error": {"message": "internal error", "type": "server_error"}}}})
+                err.append(
+                    {
+                        "id": f"batch_req_{index}",
+                        "custom_id": custom_id,
+                        "error": None,
+                        "response": {
+                            "status_code": 500,
+                            "request_id": f"req_{index}",
+                            "body": {"error": {"message": "internal error", "type": "server_error"}},
+                        },
+                    }
+                )
                 continue
             self.stats.batch_ok_by_custom_id[custom_id] += 1
-            out.append({"id": f"batch_req_{index}", "custom_id": custom_id, "error": None,
-                        "response": {"status_code": 200, "request_id": f"req_{index}",
-                                     "body": self._completion(row["body"], f"{batch['id']}-{index}")}})
+            out.append(
+                {
+                    "id": f"batch_req_{index}",
+                    "custom_id": custom_id,
+                    "error": None,
+                    "response": {
+                        "status_code": 200,
+                        "request_id": f"req_{index}",
+                        "body": self._completion(row["body"], f"{batch['id']}-{index}"),
+                    },
+                }
+            )
         for name, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
                 file_id = f"file-{len(self.files) + 1:06d}"
@@ -291,12 +376,18 @@ class LoopbackServer:
         after = request.query.get("after")
         if after:
             ids = [b["id"] for b in ordered]
-            ordered = ordered[ids.index(after) + 1:] if after in ids else []
+            ordered = ordered[ids.index(after) + 1 :] if after in ids else []
         limit = int(request.query.get("limit", 20))
         page = ordered[:limit]
-        return web.json_response({"object": "list", "data": [self._public(b) for b in page],
-                                  "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
-                                  "has_more": len(ordered) > limit})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [self._public(b) for b in page],
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(ordered) > limit,
+            }
+        )
 
     async def _cancel_batch(self, request: web.Request) -> web.Response:
         batch = self.batches.get(request.match_info["batch_id"])
@@ -333,7 +424,7 @@ class LoopbackServer:
         await self._stop.wait()
         await runner.cleanup()
 
-    def start(self) -> "LoopbackServer":
+    def start(self) -> LoopbackServer:
         def main() -> None:
             self._loop = asyncio.new_event_loop()
             self._loop.run_until_complete(self._serve())
@@ -351,7 +442,7 @@ class LoopbackServer:
         if self._thread is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> "LoopbackServer":
+    def __enter__(self) -> LoopbackServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -363,8 +454,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--responder", choices=("default", "flow"), default="default",
-                        help="flow: answer as the agents of the shipped instruct flows (orca2.testing.agents)")
+    parser.add_argument(
+        "--responder",
+        choices=("default", "flow"),
+        default="default",
+        help="flow: answer as the agents of the shipped instruct flows (orca2.testing.agents)",
+    )
     for name in Faults.__dataclass_fields__:
         if name not in ("require_key",):
             default = getattr(Faults(), name)
