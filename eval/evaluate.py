@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,16 @@ import orjson
 
 from orca2.answers import score
 from orca2.ask import Request, ask
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.eval.benchmarks import default_data_dir, load_items, load_registry, select
 from orca2.eval.stats import wilson
 from orca2.eval.usage import CATEGORIES, classify
 from orca2.io import atomic_text, write_records
-from orca2.models import ClientConfig, ModelSpec, Sampling, check_local_model, parse_model
+from orca2.models import SPEC_FORMS, ClientConfig, ModelSpec, Sampling, check_local_model, parse_model
 from orca2.prompts import generic_prompt
 from orca2.records import with_system_prompt
+from orca2.stages import Stage
 from orca2.strategies import Library
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str  # HF folder | local:default | local:<path> | openai:<model> | batch:<model>
-    output: str  # report folder
-    bench: tuple[str, ...] = ("gsm8k", "bbh")  # benchmark names, or name/task for one task
-    system: tuple[str, ...] = ("empty",)  # conditions: empty | cautious | strategy:NAME | path of a text file
-    label: str | None = None  # the model's name in reports (default: derived from `model`)
-    benchmarks: tuple[str, ...] = ()  # extra benchmark YAML files
-    data_dir: str | None = None  # default $ORCA2_DATA_DIR, else ../shared/data
-    limit: int | None = None  # items per task
-    strategies: tuple[str, ...] = ()  # extra strategy files, for strategy:NAME conditions
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=512))
+    model: str = option(help="The model: HF folder | " + SPEC_FORMS + ".")
+    output: str = option(help="Report folder.", short="-o")
+    bench: tuple[str, ...] = option(
+        ("gsm8k", "bbh"), "Benchmarks (gsm8k, bbh, bbh/<task>, arc-challenge, mmlu, ...).", split=","
+    )
+    system: tuple[str, ...] = option(
+        ("empty",), "System-prompt conditions: empty, cautious, strategy:NAME, or a text file.", split=","
+    )
+    label: str | None = option(None, "The model's name in reports (default: derived from model).")
+    benchmarks: tuple[str, ...] = option((), "Extra benchmark YAML files.")
+    data_dir: str | None = option(None, "Benchmark data folder (default $ORCA2_DATA_DIR, else ../shared/data).")
+    limit: int | None = option(None, "Items per task.")
+    strategies: tuple[str, ...] = option((), "Extra strategy files, for strategy:NAME conditions.")
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(help="How replies are sampled.", factory=lambda: Sampling(max_tokens=512), flatten=True)
 
     def __post_init__(self) -> None:
         parse_model(self.model, paths=True)
@@ -239,3 +244,27 @@ def summarise(rows: list[dict[str, Any]], benches: dict[str, Any]) -> dict[str, 
             "reference": bench.reference,
         }
     return out
+
+
+def show(report: dict[str, Any], cfg: EvalConfig) -> str:
+    """What `orca2 eval` prints: one line per OrcaBench run and per condition × benchmark, then the report."""
+    lines = []
+    for name, bench in report.get("orcabench", {}).items():
+        m = bench["metrics"]
+        lines.append(
+            f"{report['model']} | {name}: BLEU {m['bleu']['value']:.2f}, ROUGE-L {m['rougeL']['value']:.3f}, "
+            f"BigFive cosine {m['cosine']['value']:.3f} ({bench['users']} users); "
+            f"report: {cfg.output}/orcabench/report.md"
+        )
+    for condition, summary in report.get("benchmarks", {}).items():
+        for name, o in summary["overall"].items():
+            lines.append(
+                f"{report['model']} | {condition} | {name}: {100 * o['accuracy']:.1f}% "
+                f"[{100 * o['ci95'][0]:.1f}, {100 * o['ci95'][1]:.1f}] over {o['n']} items"
+            )
+    if "benchmarks" in report:
+        lines.append(f"report: {cfg.output}/report.md")
+    return "\n".join(lines)
+
+
+STAGE = Stage("eval", EvalConfig, run, show)

@@ -80,3 +80,56 @@ class ResponseCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def describe_cache() -> str:
+    """`orca2 cache`: one line per converted model and for the response cache (size, last use, what, where)."""
+    import time
+
+    from orca2.weights import list_entries
+
+    rows = [
+        (r["what"] + ("" if r["whole"] else " (incomplete)"), r["bytes"], r["last_used"], r["folder"])
+        for r in list_entries()
+    ]
+    responses = default_cache_dir() / "responses.jsonl"
+    if responses.exists():
+        with open(responses, "rb") as f:
+            lines = sum(1 for _ in f)
+        rows.append(
+            (f"responses ({lines} cached)", responses.stat().st_size, responses.stat().st_mtime, str(responses))
+        )
+    if not rows:
+        return "the cache is empty"
+    return "\n".join(
+        f"{_size(size):>9}  last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(used))}  {what}  {where}"
+        for what, size, used, where in rows
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def clear_cache(models: bool, responses: bool) -> str:
+    """`orca2 cache clear`: remove the converted models (rebuilt on next use) and/or the cached responses."""
+    import shutil
+
+    from orca2.weights import list_entries
+
+    said = []
+    if models:
+        entries = list_entries()
+        for row in entries:
+            shutil.rmtree(row["folder"], ignore_errors=True)
+        said.append(f"removed {len(entries)} converted model(s)")
+    if responses:
+        path = default_cache_dir() / "responses.jsonl"
+        if path.exists():
+            path.unlink()
+        said.append(f"removed the cached responses ({path})")
+    return "\n".join(said)

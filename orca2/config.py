@@ -17,6 +17,39 @@ from orca2.errors import Orca2Error
 T = TypeVar("T")
 
 
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: typing.Callable[[], Any] | None = None,
+    secret: bool = False,
+    short: str | None = None,
+    argument: bool = False,
+    split: str | None = None,
+    flatten: bool = False,
+) -> Any:
+    """A config field declared once: its YAML key, its CLI flag (orca2.flags), its help text and its default.
+
+    `factory` builds a mutable or nested default; `short` adds an alias (-o); `argument` takes the value(s) as the
+    command's positional arguments; `split` also accepts one comma-separated value (--bench gsm8k,bbh); `flatten`
+    gives a nested section's fields flags of their own (--temperature for sampling.temperature). A secret (an API
+    key) is left out of the repr, has no flag, and config_to_dict — the one door to files, manifests, hashes and
+    summaries — writes it as "***"."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default: use factory=")
+    metadata = {
+        "help": help,
+        "secret": secret,
+        "short": short,
+        "argument": argument,
+        "split": split,
+        "flatten": flatten,
+    }
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, repr=not secret, metadata=metadata)
+    return dataclasses.field(default=default, repr=not secret, metadata=metadata)
+
+
 def _load_yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
     """The data, and the line of every mapping key by its dotted path (yaml loads here, not with the CLI)."""
     import yaml

@@ -13,25 +13,16 @@ Every stage names models this way and no other; `parse_model` is the one parser.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from orca2.config import option
 from orca2.errors import Orca2Error
 
 SCHEMES = ("openai", "batch", "local", "program")
 PROGRAMS = ("synthetic", "persona")
 SPEC_FORMS = "openai:<model>, batch:<model>, local:<folder|file.gguf|default>, program:synthetic|persona"
-
-
-def option(default: Any, help: str, *, secret: bool = False) -> Any:
-    """A config field with its help text: the CLI flag, its help and its default derive from it.
-
-    A secret (an API key) is left out of the dataclass's repr, and orca2.config.config_to_dict — the one function
-    through which configs reach files, manifests, hashes and summaries — writes it as "***"."""
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("mutable default")
-    return field(default=default, repr=not secret, metadata={"help": help, "secret": secret})
 
 
 @dataclass(frozen=True)

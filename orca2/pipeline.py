@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orca2.config import _deep_update, _set_dotted, build_section, config_to_dict, parse_override, read_yaml
+from orca2.config import _deep_update, _set_dotted, build_section, config_to_dict, option, parse_override, read_yaml
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text
 
@@ -40,34 +40,44 @@ CONTROL_STEPS = ("control", "control_eval")  # iterate.control: equal-compute SF
 
 @dataclasses.dataclass(frozen=True)
 class IterateConfig:
-    rounds: int = 2
-    recipe: str = "orca-math"  # orca-math | dno (pairs rule)
-    objective: str = "kto"  # dpo | kto
-    prompts_per_round: int | None = None  # a fresh partition of the run's tasks each round (None: all, every round)
-    # or: the tasks split into this many near-equal partitions, round t takes partition (t-1) mod N
-    # (DNO: 3 partitions, 6 rounds)
-    partitions: int | None = None
-    reference: str = "previous"  # previous: π_{t-1} (DNO); initial: the SFT student every round
-    # the rounds' prompts are kept out of the SFT start (it trains on the other tasks), so each round meets prompts
-    # new to the policy, as DNO's did
-    fresh_prompts: bool = False
-    # serve π_t for sampling: a command with {model}, {port}, {name},
-    # e.g. "vllm serve {model} --port {port} --served-model-name {name}"
-    serve: str | None = None
-    served_name: str = "student"  # prefix of the name the server answers to ({name} = prefix + π_t's fingerprint)
-    serve_timeout: float = 900.0  # seconds to wait for the server to answer
-    sample: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 sample keys (student and paths wired)
-    judge: dict[str, Any] = dataclasses.field(default_factory=dict)  # orca2 judge keys
-    # orca2 pairs keys (replay wired from earlier rounds)
-    pairs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # keys over the train section's (lr, epochs, beta, ...)
-    train: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # an equal-compute control: each round, SFT of the previous control on the round's teacher traces for as many
-    # optimizer steps as the round's preference training, with its learning rate and schedule
-    control: bool = False
-    control_train: dict[str, Any] = dataclasses.field(
-        default_factory=dict
-    )  # keys over those (train section, then iterate.train less the preference keys)
+    rounds: int = option(2, "Rounds of sample → judge → pairs → train → eval.")
+    recipe: str = option("orca-math", "The pairs rule: orca-math | dno.")
+    objective: str = option("kto", "dpo | kto.")
+    prompts_per_round: int | None = option(
+        None, "A fresh partition of the run's tasks each round (null: all tasks, every round)."
+    )
+    partitions: int | None = option(
+        None,
+        "Or: the tasks split into this many near-equal partitions, round t takes partition (t-1) mod N "
+        "(DNO: 3 partitions, 6 rounds).",
+    )
+    reference: str = option("previous", "previous: π_{t-1} (DNO); initial: the SFT student every round.")
+    fresh_prompts: bool = option(
+        False,
+        "The rounds' prompts are kept out of the SFT start (it trains on the other tasks), so each round meets "
+        "prompts new to the policy, as DNO's did.",
+    )
+    serve: str | None = option(
+        None,
+        "Serve π_t for sampling: a command with {model}, {port}, {name}, "
+        'e.g. "vllm serve {model} --port {port} --served-model-name {name}".',
+    )
+    served_name: str = option(
+        "student", "Prefix of the name the server answers to ({name} = prefix + π_t's fingerprint)."
+    )
+    serve_timeout: float = option(900.0, "Seconds to wait for the server to answer.")
+    sample: dict[str, Any] = option(help="orca2 sample keys (student and paths wired).", factory=dict)
+    judge: dict[str, Any] = option(help="orca2 judge keys.", factory=dict)
+    pairs: dict[str, Any] = option(help="orca2 pairs keys (replay wired from earlier rounds).", factory=dict)
+    train: dict[str, Any] = option(help="Keys over the train section's (lr, epochs, beta, ...).", factory=dict)
+    control: bool = option(
+        False,
+        "An equal-compute control: each round, SFT of the previous control on the round's teacher traces for as "
+        "many optimizer steps as the round's preference training, with its learning rate and schedule.",
+    )
+    control_train: dict[str, Any] = option(
+        help="Keys over those (train section, then iterate.train less the preference keys).", factory=dict
+    )
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.recipe not in ("orca-math", "dno") or self.objective not in ("dpo", "kto"):
@@ -180,11 +190,14 @@ class Pipeline:
     def _build(self, cls: type, section: dict[str, Any], prefix: str) -> Any:
         """A section's config, with the one seed rule: the run's seed is the default of every `seed` a section's
         config has — its own and its sampling's (so a rerun draws the same samples) — unless the section sets it."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if "seed" in names:
-            section.setdefault("seed", self.seed)
-        if "sampling" in names:
-            section["sampling"] = {"seed": self.seed, **(section.get("sampling") or {})}
+        from orca2.flags import seed_keys  # the rule `orca2 STAGE --seed` follows too
+
+        for key in seed_keys(cls):
+            part, _, inner = key.rpartition(".")
+            if part:
+                section[part] = {inner: self.seed, **(section.get(part) or {})}
+            else:
+                section.setdefault(inner, self.seed)
         return build_section(cls, section, self.source, self.lines, prefix)
 
     def _stage_config(self, name: str) -> Any:

@@ -159,21 +159,13 @@ def loaded_by(args: list[str]) -> list[str]:
 def test_help_loads_no_heavy_module_and_no_other_stage():
     """`orca2 --help` loads no stage and nothing heavy; `orca2 STAGE --help` loads that stage's module only, and still
     nothing heavy (numpy, asyncio, tqdm, yaml and regex load when work starts). Timings: docs/benchmarks.md."""
+    from orca2.cli import STAGES
+
     top = loaded_by(["--help"])
     assert not [m for m in top if m.startswith(STAGE_MODULES) or m.split(".")[0] in HEAVY], top
-    for command, module in (
-        ("generate", "orca2.stages.generate"),
-        ("select", "orca2.stages.select"),
-        ("eval", "orca2.eval.evaluate"),
-        ("instruct", "orca2.stages.instruct"),
-        ("sample", "orca2.stages.sample"),
-        ("judge", "orca2.stages.judge"),
-        ("erase", None),
-        ("train", None),
-        ("run", None),
-        ("persona", None),
-    ):
-        found = loaded_by([command, "--help"])
+    commands = [(command, where.partition(":")[0]) for command, (where, _) in STAGES.items()]
+    for command, module in commands + [("run", None), ("persona", None)]:
+        found = loaded_by([*command.split(), "--help"])
         assert not [m for m in found if m.split(".")[0] in HEAVY], (command, found)
         stages = {m for m in found if m.startswith(STAGE_MODULES)}
         assert stages == ({module} if module else set()), (command, stages)
@@ -190,3 +182,104 @@ def test_gpu_check_says_in_one_line_that_there_is_no_gpu(repo):
     assert done.returncode == 0 and done.stdout.strip().splitlines() == [
         "gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing to check"
     ]
+
+
+COMMON = {"config_path", "overrides", "log_level", "debug", "help", "seed"}
+
+
+def sample_value(tp, default):
+    """(command-line words, the value the config should get) for one field of this type, unlike its default."""
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return (["--no-{}"] if default else ["--{}"]), not default
+    if origin is typing.Literal:
+        choice = next(c for c in typing.get_args(tp) if c != default)
+        return ["--{}", str(choice)], choice
+    if tp in (int, float, str):
+        value = {int: 7, float: 0.25, str: "abc"}[tp]
+        return ["--{}", str(value)], value
+    if origin is tuple and typing.get_args(tp)[0] in (str, float, int) and len(typing.get_args(tp)) == 2:
+        item = typing.get_args(tp)[0]
+        values = {str: ("a", "b"), float: (0.5, 0.25), int: (3, 4)}[item]
+        return ["--{}", str(values[0]), "--{}", str(values[1])], values
+    if origin is dict and typing.get_args(tp) == (str, str):
+        return ["--{}", "k=v,x=y"], {"k": "v", "x": "y"}
+    return ["--{}", "{a: 1}"], {"a": 1}  # any other shape is given as YAML
+
+
+def test_every_config_field_has_a_flag_that_sets_it_and_every_flag_a_field():
+    """For every stage command: each config field (each field of a flattened section) has exactly the flag its name
+    says, parsing that flag yields the field's value under its dotted key, secrets have no flag, seeds are the common
+    --seed; and the command has no flag that is not a field, a common option or a declared CLI-only extra."""
+    import dataclasses
+    import typing
+
+    from orca2 import cli as cli_module
+    from orca2 import flags
+
+    for command in cli_module.STAGES:
+        stage = cli_module.load_stage(command)
+        cmd = cli_module.stage_command(command)
+        by_name = {p.name: p for p in cmd.params}
+        extras = {p.name for p in cli_module.EXTRAS.get(command, [])}
+        expected = set()
+        hints = typing.get_type_hints(stage.config)
+        sections = [("", stage.config, hints)]
+        for f in dataclasses.fields(stage.config):
+            if f.metadata.get("flatten"):
+                sections.append((f.name + ".", hints[f.name], typing.get_type_hints(hints[f.name])))
+        for prefix, cls, types_ in sections:
+            for f in dataclasses.fields(cls):
+                key = prefix + f.name
+                if prefix == "" and f.metadata.get("flatten"):
+                    continue
+                if f.metadata.get("secret"):
+                    assert key.replace(".", "__") not in by_name, (command, key)
+                    assert not [p for p in cmd.params if "--" + f.name.replace("_", "-") in p.opts], (command, key)
+                    continue
+                if f.name == "seed":
+                    assert "seed" in by_name, (command, key)
+                    assert key in flags.seed_keys(stage.config), (command, key)
+                    continue
+                dest = key.replace(".", "__")
+                expected.add(dest)
+                assert dest in by_name, (command, key)
+                param = by_name[dest]
+                flag = "--" + f.name.replace("_", "-")
+                if f.metadata.get("argument"):
+                    assert param.param_type_name == "argument", (command, key)
+                    continue
+                assert flag in param.opts, (command, key, param.opts)
+                default = f.default if f.default is not dataclasses.MISSING else None
+                if prefix and f.default_factory is dataclasses.MISSING:
+                    parent = next(g for g in dataclasses.fields(stage.config) if g.name == prefix[:-1])
+                    default = getattr(parent.default_factory(), f.name)
+                words, value = sample_value(types_[f.name], default)
+                args = [w.replace("{}", f.name.replace("_", "-")) if w.startswith("--") else w for w in words]
+                ctx = cmd.make_context(command, args, resilient_parsing=True)
+                got = flags.values(stage.config, dict(ctx.params))
+                assert got.get(key) == value, (command, key, args, got.get(key))
+        unexpected = set(by_name) - expected - COMMON - extras
+        assert not unexpected, (command, unexpected)
+        assert ("seed" in by_name) == bool(flags.seed_keys(stage.config)), command
+
+
+def test_flags_given_through_the_command_reach_the_stage_config(tmp_path):
+    """End to end through `orca2 tasks`: positional sources, -o, a mapping, a bool, and --seed reach the config."""
+    from click.testing import CliRunner
+
+    from orca2.cli import cli
+
+    out = tmp_path / "t.jsonl"
+    result = CliRunner().invoke(
+        cli, ["tasks", "synthetic:arithmetic", "-o", str(out), "--per-kind", "3", "--seed", "5", "--skip-invalid"]
+    )
+    assert result.exit_code == 0, result.output
+    saved = (tmp_path / "t.config.yaml").read_text()
+    assert "per_kind: 3" in saved and "seed: 5" in saved and "skip_invalid: true" in saved
+    assert "wrote 3 task records" in result.output

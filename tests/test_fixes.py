@@ -110,7 +110,7 @@ def test_non_utf8_bytes_name_file_and_line(tmp_path):
 
 
 def test_the_launcher_takes_a_free_rendezvous_port(monkeypatch):
-    from orca2.cli import launcher_command
+    from orca2.train.launch import launcher_command
 
     monkeypatch.delenv("MASTER_PORT", raising=False)
     holder = socket.socket()

@@ -18,12 +18,15 @@ import importlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from orca2.config import option
 from orca2.errors import Orca2Error
+from orca2.stages import Stage
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("sft", "dpo", "kto")
@@ -31,11 +34,13 @@ OBJECTIVES = ("sft", "dpo", "kto")
 
 @dataclass(frozen=True)
 class StageConfig:
-    data: tuple[str, ...]  # JSONL files: SFT records (orca2 erase output) or preference records (dpo, kto)
-    name: str = "sft"
-    epochs: int = 1
-    lr: float = 2e-5
-    max_steps: int | None = None  # stop this stage after this many optimizer steps
+    data: tuple[str, ...] = option(
+        help="JSONL files: SFT records (orca2 erase output) or preference records (dpo, kto)."
+    )
+    name: str = option("sft", "The stage's name in logs and checkpoints.")
+    epochs: int = option(1, "Passes over the stage's data.")
+    lr: float = option(2e-5, "Peak learning rate.")
+    max_steps: int | None = option(None, "Stop this stage after this many optimizer steps.")
 
 
 PREFERENCE_KEYS = (
@@ -52,56 +57,62 @@ PREFERENCE_KEYS = (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str  # local:default | HF folder | file.gguf | hub name
-    output: str  # run folder: checkpoints, logs, final model (HF format) in <output>/model
-    data: tuple[str, ...] = ()  # one-stage shorthand for stages: [{data: ...}]
-    stages: tuple[StageConfig, ...] = ()  # progressive learning: each starts from the previous stage's weights
-    objective: Literal["sft", "dpo", "kto"] = (
-        "sft"  # sft: erased traces; dpo: chosen/rejected pairs; kto: labelled replies
+    model: str = option(help="The student: local:default | HF folder | file.gguf | hub name.")
+    output: str = option(help="Run folder: checkpoints, logs, final model (HF format) in <output>/model.", short="-o")
+    data: tuple[str, ...] = option((), "Training JSONL (one stage; repeatable); progressive stages: stages.")
+    stages: tuple[StageConfig, ...] = option(
+        (), "Progressive learning: a list of {data, name, epochs, lr, max_steps}, each from the previous weights."
     )
-    chat_template: Literal["tokenizer", "chatml"] = "tokenizer"  # chatml adds <|im_start|>/<|im_end|> tokens
-    max_len: int = 2048  # tokens per packed row / example
-    overlong: Literal["drop", "truncate"] = "drop"  # examples longer than max_len (counted either way)
-    packing: bool = True  # best-fit-decreasing packing with per-example attention
-    attention: Literal["auto", "loop", "flex", "flash"] = (
-        "auto"  # packed rows' kernel; auto: flash/flex on GPU, loop on CPU
+    objective: Literal["sft", "dpo", "kto"] = option(
+        "sft", "sft: erased traces; dpo: chosen/rejected pairs; kto: replies labelled desirable/undesirable."
     )
-    micro_batch_size: int = 1  # rows per micro-batch (packed rows, or examples / preference groups unpacked)
-    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
-    epochs: int = 1  # default for stages that do not say
-    lr: float = 2e-5  # default for stages that do not say
-    weight_decay: float = 0.0
-    betas: tuple[float, ...] = (0.9, 0.95)
-    warmup_ratio: float = 0.03  # of each stage's steps
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
-    zero_stage: int = 2  # 0-3; picks train/zero<N>.json unless deepspeed_config is given
-    deepspeed_config: str | None = None  # your DeepSpeed JSON; "auto" values are filled from this config
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
-    train_layers: int | None = (
-        None  # train only the top N transformer layers + final norm (embeddings frozen): CPU demos
+    chat_template: Literal["tokenizer", "chatml"] = option(
+        "tokenizer", "The tokenizer's own template, or ChatML (adds <|im_start|>/<|im_end|> tokens)."
     )
-    loss_impl: Literal["naive", "fused"] = "naive"  # fused: log-probs / cross-entropy from hidden states, no logits
+    max_len: int = option(2048, "Tokens per packed row / example.")
+    overlong: Literal["drop", "truncate"] = option("drop", "Examples longer than max_len (counted either way).")
+    packing: bool = option(True, "Best-fit-decreasing packing with per-example attention.")
+    attention: Literal["auto", "loop", "flex", "flash"] = option(
+        "auto", "Packed rows' kernel; auto: flash/flex on GPU, loop on CPU."
+    )
+    micro_batch_size: int = option(1, "Rows per micro-batch (packed rows, or examples / preference groups unpacked).")
+    grad_accum: int = option(1, "Micro-batches per optimizer step (per rank).")
+    epochs: int = option(1, "Epochs, for stages that do not say.")
+    lr: float = option(2e-5, "Peak learning rate, for stages that do not say.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    betas: tuple[float, ...] = option((0.9, 0.95), "AdamW betas.")
+    warmup_ratio: float = option(0.03, "Warm-up share of each stage's steps.")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate schedule after warm-up.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3; picks train/zero<N>.json unless deepspeed_config is given.")
+    deepspeed_config: str | None = option(None, 'Your DeepSpeed JSON; "auto" values are filled from this config.')
+    dtype: Literal["auto", "bf16", "fp32"] = option("auto", "Training dtype; auto: bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass (less memory).")
+    train_layers: int | None = option(
+        None, "Train only the top N transformer layers + final norm (embeddings frozen): CPU demos."
+    )
+    loss_impl: Literal["naive", "fused"] = option(
+        "naive", "fused: log-probs / cross-entropy from hidden states, no logits."
+    )
     # --- preference objectives (dpo, kto) ---
-    beta: float = 0.1  # DPO/KTO temperature of the implicit reward β·log(π/π_ref)
-    label_smoothing: float = 0.0  # DPO: assumed probability that a pair's label is flipped (conservative DPO)
-    sft_weight: float = 0.0  # DPO: weight of the NLL of chosen replies per token added to the loss (RPO's α)
-    desirable_weight: float = 1.0  # KTO λ_D
-    undesirable_weight: float = 1.0  # KTO λ_U
-    reference: str | None = None  # reference model spec; default: the policy each stage starts from
-    reference_mode: Literal["precomputed", "resident"] = (
-        "precomputed"  # log-probs once before training, or a model kept in memory
+    beta: float = option(0.1, "DPO/KTO temperature of the implicit reward β·log(π/π_ref).")
+    label_smoothing: float = option(0.0, "DPO: assumed probability that a pair's label is flipped (conservative DPO).")
+    sft_weight: float = option(0.0, "DPO: weight of the NLL of chosen replies per token added to the loss (RPO's α).")
+    desirable_weight: float = option(1.0, "KTO λ_D.")
+    undesirable_weight: float = option(1.0, "KTO λ_U.")
+    reference: str | None = option(None, "dpo/kto reference model (default: the policy each stage starts from).")
+    reference_mode: Literal["precomputed", "resident"] = option(
+        "precomputed", "Reference log-probs once before training, or a reference model kept in memory."
     )
-    reference_logps: str | None = None  # where stored reference log-probs live; default beside the data
+    reference_logps: str | None = option(None, "Where stored reference log-probs live (default: beside the data).")
     # ---
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end of each stage)
-    resume: bool = False  # continue from the newest checkpoint in <output>/checkpoints
-    log_every: int = 1
-    seed: int = 0
-    mask_check: int = 8  # examples whose supervised spans are decoded and compared before training
-    max_steps: int | None = None  # default for stages that do not say
-    stop_after: int | None = None  # time-boxed jobs: checkpoint and stop after this many steps (resume later)
+    save_every: int = option(0, "Checkpoint every N optimizer steps (0: only at the end of each stage).")
+    resume: bool = option(False, "Continue from the newest checkpoint in <output>/checkpoints.")
+    log_every: int = option(1, "Log every N optimizer steps.")
+    seed: int = option(0, "Seed of the data order and initialisation.")
+    mask_check: int = option(8, "Examples whose supervised spans are decoded and compared before training.")
+    max_steps: int | None = option(None, "Optimizer steps, for stages that do not say.")
+    stop_after: int | None = option(None, "Time-boxed jobs: checkpoint and stop after this many steps (resume later).")
 
     def __post_init__(self) -> None:
         if bool(self.data) == bool(self.stages):
@@ -383,3 +394,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if not final.exists():
                 final.symlink_to(Path(model_spec).resolve())
     return {"world_size": world, "stages": summaries, "model": str(output / "model")}
+
+
+def show(summary: dict[str, Any], cfg: TrainConfig) -> str:
+    """What `orca2 train` prints (rank 0 only): each stage's steps and packing, then the final model."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return ""
+    lines = [
+        f"stage {s['stage']}: {s['steps']} steps, examples {s['examples']}, "
+        f"packing efficiency {s['packing_efficiency'] or 0:.3f}"
+        for s in summary["stages"]
+    ]
+    return "\n".join(lines + [f"final model (HF format): {summary['model']}"])
+
+
+STAGE = Stage("train", TrainConfig, run, show)

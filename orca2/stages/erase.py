@@ -25,7 +25,7 @@ from typing import Any, Literal
 import orjson
 
 from orca2.answers import score
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.decontam import build_contamination_index
 from orca2.dedup import ExactDeduper, NearDeduper
 from orca2.errors import Orca2Error
@@ -34,6 +34,7 @@ from orca2.leaks import find_leak
 from orca2.ngrams import normalise_words
 from orca2.prompts import generic_prompt
 from orca2.records import Record, assistant_reply, system_prompt, user_prompt, with_system_prompt
+from orca2.stages import Stage
 from orca2.strategies import Library
 
 log = logging.getLogger(__name__)
@@ -54,22 +55,30 @@ DROP_REASONS = (
 
 @dataclass(frozen=True)
 class EraseConfig:
-    input: str  # traces (orca2 generate)
-    output: str  # SFT data
-    generic: str = "cautious"  # cautious | empty | path of a text file
-    strategies: tuple[str, ...] = ()  # extra strategy YAML files or folders (to recognise their names)
-    leak: Literal["drop", "flag", "off"] = "drop"  # flag: keep, with meta.leak
-    leak_ngram: int = 8  # shared word n-gram with the erased prompt that counts as a leak
-    verify: Literal["drop", "label", "off"] = "drop"  # wrong answers: drop, or keep with meta.correct = false
-    dedup: Literal["near", "exact", "off"] = "near"  # near = exact + MinHash LSH
-    near_threshold: float = 0.8  # estimated Jaccard similarity of word 3-shingles
-    decontaminate: tuple[str, ...] = ()  # eval sets as task sources: gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME
-    decontam_ngram: int = 13
-    max_tokens: int | None = None  # drop records longer than this (the training max_len)
-    tokenizer: str | None = None  # HF folder / .gguf / default for max_tokens; else ≈4 characters per token
-    drop_truncated: bool = True  # drop finish_reason "length"
-    skip_invalid: bool = False  # malformed lines go to <output>.rejects.jsonl instead of stopping the run
-    plots: bool = True  # length histograms as PNG beside the report
+    input: str = option(help="Traces (from orca2 generate).", argument=True)
+    output: str = option(help="SFT data to write.", short="-o")
+    generic: str = option("cautious", "The generic system prompt: cautious | empty | a text file.")
+    strategies: tuple[str, ...] = option((), "Extra strategy YAML files or folders (to recognise their names).")
+    leak: Literal["drop", "flag", "off"] = option(
+        "drop", "Responses that reveal the erased prompt (flag: keep, marked)."
+    )
+    leak_ngram: int = option(8, "A word n-gram shared with the erased prompt this long counts as a leak.")
+    verify: Literal["drop", "label", "off"] = option(
+        "drop", "Wrong answers against gold: drop, or keep with meta.correct = false."
+    )
+    dedup: Literal["near", "exact", "off"] = option("near", "Duplicate prompts (near = exact + MinHash LSH).")
+    near_threshold: float = option(0.8, "Near duplicates: estimated Jaccard similarity of word 3-shingles.")
+    decontaminate: tuple[str, ...] = option(
+        (), "Eval sets to decontaminate against, as task sources: gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME."
+    )
+    decontam_ngram: int = option(13, "Word n-gram length that counts as contamination.")
+    max_tokens: int | None = option(None, "Drop records longer than this (the training max_len).")
+    tokenizer: str | None = option(
+        None, "Tokenizer for max_tokens (HF folder, .gguf, default); else ≈ 4 characters per token."
+    )
+    drop_truncated: bool = option(True, "Drop replies cut by the token limit (finish_reason length).")
+    skip_invalid: bool = option(False, "Send malformed lines to <output>.rejects.jsonl and go on.")
+    plots: bool = option(True, "Length histograms as PNG beside the report.")
 
     def __post_init__(self) -> None:
         if not 0 < self.near_threshold <= 1:
@@ -350,3 +359,16 @@ def plot_lengths(lengths: dict[str, list[int]], path: Any) -> Any:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def show(r: dict[str, Any], cfg: EraseConfig) -> str:
+    """What `orca2 erase` prints: read = kept + dropped (by reason) + rejected."""
+    reasons = ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items()) or "none"
+    lines = [f"read {r['read']} = kept {r['kept']} + dropped {r['dropped']} ({reasons}) + rejected {r['rejected']}"]
+    if r["notes"]:
+        lines.append("notes: " + ", ".join(f"{k} {v}" for k, v in r["notes"].items()))
+    lines.append(f"wrote {r['kept']} records to {r['output']}; report: {sidecar(cfg.output, 'report.md')}")
+    return "\n".join(lines)
+
+
+STAGE = Stage("erase", EraseConfig, run, show)

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from orca2.ask import Answers, Request, ask
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_errors
-from orca2.models import ClientConfig, Sampling, parse_model
+from orca2.models import SPEC_FORMS, ClientConfig, Sampling, parse_model
 from orca2.records import Record, with_system_prompt
+from orca2.stages import Stage
 from orca2.strategies import Assignment, Library, Strategy
 
 log = logging.getLogger(__name__)
@@ -30,17 +32,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    tasks: str  # task records (orca2 tasks)
-    output: str  # traces.jsonl
-    teacher: str  # openai:<model> | batch:<model> | local:<folder|file.gguf|default> | program:synthetic
-    assign: str | None = None  # assignment YAML (task pattern → strategy); or give `strategy`
-    strategy: str | None = None  # one strategy for every task
-    strategies: tuple[str, ...] = ()  # extra strategy YAML files or folders
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=Sampling)
-    prices: dict[str, dict[str, float]] = field(default_factory=dict)  # model → {prompt, completion} USD per 1M tokens
-    allow_failures: bool = False  # exit 0 even when some requests failed for good
-    limit: int | None = None  # only the first N tasks
+    tasks: str = option(help="Task records (from orca2 tasks).")
+    output: str = option(help="Traces to write.", short="-o")
+    teacher: str = option(help="The teacher: " + SPEC_FORMS + ".")
+    assign: str | None = option(None, "Assignment YAML (task pattern → strategy), e.g. from orca2 select.")
+    strategy: str | None = option(None, "One strategy for every task (instead of assign).")
+    strategies: tuple[str, ...] = option((), "Extra strategy YAML files or folders.")
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(help="How replies are sampled.", factory=Sampling, flatten=True)
+    prices: dict[str, dict[str, float]] = option(
+        help="Model → {prompt, completion} USD per 1M tokens, for the cost estimate.", factory=dict
+    )
+    allow_failures: bool = option(False, "Exit 0 even if some requests failed for good.")
+    limit: int | None = option(None, "Only the first N tasks.")
 
     def __post_init__(self) -> None:
         if (self.assign is None) == (self.strategy is None):
@@ -198,3 +202,33 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     with atomic_text(sidecar(cfg.output, "summary.json")) as f:
         f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     return summary
+
+
+def show(s: dict[str, Any], cfg: GenerateConfig) -> str:
+    """What `orca2 generate` prints; failures stop the command (exit 1) unless allow_failures."""
+    cost = (
+        f", cost ≈ ${s['cost_this_run_usd']:.4f} (total ${s['cost_total_usd']:.4f})"
+        if s["cost_total_usd"] is not None
+        else ""
+    )
+    usage = s["usage_this_run"]
+    text = (
+        f"{s['answered']}/{s['tasks']} tasks answered ({s['cached_at_start']} from cache, {s['done_this_run']} new, "
+        f"{s['failed']} failed, {s['retries']} retries); tokens this run: {usage['prompt_tokens']} prompt + "
+        f"{usage['completion_tokens']} completion{cost}\nwrote {s['records']} traces to {s['output']}"
+    )
+    if s["failed"]:
+        message = (
+            f"{s['failed']} of {s['tasks']} tasks failed (listed in {s['errors']}); "
+            f"finished responses are cached, so re-running the same command retries only these"
+        )
+        if s.get("aborted"):
+            message = f"run stopped early: {s['aborted']}; " + message
+        if not cfg.allow_failures:
+            print(text)
+            raise Orca2Error(message)
+        print(f"warning: {message}", file=sys.stderr)
+    return text
+
+
+STAGE = Stage("generate", GenerateConfig, run, show)

@@ -26,23 +26,24 @@ import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from orca2.ask import AskQueue, Request
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.decontam import build_contamination_index
 from orca2.dedup import ExactDeduper, NearDeduper
 from orca2.documents import Passage, read_documents, split_passages
 from orca2.errors import Orca2Error
-from orca2.flows import AGENTS, Flow, load_flow
+from orca2.flows import AGENTS, Flow, builtin_flows, load_flow, skills
 from orca2.grounding import check as grounding_check
 from orca2.io import atomic_text, atomic_writer, sidecar
 from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.ngrams import distinct_n
 from orca2.parse import PARSERS
+from orca2.stages import Stage
 
 log = logging.getLogger(__name__)
 # Per agent: replies the flow got; how its requests were answered (sent to the model this run, from the cache,
@@ -62,32 +63,40 @@ DROP_REASONS = ("empty", "too_long", "ungrounded", "contaminated", "duplicate", 
 
 @dataclass(frozen=True)
 class InstructConfig:
-    docs: tuple[str, ...]  # document sources: PATH (file or folder) | jsonl:PATH | hf:NAME[@SPLIT]
-    flow: str  # a built-in flow (reading-comprehension, text-modification, orca-math) or a flow YAML
-    output: str  # task records (the input of generate)
-    model: str = "local:default"  # the model every agent asks, unless `models` names another
-    models: dict[str, str] = field(default_factory=dict)  # per agent: transform | seed | suggester | editor → spec
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=1024))
-    parse_attempts: int = 2  # asks per agent call before an unparsable reply counts
-    text_field: str = "text"  # jsonl/hf documents: the text column
-    id_field: str | None = None  # jsonl/hf documents: the id column (default: SOURCE:row)
-    passage_size: int = 2000  # characters per passage at most
-    min_passage: int = 1  # shorter passages are left out (counted)
-    max_passages: int | None = None  # only the first N passages
-    rounds: int | None = None  # refinement rounds (default: the flow's)
-    types_per_passage: int | None = None  # default: the flow's
-    per_call: int | None = None  # items per seed call (default: the flow's)
-    keep_rounds: Literal["all", "last"] = "all"  # candidates: every round of a chain, or its last only
-    min_chars: int = 10  # an instruction shorter than this is empty
-    max_chars: int = 4000  # ... longer than this is too long
-    grounding: Literal["drop", "flag", "off"] = "drop"  # flows with a grounding rule; flag: keep with meta
-    dedup: Literal["near", "exact", "off"] = "near"
-    near_threshold: float = 0.8
-    decontaminate: tuple[str, ...] = ()  # eval sets as task sources: gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME
-    decontam_ngram: int = 13
-    seed: int = 0  # which transformation and which types each passage gets
-    plots: bool = True
+    docs: tuple[str, ...] = option(help="Document sources: a file or folder, jsonl:PATH, hf:NAME[@SPLIT].")
+    flow: str = option(help="A built-in flow (reading-comprehension, text-modification, orca-math) or a flow YAML.")
+    output: str = option(help="Task records to write (the input of generate).", short="-o")
+    model: str = option("local:default", "The model every agent asks, unless models names another.")
+    models: dict[str, str] = option(
+        help="Per agent (transform, seed, suggester, editor): its model, AGENT=SPEC,...", factory=dict
+    )
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(
+        help="How replies are sampled.", factory=lambda: Sampling(temperature=0.7, max_tokens=1024), flatten=True
+    )
+    parse_attempts: int = option(2, "Asks per agent call before an unparsable reply counts.")
+    text_field: str = option("text", "jsonl/hf documents: the text column.")
+    id_field: str | None = option(None, "jsonl/hf documents: the id column (default: SOURCE:row).")
+    passage_size: int = option(2000, "Characters per passage at most.")
+    min_passage: int = option(1, "Shorter passages are left out (counted).")
+    max_passages: int | None = option(None, "Only the first N passages.")
+    rounds: int | None = option(None, "Suggester/editor rounds (default: the flow's).")
+    types_per_passage: int | None = option(None, "Instruction types per passage (default: the flow's).")
+    per_call: int | None = option(None, "Items per seed call (default: the flow's).")
+    keep_rounds: Literal["all", "last"] = option("all", "Candidates: every round of a chain, or its last only.")
+    min_chars: int = option(10, "An instruction shorter than this is empty.")
+    max_chars: int = option(4000, "An instruction longer than this is too long.")
+    grounding: Literal["drop", "flag", "off"] = option(
+        "drop", "Flows with a grounding rule: drop ungrounded items, or keep them marked (flag)."
+    )
+    dedup: Literal["near", "exact", "off"] = option("near", "Duplicate instructions (near = exact + MinHash LSH).")
+    near_threshold: float = option(0.8, "Near duplicates: estimated Jaccard similarity of word 3-shingles.")
+    decontaminate: tuple[str, ...] = option(
+        (), "Eval sets to decontaminate against, as task sources: gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME."
+    )
+    decontam_ngram: int = option(13, "Word n-gram length that counts as contamination.")
+    seed: int = option(0, "Which transformation and which types each passage gets.")
+    plots: bool = option(True, "Plots beside the report.")
 
     def __post_init__(self) -> None:
         if not self.docs:
@@ -580,3 +589,30 @@ def _plot_lengths(judged: list[Any], path: Any, main: str) -> Any:
     ax.set_ylabel("records")
     ax.legend()
     return save_figure(fig, path)
+
+
+def show(r: dict[str, Any], cfg: InstructConfig) -> str:
+    """What `orca2 instruct` prints: documents → passages → candidates → records, and the report's path."""
+    dropped = ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items() if v) or "none"
+    return (
+        f"{r['documents']} documents → {r['passages']} passages → {r['candidates']} candidates "
+        f"({r['agent_requests']['sent']} agent requests sent, {r['agent_requests']['cached']} from the cache) → "
+        f"{r['kept']} task records in {r['output']} (dropped: {dropped})\nreport: {sidecar(r['output'], 'report.md')}"
+    )
+
+
+def list_flows() -> str:
+    """The built-in flows and AgentInstruct's 17 skills (`orca2 instruct --list`)."""
+    lines = []
+    for name in builtin_flows():
+        f = load_flow(name)
+        lines.append(
+            f"{name}: {f.description} ({len(f.transformations)} transformations, {len(f.types)} types, "
+            f"{f.refine.rounds} refinement rounds)"
+        )
+    lines.append("\nskills (AgentInstruct's 17):")
+    lines += [f"  {skill['name']}: {skill['flow'] or 'no flow yet'}" for skill in skills()]
+    return "\n".join(lines)
+
+
+STAGE = Stage("instruct", InstructConfig, run, show)

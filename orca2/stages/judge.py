@@ -27,35 +27,44 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from orca2.answers import reference_answer, score
 from orca2.ask import Request, ask_parsed
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar
-from orca2.models import ClientConfig, Sampling, parse_model
+from orca2.models import SPEC_FORMS, ClientConfig, Sampling, parse_model
 from orca2.ngrams import ngrams, normalise_words
 from orca2.parse import parse_json_object
 from orca2.records import Record, prompt_id, user_prompt
+from orca2.stages import Stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    replies: tuple[str, ...]  # reply records (orca2 sample output)
-    output: str  # judged.jsonl: every reply with meta.judge, teacher replies included
-    judge: Literal["answer", "llm", "rubric"] = "answer"
-    teacher: tuple[str, ...] = ()  # teacher traces (orca2 generate output) for the same prompts
-    model: str | None = None  # the judge model (llm, rubric): openai:<name> | batch:<name> | local:<path>
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=256))
-    parse_attempts: int = 2  # asks per judgement before an unparsable reply counts as unjudged
-    repetition: float = 0.5  # rubric: a reply whose repeated word 3-grams exceed this share scores 0 without a call
+    replies: tuple[str, ...] = option(help="Reply records (orca2 sample output).", argument=True)
+    output: str = option(help="Judged replies to write (teacher replies included).", short="-o")
+    judge: Literal["answer", "llm", "rubric"] = option(
+        "answer",
+        "answer: final answer vs gold, else the teacher's (offline); llm: a judge model's verdict; rubric: DNO's "
+        "6-point rubric over all replies of a prompt, two orders averaged.",
+    )
+    teacher: tuple[str, ...] = option((), "Teacher traces (orca2 generate output) for the same prompts.")
+    model: str | None = option(None, "The judge model for llm and rubric: " + SPEC_FORMS + ".")
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(
+        help="How replies are sampled.", factory=lambda: Sampling(temperature=0.0, max_tokens=256), flatten=True
+    )
+    parse_attempts: int = option(2, "Asks per judgement before an unparsable reply counts as unjudged.")
+    repetition: float = option(
+        0.5, "rubric: a reply whose repeated word 3-grams exceed this share scores 0 without a call."
+    )
 
     def __post_init__(self) -> None:
         if not self.replies:
@@ -277,3 +286,15 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
     with atomic_text(sidecar(cfg.output, "summary.json")) as f:
         f.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     return summary
+
+
+def show(s: dict[str, Any], cfg: JudgeConfig) -> str:
+    """What `orca2 judge` prints."""
+    return (
+        f"judged {s.get('student_replies', 0)} student replies ({s.get('correct', 0)} correct, {s.get('wrong', 0)} "
+        f"wrong where the judge says so), {s.get('unjudged', 0)} unjudged ({s.get('unjudged_no_reference', 0)} "
+        f"without a reference answer); {s.get('teacher_replies', 0)} teacher replies → {s['output']}"
+    )
+
+
+STAGE = Stage("judge", JudgeConfig, run, show)

@@ -37,28 +37,37 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, read_numbered, sidecar, write_records
 from orca2.records import Record, preference_pairs, prompt_id
+from orca2.stages import Stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PairsConfig:
-    judged: tuple[str, ...]  # judged reply records (orca2 judge output; teacher replies may be among them)
-    output: str  # pairs.jsonl (preference records)
-    recipe: Literal["orca-math", "dno"] = "orca-math"
-    objective: Literal["dpo", "kto"] = "dpo"
-    borrow_negatives: int = 1  # orca-math, dpo: negatives borrowed from other prompts when a prompt has none (0: none)
-    positive_min: int = 5  # dno: a positive scores at least this (of 6)
-    margin: int = 2  # dno: a negative scores at least this much below its positive
-    margin_own: int = 1  # dno: ... when the positive is the student's own reply
-    cut: Literal["none", "first-difference"] = "none"  # dpo: cut each pair after the first line its replies differ in
-    replay: tuple[str, ...] = ()  # earlier rounds' pairs files, newest first (t-1, t-2, ...)
-    replay_fractions: tuple[float, ...] = (0.3, 0.15)  # at most this share of the output from each
-    seed: int = 0
+    judged: tuple[str, ...] = option(
+        help="Judged reply records (orca2 judge output; teacher replies may be among them).", argument=True
+    )
+    output: str = option(help="Preference records to write (the input of train --objective dpo|kto).", short="-o")
+    recipe: Literal["orca-math", "dno"] = option(
+        "orca-math", "orca-math: teacher and correct replies over wrong ones; dno: 6-point rubric scores with margins."
+    )
+    objective: Literal["dpo", "kto"] = option("dpo", "Pairs (dpo) or labelled replies (kto).")
+    borrow_negatives: int = option(
+        1, "orca-math, dpo: negatives borrowed from other prompts when a prompt has none (0: none)."
+    )
+    positive_min: int = option(5, "dno: a positive scores at least this (of 6).")
+    margin: int = option(2, "dno: a negative scores at least this much below its positive.")
+    margin_own: int = option(1, "dno: the margin when the positive is the student's own reply.")
+    cut: Literal["none", "first-difference"] = option(
+        "none", "dpo: cut each pair after the first line its replies differ in (partial replies)."
+    )
+    replay: tuple[str, ...] = option((), "Earlier rounds' pairs files, newest first (t-1, t-2, ...).")
+    replay_fractions: tuple[float, ...] = option((0.3, 0.15), "At most this share of the output from each replay file.")
+    seed: int = option(0, "Seed of the replay draw and the borrowed negatives.")
 
     def __post_init__(self) -> None:
         if not self.judged:
@@ -371,3 +380,18 @@ def _write_report(report: dict[str, Any], output: str) -> None:
     ]
     with atomic_text(sidecar(output, "report.md")) as f:
         f.write("\n".join(lines) + "\n")
+
+
+def show(r: dict[str, Any], cfg: PairsConfig) -> str:
+    """What `orca2 pairs` prints."""
+    if r["objective"] == "dpo":
+        unit = f"{r.get('pairs', 0)} pairs"
+    else:
+        unit = f"{r.get('desirable', 0)} desirable + {r.get('undesirable', 0)} undesirable replies"
+    return (
+        f"read {r.get('replies_read', 0)} replies of {r['prompts']} prompts; wrote {unit} for "
+        f"{r.get('prompts_with_pairs', 0)} prompts ({r.get('prompts_without_pairs', 0)} without) to {r['output']}"
+    )
+
+
+STAGE = Stage("pairs", PairsConfig, run, show)

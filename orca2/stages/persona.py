@@ -31,20 +31,21 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from orca2.ask import Request, ask_parsed
 from orca2.bigfive import infer_users
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.eval.stats import bootstrap_ci
 from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
-from orca2.models import ClientConfig, Sampling, parse_model
+from orca2.models import SPEC_FORMS, ClientConfig, Sampling, parse_model
 from orca2.parse import parse_json_object, parse_text
 from orca2.prompts import read_prompt, render_template
+from orca2.stages import Stage
 from orca2.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,11 @@ def _judge_sampling() -> Sampling:
 
 @dataclass(frozen=True)
 class SynthConfig:
-    output: str  # posts.jsonl; the truth goes to <output>.truth.jsonl
-    users: int = 60
-    posts: int = 30  # per user
-    rate: float = 0.08  # chance per post and facet at the top level (scaled by level / 6)
-    seed: int = 0
+    output: str = option(help="Posts to write; the truth goes beside them (<output>.truth.jsonl).", short="-o")
+    users: int = option(60, "Synthetic users.")
+    posts: int = option(30, "Posts per user.")
+    rate: float = option(0.08, "Chance per post and facet at the top level (scaled by level / 6).")
+    seed: int = option(0, "Seed of the users' levels and their posts.")
 
 
 def synth(cfg: SynthConfig) -> dict[str, Any]:
@@ -93,17 +94,17 @@ def synth(cfg: SynthConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class InferConfig:
-    posts: str  # JSONL of {"user", "text", "time"?, "media"?}
-    output: str  # traits.jsonl: one row per user
-    judge: str = "program:persona"  # openai:<model> | batch:<model> | local:<path> | program:persona (offline rule)
-    chunk: int = 10  # posts per judge call
-    min_posts: int = 3  # users with fewer posts are counted and left out
-    truth: str | None = None  # synth's truth file: Spearman ρ per domain in the report
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=_judge_sampling)
-    parse_attempts: int = 2
-    bootstrap: int = 1000  # resamples for the CIs
-    seed: int = 0
+    posts: str = option(help="Posts JSONL: user, text, time?, media?")
+    output: str = option(help="Traits JSONL to write (one row per user: 35 numbers and a report).", short="-o")
+    judge: str = option("program:persona", "The judge model: " + SPEC_FORMS + " (program:persona: offline rules).")
+    chunk: int = option(10, "Posts per judge call.")
+    min_posts: int = option(3, "Users with fewer posts are counted and left out.")
+    truth: str | None = option(None, "A truth file (persona synth): Spearman's rho per domain in the report.")
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(help="How replies are sampled.", factory=_judge_sampling, flatten=True)
+    parse_attempts: int = option(2, "Asks per chunk before an unparsable reply counts.")
+    bootstrap: int = option(1000, "Bootstrap resamples for the confidence intervals.")
+    seed: int = option(0, "Seed of the bootstrap.")
 
     def __post_init__(self) -> None:
         parse_model(self.judge)
@@ -197,15 +198,15 @@ def _write_report(output: str, report: dict[str, Any], markdown: str) -> None:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    posts: str
-    traits: str  # persona infer output
-    output: str  # augmented.jsonl: one row per post, with the user's profile and the post's activity
-    model: str = "program:persona"
-    profile_posts: int = 20  # posts the profile agent reads per user
-    min_posts: int = 3
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=_judge_sampling)
-    parse_attempts: int = 2
+    posts: str = option(help="Posts JSONL.")
+    traits: str = option(help="Traits (persona infer output).")
+    output: str = option(help="Augmented posts to write (each with its user's profile and its activity).", short="-o")
+    model: str = option("program:persona", "The model that writes profiles and activities: " + SPEC_FORMS + ".")
+    profile_posts: int = option(20, "Posts the profile agent reads per user.")
+    min_posts: int = option(3, "Users with fewer posts are counted and left out.")
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(help="How replies are sampled.", factory=_judge_sampling, flatten=True)
+    parse_attempts: int = option(2, "Asks per agent call before an unparsable reply counts.")
 
     def __post_init__(self) -> None:
         parse_model(self.model)
@@ -318,18 +319,22 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    augmented: str  # persona augment output
-    traits: str
-    output: str  # PCIP records (train on them); held-out users' records go to <output>.heldout.jsonl
-    variant: Literal["ptit", "psit"] = "ptit"  # trait report as text | a second-person summary
-    summarizer: str = "program:persona"  # psit: who writes the summary
-    with_activity: bool = True  # ablation: no psychological activity in the reply
-    fraction: float = 1.0  # ablation: keep this share of each user's posts (seeded)
-    holdout: float = 0.0  # share of users held out for OrcaBench (seeded)
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=256))
-    parse_attempts: int = 2
-    seed: int = 0
+    augmented: str = option(help="Augmented posts (persona augment output).")
+    traits: str = option(help="Traits (persona infer output).")
+    output: str = option(
+        help="PCIP records to write (train on them); held-out users' go to <output>.heldout.jsonl.", short="-o"
+    )
+    variant: Literal["ptit", "psit"] = option("ptit", "Traits as the report's text (ptit) or a summary (psit).")
+    summarizer: str = option("program:persona", "psit: the model that writes the summary.")
+    with_activity: bool = option(True, "The post's psychological activity in the reply (false: the ablation).")
+    fraction: float = option(1.0, "Ablation: keep this share of each user's posts (seeded).")
+    holdout: float = option(0.0, "Share of users held out for OrcaBench (seeded).")
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(
+        help="How replies are sampled.", factory=lambda: Sampling(temperature=0.0, max_tokens=256), flatten=True
+    )
+    parse_attempts: int = option(2, "Asks per summary before an unparsable reply counts.")
+    seed: int = option(0, "Seed of the held-out users and the fraction kept.")
 
     def __post_init__(self) -> None:
         parse_model(self.summarizer)
@@ -445,3 +450,26 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())),
     )
     return report
+
+
+def show_synth(r: dict[str, Any], cfg: SynthConfig) -> str:
+    return f"wrote {r['posts']} posts of {r['users']} users to {r['output']} (truth: {r['truth']})"
+
+
+def show_infer(r: dict[str, Any], cfg: InferConfig) -> str:
+    report = sidecar(r["output"], "report.md").read_text()
+    return f"traits of {r['users']} users → {r['output']}\n{report}".rstrip("\n")
+
+
+def show_augment(r: dict[str, Any], cfg: AugmentConfig) -> str:
+    return f"{r['counts'].get('posts_augmented', 0)} posts augmented → {r['output']}"
+
+
+def show_build(r: dict[str, Any], cfg: BuildConfig) -> str:
+    return f"{r['train_records']} training records → {r['output']}; {r['heldout_records']} held-out → {r['heldout']}"
+
+
+SYNTH = Stage("persona synth", SynthConfig, synth, show_synth)
+INFER = Stage("persona infer", InferConfig, infer, show_infer)
+AUGMENT = Stage("persona augment", AugmentConfig, augment, show_augment)
+BUILD = Stage("persona build", BuildConfig, build, show_build)

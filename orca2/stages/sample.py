@@ -13,30 +13,39 @@ resumable like generate. Output: one reply record per sample — the prompt, the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from orca2.ask import Request, ask
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar, write_errors
 from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.records import Record, with_system_prompt
+from orca2.stages import Stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    tasks: str  # prompts: task records (their last message is the user's), or traces/SFT records (the reply is dropped)
-    output: str  # samples.jsonl: one reply record per sample
-    student: str = "local:default"  # local:<folder|file.gguf|default> | openai:<name> (a served student) | batch:<name>
-    generic: str | None = "cautious"  # the system prompt the student answers under (as trained); null: none
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.95, n=4, max_tokens=512))
-    limit: int | None = None  # only the first N prompts
+    tasks: str = option(help="Prompts: task records (or traces / SFT records: the reply is dropped).")
+    output: str = option(help="Sampled replies to write (one record per sample).", short="-o")
+    student: str = option(
+        "local:default", "The student: local:<folder|.gguf|default> (engine), openai:<name> (served) or batch:<name>."
+    )
+    generic: str | None = option(
+        "cautious", "System prompt the student answers under (as trained): cautious, empty, a file; null: none."
+    )
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(
+        help="How replies are sampled.",
+        factory=lambda: Sampling(temperature=0.7, top_p=0.95, n=4, max_tokens=512),
+        flatten=True,
+    )
+    limit: int | None = option(None, "Only the first N prompts.")
 
     def __post_init__(self) -> None:
         parse_model(self.student)
@@ -125,3 +134,20 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
             errors_path,
         )
     return summary
+
+
+def show(s: dict[str, Any], cfg: SampleConfig) -> str:
+    """What `orca2 sample` prints; failed prompts stop the command (exit 1)."""
+    text = (
+        f"{s['samples']} replies to {s['prompts'] - s['failed']}/{s['prompts']} prompts ({s['cached_at_start']} "
+        f"from cache, {s['failed']} failed) → {s['output']}"
+    )
+    if s["failed"]:
+        print(text)
+        raise Orca2Error(
+            f"{s['failed']} prompts failed (listed in {s['errors']}); re-running the same command retries only these"
+        )
+    return text
+
+
+STAGE = Stage("sample", SampleConfig, run, show)

@@ -23,19 +23,20 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from orca2.answers import score
 from orca2.ask import Request, ask
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.eval.stats import wilson
 from orca2.io import atomic_text, read_numbered, sidecar
-from orca2.models import ClientConfig, Sampling, parse_model
+from orca2.models import SPEC_FORMS, ClientConfig, Sampling, parse_model
 from orca2.records import Record, with_system_prompt
+from orca2.stages import Stage
 from orca2.strategies import Assignment, Library
 
 log = logging.getLogger(__name__)
@@ -43,36 +44,46 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    model: (
-        str  # the student: local:default | local:<folder or .gguf> | an HF folder (a served model cannot be fine-tuned)
+    model: str = option(
+        help="The student: local:default | local:<folder or .gguf> | an HF folder (a served model cannot be "
+        "fine-tuned)."
     )
-    traces: int = 48  # items per task the teacher answers for each probe's training data (correct ones kept)
-    steps: int = 24  # optimizer steps per probe
-    train_layers: int | None = 4  # the top N layers learn (CPU budget); None: all
-    lr: float = 5e-4
-    max_len: int = 512
-    grad_accum: int = 1
-    generic: str = "cautious"  # the prompt the probes train and answer under (as erase will write)
-    max_tokens: int = 160  # the probe's answers on the dev slice
-    folder: str | None = None  # where probe results are kept (default: <output stem>.probes beside the assignment)
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # the probes' training dtype (auto: bf16 on GPU, fp32 on CPU)
-    max_dev: int | None = None  # undecided on dev_size items: score up to this many (None: no more items)
-    max_seeds: int = 1  # still undecided: train probes with up to this many seeds (their verdicts averaged)
-    decide_by: Literal["accuracy", "answer_logprob"] = "accuracy"  # the paired signal: greedy verdicts, or the
-    # log-prob of the gold answer after the probe's own solution (continuous: decides on fewer items)
+    traces: int = option(48, "Items per task the teacher answers for each probe's training data (correct ones kept).")
+    steps: int = option(24, "Optimizer steps per probe.")
+    train_layers: int | None = option(4, "The top N layers learn (CPU budget); null: all.")
+    lr: float = option(5e-4, "The probes' learning rate.")
+    max_len: int = option(512, "Tokens per training example.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    generic: str = option("cautious", "The prompt the probes train and answer under (as erase will write).")
+    max_tokens: int = option(160, "Completion tokens of the probe's answers on the dev slice.")
+    folder: str | None = option(
+        None, "Where probe results are kept (default: <output stem>.probes beside the assignment)."
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = option(
+        "auto", "The probes' training dtype (auto: bf16 on GPU, fp32 on CPU)."
+    )
+    max_dev: int | None = option(None, "Undecided on dev_size items: score up to this many (null: no more items).")
+    max_seeds: int = option(1, "Still undecided: train probes with up to this many seeds (verdicts averaged).")
+    decide_by: Literal["accuracy", "answer_logprob"] = option(
+        "accuracy",
+        "The paired signal: greedy verdicts, or the log-prob of the gold answer after the probe's own solution "
+        "(continuous: decides on fewer items).",
+    )
 
 
 @dataclass(frozen=True)
 class SelectConfig:
-    tasks: str  # task records with gold answers
-    output: str  # assignment YAML to write
-    teacher: str  # openai:<model> | batch:<model> | local:<...> | program:synthetic
-    candidates: tuple[str, ...] = ()  # strategies to compare; default: the whole library
-    dev_size: int = 32  # items per task
-    strategies: tuple[str, ...] = ()  # extra strategy YAML files or folders
-    client: ClientConfig = field(default_factory=ClientConfig)
-    sampling: Sampling = field(default_factory=Sampling)
-    student: ProbeConfig | None = None  # choose by what the student learns (probes), not by the teacher's accuracy
+    tasks: str = option(help="Task records with gold answers.")
+    output: str = option(help="Assignment YAML to write.", short="-o")
+    teacher: str = option(help="The teacher: " + SPEC_FORMS + ".")
+    candidates: tuple[str, ...] = option((), "Strategies to compare (default: the whole library).", split=",")
+    dev_size: int = option(32, "Dev items per task.")
+    strategies: tuple[str, ...] = option((), "Extra strategy YAML files or folders.")
+    client: ClientConfig = option(help="How requests are sent.", factory=ClientConfig, flatten=True)
+    sampling: Sampling = option(help="How replies are sampled.", factory=Sampling, flatten=True)
+    student: ProbeConfig | None = option(
+        None, "Probes: choose by what the student learns, not by the teacher's accuracy (a mapping, see docs)."
+    )
 
     def __post_init__(self) -> None:
         parse_model(self.teacher)
@@ -692,3 +703,12 @@ def plot_probes(
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def show(report: dict[str, Any], cfg: SelectConfig) -> str:
+    """What `orca2 select` prints: the table, then the assignment written."""
+    table = sidecar(cfg.output, "table.md").read_text()
+    return f"{table}wrote the assignment to {cfg.output} (default: {report['default']})"
+
+
+STAGE = Stage("select", SelectConfig, run, show)

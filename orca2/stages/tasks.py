@@ -7,30 +7,35 @@ readers live in orca2.sources, shared with erase (decontamination) and eval (ben
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from orca2.config import save_config
+from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.io import AppendWriter, atomic_writer, sidecar
 from orca2.sources import COLUMN_KEYS, open_source
+from orca2.stages import Stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TasksConfig:
-    sources: tuple[str, ...]  # KIND:ARG specs, see the module docstring
-    output: str  # tasks.jsonl (or .jsonl.gz)
-    columns: dict[str, str] = field(default_factory=dict)  # jsonl/hf row mapping: prompt, answer, id, task → column
-    task: str | None = None  # task name for jsonl/hf rows without a task column
-    per_kind: int = 100  # synthetic items per kind
-    split: str = "train"  # synthetic split: a different split draws from a disjoint random stream
-    seed: int = 0  # synthetic seed
-    min_steps: int = 2  # synthetic word problems: fewest operations
-    max_steps: int = 3  # synthetic word problems: most operations
-    limit: int | None = None  # keep at most this many records per source (first ones)
-    skip_invalid: bool = False  # bad rows go to <output>.rejects.jsonl instead of stopping the run
+    sources: tuple[str, ...] = option(
+        help="Sources: gsm8k:PATH, bbh:PATH, jsonl:PATH, hf:NAME, synthetic[:KIND,...]", argument=True
+    )
+    output: str = option(help="Task records to write (.jsonl or .jsonl.gz).", short="-o")
+    columns: dict[str, str] = option(
+        help="Row mapping for jsonl:/hf: sources, KEY=COLUMN,... (keys: prompt, answer, id, task).", factory=dict
+    )
+    task: str | None = option(None, "Task name for jsonl:/hf: rows without a task column.")
+    per_kind: int = option(100, "Synthetic items per kind.")
+    split: str = option("train", "Synthetic split: each split draws its items from a disjoint random stream.")
+    seed: int = option(0, "Seed of the synthetic generators.")
+    min_steps: int = option(2, "Synthetic word problems: fewest operations.")
+    max_steps: int = option(3, "Synthetic word problems: most operations.")
+    limit: int | None = option(None, "Keep at most this many records per source (the first ones).")
+    skip_invalid: bool = option(False, "Send bad rows to <output>.rejects.jsonl and go on (else stop at the first).")
 
     def __post_init__(self) -> None:
         for key in self.columns:
@@ -93,3 +98,18 @@ def run(cfg: TasksConfig) -> dict[str, Any]:
     if total["rejected"]:
         summary["rejects"] = str(rejects_path)
     return summary
+
+
+def show(summary: dict[str, Any], cfg: TasksConfig) -> str:
+    """What `orca2 tasks` prints: per source kept/rejected of read, then the file written."""
+    lines = [
+        f"{spec}: {t['kept']} kept, {t['rejected']} rejected of {t['read']} read"
+        for spec, t in summary["sources"].items()
+    ]
+    lines.append(f"wrote {summary['total']['kept']} task records to {summary['output']}")
+    if "rejects" in summary:
+        lines.append(f"rejected rows listed in {summary['rejects']}")
+    return "\n".join(lines)
+
+
+STAGE = Stage("tasks", TasksConfig, run, show)
