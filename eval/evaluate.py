@@ -267,4 +267,96 @@ def show(report: dict[str, Any], cfg: EvalConfig) -> str:
     return "\n".join(lines)
 
 
-STAGE = Stage("eval", EvalConfig, run, show)
+def wire(run_: Any) -> dict[str, Any]:
+    """In `orca2 run`: the student under the section's conditions (default cautious) on the run's held-out
+    benchmark — `heldout:`, OrcaBench after persona, else GSM8K — and, with `base_model`, the base the same way."""
+    import dataclasses
+
+    section = dict(run_.data.get("eval") or {})
+    base_model = section.pop("base_model", None)
+    base_system = tuple(section.pop("base_system", ()) or ())
+    section.setdefault("system", ["cautious"])
+    if "persona" in run_.stages:  # OrcaBench on the users persona build held out
+        section.setdefault("bench", ["orcabench"])
+    section.setdefault("bench", ["heldout"] if "heldout" in run_.data else ["gsm8k"])
+    model = str(run_.paths["student"] / "model") if "train" in run_.stages else section.pop("model", None)
+    if model is None:
+        raise Orca2Error(f"{run_.source}: eval needs eval.model when the pipeline has no train stage")
+    own = "heldout" in run_.data or "persona" in run_.stages
+    extra = [str(run_.paths["eval"] / "benchmarks.yaml")] if own else []
+    section.update(
+        output=str(run_.paths["eval"] / "student"),
+        label="student",
+        benchmarks=tuple(extra) + tuple(section.pop("benchmarks", ()) or ()),
+    )
+    section["client"] = {**run_.cache, **section.get("client", {})}
+    section["model"] = model
+    student = run_.build(EvalConfig, section, "eval.")
+    base = None
+    if base_model:
+        base = dataclasses.replace(
+            student,
+            model=base_model,
+            label="base",
+            output=str(run_.paths["eval"] / "base"),
+            system=base_system or student.system,
+        )
+    return {"student": student, "base": base}
+
+
+def files(run_: Any, cfgs: dict[str, Any]) -> tuple[list[Path], list[Path]]:
+    inputs = [run_.paths["student"] / "model"] if "train" in run_.stages else []
+    inputs += [run_.paths["heldout"]] if "heldout" in run_.data else []
+    inputs += [run_.paths["persona"] / "pcip.heldout.jsonl"] if "persona" in run_.stages else []
+    return inputs, [run_.paths["eval"] / "student" / "report.json"]
+
+
+def step(run_: Any, cfgs: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The base (when configured), then the student; their comparison; accuracies (or OrcaBench metrics) by
+    condition and benchmark for the manifest."""
+    from orca2.eval.report import compare
+
+    reports = {}
+    if cfgs["base"] is not None:
+        reports["base"] = run(cfgs["base"])
+    reports["student"] = run(cfgs["student"])
+    if cfgs["base"] is not None and "benchmarks" in reports["student"]:
+        compare([cfgs["base"].output, cfgs["student"].output], str(run_.paths["eval"]))
+    if cfgs["base"] is not None and "orcabench" in reports["student"]:
+        from orca2.eval.orcabench import compare_reports
+
+        with atomic_text(run_.paths["eval"] / "orcabench-compare.md") as f:
+            f.write(compare_reports({who: r["orcabench"] for who, r in reports.items()}))
+    return {who: accuracies(r) for who, r in reports.items()}
+
+
+def accuracies(report: dict[str, Any]) -> dict[str, Any]:
+    """{condition: {benchmark: accuracy}} and {orcabench: {metric: value}}, rounded to 4 places."""
+    out = {
+        c: {b: round(o["accuracy"], 4) for b, o in s["overall"].items()}
+        for c, s in report.get("benchmarks", {}).items()
+    }
+    for b, o in report.get("orcabench", {}).items():
+        out[b] = {m: round(v["value"], 4) for m, v in o["metrics"].items()}
+    return out
+
+
+def prepare(run_: Any) -> None:
+    """After persona: OrcaBench's entry (the held-out users' records, their traits, the judge) in the run's
+    benchmarks.yaml, written just before eval's files are hashed."""
+    if "persona" not in run_.stages:
+        return
+
+    def write() -> None:
+        d = run_.paths["persona"].resolve()
+        run_.paths["eval"].mkdir(parents=True, exist_ok=True)
+        judge = run_.configs["persona"]["infer"].judge
+        (run_.paths["eval"] / "benchmarks.yaml").write_text(
+            f"orcabench:\n  loader: orcabench\n  path: {d / 'pcip.heldout.jsonl'}\n  traits: {d / 'traits.jsonl'}\n"
+            f"  judge: {judge}\n"
+        )
+
+    run_.before["eval"] = write
+
+
+STAGE = Stage("eval", EvalConfig, run, show, wire, files, step, prepare)

@@ -7,44 +7,25 @@ happen inside the stages, so `orca2 --help` stays fast.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from typing import Any
 
 import click
 
-from orca2 import __version__, flags
+from orca2 import __version__, flags, stages
 from orca2.errors import Orca2Error
+from orca2.stages import REGISTRY
 
 log = logging.getLogger("orca2")
 
-# Every stage, one line each: its command, where its Stage is declared, and the one line `orca2 --help` shows.
-STAGES = {
-    "tasks": ("orca2.stages.tasks:STAGE", "Build task records from sources (gsm8k, bbh, jsonl, hf, synthetic)."),
-    "instruct": ("orca2.stages.instruct:STAGE", "Documents → agent flows → task records (AgentInstruct)."),
-    "select": ("orca2.stages.select:STAGE", "Pick the best strategy per task on a dev slice (writes an assignment)."),
-    "generate": ("orca2.stages.generate:STAGE", "Send tasks to the teacher under their strategy prompts (traces)."),
-    "erase": ("orca2.stages.erase:STAGE", "Replace strategy prompts by one generic prompt and curate (SFT data)."),
-    "sample": ("orca2.stages.sample:STAGE", "The student writes K replies per prompt."),
-    "judge": ("orca2.stages.judge:STAGE", "Score sampled replies (meta.judge); teacher replies join as positives."),
-    "pairs": ("orca2.stages.pairs:STAGE", "Judged replies → preference records (DPO pairs or KTO labels)."),
-    "train": (
-        "orca2.train.trainer:STAGE",
-        "Fine-tune the student with DeepSpeed: SFT (teacher tokens only), DPO, KTO.",
-    ),
-    "eval": ("orca2.eval.evaluate:STAGE", "Evaluate a model on benchmarks under system-prompt conditions."),
-    "persona synth": ("orca2.stages.persona:SYNTH", "Synthetic users with known BigFive levels and their posts."),
-    "persona infer": ("orca2.stages.persona:INFER", "Each user's BigFive facets from their posts, chunk by chunk."),
-    "persona augment": ("orca2.stages.persona:AUGMENT", "Per user a profile; per post its psychological activity."),
-    "persona build": ("orca2.stages.persona:BUILD", "PCIP records (PTIT or PSIT) for orca2 train."),
-}
+# The commands of the declared stages: the registry's entries with a help line (orca2.stages.REGISTRY).
+STAGES = {name: (where, line) for name, (where, line) in REGISTRY.items() if line is not None}
 
 
 def load_stage(command: str) -> Any:
     """The Stage declared for a command (imports its module)."""
-    module, _, name = STAGES[command][0].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return stages.load(command)
 
 
 def stage_command(command: str, group: bool = False) -> click.Command:

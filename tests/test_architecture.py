@@ -99,6 +99,7 @@ def test_the_folder_listing_shows_the_architecture():
         "erase",
         "generate",
         "instruct",
+        "iterate",
         "judge",
         "pairs",
         "persona",
@@ -121,3 +122,16 @@ def test_model_specs_are_parsed_in_one_place():
             continue
         text = path.read_text()
         assert "parse_teacher" not in text and 'startswith(("openai:", "local:"))' not in text, name
+
+
+def test_the_pipeline_names_no_stage_module():
+    """`orca2 run` is a loop over declared stages (orca2.stages.REGISTRY): pipeline.py imports no stage module, and
+    every stage of the chain declares its wiring, files and step."""
+    edges = graph()
+    stage_modules = ("orca2.stages.", "orca2.train.trainer", "orca2.eval.evaluate")
+    assert not [t for t in edges["orca2.pipeline"] if t.startswith(stage_modules)], edges["orca2.pipeline"]
+    from orca2 import pipeline, stages
+
+    for name in pipeline.chain():
+        stage = stages.load(name)
+        assert stage.wire and stage.files and stage.step, name

@@ -13,6 +13,7 @@ import pytest
 from orca2 import pipeline
 from orca2.errors import Orca2Error
 from orca2.io import read_records
+from orca2.stages import iterate
 from orca2.testing.loopback import LoopbackServer
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -302,27 +303,27 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
     )
     rounds = []
     for t in (1, 2, 3, 4):
-        run._write_prompts(run.configs["iterate"], t)
-        rounds.append([r["id"] for r in read_records(run._round_dir(t) / "prompts.jsonl")])
+        iterate.write_prompts(run, run.configs["iterate"], t)
+        rounds.append([r["id"] for r in read_records(iterate.round_dir(run, t) / "prompts.jsonl")])
     assert sorted(sum(rounds[:3], [])) == sorted(f"t{i}" for i in range(10))
     assert rounds[3] == rounds[0] and sorted(map(len, rounds[:3])) == [3, 3, 4]
     # the control: the round's learning rate and step count, SFT on the teacher's traces of the round's prompts
-    control = run._round_config(run.configs["iterate"], 1, "control", steps=3)
+    control = iterate.round_config(run, run.configs["iterate"], 1, "control", steps=3)
     assert (control.objective, control.lr, control.max_steps, control.data) == (
         "sft",
         0.0005,
         3,
-        (str(run._round_dir(1) / "control.jsonl"),),
+        (str(iterate.round_dir(run, 1) / "control.jsonl"),),
     )
     # the student samples under the generic prompt erase trained it with
-    assert run._round_config(run.configs["iterate"], 1, "sample").generic == "cautious"
+    assert iterate.round_config(run, run.configs["iterate"], 1, "sample").generic == "cautious"
     # the round's sampling is seeded by the run's seed unless iterate.sample.sampling.seed says otherwise
-    assert run._round_config(run.configs["iterate"], 1, "sample").sampling.seed == run.seed
+    assert iterate.round_config(run, run.configs["iterate"], 1, "sample").sampling.seed == run.seed
     for override, seed in (("seed=3", 3), ("iterate.sample.sampling.seed=11", 11)):
         other = pipeline.Pipeline(str(path), (override,))
-        assert other._round_config(other.configs["iterate"], 1, "sample").sampling.seed == seed
+        assert iterate.round_config(other, other.configs["iterate"], 1, "sample").sampling.seed == seed
     empty = pipeline.Pipeline(str(path), ("erase.generic=empty",))
-    assert empty._round_config(empty.configs["iterate"], 1, "sample").generic == "empty"
+    assert iterate.round_config(empty, empty.configs["iterate"], 1, "sample").generic == "empty"
     with pytest.raises(Orca2Error, match="prompts_per_round or partitions"):
         pipeline.Pipeline(str(config(extra=ITERATE + "  partitions: 2\n")))
     with pytest.raises(Orca2Error, match="fresh_prompts needs prompts_per_round"):
@@ -344,7 +345,7 @@ def test_iterate_partitions_are_taken_in_turn(tmp_path, config):
         match=r"2 rounds × 5 prompts need 10 tasks and more for the SFT start .fresh_prompts.; "
         "the run has 10",
     ):
-        fresh._write_sft_start()
+        iterate.write_sft_start(fresh)
 
 
 def seeds_of(cfg, where=""):
@@ -374,7 +375,7 @@ def test_the_run_seed_reaches_every_section_that_has_one(tmp_path, config):
     found = {k: v for name, cfg in run.configs.items() for k, v in seeds_of(cfg, f"{name}.").items()}
     it = run.configs["iterate"]
     for step in ("sample", "judge", "pairs", "train"):
-        found.update(seeds_of(run._round_config(it, 1, step, steps=1), f"iterate.{step}."))
+        found.update(seeds_of(iterate.round_config(run, it, 1, step, steps=1), f"iterate.{step}."))
     assert {
         "select.sampling.seed",
         "generate.sampling.seed",
@@ -464,7 +465,7 @@ def test_every_shipped_config_pins_the_dtypes_that_decide_its_numbers(path, tmp_
     data, _ = read_yaml(path)
     if not isinstance(data, dict) or "default" in data or "tasks" in data and "output" not in data:
         pytest.skip("an assignment, not a run config")
-    if set(data) <= set(pipeline.TOP_KEYS):
+    if set(data) <= {*pipeline.SETTINGS, *pipeline.chain()}:
         run = pipeline.Pipeline(str(path), output=str(tmp_path / "run"))
         found = []
         for name, cfg in run.configs.items():
@@ -472,7 +473,7 @@ def test_every_shipped_config_pins_the_dtypes_that_decide_its_numbers(path, tmp_
         if "iterate" in run.configs:
             it = run.configs["iterate"]
             for step in ("sample", "train") + (("control",) if it.control else ()):
-                found += pinned_dtypes(run._round_config(it, 1, step, steps=1), f"iterate.{step}")
+                found += pinned_dtypes(iterate.round_config(run, it, 1, step, steps=1), f"iterate.{step}")
     else:
         cls = TrainConfig if "stages" in data or "chat_template" in data else EvalConfig
         found = pinned_dtypes(load_config(cls, path), path.stem)

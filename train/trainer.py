@@ -14,6 +14,7 @@ equal one, and a filler micro-batch (a rank with fewer micro-batches) contribute
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -408,4 +409,35 @@ def show(summary: dict[str, Any], cfg: TrainConfig) -> str:
     return "\n".join(lines + [f"final model (HF format): {summary['model']}"])
 
 
-STAGE = Stage("train", TrainConfig, run, show)
+def wire(run_: Any) -> TrainConfig:
+    """In `orca2 run`: the run's training data (erase's SFT data unless another stage says) → <run>/student."""
+    from orca2.models import check_student
+
+    wired = {"data": (str(run_.paths["train_data"]),), "output": str(run_.paths["student"])}
+    cfg = run_.build(TrainConfig, run_.section("train", wired), "train.")
+    try:
+        check_student(cfg.model)
+    except Orca2Error as exc:
+        raise Orca2Error(f"{run_.source}:{run_.lines.get('train.model', 1)}: train.model: {exc}") from None
+    return cfg
+
+
+def files(run_: Any, cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
+    return [run_.paths["train_data"]], [run_.paths["student"] / "model"]
+
+
+def step(run_: Any, cfg: TrainConfig, resume: bool) -> dict[str, Any]:
+    """A changed config or input starts the student afresh; a killed attempt with the same config resumes."""
+    import shutil
+
+    if not resume and run_.paths["student"].exists():
+        shutil.rmtree(run_.paths["student"])
+    summary = run(dataclasses.replace(cfg, resume=resume or cfg.resume))
+    if summary.get("stopped"):
+        raise Orca2Error("training stopped early (stop_after); run again to resume it")
+    return {
+        "stages": [{"stage": s["stage"], "steps": s["steps"], "examples": s["examples"]} for s in summary["stages"]]
+    }
+
+
+STAGE = Stage("train", TrainConfig, run, show, wire, files, step)

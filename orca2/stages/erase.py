@@ -20,6 +20,7 @@ import hashlib
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -371,4 +372,20 @@ def show(r: dict[str, Any], cfg: EraseConfig) -> str:
     return "\n".join(lines)
 
 
-STAGE = Stage("erase", EraseConfig, run, show)
+def wire(run_: Any) -> EraseConfig:
+    """In `orca2 run`: the run's traces in, its SFT data out."""
+    wired = {"input": str(run_.paths["traces"]), "output": str(run_.paths["sft"])}
+    return run_.build(EraseConfig, run_.section("erase", wired), "erase.")
+
+
+def files(run_: Any, cfg: EraseConfig) -> tuple[list[Path], list[Path]]:
+    return [run_.paths["traces"]], [run_.paths["sft"]]
+
+
+def step(run_: Any, cfg: EraseConfig, resume: bool) -> dict[str, Any]:
+    report = run(cfg)
+    counts = {k: report[k] for k in ("read", "kept", "dropped", "rejected")}
+    return counts | {"dropped_by_reason": report["dropped_by_reason"]}
+
+
+STAGE = Stage("erase", EraseConfig, run, show, wire, files, step)

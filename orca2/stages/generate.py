@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -231,4 +232,27 @@ def show(s: dict[str, Any], cfg: GenerateConfig) -> str:
     return text
 
 
-STAGE = Stage("generate", GenerateConfig, run, show)
+def wire(run_: Any) -> GenerateConfig:
+    """In `orca2 run`: the run's tasks, under select's assignment (or the config's own) when there is one."""
+    wired: dict[str, Any] = {"tasks": str(run_.paths["tasks"]), "output": str(run_.paths["traces"])}
+    if "select" in run_.stages or "assignment" in run_.data:
+        wired["assign"] = str(run_.paths["assignment"])
+    return run_.build(GenerateConfig, run_.section("generate", wired, client=True), "generate.")
+
+
+def files(run_: Any, cfg: GenerateConfig) -> tuple[list[Path], list[Path]]:
+    assignment = [run_.paths["assignment"]] if run_.paths["assignment"].exists() else []
+    return [run_.paths["tasks"], *assignment], [run_.paths["traces"]]
+
+
+def step(run_: Any, cfg: GenerateConfig, resume: bool) -> dict[str, Any]:
+    summary = run(cfg)
+    if summary["failed"] and not cfg.allow_failures:
+        raise Orca2Error(
+            f"{summary['failed']} of {summary['tasks']} teacher requests failed (see {summary['errors']}); "
+            "re-running retries only those"
+        )
+    return {k: summary[k] for k in ("tasks", "records", "answered", "failed", "cached_at_start")}
+
+
+STAGE = Stage("generate", GenerateConfig, run, show, wire, files, step)

@@ -27,6 +27,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -615,4 +616,22 @@ def list_flows() -> str:
     return "\n".join(lines)
 
 
-STAGE = Stage("instruct", InstructConfig, run, show)
+def wire(run_: Any) -> InstructConfig:
+    """In `orca2 run`: the flow's task records go to the run folder, for the tasks stage to read."""
+    section = run_.section("instruct", {"output": str(run_.paths["instruct"])}, client=True)
+    return run_.build(InstructConfig, section, "instruct.")
+
+
+def files(run_: Any, cfg: InstructConfig) -> tuple[list[Path], list[Path]]:
+    """Inputs: local document files and folders, and the flow file when it is one."""
+    local = [Path(d.partition(":")[2] if d.startswith("jsonl:") else d) for d in cfg.docs if not d.startswith("hf:")]
+    inputs = [p for p in local if p.exists()] + ([Path(cfg.flow)] if Path(cfg.flow).is_file() else [])
+    return inputs, [run_.paths["instruct"]]
+
+
+def step(run_: Any, cfg: InstructConfig, resume: bool) -> dict[str, Any]:
+    report = run(cfg)
+    return {k: report[k] for k in ("documents", "passages", "candidates", "kept", "dropped", "agent_requests", "lost")}
+
+
+STAGE = Stage("instruct", InstructConfig, run, show, wire, files, step)

@@ -32,6 +32,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -473,3 +474,74 @@ SYNTH = Stage("persona synth", SynthConfig, synth, show_synth)
 INFER = Stage("persona infer", InferConfig, infer, show_infer)
 AUGMENT = Stage("persona augment", AugmentConfig, augment, show_augment)
 BUILD = Stage("persona build", BuildConfig, build, show_build)
+STEPS = {"synth": SynthConfig, "infer": InferConfig, "augment": AugmentConfig, "build": BuildConfig}
+
+
+def wire_chain(run_: Any) -> dict[str, Any]:
+    """In `orca2 run`, `persona: {posts: PATH | synthetic, synth:, infer:, augment:, build:}` → each step's config,
+    its paths in <run>/persona/ (the build's held-out users: 20 % unless said)."""
+    data = dict(run_.data.get("persona") or {})
+    for key in data:
+        if key not in ("posts", *STEPS):
+            raise Orca2Error(
+                f"{run_.source}:{run_.lines.get(f'persona.{key}', 1)}: unknown key 'persona.{key}' "
+                "(valid: posts, synth, infer, augment, build)"
+            )
+    d = run_.paths["persona"]
+    posts = data.get("posts", "synthetic")
+    configs: dict[str, Any] = {}
+    if posts == "synthetic":
+        section = {**(data.get("synth") or {}), "output": str(d / "posts.jsonl")}
+        configs["synth"] = run_.build(SynthConfig, section, "persona.synth.")
+        posts = str(d / "posts.jsonl")
+    wired = {
+        "infer": {"posts": posts, "output": str(d / "traits.jsonl")},
+        "augment": {"posts": posts, "traits": str(d / "traits.jsonl"), "output": str(d / "augmented.jsonl")},
+        "build": {
+            "augmented": str(d / "augmented.jsonl"),
+            "traits": str(d / "traits.jsonl"),
+            "output": str(d / "pcip.jsonl"),
+        },
+    }
+    for name, paths in wired.items():
+        section = {**(data.get(name) or {}), **paths}
+        if name == "infer" and "synth" in configs:
+            section.setdefault("truth", str(d / "posts.truth.jsonl"))
+        if name == "build":
+            section.setdefault("holdout", 0.2)
+        section["client"] = {**run_.cache, **section.get("client", {})}
+        configs[name] = run_.build(STEPS[name], section, f"persona.{name}.")
+    return configs
+
+
+def files_chain(run_: Any, cfgs: dict[str, Any]) -> tuple[list[Path], list[Path]]:
+    d = run_.paths["persona"]
+    return ([] if "synth" in cfgs else [Path(cfgs["infer"].posts)]), [d / "pcip.jsonl", d / "pcip.heldout.jsonl"]
+
+
+def run_chain(cfgs: dict[str, Any]) -> dict[str, Any]:
+    """synth (when the posts are synthetic) → infer → augment → build; what each counted."""
+    counts: dict[str, Any] = {}
+    if "synth" in cfgs:
+        counts["synth"] = synth(cfgs["synth"])
+    inferred = infer(cfgs["infer"])
+    counts["infer"] = {"users": inferred["users"]}
+    if "truth" in inferred:
+        counts["infer"]["spearman"] = {d: round(v["rho"], 3) for d, v in inferred["truth"]["spearman"].items()}
+    counts["augment"] = augment(cfgs["augment"])["counts"]
+    built = build(cfgs["build"])
+    counts["build"] = {k: built[k] for k in ("train_records", "heldout_records", "heldout_users")}
+    return counts
+
+
+def step_chain(run_: Any, cfgs: dict[str, Any], resume: bool) -> dict[str, Any]:
+    return run_chain(cfgs)
+
+
+def prepare_chain(run_: Any) -> None:
+    """The persona chain's PCIP records are what train learns from."""
+    run_.paths["train_data"] = run_.paths["persona"] / "pcip.jsonl"
+
+
+# In `orca2 run` the four steps are one stage (its config: their configs by step name).
+CHAIN = Stage("persona", dict, run_chain, wire=wire_chain, files=files_chain, step=step_chain, prepare=prepare_chain)

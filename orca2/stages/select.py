@@ -24,6 +24,7 @@ import hashlib
 import heapq
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -711,4 +712,19 @@ def show(report: dict[str, Any], cfg: SelectConfig) -> str:
     return f"{table}wrote the assignment to {cfg.output} (default: {report['default']})"
 
 
-STAGE = Stage("select", SelectConfig, run, show)
+def wire(run_: Any) -> SelectConfig:
+    """In `orca2 run`: the run's tasks in, the assignment generate reads out."""
+    wired = {"tasks": str(run_.paths["tasks"]), "output": str(run_.paths["assignment"])}
+    return run_.build(SelectConfig, run_.section("select", wired, client=True), "select.")
+
+
+def files(run_: Any, cfg: SelectConfig) -> tuple[list[Path], list[Path]]:
+    return [run_.paths["tasks"]], [run_.paths["assignment"]]
+
+
+def step(run_: Any, cfg: SelectConfig, resume: bool) -> dict[str, Any]:
+    report = run(cfg)
+    return {"default": report["default"], "chosen": report["chosen"]}
+
+
+STAGE = Stage("select", SelectConfig, run, show, wire, files, step)

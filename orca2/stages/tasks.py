@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orca2.config import option, save_config
@@ -112,4 +113,22 @@ def show(summary: dict[str, Any], cfg: TasksConfig) -> str:
     return "\n".join(lines)
 
 
-STAGE = Stage("tasks", TasksConfig, run, show)
+def wire(run_: Any) -> TasksConfig:
+    """In `orca2 run`: tasks.jsonl in the run folder; an instruct stage's records join the sources."""
+    section = run_.section("tasks", {"output": str(run_.paths["tasks"])})
+    if "instruct" in run_.stages:
+        section["sources"] = [*(section.get("sources") or ()), f"jsonl:{run_.paths['instruct']}"]
+    return run_.build(TasksConfig, section, "tasks.")
+
+
+def files(run_: Any, cfg: TasksConfig) -> tuple[list[Path], list[Path]]:
+    """Inputs: local source files (hub datasets and synthetic generators are not files)."""
+    specs = [spec.partition(":")[2] for spec in cfg.sources]
+    return [Path(p) for p in specs if p and Path(p).exists()], [run_.paths["tasks"]]
+
+
+def step(run_: Any, cfg: TasksConfig, resume: bool) -> dict[str, Any]:
+    return run(cfg)["total"]
+
+
+STAGE = Stage("tasks", TasksConfig, run, show, wire, files, step)
