@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 from results import OUT, save_and_print
 
-from orca2.dedup import NearDeduper
+from orca2.curation.dedup import NearDeduper
 from orca2.strategies import get
 
 DATA = Path(os.environ.get("ORCA2_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -33,14 +33,14 @@ from typing import Any
 import orjson
 
 from orca2.ask import Request, ask, ask_parsed
-from orca2.bigfive import infer_users
 from orca2.errors import Orca2Error
 from orca2.eval.stats import bootstrap_ci
 from orca2.eval.textmetrics import corpus_bleu, distinct_n, rouge_scores
 from orca2.io import atomic_text, iter_json_lines, read_records, write_records
 from orca2.models import ModelSpec, Sampling
 from orca2.parse import parse_json_object
-from orca2.traits import chunks, consistency
+from orca2.roleplay.bigfive import infer_users
+from orca2.roleplay.traits import chunks, consistency
 
 ASPECTS = ("profile", "knowledge", "personality")
 METRICS = (

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # asyncio and tqdm load when something is asked, not with the CLI (orca2 --help)
     from tqdm import tqdm
@@ -182,12 +182,33 @@ async def _per_request(
         await backend.aclose()
 
 
-def make_backend(spec: ModelSpec, client: ClientConfig, library: Any = None) -> Any:
+class Backend(Protocol):
+    """What `ask` dispatches to: answer every pending (cache key, request) under `sampling`, telling the sink
+    each outcome (done, failed, retried, abort). The engine, the Batch API and the programs answer in bulk; a
+    server answering one request at a time is wrapped in PerRequest."""
+
+    def answer_all(self, pending: list[tuple[str, Request]], sampling: Sampling, sink: Sink) -> None: ...
+
+
+class PerRequest:
+    """A Backend over a per-request client (`async complete(messages, sampling)` and `aclose()`): `concurrency`
+    requests in flight, the client's RPM/TPM limits, retries with backoff."""
+
+    def __init__(self, client_backend: Any, cfg: ClientConfig):
+        self.backend, self.cfg = client_backend, cfg
+
+    def answer_all(self, pending: list[tuple[str, Request]], sampling: Sampling, sink: Sink) -> None:
+        import asyncio
+
+        asyncio.run(_per_request(self.backend, pending, sampling, self.cfg, sink))
+
+
+def make_backend(spec: ModelSpec, client: ClientConfig, library: Any = None) -> Backend:
     """The backend a spec names (imports only what that backend needs)."""
     if spec.scheme == "openai":
         from orca2.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(spec.target, client)
+        return PerRequest(OpenAIBackend(spec.target, client), client)
     if spec.scheme == "batch":
         from orca2.backends.batch import BatchBackend
 
@@ -287,7 +308,6 @@ def ask(
 
     The backend is built only when something is missing, so a fully cached re-run needs no key or model.
     """
-    import asyncio
 
     from tqdm import tqdm
 
@@ -309,12 +329,7 @@ def ask(
             with tqdm(total=len(pending), desc=desc, unit="req", mininterval=0.5, dynamic_ncols=True) as bar:
                 sink = Sink(cache, result, bar, client.abort_after)
                 items = list(pending.items())
-                if hasattr(backend, "answer_all"):
-                    backend.answer_all(items, sampling, sink)
-                elif hasattr(backend, "complete"):
-                    asyncio.run(_per_request(backend, items, sampling, client, sink))
-                else:
-                    raise Orca2Error(f"no way to ask backend {type(backend).__name__}")
+                backend.answer_all(items, sampling, sink)
             result.seconds = time.perf_counter() - start
     except BaseException:
         cache.close()

@@ -64,7 +64,7 @@ PREPARE = r"""
 import json, sys
 from pathlib import Path
 from orca2.io import write_records
-from orca2.synthetic import generate_item
+from orca2.sources.synthetic import generate_item
 folder = Path(sys.argv[1]); sft, pairs = [], []
 for i in range(64):
     item = generate_item("word-problem", i, seed=0)

@@ -115,7 +115,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def sft_records(n: int, kinds: tuple[str, ...] = ("arithmetic", "word-problem"), seed: int = 0) -> list[dict]:
     """Erased SFT records whose assistant turns are the synthetic generator's worked solutions."""
     from orca2.prompts import generic_prompt
-    from orca2.synthetic import generate_item
+    from orca2.sources.synthetic import generate_item
 
     records = []
     for i in range(n):

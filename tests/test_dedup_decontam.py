@@ -2,9 +2,9 @@ import random
 
 import numpy as np
 
-from orca2.decontam import ContaminationIndex
-from orca2.dedup import ExactDeduper, NearDeduper
-from orca2.leaks import find_leak
+from orca2.curation.decontam import ContaminationIndex
+from orca2.curation.dedup import ExactDeduper, NearDeduper
+from orca2.curation.leaks import find_leak
 from orca2.ngrams import MinHasher, ngrams, normalise_words
 
 

@@ -233,8 +233,8 @@ def test_prompts_in_any_script_are_kept_when_distinct_and_deduplicated_when_equa
 
 
 def test_decontamination_and_leak_audit_see_text_in_any_script(tmp_path):
-    from orca2.decontam import ContaminationIndex
-    from orca2.leaks import find_leak
+    from orca2.curation.decontam import ContaminationIndex
+    from orca2.curation.leaks import find_leak
 
     index = ContaminationIndex(n=13)
     item = "小明有十二个苹果，他给了小红五个苹果，又从商店买了八个苹果。"

@@ -14,7 +14,7 @@ import pytest
 
 from orca2.errors import Orca2Error
 from orca2.flows import load_flow, skills
-from orca2.grounding import check
+from orca2.flows.grounding import check
 from orca2.io import read_records
 from orca2.models import ClientConfig
 from orca2.stages.instruct import InstructConfig, run
@@ -536,7 +536,7 @@ def test_reply_parsers():
 
 
 def test_passages_pack_paragraphs_and_cut_long_ones():
-    from orca2.documents import Document, split_passages
+    from orca2.flows.documents import Document, split_passages
 
     text = "First para one.\n\nSecond para two.\n\n" + "A long sentence here. " * 20
     passages, short = split_passages(Document("d", text, "d"), 100, min_size=20)
@@ -601,7 +601,7 @@ def test_ask_queue_streams_a_chain_past_a_slow_request_and_stops_on_a_fatal_erro
 def test_documents_from_an_hf_dataset_column_and_the_list_command(tmp_path):
     import datasets
 
-    from orca2.documents import read_documents
+    from orca2.flows.documents import read_documents
 
     folder = tmp_path / "ds"
     datasets.Dataset.from_dict({"body": [BRIDGE, BEES], "name": ["bridge", "bees"]}).save_to_disk(str(folder))

@@ -18,10 +18,7 @@ from orca2.eval.textmetrics import corpus_bleu, rouge_l, rouge_n, rouge_scores
 from orca2.io import iter_json_lines, write_records
 from orca2.models import ClientConfig
 from orca2.ngrams import distinct_n
-from orca2.stages import persona as stage
-from orca2.testing.agents import persona_responder
-from orca2.testing.loopback import Faults, LoopbackServer
-from orca2.traits import (
+from orca2.roleplay.traits import (
     DOMAINS,
     aggregate,
     chunks,
@@ -33,6 +30,9 @@ from orca2.traits import (
     trait_report,
     vector,
 )
+from orca2.stages import persona as stage
+from orca2.testing.agents import persona_responder
+from orca2.testing.loopback import Faults, LoopbackServer
 
 
 def rows(path):
@@ -93,7 +93,7 @@ def test_chunking_and_the_post_accounting_rules(tmp_path):
 
 
 def test_a_judge_reply_with_unknown_facet_names_keeps_the_known_ones_and_counts_the_rest():
-    from orca2.bigfive import facet_parser
+    from orca2.roleplay.bigfive import facet_parser
 
     counts = Counter()
     parse = facet_parser(counts)
@@ -393,8 +393,8 @@ eval:
 
 def test_traits_name_chunks_asked_and_chunks_judged(tmp_path):
     """A user whose 2 chunks went to the judge but only 1 reply parsed: asked 2, judged 1, the vector of that one."""
-    from orca2.bigfive import infer_users
     from orca2.models import Sampling
+    from orca2.roleplay.bigfive import infer_users
 
     def judge(body):
         prompt = body["messages"][-1]["content"]

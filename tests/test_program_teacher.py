@@ -6,11 +6,11 @@ from orca2.answers import is_correct
 from orca2.config import load_config
 from orca2.eval.usage import classify
 from orca2.io import read_records
+from orca2.sources.synthetic import GENERATORS
 from orca2.stages.generate import GenerateConfig, run
 from orca2.stages.tasks import TasksConfig
 from orca2.stages.tasks import run as make_tasks
 from orca2.strategies import names
-from orca2.synthetic import GENERATORS
 
 STYLE = {
     "direct-answer": "direct",

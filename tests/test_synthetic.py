@@ -7,7 +7,7 @@ import re
 import pytest
 
 from orca2.errors import Orca2Error
-from orca2.synthetic import _CATEGORIES, GENERATORS, generate_item
+from orca2.sources.synthetic import _CATEGORIES, GENERATORS, generate_item
 
 N = 300
 

@@ -112,7 +112,7 @@ def program_backend(name: str, library: Library | None = None) -> Any:
 class PersonaProgram(_Program):
     """`program:persona`: answers the role-play agents by rule, from the request's context (what the agent was
     given), so the persona chain runs offline — a stand-in that shows the mechanics, labelled as such. The
-    rules live in orca2.traits (rule_marks, rule_profile, rule_activity, rule_summary, rule_consistent)."""
+    rules live in orca2.roleplay.traits (rule_marks, rule_profile, rule_activity, rule_summary, rule_consistent)."""
 
     spec = "program:persona"
 
@@ -121,7 +121,7 @@ class PersonaProgram(_Program):
     ) -> Response:
         import json
 
-        from orca2 import traits
+        from orca2.roleplay import traits
 
         c = context or {}
         agent = c.get("agent")

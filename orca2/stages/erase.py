@@ -27,11 +27,11 @@ import orjson
 
 from orca2.answers import score
 from orca2.config import option, save_config
-from orca2.decontam import build_contamination_index
-from orca2.dedup import ExactDeduper, NearDeduper
+from orca2.curation.decontam import build_contamination_index
+from orca2.curation.dedup import ExactDeduper, NearDeduper
+from orca2.curation.leaks import find_leak
 from orca2.errors import Orca2Error
 from orca2.io import AppendWriter, atomic_text, atomic_writer, read_numbered, sidecar
-from orca2.leaks import find_leak
 from orca2.ngrams import normalise_words
 from orca2.prompts import generic_prompt
 from orca2.records import Record, assistant_reply, system_prompt, user_prompt, with_system_prompt

@@ -11,7 +11,7 @@ it. A reply that does not parse is asked again (`parse_attempts`, the next seed)
 
 Every item of every round becomes a candidate task record (`keep_rounds: last` keeps each chain's last
 round only); quality control then drops, in this order and counted: empty, too_long, ungrounded (flows
-with `grounding`: the answer must be recoverable from the passage, orca2.grounding), contaminated (eval
+with `grounding`: the answer must be recoverable from the passage, orca2.flows.grounding), contaminated (eval
 sets, word 13-grams), duplicate, near_duplicate. Dropped records go to <output>.dropped.jsonl with
 meta.drop_reason. A report (<output>.report.{md,json} + .lengths.png) gives calls, tokens and unparsable
 replies per agent, records per transformation × type × round, distinct-1/2 of the instructions, length
@@ -34,12 +34,12 @@ import orjson
 
 from orca2.ask import AskQueue, Request
 from orca2.config import option, save_config
-from orca2.decontam import build_contamination_index
-from orca2.dedup import ExactDeduper, NearDeduper
-from orca2.documents import Passage, read_documents, split_passages
+from orca2.curation.decontam import build_contamination_index
+from orca2.curation.dedup import ExactDeduper, NearDeduper
 from orca2.errors import Orca2Error
 from orca2.flows import AGENTS, Flow, builtin_flows, load_flow, skills
-from orca2.grounding import check as grounding_check
+from orca2.flows.documents import Passage, read_documents, split_passages
+from orca2.flows.grounding import check as grounding_check
 from orca2.io import atomic_text, atomic_writer, sidecar
 from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.ngrams import distinct_n

@@ -5,7 +5,7 @@
     orca2 persona augment --posts posts.jsonl --traits traits.jsonl -o augmented.jsonl [--model ...]
     orca2 persona build --augmented augmented.jsonl --traits traits.jsonl -o pcip.jsonl --variant ptit|psit
 
-**infer**: each user's posts in chunks (orca2.traits: 10 posts by default); the judge marks which of the 30
+**infer**: each user's posts in chunks (orca2.roleplay.traits: 10 posts by default); the judge marks which of the 30
 facets a chunk shows (prompts/persona/infer.txt); the user's 35 numbers average the chunks; a trait report in
 words. A reply that does not parse is asked again, then the chunk counts as unjudged (the user's vector
 averages the judged chunks; a user with none is counted and left out). Facet names outside the 30 are
@@ -38,7 +38,6 @@ from typing import Any, Literal
 import orjson
 
 from orca2.ask import Request, ask_parsed
-from orca2.bigfive import infer_users
 from orca2.config import option, save_config
 from orca2.errors import Orca2Error
 from orca2.eval.stats import bootstrap_ci
@@ -46,8 +45,9 @@ from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
 from orca2.models import SPEC_FORMS, ClientConfig, Sampling, parse_model
 from orca2.parse import parse_json_object, parse_text
 from orca2.prompts import read_prompt, render_template
+from orca2.roleplay.bigfive import infer_users
+from orca2.roleplay.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 from orca2.stages import Stage
-from orca2.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 
 log = logging.getLogger(__name__)
 

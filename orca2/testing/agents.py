@@ -75,8 +75,8 @@ def flow_responder(body: dict[str, Any]) -> str:
 
 
 def persona_responder(body: dict[str, Any]) -> str:
-    """The role-play agents (prompts/persona/*.txt) answered by orca2.traits' rules, read from the prompt."""
-    from orca2 import traits
+    """The role-play agents (prompts/persona/*.txt) answered by orca2.roleplay.traits' rules, read from the prompt."""
+    from orca2.roleplay import traits
 
     prompt = _user(body)
 

@@ -1,5 +1,6 @@
 """BigFive traits by asking a judge (Orca role-play): each user's posts in chunks, the 30 facets marked per chunk,
-the 35 numbers averaged over the judged chunks (orca2.traits). Shared by `orca2 persona infer` and OrcaBench."""
+the 35 numbers averaged over the judged chunks (orca2.roleplay.traits). Shared by `orca2 persona infer` and
+OrcaBench."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from orca2.ask import Request, ask_parsed
 from orca2.models import ClientConfig, Sampling
 from orca2.parse import parse_json_object
 from orca2.prompts import read_prompt, render_template
-from orca2.traits import DOMAINS, aggregate, chunks, facet_table, facets
+from orca2.roleplay.traits import DOMAINS, aggregate, chunks, facet_table, facets
 
 
 def facet_parser(counts: Counter) -> Any:

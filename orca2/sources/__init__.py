@@ -26,7 +26,7 @@ from orca2.answers import infer_answer_type
 from orca2.errors import Orca2Error
 from orca2.io import iter_json_lines
 from orca2.records import Record, make_record, validate_record
-from orca2.synthetic import GENERATORS, generate_item
+from orca2.sources.synthetic import GENERATORS, generate_item
 
 SOURCE_KINDS = ("gsm8k", "bbh", "jsonl", "hf", "synthetic")
 COLUMN_KEYS = ("prompt", "answer", "id", "task")
