@@ -122,32 +122,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         failed = {}
         for i, ((condition, record), request) in enumerate(zip(plan, requests)):
             response = answers.response(i)
-            meta = {**record["meta"], "condition": condition, "model": label}
+            error = answers.error(i) if response is None else None
             if response is None:
-                failed[answers.keys[i]] = answers.error(i)
-                meta.update(error=answers.error(i), correct=False, strategy_used=None)
-                content = ""
-            else:
-                content = response["contents"][0]
-                scored = score(content, record.get("answer"), record["meta"].get("answer_type"))
-                meta.update(
-                    extracted_answer=scored.value,
-                    extraction=scored.method,
-                    correct=scored.correct,
-                    strategy_used=classify(content),
-                    response_words=len(content.split()),
-                    completion_tokens=response["completion_tokens"],
-                    finish_reason=response["finish_reasons"][0],
-                )
-            by_condition[condition].append(
-                {
-                    "id": record["id"],
-                    "task": record["task"],
-                    "messages": request.messages + [{"role": "assistant", "content": content}],
-                    "answer": record.get("answer"),
-                    "meta": meta,
-                }
-            )
+                failed[answers.keys[i]] = error
+            item = scored_item(record, condition, label, request.messages, response, error)
+            by_condition[condition].append(item)
     report = {
         "model": label,
         "spec": str(spec),
@@ -173,6 +152,36 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             f"the rest are scored in {output}/report.md; re-running retries only the missing ones"
         )
     return report
+
+
+def scored_item(
+    record: dict[str, Any],
+    condition: str,
+    label: str,
+    messages: list[dict[str, str]],
+    response: dict[str, Any] | None,
+    error: str | None,
+) -> dict[str, Any]:
+    """One benchmark item as asked and answered: the reply, the extracted answer, correctness, the strategy the
+    reply used, its length; an unanswered item counts as wrong, with its error."""
+    meta = {**record["meta"], "condition": condition, "model": label}
+    if response is None:
+        meta.update(error=error, correct=False, strategy_used=None)
+        content = ""
+    else:
+        content = response["contents"][0]
+        scored = score(content, record.get("answer"), record["meta"].get("answer_type"))
+        meta.update(
+            extracted_answer=scored.value,
+            extraction=scored.method,
+            correct=scored.correct,
+            strategy_used=classify(content),
+            response_words=len(content.split()),
+            completion_tokens=response["completion_tokens"],
+            finish_reason=response["finish_reasons"][0],
+        )
+    reply = messages + [{"role": "assistant", "content": content}]
+    return {"id": record["id"], "task": record["task"], "messages": reply, "answer": record.get("answer"), "meta": meta}
 
 
 def items_path(output: str | Path, condition: str) -> Path:

@@ -133,31 +133,15 @@ def evaluate(spec: ModelSpec, label: str, bench: Any, cfg: Any, output: Path, re
             continue
         post, was_json = generated_post(response["contents"][0])
         counts["replies_not_json"] += not was_json
-        rows.append(
-            {
-                "id": record["id"],
-                "user": meta["user"],
-                "generated": post,
-                "reference": meta["post"],
-                "meta": meta,
-                "judge": {},
-            }
-        )
+        row = {"id": record["id"], "user": meta["user"], "generated": post, "reference": meta["post"]}
+        rows.append({**row, "meta": meta, "judge": {}})
     counts["items"] = len(rows)
     _judge(bench.judge, rows, cfg, counts)
     users: dict[str, list[str]] = defaultdict(list)
     for r in rows:
         users[r["user"]].append(r["generated"])
-    inferred = infer_users(
-        dict(users),
-        bench.judge,
-        10,
-        cfg.client,
-        Sampling(temperature=0.0, max_tokens=512),
-        2,
-        counts,
-        desc="orcabench bigfive",
-    )
+    judging = Sampling(temperature=0.0, max_tokens=512)
+    inferred = infer_users(dict(users), bench.judge, 10, cfg.client, judging, 2, counts, desc="orcabench bigfive")
     bigfive = {}
     for user, t in inferred.items():
         if user in traits:

@@ -247,6 +247,14 @@ def rounds_report(
     report = {"runs": rows, "comparisons": gains, "phases_seconds": phases or {}, "notes": notes or []}
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    (output / "report.md").write_text(render_rounds(report))
+    plot_rounds(rows, output / "report.png")
+    return report
+
+
+def render_rounds(report: dict[str, Any]) -> str:
+    """The rounds report in Markdown: accuracies, paired comparisons, wall-clock by phase, notes."""
+    rows, gains, phases, notes = report["runs"], report["comparisons"], report["phases_seconds"], report["notes"]
     lines = [
         "# Rounds of on-policy learning",
         "",
@@ -298,9 +306,7 @@ def rounds_report(
                 + f" | {sum(p.values()):.0f} |"
             )
     lines += [""] + [f"- {note}" for note in notes or []]
-    (output / "report.md").write_text("\n".join(lines).rstrip() + "\n")
-    plot_rounds(rows, output / "report.png")
-    return report
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def plot_rounds(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -203,12 +203,17 @@ class PerRequest:
         asyncio.run(_per_request(self.backend, pending, sampling, self.cfg, sink))
 
 
+def per_request_client(spec: ModelSpec, client: ClientConfig) -> Any:
+    """The client of a server answering one request at a time (openai:): `async complete`, `aclose`."""
+    from orca2.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(spec.target, client)
+
+
 def make_backend(spec: ModelSpec, client: ClientConfig, library: Any = None) -> Backend:
     """The backend a spec names (imports only what that backend needs)."""
     if spec.scheme == "openai":
-        from orca2.backends.openai import OpenAIBackend
-
-        return PerRequest(OpenAIBackend(spec.target, client), client)
+        return PerRequest(per_request_client(spec, client), client)
     if spec.scheme == "batch":
         from orca2.backends.batch import BatchBackend
 
@@ -455,90 +460,106 @@ class AskQueue:
     async def _stream(self) -> None:
         import asyncio
 
-        from tqdm import tqdm
-
-        cache = ResponseCache(self.client.cache_dir or default_cache_dir())
-        bar = tqdm(total=len(self.jobs), desc=self.desc, unit="req", mininterval=0.5, dynamic_ncols=True)
-        requesters: dict[str, _Requester] = {}
-        waiting: dict[str, list[Callable[[dict[str, Any] | None, str], None]]] = {}  # key in flight → its callbacks
-        sleepers: deque[Any] = deque()  # idle workers, each woken by one new job
-        params_of: dict[Sampling, dict[str, Any]] = {}  # Sampling is frozen: its dict once, not per job
-        state = {"in_flight": 0}
-
-        def wake_one() -> None:
-            while sleepers:
-                sleeper = sleepers.popleft()
-                if not sleeper.done():
-                    sleeper.set_result(None)
-                    return
-
-        def wake_all() -> None:
-            while sleepers:
-                wake_one()
-
-        def woken() -> None:
-            bar.total += 1
-            wake_one()
-
-        self._wake = woken
-
-        def requester(spec: ModelSpec) -> _Requester:
-            if spec.id not in requesters:
-                result = self.results.setdefault(spec.id, AskResult())
-                requesters[spec.id] = _Requester(
-                    make_backend(spec, self.client, self.library),
-                    self.client,
-                    Sink(cache, result, bar, self.client.abort_after),
-                )
-            return requesters[spec.id]
-
-        async def worker() -> None:
-            loop = asyncio.get_running_loop()
-            while True:
-                if any(r.sink.aborted for r in requesters.values()):
-                    wake_all()
-                    return
-                if not self.jobs:
-                    if state["in_flight"] == 0:
-                        wake_all()  # nothing left anywhere: the others may stop too
-                        return
-                    sleeper = loop.create_future()
-                    sleepers.append(sleeper)
-                    await sleeper
-                    continue
-                job = self.jobs.popleft()
-                params = params_of.get(job.sampling) or params_of.setdefault(job.sampling, job.sampling.to_dict())
-                key = request_key(_identity(job.spec), job.request.messages, params)
-                if key in cache:
-                    self.cached += 1
-                    bar.update(1)
-                    job.callback(cache.get(key), "cached")
-                    continue
-                if key in waiting:  # the same request is in flight: share its answer
-                    bar.update(1)
-                    waiting[key].append(job.callback)
-                    continue
-                waiting[key] = [job.callback]
-                state["in_flight"] += 1
-                r = requester(job.spec)
-                r.sink.result.requested += 1
-                try:
-                    await r.one(key, job.request, job.sampling)
-                finally:
-                    state["in_flight"] -= 1
-                response = cache.get(key)
-                for j, callback in enumerate(waiting.pop(key)):
-                    callback(response, "shared" if j else "sent")
-                if state["in_flight"] == 0 and not self.jobs:
-                    wake_all()
-
+        stream = _Stream(self)
+        self._wake = stream.woken
         start = time.perf_counter()
         try:
-            await asyncio.gather(*(worker() for _ in range(self.client.concurrency)))
+            await asyncio.gather(*(stream.worker() for _ in range(self.client.concurrency)))
         finally:
             self._wake = None
-            for r in requesters.values():
-                r.sink.result.seconds = time.perf_counter() - start
-                await r.backend.aclose()
-            bar.close()
-            cache.close()
+            await stream.close(time.perf_counter() - start)
+
+
+class _Stream:
+    """AskQueue's streaming run: `concurrency` workers take jobs as they are put; a job answered from the cache
+    or already in flight (the same request) costs nothing; idle workers sleep until a job is put or none is
+    left anywhere."""
+
+    def __init__(self, queue: AskQueue):
+        from tqdm import tqdm
+
+        self.queue = queue
+        self.cache = ResponseCache(queue.client.cache_dir or default_cache_dir())
+        self.bar = tqdm(total=len(queue.jobs), desc=queue.desc, unit="req", mininterval=0.5, dynamic_ncols=True)
+        self.requesters: dict[str, _Requester] = {}
+        self.waiting: dict[str, list[Callable[[dict[str, Any] | None, str], None]]] = {}  # key in flight → callbacks
+        self.sleepers: deque[Any] = deque()  # idle workers, each woken by one new job
+        self.params_of: dict[Sampling, dict[str, Any]] = {}  # Sampling is frozen: its dict once, not per job
+        self.in_flight = 0
+
+    def wake_one(self) -> None:
+        while self.sleepers:
+            sleeper = self.sleepers.popleft()
+            if not sleeper.done():
+                sleeper.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        while self.sleepers:
+            self.wake_one()
+
+    def woken(self) -> None:
+        """A job was put: count it and wake one idle worker."""
+        self.bar.total += 1
+        self.wake_one()
+
+    def requester(self, spec: ModelSpec) -> _Requester:
+        if spec.id not in self.requesters:
+            q = self.queue
+            result = q.results.setdefault(spec.id, AskResult())
+            sink = Sink(self.cache, result, self.bar, q.client.abort_after)
+            # streaming: every model is openai: (AskQueue.__init__)
+            self.requesters[spec.id] = _Requester(per_request_client(spec, q.client), q.client, sink)
+        return self.requesters[spec.id]
+
+    async def worker(self) -> None:
+        import asyncio
+
+        loop, jobs = asyncio.get_running_loop(), self.queue.jobs
+        while True:
+            if any(r.sink.aborted for r in self.requesters.values()):
+                self.wake_all()
+                return
+            if not jobs:
+                if self.in_flight == 0:
+                    self.wake_all()  # nothing left anywhere: the others may stop too
+                    return
+                sleeper = loop.create_future()
+                self.sleepers.append(sleeper)
+                await sleeper
+                continue
+            await self.answer(jobs.popleft())
+
+    async def answer(self, job: _Job) -> None:
+        """One job: from the cache, by sharing a request in flight, or sent; then every callback waiting on it."""
+        params = self.params_of.get(job.sampling) or self.params_of.setdefault(job.sampling, job.sampling.to_dict())
+        key = request_key(_identity(job.spec), job.request.messages, params)
+        if key in self.cache:
+            self.queue.cached += 1
+            self.bar.update(1)
+            job.callback(self.cache.get(key), "cached")
+            return
+        if key in self.waiting:  # the same request is in flight: share its answer
+            self.bar.update(1)
+            self.waiting[key].append(job.callback)
+            return
+        self.waiting[key] = [job.callback]
+        self.in_flight += 1
+        r = self.requester(job.spec)
+        r.sink.result.requested += 1
+        try:
+            await r.one(key, job.request, job.sampling)
+        finally:
+            self.in_flight -= 1
+        response = self.cache.get(key)
+        for j, callback in enumerate(self.waiting.pop(key)):
+            callback(response, "shared" if j else "sent")
+        if self.in_flight == 0 and not self.queue.jobs:
+            self.wake_all()
+
+    async def close(self, seconds: float) -> None:
+        for r in self.requesters.values():
+            r.sink.result.seconds = seconds
+            await r.backend.aclose()
+        self.bar.close()
+        self.cache.close()

@@ -154,6 +154,32 @@ def sample_seed(seed: int | None, key: str, sample: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}:{sample}".encode()).digest()[:8], "little") >> 1
 
 
+def shared_prefixes(ordered: deque, min_prefix: int) -> tuple[dict[int, tuple[int, ...]], dict[tuple[int, ...], int]]:
+    """Per job (by id), the longest prefix (≥ min_prefix tokens, ≤ prompt - 1) it shares with a neighbour in token
+    order, kept only where two or more jobs share exactly that prefix; and each prefix's user count."""
+    jobs = list(ordered)
+
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    shared = [common(a.prompt, b.prompt) for a, b in zip(jobs, jobs[1:])]
+    prefix_of: dict[int, tuple[int, ...]] = {}
+    for i, job in enumerate(jobs):
+        p = min(max(shared[i - 1] if i else 0, shared[i] if i < len(shared) else 0), len(job.prompt) - 1)
+        if p >= min_prefix:
+            prefix_of[id(job)] = tuple(job.prompt[:p])
+    users: dict[tuple[int, ...], int] = {}
+    for prefix in prefix_of.values():
+        users[prefix] = users.get(prefix, 0) + 1
+    prefix_of = {j: p for j, p in prefix_of.items() if users[p] > 1}
+    return prefix_of, {p: n for p, n in users.items() if n > 1}
+
+
 class Engine:
     """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface."""
 
@@ -214,7 +240,7 @@ class Engine:
         lengths = torch.zeros(self.slots, dtype=torch.long, device=device)  # tokens held per slot
         rows: list[_Seq] = []  # row i owns slot i
         waiting = deque(sorted(runnable, key=lambda job: job.prompt))  # shared prefixes run together
-        self._prefix_of, self._users = self._shared_prefixes(waiting)
+        self._prefix_of, self._users = shared_prefixes(waiting, self.min_prefix)
         with torch.inference_mode():
             while waiting or rows:
                 self._admit(waiting, rows, step, lengths)
@@ -263,31 +289,6 @@ class Engine:
             rows.pop()
             if len(seq.job.outputs) == seq.job.n and seq.job.unstarted == 0:
                 on_done(seq.job)
-
-    def _shared_prefixes(self, ordered: deque) -> tuple[dict[int, tuple[int, ...]], dict[tuple[int, ...], int]]:
-        """Per job (by id), the longest prefix (≥ min_prefix tokens, ≤ prompt - 1) it shares with a neighbour in
-        token order, kept only where two or more jobs share exactly that prefix; and each prefix's user count."""
-        jobs = list(ordered)
-
-        def common(a: list[int], b: list[int]) -> int:
-            n = 0
-            for x, y in zip(a, b):
-                if x != y:
-                    break
-                n += 1
-            return n
-
-        shared = [common(a.prompt, b.prompt) for a, b in zip(jobs, jobs[1:])]
-        prefix_of: dict[int, tuple[int, ...]] = {}
-        for i, job in enumerate(jobs):
-            p = min(max(shared[i - 1] if i else 0, shared[i] if i < len(shared) else 0), len(job.prompt) - 1)
-            if p >= self.min_prefix:
-                prefix_of[id(job)] = tuple(job.prompt[:p])
-        users: dict[tuple[int, ...], int] = {}
-        for prefix in prefix_of.values():
-            users[prefix] = users.get(prefix, 0) + 1
-        prefix_of = {j: p for j, p in prefix_of.items() if users[p] > 1}
-        return prefix_of, {p: n for p, n in users.items() if n > 1}
 
     def _admit(self, waiting: deque, rows: list[_Seq], step: _Step, lengths: Any) -> None:
         """Prefill waiting prompts into free slots, as one packed row (shared prefixes computed once)."""

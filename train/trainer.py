@@ -196,6 +196,36 @@ def prepare_model(cfg: TrainConfig, model_spec: str, first_stage: bool) -> tuple
     return model, tokenizer
 
 
+def _rank_steps(recipe: Any, epoch: int, rank: int, world: int, grad_accum: int) -> list[list[Batch]]:
+    """This rank's micro-batches for one epoch, grouped by optimizer step (all ranks get the same count).
+    Global step k holds micro-batches [k·GA·world, (k+1)·GA·world) of the epoch on any layout."""
+    batches = recipe.batches(epoch)
+    per_rank = math.ceil(len(batches) / world)
+    steps = math.ceil(per_rank / grad_accum)
+    mine = batches[rank::world]
+    mine += [recipe.empty()] * (steps * grad_accum - len(mine))  # zero-loss fillers
+    return [mine[i : i + grad_accum] for i in range(0, len(mine), grad_accum)]
+
+
+def _optimizer_step(
+    engine: Any, recipe: Any, micro_batches: list[Batch], device: str, world: int
+) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """One optimizer step over this rank's micro-batches: (loss and stats summed over ranks, tokens and capacity
+    over ranks, the recipe's step context)."""
+    size = all_reduced(
+        {"tokens": sum(mb.tokens for mb in micro_batches), "capacity": sum(mb.capacity for mb in micro_batches)}
+    )
+    ctx = recipe.step_context(engine, micro_batches, device)
+    sums: dict[str, float] = {}
+    for mb in micro_batches:
+        loss, stats = engine(mb.to(device), ctx)
+        for name, value in {"loss": loss, **stats}.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        engine.backward(loss * world, scale_wrt_gas=False)
+        engine.step()
+    return all_reduced(sums), size, ctx
+
+
 def train_stage(
     cfg: TrainConfig, stage: StageConfig, index: int, model_spec: str, out_dir: Path, rank: int, world: int
 ) -> dict[str, Any]:
@@ -210,27 +240,13 @@ def train_stage(
     model, tokenizer = prepare_model(cfg, model_spec, index == 0)
     started = time.perf_counter()
     recipe_module = importlib.import_module(f"orca2.train.{cfg.objective}")
+    records = _read_stage_records(stage)
     recipe: Recipe = recipe_module.Recipe(
-        cfg,
-        stage,
-        model,
-        tokenizer,
-        _read_stage_records(stage),
-        model_spec=model_spec,
-        rank=rank,
-        world=world,
-        device=device,
+        cfg, stage, model, tokenizer, records, model_spec=model_spec, rank=rank, world=world, device=device
     )
 
     def rank_steps(epoch: int) -> list[list[Batch]]:
-        """This rank's micro-batches for one epoch, grouped by optimizer step (all ranks get the same count).
-        Global step k holds micro-batches [k·GA·world, (k+1)·GA·world) of the epoch on any layout."""
-        batches = recipe.batches(epoch)
-        per_rank = math.ceil(len(batches) / world)
-        steps = math.ceil(per_rank / cfg.grad_accum)
-        mine = batches[rank::world]
-        mine += [recipe.empty()] * (steps * cfg.grad_accum - len(mine))  # zero-loss fillers
-        return [mine[i : i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
+        return _rank_steps(recipe, epoch, rank, world, cfg.grad_accum)
 
     steps_per_epoch = len(rank_steps(0))
     total = steps_per_epoch * stage.epochs
@@ -255,38 +271,18 @@ def train_stage(
             if step >= total:
                 break
             t0 = time.perf_counter()
-            size = all_reduced(
-                {"tokens": sum(mb.tokens for mb in micro_batches), "capacity": sum(mb.capacity for mb in micro_batches)}
-            )
-            ctx = recipe.step_context(engine, micro_batches, device)
             lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-            sums: dict[str, float] = {}
-            for mb in micro_batches:
-                loss, stats = engine(mb.to(device), ctx)
-                for name, value in {"loss": loss, **stats}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-                engine.backward(loss * world, scale_wrt_gas=False)
-                engine.step()
-            sums = all_reduced(sums)
+            sums, size, ctx = _optimizer_step(engine, recipe, micro_batches, device, world)
             step += 1
             packed_tokens += size["tokens"]
             capacity += size["capacity"]
             if rank == 0 and (step % cfg.log_every == 0 or step == total):
                 norm = engine.get_global_grad_norm()
-                elapsed = time.perf_counter() - t0
-                logger.write(
-                    {
-                        "stage": stage.name,
-                        "step": step,
-                        "epoch": epoch,
-                        **sums,
-                        "lr": lr,
-                        "grad_norm": float(norm) if norm is not None else None,
-                        "tokens_per_s": size["tokens"] / elapsed,
-                        **ctx.get("log", {}),
-                        "packing_efficiency": size["tokens"] / max(1.0, size["capacity"]),
-                    }
-                )
+                row = {"stage": stage.name, "step": step, "epoch": epoch, **sums, "lr": lr}
+                row["grad_norm"] = float(norm) if norm is not None else None
+                row["tokens_per_s"] = size["tokens"] / (time.perf_counter() - t0)
+                row.update(ctx.get("log", {}), packing_efficiency=size["tokens"] / max(1.0, size["capacity"]))
+                logger.write(row)
                 bar.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)
             bar.update(1)
             stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < total
@@ -295,35 +291,36 @@ def train_stage(
             if stopping:
                 bar.close()
                 logger.close()
-                return {
-                    "stage": stage.name,
-                    "objective": cfg.objective,
-                    "steps": step,
-                    "stopped": True,
-                    "examples": recipe.counts,
-                    "model": None,
-                    "packing_efficiency": packed_tokens / capacity if capacity else None,
-                }
+                summary = {"stage": stage.name, "objective": cfg.objective, "steps": step, "stopped": True}
+                efficiency = packed_tokens / capacity if capacity else None
+                return {**summary, "examples": recipe.counts, "model": None, "packing_efficiency": efficiency}
     bar.close()
     logger.close()
-    final = out_dir / "model"
-    ds.save_hf(engine, model, tokenizer, final, cfg.zero_stage, rank)
+    ds.save_hf(engine, model, tokenizer, out_dir / "model", cfg.zero_stage, rank)
     dist.barrier()
-    reference = getattr(recipe, "reference", None)
-    summary = {
-        "stage": stage.name,
-        "objective": cfg.objective,
-        "steps": step,
-        "examples": recipe.counts,
-        "packing_efficiency": packed_tokens / capacity if capacity else None,
-        "model": str(final),
-        "reference_seconds": round(reference.seconds if reference is not None else 0.0, 2),
-        "seconds": round(time.perf_counter() - started, 2),
-    }  # data, reference pass, steps and save
+    efficiency = packed_tokens / capacity if capacity else None
+    summary = _summary(cfg, stage, recipe, step, efficiency, out_dir / "model", time.perf_counter() - started)
     if rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     engine.destroy() if hasattr(engine, "destroy") else None
     return summary
+
+
+def _summary(
+    cfg: TrainConfig, stage: StageConfig, recipe: Any, steps: int, efficiency: float | None, final: Path, seconds: float
+) -> dict[str, Any]:
+    """A finished stage: its steps, examples, packing, model, and seconds (data, reference pass, steps and save)."""
+    reference = getattr(recipe, "reference", None)
+    return {
+        "stage": stage.name,
+        "objective": cfg.objective,
+        "steps": steps,
+        "examples": recipe.counts,
+        "packing_efficiency": efficiency,
+        "model": str(final),
+        "reference_seconds": round(reference.seconds if reference is not None else 0.0, 2),
+        "seconds": round(seconds, 2),
+    }
 
 
 def check_data_kind(cfg: TrainConfig) -> None:

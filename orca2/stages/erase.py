@@ -99,189 +99,204 @@ def _token_counter(cfg: EraseConfig) -> Any:
     return lambda messages: len(tokenizer.apply_chat_template(messages, tokenize=True))
 
 
-def run(cfg: EraseConfig) -> dict[str, Any]:
-    """Erase and curate; return the report (also written as <output>.report.json / .md)."""
-    generic = generic_prompt(cfg.generic)
-    generic_hash = hashlib.sha256(generic.encode()).hexdigest()[:16]
-    library = Library.load(cfg.strategies)
-    contamination = build_contamination_index(cfg.decontaminate, cfg.decontam_ngram) if cfg.decontaminate else None
-    count_tokens = _token_counter(cfg)
-    exact = ExactDeduper() if cfg.dedup != "off" else None
-    near = NearDeduper(cfg.near_threshold) if cfg.dedup == "near" else None
+class Curation:
+    """One pass of erase over the traces: the per-record checks in order (the first failure drops the record, with
+    its reason), near duplicates in batches (MinHash signatures computed for a whole batch in numpy), and the
+    accounting every record ends in: kept, dropped with a reason, or rejected."""
 
-    read = kept = rejected = 0
-    dropped: Counter = Counter()
-    notes: Counter = Counter()  # kept-but-noteworthy: no_system_prompt, unknown_strategy, unverified, leak_flagged, ...
-    by_task_strategy: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    lengths: dict[str, list[int]] = defaultdict(list)  # "kept"/reason → response lengths in characters
-    contaminated_ids: list[dict[str, str]] = []
-    paths = {"dropped": sidecar(cfg.output, "dropped.jsonl"), "rejects": sidecar(cfg.output, "rejects.jsonl")}
-    for path in paths.values():
-        if path.exists():
-            path.unlink()
-    writers: dict[str, AppendWriter] = {}
+    def __init__(self, cfg: EraseConfig):
+        self.cfg = cfg
+        self.generic = generic_prompt(cfg.generic)
+        self.generic_hash = hashlib.sha256(self.generic.encode()).hexdigest()[:16]
+        self.library = Library.load(cfg.strategies)
+        self.contamination = (
+            build_contamination_index(cfg.decontaminate, cfg.decontam_ngram) if cfg.decontaminate else None
+        )
+        self.count_tokens = _token_counter(cfg)
+        self.exact = ExactDeduper() if cfg.dedup != "off" else None
+        self.near = NearDeduper(cfg.near_threshold) if cfg.dedup == "near" else None
+        self.read = self.kept = self.rejected = 0
+        self.dropped: Counter = Counter()
+        self.notes: Counter = Counter()  # kept-but-noteworthy: no_system_prompt, unknown_strategy, unverified, ...
+        self.by_task_strategy: dict[tuple[str, str], Counter] = defaultdict(Counter)
+        self.lengths: dict[str, list[int]] = defaultdict(list)  # "kept"/reason → response lengths in characters
+        self.contaminated_ids: list[dict[str, str]] = []
+        self.paths = {"dropped": sidecar(cfg.output, "dropped.jsonl"), "rejects": sidecar(cfg.output, "rejects.jsonl")}
+        for path in self.paths.values():
+            if path.exists():
+                path.unlink()
+        self.writers: dict[str, AppendWriter] = {}
+        self.batch: list[tuple[Record, str, tuple[str, str]]] = []
 
-    def side(name: str) -> AppendWriter:
-        if name not in writers:
-            writers[name] = AppendWriter(paths[name])
-        return writers[name]
+    def side(self, name: str) -> AppendWriter:
+        if name not in self.writers:
+            self.writers[name] = AppendWriter(self.paths[name])
+        return self.writers[name]
 
-    def on_invalid(lineno: int, raw: str, error: Orca2Error) -> None:
-        nonlocal read, rejected
-        if not cfg.skip_invalid:
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def on_invalid(self, lineno: int, raw: str, error: Orca2Error) -> None:
+        if not self.cfg.skip_invalid:
             raise error
-        read += 1
-        rejected += 1
-        side("rejects").write({"line": lineno, "error": str(error), "raw": raw.rstrip("\n")[:10000]})
+        self.read += 1
+        self.rejected += 1
+        self.side("rejects").write({"line": lineno, "error": str(error), "raw": raw.rstrip("\n")[:10000]})
 
-    def drop(record: Record, reason: str, detail: str | None = None) -> None:
-        dropped[reason] += 1
+    def drop(self, record: Record, reason: str, detail: str | None = None) -> None:
+        self.dropped[reason] += 1
         meta = dict(record.get("meta", {}))
         meta["drop_reason"] = reason
         if detail:
             meta["drop_detail"] = detail
-        side("dropped").write({**record, "meta": meta})
-        response = assistant_reply(record)
-        lengths[reason].append(len(response or ""))
+        self.side("dropped").write({**record, "meta": meta})
+        self.lengths[reason].append(len(assistant_reply(record) or ""))
 
-    # Records pass the per-record checks one by one, then the near-duplicate check in batches
-    # (MinHash signatures are computed for a whole batch in numpy).
-    batch: list[tuple[Record, str, str]] = []
-
-    def flush(sink: Any) -> None:
-        nonlocal kept
+    def flush(self, sink: Any) -> None:
+        """Near-duplicate check of the batch; the rest is written."""
+        batch = self.batch
         matches = (
-            near.check_batch([user_prompt(r) for r, _, _ in batch], [g for _, g, _ in batch])
-            if near
+            self.near.check_batch([user_prompt(r) for r, _, _ in batch], [g for _, g, _ in batch])
+            if self.near
             else [None] * len(batch)
         )
         for (record, _group, key), match in zip(batch, matches):
             if match is not None:
-                drop(record, "near_duplicate", f"near-duplicate of {match}")
+                self.drop(record, "near_duplicate", f"near-duplicate of {match}")
                 continue
             sink.write(record)
-            kept += 1
-            by_task_strategy[key]["kept"] += 1
-            lengths["kept"].append(len(assistant_reply(record) or ""))
+            self.kept += 1
+            self.by_task_strategy[key]["kept"] += 1
+            self.lengths["kept"].append(len(assistant_reply(record) or ""))
         batch.clear()
 
+    def reply_problem(self, record: Record, messages: list[dict[str, str]]) -> tuple[str, str | None] | None:
+        """(drop reason, detail) when the teacher's reply is unusable: an error, none, empty, cut, too long."""
+        response, meta = assistant_reply(record), record.get("meta", {})
+        if "error" in record:
+            return "teacher_error", record["error"]
+        if response is None:
+            return "no_response", "the last message is not the assistant's"
+        if not response.strip():
+            return "empty_response", None
+        if self.cfg.drop_truncated and meta.get("finish_reason") == "length":
+            return "truncated", "finish_reason length"
+        if self.count_tokens is not None:
+            tokens = self.count_tokens(messages)
+            if tokens > self.cfg.max_tokens:  # type: ignore[operator]
+                return "too_long", f"{tokens} tokens > max_tokens {self.cfg.max_tokens}"
+        return None
+
+    def erase(self, record: Record) -> tuple[Record, str, tuple[str, str]] | None:
+        """The erased record (generic system prompt, provenance in meta.erased) with its dedup group and
+        (task, strategy), or None when a check dropped it."""
+        cfg = self.cfg
+        self.read += 1
+        meta = record.get("meta", {})
+        strategy = meta.get("strategy")
+        key = (record["task"], strategy or "?")
+        self.by_task_strategy[key]["read"] += 1
+        messages = with_system_prompt(record["messages"], self.generic) if "messages" in record else []
+        problem = self.reply_problem(record, messages)
+        if problem is not None:
+            self.drop(record, *problem)
+            return None
+        response, erased = assistant_reply(record) or "", system_prompt(record)
+        new_meta = dict(meta)
+        if erased is None:
+            self.notes["no_system_prompt"] += 1
+        if strategy is None or strategy not in self.library:
+            self.notes["unknown_strategy"] += 1
+        if cfg.leak != "off" and (leak := find_leak(response, erased, cfg.leak_ngram)):
+            if cfg.leak == "drop":
+                self.drop(record, "leak", leak)
+                return None
+            new_meta["leak"] = leak
+            self.notes["leak_flagged"] += 1
+        answer = record.get("answer")
+        if cfg.verify != "off" and answer:
+            scored = score(response, answer, meta.get("answer_type"))
+            self.by_task_strategy[key]["verified"] += 1
+            self.by_task_strategy[key]["correct"] += scored.correct
+            if not scored.correct and cfg.verify == "drop":
+                self.drop(record, "wrong_answer", f"extracted {scored.value!r}, gold {answer!r}")
+                return None
+            new_meta.update(correct=scored.correct, extracted_answer=scored.value)
+        elif cfg.verify != "off":
+            self.notes["unverified"] += 1
+        prompt = user_prompt(record)
+        prompt_words = normalise_words(prompt)  # shared by decontamination and exact dedup
+        if self.contamination is not None and (match := self.contamination.find(prompt, prompt_words)) is not None:
+            self.contaminated_ids.append({"id": record["id"], "eval_id": match.eval_id, "ngram": match.ngram})
+            self.drop(record, "contaminated", f"overlaps {match.eval_id}: {match.ngram!r}")
+            return None
+        group = meta.get("task_id") or record["id"]
+        if self.exact is not None and (first := self.exact.check(prompt, group, prompt_words)) is not None:
+            self.drop(record, "duplicate", f"same prompt as {first}")
+            return None
+        new_meta["erased"] = {
+            "strategy": strategy,
+            "prompt_hash": hashlib.sha256(erased.encode()).hexdigest()[:16] if erased is not None else None,
+            "generic": cfg.generic,
+            "generic_hash": self.generic_hash,
+        }
+        out = {"id": record["id"], "task": record["task"], "messages": messages, "answer": answer, "meta": new_meta}
+        return out, group, key
+
+    def report(self) -> dict[str, Any]:
+        cfg, dropped, total_dropped = self.cfg, self.dropped, sum(self.dropped.values())
+        if self.read != self.kept + total_dropped + self.rejected:
+            raise Orca2Error(
+                f"accounting mismatch: read {self.read} != kept {self.kept} + dropped {total_dropped} "
+                f"+ rejected {self.rejected}"
+            )
+        return {
+            "input": cfg.input,
+            "output": cfg.output,
+            "generic": cfg.generic,
+            "read": self.read,
+            "kept": self.kept,
+            "dropped": total_dropped,
+            "rejected": self.rejected,
+            "dropped_by_reason": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
+            "notes": dict(self.notes),
+            "by_task_strategy": [
+                {
+                    "task": t,
+                    "strategy": s,
+                    **dict(c),
+                    "accuracy": (c["correct"] / c["verified"]) if c["verified"] else None,
+                }
+                for (t, s), c in sorted(self.by_task_strategy.items())
+            ],
+            "contaminated": self.contaminated_ids[:1000],
+            "decontamination": {
+                "sources": list(cfg.decontaminate),
+                "eval_items": self.contamination.items if self.contamination else 0,
+                "ngram": cfg.decontam_ngram,
+            },
+            "files": {name: str(path) for name, path in self.paths.items() if path.exists()},
+        }
+
+
+def run(cfg: EraseConfig) -> dict[str, Any]:
+    """Erase and curate; return the report (also written as <output>.report.json / .md)."""
+    curation = Curation(cfg)
     try:
         with atomic_writer(cfg.output) as sink:
-            for _lineno, record in read_numbered(cfg.input, on_invalid=on_invalid):
-                read += 1
-                meta = record.get("meta", {})
-                strategy = meta.get("strategy")
-                key = (record["task"], strategy or "?")
-                by_task_strategy[key]["read"] += 1
-                response = assistant_reply(record)
-                if "error" in record:
-                    drop(record, "teacher_error", record["error"])
-                    continue
-                if response is None:
-                    drop(record, "no_response", "the last message is not the assistant's")
-                    continue
-                if not response.strip():
-                    drop(record, "empty_response")
-                    continue
-                if cfg.drop_truncated and meta.get("finish_reason") == "length":
-                    drop(record, "truncated", "finish_reason length")
-                    continue
-                erased = system_prompt(record)
-                messages = with_system_prompt(record["messages"], generic)
-                if count_tokens is not None:
-                    tokens = count_tokens(messages)
-                    if tokens > cfg.max_tokens:  # type: ignore[operator]
-                        drop(record, "too_long", f"{tokens} tokens > max_tokens {cfg.max_tokens}")
-                        continue
-                new_meta = dict(meta)
-                if erased is None:
-                    notes["no_system_prompt"] += 1
-                if strategy is None or strategy not in library:
-                    notes["unknown_strategy"] += 1
-                if cfg.leak != "off":
-                    leak = find_leak(response, erased, cfg.leak_ngram)
-                    if leak:
-                        if cfg.leak == "drop":
-                            drop(record, "leak", leak)
-                            continue
-                        new_meta["leak"] = leak
-                        notes["leak_flagged"] += 1
-                answer = record.get("answer")
-                if cfg.verify != "off" and answer:
-                    scored = score(response, answer, meta.get("answer_type"))
-                    by_task_strategy[key]["verified"] += 1
-                    by_task_strategy[key]["correct"] += scored.correct
-                    if not scored.correct and cfg.verify == "drop":
-                        drop(record, "wrong_answer", f"extracted {scored.value!r}, gold {answer!r}")
-                        continue
-                    new_meta["correct"] = scored.correct
-                    new_meta["extracted_answer"] = scored.value
-                elif cfg.verify != "off":
-                    notes["unverified"] += 1
-                prompt = user_prompt(record)
-                prompt_words = normalise_words(prompt)  # shared by decontamination and exact dedup
-                if contamination is not None:
-                    match = contamination.find(prompt, prompt_words)
-                    if match is not None:
-                        contaminated_ids.append({"id": record["id"], "eval_id": match.eval_id, "ngram": match.ngram})
-                        drop(record, "contaminated", f"overlaps {match.eval_id}: {match.ngram!r}")
-                        continue
-                group = meta.get("task_id") or record["id"]
-                if exact is not None:
-                    first = exact.check(prompt, group, prompt_words)
-                    if first is not None:
-                        drop(record, "duplicate", f"same prompt as {first}")
-                        continue
-                new_meta["erased"] = {
-                    "strategy": strategy,
-                    "prompt_hash": hashlib.sha256(erased.encode()).hexdigest()[:16] if erased is not None else None,
-                    "generic": cfg.generic,
-                    "generic_hash": generic_hash,
-                }
-                out = {
-                    "id": record["id"],
-                    "task": record["task"],
-                    "messages": messages,
-                    "answer": answer,
-                    "meta": new_meta,
-                }
-                batch.append((out, group, key))
-                if len(batch) >= 4096:
-                    flush(sink)
-            flush(sink)
+            for _lineno, record in read_numbered(cfg.input, on_invalid=curation.on_invalid):
+                erased = curation.erase(record)
+                if erased is not None:
+                    curation.batch.append(erased)
+                    if len(curation.batch) >= 4096:
+                        curation.flush(sink)
+            curation.flush(sink)
     finally:
-        for writer in writers.values():
-            writer.close()
-
-    total_dropped = sum(dropped.values())
-    if read != kept + total_dropped + rejected:
-        raise Orca2Error(
-            f"accounting mismatch: read {read} != kept {kept} + dropped {total_dropped} + rejected {rejected}"
-        )
-    report = {
-        "input": cfg.input,
-        "output": cfg.output,
-        "generic": cfg.generic,
-        "read": read,
-        "kept": kept,
-        "dropped": total_dropped,
-        "rejected": rejected,
-        "dropped_by_reason": {r: dropped[r] for r in DROP_REASONS if dropped[r]},
-        "notes": dict(notes),
-        "by_task_strategy": [
-            {"task": t, "strategy": s, **dict(c), "accuracy": (c["correct"] / c["verified"]) if c["verified"] else None}
-            for (t, s), c in sorted(by_task_strategy.items())
-        ],
-        "contaminated": contaminated_ids[:1000],
-        "decontamination": {
-            "sources": list(cfg.decontaminate),
-            "eval_items": contamination.items if contamination else 0,
-            "ngram": cfg.decontam_ngram,
-        },
-        "files": {name: str(path) for name, path in paths.items() if path.exists()},
-    }
-    if cfg.plots and read:
-        report["files"]["lengths_png"] = str(plot_lengths(lengths, sidecar(cfg.output, "lengths.png")))
+        curation.close()
+    report = curation.report()
+    if cfg.plots and curation.read:
+        report["files"]["lengths_png"] = str(plot_lengths(curation.lengths, sidecar(cfg.output, "lengths.png")))
     with atomic_text(sidecar(cfg.output, "report.json")) as f:
         f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     with atomic_text(sidecar(cfg.output, "report.md")) as f:

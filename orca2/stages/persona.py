@@ -213,6 +213,50 @@ class AugmentConfig:
         parse_model(self.model)
 
 
+def parse_profile(text: str) -> dict[str, str] | None:
+    """The profile agent's reply: {profile, knowledge}, both non-empty text; else None (asked again)."""
+    value = parse_json_object(text) or {}
+    ok = all(isinstance(value.get(k), str) and value[k].strip() for k in ("profile", "knowledge"))
+    return {"profile": value["profile"].strip(), "knowledge": value["knowledge"].strip()} if ok else None
+
+
+def parse_activity(text: str) -> dict[str, Any] | None:
+    """The activity agent's reply: {activity: text, relates_to_profile: bool, relates_to_personality: bool}."""
+    value = parse_json_object(text) or {}
+    ok = (
+        isinstance(value.get("activity"), str)
+        and value["activity"].strip()
+        and all(isinstance(value.get(k), bool) for k in ("relates_to_profile", "relates_to_personality"))
+    )
+    return {k: value[k] for k in ("activity", "relates_to_profile", "relates_to_personality")} if ok else None
+
+
+def profile_requests(users: dict[str, list[Post]], profile_posts: int) -> list[Request]:
+    """One request per user: a profile and knowledge from the user's first `profile_posts` posts."""
+    template = read_prompt("persona/profile.txt")
+    requests = []
+    for posts in users.values():
+        texts = [p.text for p in posts[:profile_posts]]
+        content = render_template(template, "persona/profile.txt", posts="\n".join(f"- {t}" for t in texts))
+        requests.append(Request([{"role": "user", "content": content}], {"agent": "profile", "posts": texts}))
+    return requests
+
+
+def activity_requests(plan: list[tuple[Post, dict[str, str]]], traits: dict[str, Any]) -> list[Request]:
+    """One request per post: its psychological activity, given its user's profile and personality report."""
+    template = read_prompt("persona/activity.txt")
+    requests = []
+    for post, prof in plan:
+        report = traits[post.user]["report"]
+        content = render_template(
+            template, "persona/activity.txt", profile=prof["profile"], personality=report, post=post.text
+        )
+        meta = {"agent": "activity", "post": post.text, "profile": prof["profile"]}
+        meta["domains"] = traits[post.user]["domains"]
+        requests.append(Request([{"role": "user", "content": content}], meta))
+    return requests
+
+
 def augment(cfg: AugmentConfig) -> dict[str, Any]:
     counts: Counter = Counter()
     users = read_posts(cfg.posts, counts, cfg.min_posts)
@@ -222,31 +266,9 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
     users = {u: p for u, p in users.items() if u in traits}
     if not users:
         raise Orca2Error(f"{cfg.traits}: none of the users of {cfg.posts} has traits (run persona infer first)")
-    template = read_prompt("persona/profile.txt")
-    requests = [
-        Request(
-            [
-                {
-                    "role": "user",
-                    "content": render_template(
-                        template,
-                        "persona/profile.txt",
-                        posts="\n".join(f"- {p.text}" for p in posts[: cfg.profile_posts]),
-                    ),
-                }
-            ],
-            {"agent": "profile", "posts": [p.text for p in posts[: cfg.profile_posts]]},
-        )
-        for posts in users.values()
-    ]
-
-    def profile(text: str) -> dict[str, str] | None:
-        value = parse_json_object(text) or {}
-        ok = all(isinstance(value.get(k), str) and value[k].strip() for k in ("profile", "knowledge"))
-        return {"profile": value["profile"].strip(), "knowledge": value["knowledge"].strip()} if ok else None
-
+    requests = profile_requests(users, cfg.profile_posts)
     profiles, unparsable = ask_parsed(
-        cfg.model, requests, profile, cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona profile"
+        cfg.model, requests, parse_profile, cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona profile"
     )
     counts["profile_replies_unparsable"] += unparsable
     by_user = {}
@@ -255,45 +277,15 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
             counts["users_without_profile"] += 1
         else:
             by_user[user] = p
-    template = read_prompt("persona/activity.txt")
-    plan: list[tuple[Post, dict[str, str]]] = [
-        (post, by_user[u]) for u, posts in users.items() if u in by_user for post in posts
-    ]
-    requests = [
-        Request(
-            [
-                {
-                    "role": "user",
-                    "content": render_template(
-                        template,
-                        "persona/activity.txt",
-                        profile=prof["profile"],
-                        personality=traits[post.user]["report"],
-                        post=post.text,
-                    ),
-                }
-            ],
-            {
-                "agent": "activity",
-                "post": post.text,
-                "profile": prof["profile"],
-                "domains": traits[post.user]["domains"],
-            },
-        )
-        for post, prof in plan
-    ]
-
-    def activity(text: str) -> dict[str, Any] | None:
-        value = parse_json_object(text) or {}
-        ok = (
-            isinstance(value.get("activity"), str)
-            and value["activity"].strip()
-            and all(isinstance(value.get(k), bool) for k in ("relates_to_profile", "relates_to_personality"))
-        )
-        return {k: value[k] for k in ("activity", "relates_to_profile", "relates_to_personality")} if ok else None
-
+    plan = [(post, by_user[u]) for u, posts in users.items() if u in by_user for post in posts]
     activities, unparsable = ask_parsed(
-        cfg.model, requests, activity, cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona activity"
+        cfg.model,
+        activity_requests(plan, traits),
+        parse_activity,
+        cfg.sampling,
+        cfg.client,
+        cfg.parse_attempts,
+        desc="persona activity",
     )
     counts["activity_replies_unparsable"] += unparsable
     rows = []
@@ -306,12 +298,8 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
     counts["posts_augmented"] = len(rows)
     save_config(cfg, sidecar(cfg.output, "config.yaml"))
     report = {"output": cfg.output, "model": cfg.model, "counts": dict(counts)}
-    _write_report(
-        cfg.output,
-        report,
-        "# persona augment\n\n| count | n |\n|---|---:|\n"
-        + "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items())),
-    )
+    table = "".join(f"| {k} | {v} |\n" for k, v in sorted(counts.items()))
+    _write_report(cfg.output, report, "# persona augment\n\n| count | n |\n|---|---:|\n" + table)
     return report
 
 
@@ -369,6 +357,21 @@ def pcip_messages(row: dict[str, Any], personality: str, with_activity: bool) ->
     ]
 
 
+def pcip_record(cfg: BuildConfig, user: str, k: int, row: dict[str, Any], personality: str) -> dict[str, Any]:
+    """The k-th PCIP training record of a user: the post's messages under the user's personality, and its
+    provenance (profile, knowledge, activity links) in meta.persona."""
+    persona = {"user": user, "variant": cfg.variant, "with_activity": cfg.with_activity, "post": row["text"]}
+    persona.update(media=row.get("media"), profile=row["profile"], knowledge=row["knowledge"], personality=personality)
+    persona.update(relates_to_profile=row["relates_to_profile"], relates_to_personality=row["relates_to_personality"])
+    return {
+        "id": f"persona/{user}/{k}",
+        "task": f"persona/{cfg.variant}",
+        "answer": None,
+        "messages": pcip_messages(row, personality, cfg.with_activity),
+        "meta": {"persona": persona},
+    }
+
+
 def build(cfg: BuildConfig) -> dict[str, Any]:
     counts: Counter = Counter()
     traits = {r["user"]: r for r in _rows(cfg.traits)}
@@ -408,27 +411,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         )
         counts["posts_left_out_by_fraction"] += len(mine) - len(kept)
         for k, row in enumerate(kept):
-            record = {
-                "id": f"persona/{user}/{k}",
-                "task": f"persona/{cfg.variant}",
-                "answer": None,
-                "messages": pcip_messages(row, personality[user], cfg.with_activity),
-                "meta": {
-                    "persona": {
-                        "user": user,
-                        "variant": cfg.variant,
-                        "with_activity": cfg.with_activity,
-                        "post": row["text"],
-                        "media": row.get("media"),
-                        "profile": row["profile"],
-                        "knowledge": row["knowledge"],
-                        "personality": personality[user],
-                        "relates_to_profile": row["relates_to_profile"],
-                        "relates_to_personality": row["relates_to_personality"],
-                    }
-                },
-            }
-            (heldout if user in held else train).append(record)
+            (heldout if user in held else train).append(pcip_record(cfg, user, k, row, personality[user]))
     counts["posts_without_user_traits"] = sum(1 for r in rows if r["user"] not in personality)
     write_records(cfg.output, train)
     heldout_path = sidecar(cfg.output, "heldout.jsonl")

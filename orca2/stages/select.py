@@ -140,15 +140,11 @@ def dev_slices(
     }, no_answer
 
 
-def run(cfg: SelectConfig) -> dict[str, Any]:
-    """Score every candidate strategy on every task's dev slice; write the assignment and the table."""
-    library = Library.load(cfg.strategies)
-    candidates = list(cfg.candidates) or library.names()
-    for name in candidates:
-        library.get(name)
-    slices, no_answer = dev_slices(cfg.tasks, cfg.dev_size, cfg.sampling.seed or 0)
-    if not slices:
-        raise Orca2Error(f"{cfg.tasks}: no task records with gold answers, so no strategy can be scored")
+def score_teacher(
+    cfg: SelectConfig, library: Library, candidates: list[str], slices: dict[str, list[Record]]
+) -> tuple[dict[str, dict[str, Any]], str, int]:
+    """The teacher under each candidate on each task's dev slice: (task → strategy → accuracy, mean completion
+    tokens, n, failed; the teacher's id; requests sent this run)."""
     plan: list[tuple[str, str, Record]] = []
     requests: list[Request] = []
     for task, records in slices.items():
@@ -156,12 +152,8 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
             system = library.get(name).system_text(task)
             for record in records:
                 plan.append((task, name, record))
-                requests.append(
-                    Request(
-                        with_system_prompt(record["messages"], system),
-                        {**record.get("meta", {}), "answer": record.get("answer"), "task": task},
-                    )
-                )
+                meta = {**record.get("meta", {}), "answer": record.get("answer"), "task": task}
+                requests.append(Request(with_system_prompt(record["messages"], system), meta))
     with ask(cfg.teacher, requests, cfg.sampling, cfg.client, desc=f"select {cfg.teacher}", library=library) as answers:
         if answers.result.aborted:
             raise Orca2Error(f"select stopped early: {answers.result.aborted} (responses so far are cached)")
@@ -180,16 +172,28 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         spec, done = answers.spec.id, answers.result.done
     table: dict[str, dict[str, Any]] = {}
     for task, by_name in cells.items():
-        row = {}
-        for name in candidates:
-            c = by_name[name]
-            row[name] = {
+        table[task] = {
+            name: {
                 "accuracy": c["correct"] / c["n"] if c["n"] else None,
                 "mean_completion_tokens": c["tokens"] / max(1, c["n"]),
                 "n": c["n"],
                 "failed": c["failed"],
             }
-        table[task] = row
+            for name, c in ((name, by_name[name]) for name in candidates)
+        }
+    return table, spec, done
+
+
+def run(cfg: SelectConfig) -> dict[str, Any]:
+    """Score every candidate strategy on every task's dev slice; write the assignment and the table."""
+    library = Library.load(cfg.strategies)
+    candidates = list(cfg.candidates) or library.names()
+    for name in candidates:
+        library.get(name)
+    slices, no_answer = dev_slices(cfg.tasks, cfg.dev_size, cfg.sampling.seed or 0)
+    if not slices:
+        raise Orca2Error(f"{cfg.tasks}: no task records with gold answers, so no strategy can be scored")
+    table, spec, done = score_teacher(cfg, library, candidates, slices)
     chosen = {task: _best(row, candidates) for task, row in table.items()}
     rules = {task: "best teacher accuracy (ties: fewer tokens)" for task in table}
     probes: dict[str, dict[str, Any]] = {}
@@ -250,6 +254,39 @@ def _best(row: dict[str, dict[str, Any]], candidates: list[str]) -> str:
     return max(candidates, key=rank)
 
 
+def probe_traces(
+    cfg: SelectConfig,
+    library: Library,
+    candidates: list[str],
+    pool: dict[str, list[Record]],
+    tasks: list[str],
+    generic: str,
+) -> dict[tuple[str, str], list[Record]]:
+    """(task, strategy) → the teacher's correct replies under that strategy on the probe items, erased to the
+    generic prompt as erase would (the same cache as generate: these are paid once)."""
+    plan = [(task, name, r) for task in tasks for name in candidates for r in pool[task]]
+    requests = [
+        Request(
+            with_system_prompt(r["messages"], library.get(name).system_text(task)),
+            {**r.get("meta", {}), "answer": r.get("answer"), "task": task},
+        )
+        for task, name, r in plan
+    ]
+    traces: dict[tuple[str, str], list[Record]] = {}
+    with ask(cfg.teacher, requests, cfg.sampling, cfg.client, desc="select probe traces", library=library) as answers:
+        for i, (task, name, r) in enumerate(plan):
+            response = answers.response(i)
+            kept = traces.setdefault((task, name), [])
+            if response is None:
+                continue
+            reply = response["contents"][0]
+            if score(reply, r["answer"], r.get("meta", {}).get("answer_type")).correct:  # erase drops wrong answers
+                messages = with_system_prompt(r["messages"], generic) + [{"role": "assistant", "content": reply}]
+                record = {"id": r["id"], "task": task, "answer": r["answer"], "meta": {"strategy": name}}
+                kept.append({**record, "messages": messages})
+    return traces
+
+
 def run_probes(
     cfg: SelectConfig,
     library: Library,
@@ -287,34 +324,7 @@ def run_probes(
                 f"select.student: task '{task}' has no items with gold answers beyond its dev slice to "
                 "train probes on (give more tasks or a smaller dev_size)"
             )
-    # the teacher under each strategy on the probe items (the same cache as generate: these are paid once)
-    plan = [(task, name, r) for task in slices for name in candidates for r in pool[task]]
-    requests = [
-        Request(
-            with_system_prompt(r["messages"], library.get(name).system_text(task)),
-            {**r.get("meta", {}), "answer": r.get("answer"), "task": task},
-        )
-        for task, name, r in plan
-    ]
-    traces: dict[tuple[str, str], list[Record]] = {}
-    with ask(cfg.teacher, requests, cfg.sampling, cfg.client, desc="select probe traces", library=library) as answers:
-        for i, (task, name, r) in enumerate(plan):
-            response = answers.response(i)
-            kept = traces.setdefault((task, name), [])
-            if response is None:
-                continue
-            reply = response["contents"][0]
-            if score(reply, r["answer"], r.get("meta", {}).get("answer_type")).correct:  # erase drops wrong answers
-                kept.append(
-                    {
-                        "id": r["id"],
-                        "task": task,
-                        "answer": r["answer"],
-                        "meta": {"strategy": name},
-                        "messages": with_system_prompt(r["messages"], generic)
-                        + [{"role": "assistant", "content": reply}],
-                    }
-                )
+    traces = probe_traces(cfg, library, candidates, pool, list(slices), generic)
     empty = [(t, n) for (t, n), kept in traces.items() if not kept]
     if empty:
         raise Orca2Error(

@@ -77,6 +77,204 @@ def prompt_key(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+class BatchAPI:
+    """The server's Batch API: /v1/files (upload, content) and /v1/batches (create, get, list, cancel). A batch
+    advances one status per poll and answers its lines through the server's chat completion, faults included."""
+
+    def __init__(self, server: LoopbackServer):
+        self.server = server
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        if (denied := self.server._auth_error(request)) is not None:
+            return denied
+        form = await request.post()
+        upload = form.get("file")
+        if upload is None or form.get("purpose") != "batch":
+            return web.json_response({"error": {"message": "need a file and purpose=batch"}}, status=400)
+        data = upload.file.read()
+        try:
+            if self.server.faults.reject_files:
+                raise ValueError("rejected by fault injection")
+            for number, line in enumerate(data.splitlines(), 1):
+                row = json.loads(line)
+                if (
+                    not isinstance(row.get("custom_id"), str)
+                    or row.get("url") != "/v1/chat/completions"
+                    or "body" not in row
+                ):
+                    raise ValueError(f"line {number}: needs custom_id, method, url /v1/chat/completions and body")
+        except ValueError as exc:
+            return web.json_response(
+                {"error": {"message": f"Invalid batch file: {exc}", "type": "invalid_request_error"}}, status=400
+            )
+        with self.server._lock:
+            self.server.stats.files_uploaded += 1
+            file_id = f"file-{len(self.server.files) + 1:06d}"
+            self.server.files[file_id] = data
+        return web.json_response(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": int(time.time()),
+                "filename": getattr(upload, "filename", "batch.jsonl"),
+                "purpose": "batch",
+            }
+        )
+
+    async def _file_content(self, request: web.Request) -> web.Response:
+        if (denied := self.server._auth_error(request)) is not None:
+            return denied
+        data = self.server.files.get(request.match_info["file_id"])
+        if data is None:
+            return web.json_response({"error": {"message": "No such file"}}, status=404)
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    def _public(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    async def _create_batch(self, request: web.Request) -> web.Response:
+        if (denied := self.server._auth_error(request)) is not None:
+            return denied
+        body = await request.json()
+        if body.get("input_file_id") not in self.server.files or body.get("endpoint") != "/v1/chat/completions":
+            return web.json_response({"error": {"message": "unknown input_file_id or endpoint"}}, status=400)
+        with self.server._lock:
+            self.server.stats.batches_created += 1
+            ordinal = self.server.stats.batches_created
+            batch_id = f"batch_{ordinal:06d}"
+            self.server.batches[batch_id] = {
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body["endpoint"],
+                "input_file_id": body["input_file_id"],
+                "completion_window": body.get("completion_window", "24h"),
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": int(time.time()),
+                "errors": None,
+                "metadata": body.get("metadata"),
+                "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                "_polls": 0,
+                "_ordinal": ordinal,
+            }
+        return web.json_response(self._public(self.server.batches[batch_id]))
+
+    def _advance(self, batch: dict[str, Any]) -> None:
+        """One poll's worth of progress: validating → in_progress → a final state, `batch_polls` polls each."""
+        f = self.server.faults
+        batch["_polls"] += 1
+        if batch["status"] == "validating" and batch["_polls"] >= f.batch_polls:
+            batch["status"], batch["_polls"] = "in_progress", 0
+        elif batch["status"] == "in_progress" and batch["_polls"] >= f.batch_polls:
+            ordinal = str(batch["_ordinal"])
+            final = (
+                "expired"
+                if ordinal in f.batch_expire.split(",")
+                else "cancelled"
+                if ordinal in f.batch_cancel.split(",")
+                else "completed"
+            )
+            self._finish(batch, final)
+
+    def _finish(self, batch: dict[str, Any], final: str) -> None:
+        lines = self.server.files[batch["input_file_id"]].splitlines()
+        done_upto = len(lines) if final == "completed" else len(lines) // 2
+        out, err = [], []
+        for index, line in enumerate(lines):
+            row = json.loads(line)
+            custom_id = row["custom_id"]
+            if index >= done_upto:
+                code = "batch_expired" if final == "expired" else "batch_cancelled"
+                err.append(
+                    {
+                        "id": f"batch_req_{index}",
+                        "custom_id": custom_id,
+                        "response": None,
+                        "error": {"code": code, "message": f"This request was not executed: the batch was {final}."},
+                    }
+                )
+                continue
+            self.server.stats.batch_items_by_custom_id[custom_id] += 1
+            first = self.server.stats.batch_items_by_custom_id[custom_id] == 1
+            if first and self.server._rng.random() < self.server.faults.batch_item_fail_rate:
+                err.append(
+                    {
+                        "id": f"batch_req_{index}",
+                        "custom_id": custom_id,
+                        "error": None,
+                        "response": {
+                            "status_code": 500,
+                            "request_id": f"req_{index}",
+                            "body": {"error": {"message": "internal error", "type": "server_error"}},
+                        },
+                    }
+                )
+                continue
+            self.server.stats.batch_ok_by_custom_id[custom_id] += 1
+            out.append(
+                {
+                    "id": f"batch_req_{index}",
+                    "custom_id": custom_id,
+                    "error": None,
+                    "response": {
+                        "status_code": 200,
+                        "request_id": f"req_{index}",
+                        "body": self.server._completion(row["body"], f"{batch['id']}-{index}"),
+                    },
+                }
+            )
+        for name, rows in (("output_file_id", out), ("error_file_id", err)):
+            if rows:
+                file_id = f"file-{len(self.server.files) + 1:06d}"
+                self.server.files[file_id] = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                batch[name] = file_id
+        batch["status"] = final
+        batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
+
+    async def _get_batch(self, request: web.Request) -> web.Response:
+        if (denied := self.server._auth_error(request)) is not None:
+            return denied
+        batch = self.server.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response({"error": {"message": "No such batch"}}, status=404)
+        with self.server._lock:
+            if batch["status"] in ("validating", "in_progress"):
+                self._advance(batch)
+        return web.json_response(self._public(batch))
+
+    async def _list_batches(self, request: web.Request) -> web.Response:
+        if (denied := self.server._auth_error(request)) is not None:
+            return denied
+        # newest first, as the API lists them
+        ordered = sorted(self.server.batches.values(), key=lambda b: -b["_ordinal"])
+        after = request.query.get("after")
+        if after:
+            ids = [b["id"] for b in ordered]
+            ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+        limit = int(request.query.get("limit", 20))
+        page = ordered[:limit]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [self._public(b) for b in page],
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(ordered) > limit,
+            }
+        )
+
+    async def _cancel_batch(self, request: web.Request) -> web.Response:
+        batch = self.server.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return web.json_response({"error": {"message": "No such batch"}}, status=404)
+        with self.server._lock:
+            if batch["status"] in ("validating", "in_progress"):
+                self._finish(batch, "cancelled")
+        return web.json_response(self._public(batch))
+
+
 class LoopbackServer:
     """Serve /v1/chat/completions on 127.0.0.1 from a background thread: `with LoopbackServer() as s: s.base_url`."""
 
@@ -209,195 +407,6 @@ class LoopbackServer:
             )
         return None
 
-    async def _upload(self, request: web.Request) -> web.Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
-        form = await request.post()
-        upload = form.get("file")
-        if upload is None or form.get("purpose") != "batch":
-            return web.json_response({"error": {"message": "need a file and purpose=batch"}}, status=400)
-        data = upload.file.read()
-        try:
-            if self.faults.reject_files:
-                raise ValueError("rejected by fault injection")
-            for number, line in enumerate(data.splitlines(), 1):
-                row = json.loads(line)
-                if (
-                    not isinstance(row.get("custom_id"), str)
-                    or row.get("url") != "/v1/chat/completions"
-                    or "body" not in row
-                ):
-                    raise ValueError(f"line {number}: needs custom_id, method, url /v1/chat/completions and body")
-        except ValueError as exc:
-            return web.json_response(
-                {"error": {"message": f"Invalid batch file: {exc}", "type": "invalid_request_error"}}, status=400
-            )
-        with self._lock:
-            self.stats.files_uploaded += 1
-            file_id = f"file-{len(self.files) + 1:06d}"
-            self.files[file_id] = data
-        return web.json_response(
-            {
-                "id": file_id,
-                "object": "file",
-                "bytes": len(data),
-                "created_at": int(time.time()),
-                "filename": getattr(upload, "filename", "batch.jsonl"),
-                "purpose": "batch",
-            }
-        )
-
-    async def _file_content(self, request: web.Request) -> web.Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
-        data = self.files.get(request.match_info["file_id"])
-        if data is None:
-            return web.json_response({"error": {"message": "No such file"}}, status=404)
-        return web.Response(body=data, content_type="application/octet-stream")
-
-    def _public(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in batch.items() if not k.startswith("_")}
-
-    async def _create_batch(self, request: web.Request) -> web.Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
-        body = await request.json()
-        if body.get("input_file_id") not in self.files or body.get("endpoint") != "/v1/chat/completions":
-            return web.json_response({"error": {"message": "unknown input_file_id or endpoint"}}, status=400)
-        with self._lock:
-            self.stats.batches_created += 1
-            ordinal = self.stats.batches_created
-            batch_id = f"batch_{ordinal:06d}"
-            self.batches[batch_id] = {
-                "id": batch_id,
-                "object": "batch",
-                "endpoint": body["endpoint"],
-                "input_file_id": body["input_file_id"],
-                "completion_window": body.get("completion_window", "24h"),
-                "status": "validating",
-                "output_file_id": None,
-                "error_file_id": None,
-                "created_at": int(time.time()),
-                "errors": None,
-                "metadata": body.get("metadata"),
-                "request_counts": {"total": 0, "completed": 0, "failed": 0},
-                "_polls": 0,
-                "_ordinal": ordinal,
-            }
-        return web.json_response(self._public(self.batches[batch_id]))
-
-    def _advance(self, batch: dict[str, Any]) -> None:
-        """One poll's worth of progress: validating → in_progress → a final state, `batch_polls` polls each."""
-        f = self.faults
-        batch["_polls"] += 1
-        if batch["status"] == "validating" and batch["_polls"] >= f.batch_polls:
-            batch["status"], batch["_polls"] = "in_progress", 0
-        elif batch["status"] == "in_progress" and batch["_polls"] >= f.batch_polls:
-            ordinal = str(batch["_ordinal"])
-            final = (
-                "expired"
-                if ordinal in f.batch_expire.split(",")
-                else "cancelled"
-                if ordinal in f.batch_cancel.split(",")
-                else "completed"
-            )
-            self._finish(batch, final)
-
-    def _finish(self, batch: dict[str, Any], final: str) -> None:
-        lines = self.files[batch["input_file_id"]].splitlines()
-        done_upto = len(lines) if final == "completed" else len(lines) // 2
-        out, err = [], []
-        for index, line in enumerate(lines):
-            row = json.loads(line)
-            custom_id = row["custom_id"]
-            if index >= done_upto:
-                code = "batch_expired" if final == "expired" else "batch_cancelled"
-                err.append(
-                    {
-                        "id": f"batch_req_{index}",
-                        "custom_id": custom_id,
-                        "response": None,
-                        "error": {"code": code, "message": f"This request was not executed: the batch was {final}."},
-                    }
-                )
-                continue
-            self.stats.batch_items_by_custom_id[custom_id] += 1
-            first = self.stats.batch_items_by_custom_id[custom_id] == 1
-            if first and self._rng.random() < self.faults.batch_item_fail_rate:
-                err.append(
-                    {
-                        "id": f"batch_req_{index}",
-                        "custom_id": custom_id,
-                        "error": None,
-                        "response": {
-                            "status_code": 500,
-                            "request_id": f"req_{index}",
-                            "body": {"error": {"message": "internal error", "type": "server_error"}},
-                        },
-                    }
-                )
-                continue
-            self.stats.batch_ok_by_custom_id[custom_id] += 1
-            out.append(
-                {
-                    "id": f"batch_req_{index}",
-                    "custom_id": custom_id,
-                    "error": None,
-                    "response": {
-                        "status_code": 200,
-                        "request_id": f"req_{index}",
-                        "body": self._completion(row["body"], f"{batch['id']}-{index}"),
-                    },
-                }
-            )
-        for name, rows in (("output_file_id", out), ("error_file_id", err)):
-            if rows:
-                file_id = f"file-{len(self.files) + 1:06d}"
-                self.files[file_id] = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-                batch[name] = file_id
-        batch["status"] = final
-        batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
-
-    async def _get_batch(self, request: web.Request) -> web.Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
-        batch = self.batches.get(request.match_info["batch_id"])
-        if batch is None:
-            return web.json_response({"error": {"message": "No such batch"}}, status=404)
-        with self._lock:
-            if batch["status"] in ("validating", "in_progress"):
-                self._advance(batch)
-        return web.json_response(self._public(batch))
-
-    async def _list_batches(self, request: web.Request) -> web.Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
-        ordered = sorted(self.batches.values(), key=lambda b: -b["_ordinal"])  # newest first, as the API lists them
-        after = request.query.get("after")
-        if after:
-            ids = [b["id"] for b in ordered]
-            ordered = ordered[ids.index(after) + 1 :] if after in ids else []
-        limit = int(request.query.get("limit", 20))
-        page = ordered[:limit]
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [self._public(b) for b in page],
-                "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None,
-                "has_more": len(ordered) > limit,
-            }
-        )
-
-    async def _cancel_batch(self, request: web.Request) -> web.Response:
-        batch = self.batches.get(request.match_info["batch_id"])
-        if batch is None:
-            return web.json_response({"error": {"message": "No such batch"}}, status=404)
-        with self._lock:
-            if batch["status"] in ("validating", "in_progress"):
-                self._finish(batch, "cancelled")
-        return web.json_response(self._public(batch))
-
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "loopback", "object": "model"}]})
 
@@ -405,14 +414,15 @@ class LoopbackServer:
 
     async def _serve(self) -> None:
         app = web.Application(client_max_size=256 * 1024 * 1024)  # batch files reach 200 MB
+        batches = BatchAPI(self)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/files", self._upload)
-        app.router.add_get("/v1/files/{file_id}/content", self._file_content)
-        app.router.add_post("/v1/batches", self._create_batch)
-        app.router.add_get("/v1/batches", self._list_batches)
-        app.router.add_get("/v1/batches/{batch_id}", self._get_batch)
-        app.router.add_post("/v1/batches/{batch_id}/cancel", self._cancel_batch)
+        app.router.add_post("/v1/files", batches._upload)
+        app.router.add_get("/v1/files/{file_id}/content", batches._file_content)
+        app.router.add_post("/v1/batches", batches._create_batch)
+        app.router.add_get("/v1/batches", batches._list_batches)
+        app.router.add_get("/v1/batches/{batch_id}", batches._get_batch)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", batches._cancel_batch)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self._port, backlog=1024)
