@@ -28,6 +28,8 @@ COMMANDS = [
     "pairs",
     "instruct",
     "persona",
+    "persona infer",
+    "persona augment",
     "train",
     "eval",
     "run",
@@ -54,7 +56,7 @@ def main() -> None:
         {"what": "python -c 'import click'", "ms": round(click, 1), "above_click_ms": 0.0},
     ]
     for name in COMMANDS:
-        ms = median_ms(ORCA2 + ([name] if name else []) + ["--help"], args.repeat)
+        ms = median_ms(ORCA2 + name.split() + ["--help"], args.repeat)
         rows.append(
             {
                 "what": f"orca2 {name} --help".replace("  ", " "),
