@@ -298,7 +298,7 @@ def wire(run_: Any) -> dict[str, Any]:
         label="student",
         benchmarks=tuple(extra) + tuple(section.pop("benchmarks", ()) or ()),
     )
-    section["client"] = {**run_.cache, **section.get("client", {})}
+    run_.cached(section)
     section["model"] = model
     student = run_.build(EvalConfig, section, "eval.")
     base = None

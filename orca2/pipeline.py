@@ -99,8 +99,11 @@ class Pipeline:
                     "pipeline (stages are wired through the run folder)"
                 )
         _deep_update(section, wired)
-        if client:
-            section["client"] = {**self.cache, **section.get("client", {})}
+        return self.cached(section) if client else section
+
+    def cached(self, section: dict[str, Any]) -> dict[str, Any]:
+        """The section with its responses cached in the run folder, unless its own client says otherwise."""
+        section["client"] = {**self.cache, **section.get("client", {})}
         return section
 
     def build(self, cls: type, section: dict[str, Any], prefix: str) -> Any:

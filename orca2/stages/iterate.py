@@ -127,8 +127,7 @@ def round_config(run: Any, it: IterateConfig, t: int, name: str, steps: int | No
         section = {**it.sample, "tasks": str(d / "prompts.jsonl"), "output": str(d / "samples.jsonl")}
         section["student"] = f"local:{policy(run, t - 1)}"
         section.setdefault("generic", (run.data.get("erase") or {}).get("generic", "cautious"))  # as trained
-        section["client"] = {**run.cache, **section.get("client", {})}
-        return run.build(load("sample").config, section, where)
+        return run.build(load("sample").config, run.cached(section), where)
     if name == "judge":
         section = {**it.judge, "replies": [str(d / "samples.jsonl")], "output": str(d / "judged.jsonl")}
         section["teacher"] = [str(run.paths["traces"])]

@@ -492,8 +492,7 @@ def wire_chain(run_: Any) -> dict[str, Any]:
             section.setdefault("truth", str(d / "posts.truth.jsonl"))
         if name == "build":
             section.setdefault("holdout", 0.2)
-        section["client"] = {**run_.cache, **section.get("client", {})}
-        configs[name] = run_.build(STEPS[name], section, f"persona.{name}.")
+        configs[name] = run_.build(STEPS[name], run_.cached(section), f"persona.{name}.")
     return configs
 
 
