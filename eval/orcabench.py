@@ -26,7 +26,6 @@ Written to <output>/orcabench/{items.jsonl, report.json, report.md, metrics.png}
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from orca2.models import ModelSpec, Sampling
 from orca2.parse import parse_json_object
 from orca2.roleplay.bigfive import infer_users
 from orca2.roleplay.traits import chunks, consistency
+from orca2.structured import SchemaCheck, shipped_schema
 
 ASPECTS = ("profile", "knowledge", "personality")
 METRICS = (
@@ -178,6 +178,7 @@ def _judge(judge: str, rows: list[dict[str, Any]], cfg: Any, counts: Counter) ->
     from orca2.prompts import read_prompt, render_template
 
     template = read_prompt("persona/judge-consistency.txt")
+    schema = shipped_schema("persona/judge-consistency.schema.json")
     plan = []
     for r in rows:
         m = r["meta"]
@@ -203,12 +204,11 @@ def _judge(judge: str, rows: list[dict[str, Any]], cfg: Any, counts: Counter) ->
                 }
             ],
             {"agent": "consistency", "aspect": aspect, "reference": r["meta"][aspect], "post": r["generated"]},
+            schema.response_format(),
         )
         for r, aspect in plan
     ]
-    parse: Callable[[str], Any] = lambda text: (lambda v: v if isinstance(v, bool) else None)(  # noqa: E731
-        (parse_json_object(text) or {}).get("consistent")
-    )
+    parse = SchemaCheck(schema, "orcabench consistency judge", lambda value: value["consistent"])
     verdicts, unparsable = ask_parsed(
         judge, requests, parse, Sampling(temperature=0.0, max_tokens=64), cfg.client, 2, desc="orcabench judge"
     )

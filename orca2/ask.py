@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,22 @@ from orca2.models import ClientConfig, ModelError, ModelSpec, Response, Sampling
 class Request:
     messages: list[dict[str, str]]
     context: dict[str, Any] | None = None  # the task's gold answer and meta, for program models only
+    format: dict[str, Any] | None = None  # the reply's shape (orca2.structured): a json_schema or regex format
+
+
+def structured(requests: list[Request], client: ClientConfig) -> list[Request]:
+    """The requests as they are asked: without their formats when the client says `structured: off`."""
+    if client.structured != "off" or not any(r.format for r in requests):
+        return requests
+    return [dataclasses.replace(r, format=None) if r.format else r for r in requests]
+
+
+def key_of(identity: str, request: Request, params: dict[str, Any]) -> str:
+    """A request's cache key: model, messages, sampling and — when it has one — its format (a changed schema is
+    another request; a request without a format keeps the key it always had)."""
+    if request.format:
+        params = {**params, "response_format": request.format}
+    return request_key(identity, request.messages, params)
 
 
 @dataclass
@@ -319,7 +335,8 @@ def ask(
     spec = model if isinstance(model, ModelSpec) else parse_model(model)
     params = sampling.to_dict()
     identity = _identity(spec)
-    keys = [request_key(identity, r.messages, params) for r in requests]
+    requests = structured(requests, client)
+    keys = [key_of(identity, r, params) for r in requests]
     cache = ResponseCache(client.cache_dir or default_cache_dir())
     try:
         cached = [k in cache for k in keys]
@@ -351,15 +368,19 @@ def ask_parsed(
     attempts: int,
     *,
     desc: str = "ask",
+    counts: Counter | None = None,
 ) -> tuple[list[Any], int]:
     """Ask, and ask again (the next seed) where `parse` finds nothing usable in the reply (returns None).
 
     Returns (the parsed value of each request or None after `attempts` asks, the number of replies that did
-    not parse). Every attempt goes through `ask`, so a re-run pays for no reply twice. n must be 1.
+    not parse). A reply to a request with a format that stopped at max_tokens is not parsed: it counts as
+    unparsable and, in `counts`, as `length`. Every attempt goes through `ask`, so a re-run pays for no reply
+    twice. n must be 1.
     """
     results: list[Any] = [None] * len(requests)
     pending = list(range(len(requests)))
     unparsable = 0
+    counts = counts if counts is not None else Counter()
     for attempt in range(attempts):
         if not pending:
             break
@@ -367,8 +388,12 @@ def ask_parsed(
         with ask(model, [requests[i] for i in pending], asked, client, desc=desc) as answers:
             still = []
             for j, i in enumerate(pending):
+                value = None
                 response = answers.response(j)
-                value = parse(response["contents"][0]) if response is not None else None
+                if response is not None and cut_short(requests[i], response, client):
+                    counts["length"] += 1
+                elif response is not None:
+                    value = parse(response["contents"][0])
                 if value is None:
                     still.append(i)
                     unparsable += response is not None
@@ -376,6 +401,11 @@ def ask_parsed(
                     results[i] = value
         pending = still
     return results, unparsable
+
+
+def cut_short(request: Request, response: dict[str, Any], client: ClientConfig) -> bool:
+    """A reply asked for in a format that stopped at max_tokens: incomplete, so never parsed."""
+    return bool(request.format) and client.structured != "off" and response["finish_reasons"][0] == "length"
 
 
 @dataclass
@@ -413,6 +443,7 @@ class AskQueue:
     ) -> None:
         if model not in self.specs:
             raise Orca2Error(f"AskQueue: model {model} was not named when the queue was made")
+        request = structured([request], self.client)[0]
         self.jobs.append(_Job(self.specs[model], request, sampling, callback))
         if self._wake is not None:
             self._wake()
@@ -533,7 +564,7 @@ class _Stream:
     async def answer(self, job: _Job) -> None:
         """One job: from the cache, by sharing a request in flight, or sent; then every callback waiting on it."""
         params = self.params_of.get(job.sampling) or self.params_of.setdefault(job.sampling, job.sampling.to_dict())
-        key = request_key(_identity(job.spec), job.request.messages, params)
+        key = key_of(_identity(job.spec), job.request, params)
         if key in self.cache:
             self.queue.cached += 1
             self.bar.update(1)

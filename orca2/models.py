@@ -114,6 +114,11 @@ class ClientConfig:
         "auto", "local: auto (bf16 where the CPU or GPU has it, else fp32) | float32 | bfloat16 | float16."
     )
     device: str = option("auto", "local: auto | cpu | cuda.")
+    structured: str = option(
+        "auto",
+        "Replies with a schema: auto (send it; a server that rejects it is asked plainly, said once) | schema "
+        "(send it; a server that rejects it is an error) | off (plain prompting; replies still validated).",
+    )
     cache_dir: str | None = option(None, "Response cache (default $ORCA2_CACHE_DIR or ~/.cache/orca2/teacher).")
 
     def __post_init__(self) -> None:
@@ -123,6 +128,8 @@ class ClientConfig:
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise Orca2Error(f"client.dtype: '{self.dtype}' (valid: auto, float32, bfloat16, float16)")
+        if self.structured not in ("auto", "schema", "off"):
+            raise Orca2Error(f"client.structured: '{self.structured}' (valid: auto, schema, off)")
 
 
 @dataclass

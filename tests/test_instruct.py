@@ -144,10 +144,11 @@ def test_rerun_is_answered_from_the_cache_and_a_changed_prompt_reasks_only_its_s
 def test_malformed_replies_are_retried_then_counted(tmp_path, docs):
     def responder(body):
         prompt = body["messages"][-1]["content"]
-        if "Reply with a JSON list" in prompt and "Honey bees" in prompt and body.get("seed") == 0:
+        seed = '{"items": [' in prompt
+        if seed and "Honey bees" in prompt and body.get("seed") == 0:
             return "Sure! Here are some questions, but no JSON."  # first try only: the retry parses
-        if "Reply with a JSON list" in prompt and "colony" in prompt:
-            return '[{"question": 1'  # never parses
+        if seed and "colony" in prompt:
+            return '{"items": [{"question": "Why?", "answer": 7, "evidence": "x"}]}'  # never matches the schema
         return flow_responder(body)
 
     with LoopbackServer(responder) as server:
@@ -155,6 +156,11 @@ def test_malformed_replies_are_retried_then_counted(tmp_path, docs):
     seed = report["agents"]["seed"]
     # the bees' first passage (2 seed calls) failed once then parsed; the second (2 calls) never parsed
     assert seed["unparsable_replies"] == 2 + 2 * 2 and seed["calls_lost"] == 2
+    # which replies did not match the seed's schema, and where: the agent, the field and the reply are named
+    mismatch = report["schema_mismatches"]["seed"]
+    assert mismatch["by_field"] == {"no JSON object in the reply": 2, "at /items/0/answer": 4}
+    assert mismatch["first"].startswith("agent seed (reading-comprehension): reply does not match")
+    assert "reply: " in mismatch["first"]
     assert report["lost"] == {"passages_lost_at_seed": 1} and "passages_lost_at_seed" not in report["counts"]
     assert "Lost on the way: passages_lost_at_seed 1." in (tmp_path / "out" / "tasks.report.md").read_text()
     assert report["items_by_round"] == [3 * 2 * 3]
@@ -256,7 +262,7 @@ def test_orca_math_and_text_modification_flows_run(tmp_path):
 def test_quality_control_drops_and_accounts(tmp_path, docs):
     def responder(body):
         prompt = body["messages"][-1]["content"]
-        if "Reply with a JSON list" in prompt and "Millbrook" in prompt:  # an unanswerable and a duplicate question
+        if '{"items": [' in prompt and "Millbrook" in prompt:  # an unanswerable and a duplicate question
             return orjson.dumps(
                 [
                     {

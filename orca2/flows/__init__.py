@@ -1,13 +1,16 @@
 """Agent flows as data (AgentInstruct, arXiv 2407.03502): one YAML per flow, prompts as text files.
 
 A flow turns a passage into instructions in three steps, each step an agent — a prompt file, the values
-it is given, and how its reply is read (text | json_object | json_list | fenced, see orca2.parse):
+it is given, and the shape of its reply: `schema: FILE.schema.json` (a JSON Schema, orca2.structured: sent with
+the request, enforced by the local engine, validated) or `parse: text | json_object | json_list | fenced`
+(read from free text, orca2.parse):
 
   transformations  one is chosen per passage (seeded): its agent rewrites the passage into a form that
                    suits the skill (an argument, a debate, a meeting transcript ...); one without a prompt
                    keeps the passage as it is. Placeholders: {passage}
   seed             per passage and instruction type (`types_per_passage` types drawn from the taxonomy):
-                   a JSON list of up to {count} items, each an object with the flow's `item_fields`.
+                   up to {count} items, each an object with the flow's `item_fields` (a JSON list, or an object
+                   holding one: {"items": [...]}).
                    Placeholders: {passage} {type} {definition} {example} {count}
   refine           `rounds` of suggester → editor: the suggester proposes how to make an item harder, the
                    editor rewrites the item with those suggestions (a JSON object with `item_fields`).
@@ -29,6 +32,7 @@ from typing import Any, Literal
 from orca2.config import build_section, read_yaml
 from orca2.errors import Orca2Error
 from orca2.prompts import PROMPTS_DIR, template_fields
+from orca2.structured import Schema, load_schema
 
 FLOWS_DIR = PROMPTS_DIR / "flows"
 ParseKind = Literal["text", "json_object", "json_list", "fenced"]
@@ -39,6 +43,7 @@ AGENTS = ("transform", "seed", "suggester", "editor")
 class Agent:
     prompt: str  # prompt file: beside the flow YAML, else under prompts/
     parse: ParseKind = "text"
+    schema: str | None = None  # JSON Schema file (beside the flow YAML, else under prompts/): the reply is JSON
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class Flow:
     grounding: Grounding | None = None
     source: str = ""  # the YAML it came from (set by load_flow)
     prompts: dict[str, str] = field(default_factory=dict)  # prompt path → text (set by load_flow)
+    schemas: dict[str, Schema] = field(default_factory=dict)  # schema path → its schema (set by load_flow)
 
 
 def builtin_flows() -> list[str]:
@@ -165,7 +171,43 @@ def load_flow(name_or_path: str) -> Flow:
     _check_placeholders(
         flow.task_template, {"passage", "type"} | items, f"{_at(source, lines, 'task_template')}: task_template"
     )
-    return Flow(**{**flow.__dict__, "source": source, "prompts": prompts})
+    schemas: dict[str, Schema] = {}
+    for label, key, agent, many in (
+        ("seed", "seed", flow.seed, True),
+        ("refine.editor", "refine.editor", flow.refine.editor, False),
+        ("refine.suggester", "refine.suggester", flow.refine.suggester, False),
+    ):
+        if agent is not None and agent.schema:
+            where = f"{_at(source, lines, key)}: agent {label}"
+            schemas[agent.schema] = _flow_schema(
+                path, agent, flow.item_fields if label != "refine.suggester" else (), many, where
+            )
+    return Flow(**{**flow.__dict__, "source": source, "prompts": prompts, "schemas": schemas})
+
+
+def _flow_schema(flow_path: Path, agent: Agent, fields: tuple[str, ...], many: bool, where: str) -> Schema:
+    """An agent's schema file, loaded and checked: a JSON reply (parse may only say json_object or json_list), and
+    for seed and editor an object with every item field (under the reply's list for seed)."""
+    if agent.parse not in ("text", "json_object", "json_list"):
+        raise Orca2Error(f"{where}: a schema'd reply is JSON, so parse cannot be '{agent.parse}'")
+    found = next(
+        (base / agent.schema for base in (flow_path.parent, PROMPTS_DIR) if (base / agent.schema).is_file()), None
+    )
+    if found is None:
+        raise Orca2Error(f"{where}: no schema file '{agent.schema}' (looked beside the flow and under {PROMPTS_DIR})")
+    schema = load_schema(found)
+    item = schema.body
+    if many:  # the items: the root's array, or the only array property of a root object
+        arrays = [v for v in item.get("properties", {}).values() if isinstance(v, dict) and v.get("type") == "array"]
+        item = (
+            item.get("items") if item.get("type") == "array" else arrays[0].get("items") if len(arrays) == 1 else None
+        )
+        if not isinstance(item, dict):
+            raise Orca2Error(f"{where}: schema {found} must describe a list of items (an array, or an object with one)")
+    missing = [f for f in fields if f not in item.get("properties", {})]
+    if missing:
+        raise Orca2Error(f"{where}: schema {found} has no property '{missing[0]}' (item_fields: {', '.join(fields)})")
+    return schema
 
 
 def _read_prompt(flow_path: Path, relative: str, where: str) -> str:

@@ -9,24 +9,25 @@ from typing import Any
 
 from orca2.ask import Request, ask_parsed
 from orca2.models import ClientConfig, Sampling
-from orca2.parse import parse_json_object
 from orca2.prompts import read_prompt, render_template
 from orca2.roleplay.traits import DOMAINS, aggregate, chunks, facet_table, facets
+from orca2.structured import SchemaCheck, shipped_schema
+
+SCHEMA = "persona/infer.schema.json"
 
 
 def facet_parser(counts: Counter) -> Any:
-    """A judge reply → the set of facets shown; names outside the 30 are dropped and counted (case ignored)."""
+    """A judge reply (its schema: {"shown": [names]}) → the set of facets shown; names outside the 30 are dropped and
+    counted (case ignored)."""
     known = {f.lower(): f for f in facets()}
 
-    def parse(text: str) -> set[str] | None:
-        value = (parse_json_object(text) or {}).get("shown")
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return None
-        unknown = [v for v in value if v.strip().lower() not in known]
+    def shown(value: dict[str, Any]) -> set[str]:
+        names = value["shown"]
+        unknown = [v for v in names if v.strip().lower() not in known]
         counts["facet_names_unknown"] += len(unknown)
-        return {known[v.strip().lower()] for v in value if v.strip().lower() in known}
+        return {known[v.strip().lower()] for v in names if v.strip().lower() in known}
 
-    return parse
+    return SchemaCheck(shipped_schema(SCHEMA), "persona facet judge", shown)
 
 
 def infer_users(
@@ -44,6 +45,7 @@ def infer_users(
     table = facet_table()
     listing = "\n".join(f"{d}: {f} — {desc_}" for d in DOMAINS for f, desc_ in table[d].items())
     template = read_prompt("persona/infer.txt")
+    fmt = shipped_schema(SCHEMA).response_format()
     plan = [(user, part) for user, posts in users.items() for part in chunks(posts, chunk)]
     requests = [
         Request(
@@ -60,6 +62,7 @@ def infer_users(
                 }
             ],
             {"agent": "infer", "posts": list(part)},
+            fmt,
         )
         for _, part in plan
     ]

@@ -32,12 +32,12 @@ from typing import Any, Literal
 
 import orjson
 
-from orca2.ask import AskQueue, Request
+from orca2.ask import AskQueue, Request, cut_short
 from orca2.config import option, save_config
 from orca2.curation.decontam import build_contamination_index
 from orca2.curation.dedup import ExactDeduper, NearDeduper
 from orca2.errors import Orca2Error
-from orca2.flows import AGENTS, Flow, builtin_flows, load_flow, skills
+from orca2.flows import AGENTS, Agent, Flow, builtin_flows, load_flow, skills
 from orca2.flows.documents import Passage, read_documents, split_passages
 from orca2.flows.grounding import check as grounding_check
 from orca2.io import atomic_text, atomic_writer, sidecar
@@ -45,10 +45,12 @@ from orca2.models import ClientConfig, Sampling, parse_model
 from orca2.ngrams import distinct_n
 from orca2.parse import PARSERS
 from orca2.stages import Stage
+from orca2.structured import SchemaCheck
 
 log = logging.getLogger(__name__)
 # Per agent: replies the flow got; how its requests were answered (sent to the model this run, from the cache,
-# shared with an identical request in flight); tokens of the replies; replies that did not parse; calls given up.
+# shared with an identical request in flight); tokens of the replies; replies that did not parse (or did not match
+# the agent's schema); replies asked for in a schema that stopped at max_tokens (not parsed); calls given up.
 AGENT_COUNTS = (
     "replies",
     "sent",
@@ -57,6 +59,7 @@ AGENT_COUNTS = (
     "prompt_tokens",
     "completion_tokens",
     "unparsable_replies",
+    "cut_at_max_tokens",
     "calls_lost",
 )
 DROP_REASONS = ("empty", "too_long", "ungrounded", "contaminated", "duplicate", "near_duplicate")
@@ -154,14 +157,22 @@ class FlowRun:
         self.types = {t.name: t for t in flow.types}
         self.queue = AskQueue(sorted({self.model(a) for a in AGENTS}), cfg.client, desc=f"instruct {flow.name}")
         self.items: list[Item] = []
-        self.seed_parser = self.item_parser(flow.seed.parse, many=True)  # built once, used for every call
+        self.checks: dict[str, Any] = {}  # agent → its SchemaCheck (the first mismatch, fields at fault)
+        self.seed_parser = self.item_parser("seed", flow.seed, many=True)  # built once, used for every call
         refine = flow.refine
         if refine.suggester is not None and refine.editor is not None:
             self.suggestion_parser = _as_text(PARSERS[refine.suggester.parse])
-            self.editor_parser = self.item_parser(refine.editor.parse, many=False)
+            self.editor_parser = self.item_parser("editor", refine.editor, many=False)
 
     def model(self, agent: str) -> str:
         return self.cfg.models.get(agent, self.cfg.model)
+
+    def format(self, agent: Agent, count: int | None = None) -> dict[str, Any] | None:
+        """The agent's reply format: its schema (a seed's lists limited to the items asked for), or none."""
+        if not agent.schema:
+            return None
+        schema = self.flow.schemas[agent.schema]
+        return (schema.with_items(count) if count else schema).response_format()
 
     def call(
         self,
@@ -171,37 +182,40 @@ class FlowRun:
         parse: Callable[[str], Any],
         then: Callable[[Any], None],
         attempt: int = 0,
+        fmt: dict[str, Any] | None = None,
     ) -> None:
         """Ask `agent`; `then` gets the parsed reply, or None once it failed or did not parse `parse_attempts` times."""
         messages = [{"role": "user", "content": fill(self.flow.prompts[prompt], values)}]
         sampling = dataclasses.replace(self.cfg.sampling, n=1, seed=(self.cfg.sampling.seed or 0) + attempt)
+        request = Request(messages, format=fmt)
 
         def answered(response: dict[str, Any] | None, origin: str) -> None:
             usage = self.usage[agent]
-            usage[origin] += (
-                1  # sent to the model this run, answered from the cache, or shared with an identical request
-            )
+            usage[origin] += 1  # sent to the model this run, answered from the cache, or shared with an identical one
             if response is None:
                 usage["calls_lost"] += 1
                 return then(None)
             usage["replies"] += 1
             usage["prompt_tokens"] += response["prompt_tokens"]
             usage["completion_tokens"] += response["completion_tokens"]
-            value = parse(response["contents"][0])
-            if value is not None:
-                return then(value)
-            usage["unparsable_replies"] += 1
+            if cut_short(request, response, self.cfg.client):
+                usage["cut_at_max_tokens"] += 1
+            else:
+                value = parse(response["contents"][0])
+                if value is not None:
+                    return then(value)
+                usage["unparsable_replies"] += 1
             if attempt + 1 < self.cfg.parse_attempts:
-                return self.call(agent, prompt, values, parse, then, attempt + 1)
+                return self.call(agent, prompt, values, parse, then, attempt + 1, fmt)
             usage["calls_lost"] += 1
             then(None)
 
-        self.queue.put(self.model(agent), Request(messages), sampling, answered)
+        self.queue.put(self.model(agent), request, sampling, answered)
 
-    def item_parser(self, kind: str, many: bool) -> Callable[[str], Any]:
-        """A parser for seed (a list of items) or editor (one item) replies: objects with every item field."""
+    def item_parser(self, name: str, agent: Agent, many: bool) -> Callable[[str], Any]:
+        """A parser for seed (a list of items) or editor (one item) replies: objects with every item field; with a
+        schema, replies that match it (the seed's items: its only list)."""
         names = self.flow.item_fields
-        base = PARSERS[kind]
 
         def as_item(value: Any) -> dict[str, str] | None:
             if isinstance(value, str) and len(names) == 1:
@@ -215,16 +229,23 @@ class FlowRun:
                 return None
             return {k: str(v).strip() for k, v in item.items()}
 
-        def parse(text: str) -> Any:
-            value = base(text)
+        def read(value: Any) -> Any:
             if many:
+                if isinstance(value, dict):  # {"items": [...]}: the object's only list
+                    lists = [v for v in value.values() if isinstance(v, list)]
+                    value = lists[0] if len(lists) == 1 else value
                 values = value if isinstance(value, list) else [value] if value is not None else []
                 items = [as_item(v) for v in values]
                 good = [i for i in items if i is not None]
                 return (good, len(items) - len(good)) if good else None
             return as_item(value)
 
-        return parse
+        if agent.schema:
+            check = SchemaCheck(self.flow.schemas[agent.schema], f"agent {name} ({self.flow.name})", read)
+            self.checks[name] = check
+            return check
+        base = PARSERS[agent.parse]
+        return lambda text: read(base(text))
 
     def run(self, passages: list[Passage]) -> list[Item]:
         """Every item of every round, in (passage, type, item, round) order."""
@@ -273,7 +294,9 @@ class FlowRun:
                 if state["pending"] == 0 and not state["items"]:
                     self.lost["passages_lost_at_seed"] += 1
 
-            self.call("seed", self.flow.seed.prompt, values, self.seed_parser, seeded)
+            self.call(
+                "seed", self.flow.seed.prompt, values, self.seed_parser, seeded, fmt=self.format(self.flow.seed, count)
+            )
 
     def add(self, item: Item) -> None:
         """Keep an item and, while rounds remain, ask the suggester about it, then the editor."""
@@ -319,6 +342,7 @@ class FlowRun:
                 {**values, "suggestions": suggestions},  # type: ignore[union-attr]
                 self.editor_parser,
                 edited,
+                fmt=self.format(refine.editor),  # type: ignore[arg-type]
             )
 
         self.call("suggester", refine.suggester.prompt, values, self.suggestion_parser, suggested)  # type: ignore[union-attr]
@@ -437,7 +461,8 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
     types_per_passage = cfg.types_per_passage or flow.types_per_passage
     if types_per_passage > len(flow.types):
         raise Orca2Error(f"instruct: types_per_passage {types_per_passage} > the flow's {len(flow.types)} types")
-    items = FlowRun(flow, cfg, rounds, lost, usage).run(passages)
+    flow_run = FlowRun(flow, cfg, rounds, lost, usage)
+    items = flow_run.run(passages)
     chains = [[i for i in items if i.round == r] for r in range(max((i.round for i in items), default=0) + 1)]
     counts["passages_with_items"] = len({i.passage.id for i in items})
     assert (
@@ -463,8 +488,12 @@ def run(cfg: InstructConfig) -> dict[str, Any]:
                 dropped[reason] += 1
     assert len(judged) == len(kept) + sum(dropped.values())
     save_config(cfg, sidecar(cfg.output, "config.yaml"))
-    report = _report(flow, cfg, rounds, counts, lost, usage, chains, judged, kept, dropped)
-    return report
+    mismatches = {
+        agent: {"replies": sum(c.invalid.values()), "by_field": dict(c.invalid), "first": c.first}
+        for agent, c in sorted(flow_run.checks.items())
+        if c.invalid
+    }
+    return _report(flow, cfg, rounds, counts, lost, usage, chains, judged, kept, dropped, mismatches)
 
 
 def _report(
@@ -478,6 +507,7 @@ def _report(
     judged: list[Any],
     kept: list[tuple[Item, dict[str, Any]]],
     dropped: Counter,
+    mismatches: dict[str, Any],
 ) -> dict[str, Any]:
     main = flow.item_fields[0]
     grid: Counter = Counter()
@@ -499,6 +529,7 @@ def _report(
         "agents": {agent: {k: u[k] for k in AGENT_COUNTS} for agent, u in sorted(usage.items())},
         "counts": dict(counts),
         "lost": {k: v for k, v in sorted(lost.items()) if v},
+        "schema_mismatches": mismatches,  # per agent with a schema: replies that did not match, and where
         "records_by_transformation_type_round": [
             {"transformation": t, "type": y, "round": r, "records": n} for (t, y, r), n in sorted(grid.items())
         ],
@@ -543,13 +574,15 @@ def render(report: dict[str, Any]) -> str:
         f"{requests['cached']} from the cache, {requests['shared']} shared with an identical request.",
         "",
         "| agent | replies | sent | cached | shared | prompt tokens | completion tokens | unparsable replies | "
-        "calls lost |",
-        "|---|" + "---:|" * 8,
+        "cut at max_tokens | calls lost |",
+        "|---|" + "---:|" * 9,
     ]
     lines += ["| " + " | ".join([a] + [str(u[k]) for k in AGENT_COUNTS]) + " |" for a, u in report["agents"].items()]
     lines += ["", "| drop reason | records |", "|---|---:|"] + [
         f"| {r} | {n} |" for r, n in report["dropped_by_reason"].items()
     ]
+    for agent, m in report.get("schema_mismatches", {}).items():
+        lines += ["", f"{agent}: {m['replies']} replies did not match the schema; first: {m['first']}"]
     if report["lost"]:
         lines += ["", "Lost on the way: " + ", ".join(f"{k} {v}" for k, v in report["lost"].items()) + "."]
     lines += ["", "| transformation | type | round | records |", "|---|---|---:|---:|"]

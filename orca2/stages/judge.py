@@ -39,9 +39,9 @@ from orca2.errors import Orca2Error
 from orca2.io import atomic_text, atomic_writer, read_numbered, sidecar
 from orca2.models import SPEC_FORMS, ClientConfig, Sampling, parse_model
 from orca2.ngrams import ngrams, normalise_words
-from orca2.parse import parse_json_object
 from orca2.records import Record, prompt_id, user_prompt
 from orca2.stages import Stage
+from orca2.structured import SchemaCheck, shipped_schema
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,19 @@ def repeated_share(text: str, n: int = 3) -> float:
 
 
 def _ask(cfg: JudgeConfig, requests: list[Request], parse: Callable[[str], Any], counts: Counter) -> list[Any]:
+    asked: Counter = Counter()
     values, unparsable = ask_parsed(
-        cfg.model, requests, parse, cfg.sampling, cfg.client, cfg.parse_attempts, desc=f"judge {cfg.model}"
+        cfg.model,
+        requests,
+        parse,
+        cfg.sampling,
+        cfg.client,
+        cfg.parse_attempts,
+        desc=f"judge {cfg.model}",
+        counts=asked,
     )
     counts["judge_replies_unparsable"] += unparsable
+    counts["judge_replies_cut_at_max_tokens"] += asked["length"]  # under a schema: not parsed (among the unparsable)
     return values
 
 
@@ -106,6 +115,7 @@ def llm_verdicts(cfg: JudgeConfig, items: list[tuple[Record, str]], counts: Coun
     from orca2.prompts import read_prompt, render_template
 
     template = read_prompt("judge/answer.txt")
+    schema = shipped_schema("judge/answer.schema.json")
     requests = [
         Request(
             [
@@ -117,15 +127,11 @@ def llm_verdicts(cfg: JudgeConfig, items: list[tuple[Record, str]], counts: Coun
                 }
             ],
             {},
+            schema.response_format(),
         )
         for r, ref in items
     ]
-
-    def parse(text: str) -> bool | None:
-        value = (parse_json_object(text) or {}).get("correct")
-        return value if isinstance(value, bool) else None
-
-    verdicts = _ask(cfg, requests, parse, counts)
+    verdicts = _ask(cfg, requests, SchemaCheck(schema, f"judge {cfg.model}", lambda v: v["correct"]), counts)
     return [
         {"by": f"llm:{cfg.model}", "correct": v}
         if v is not None
@@ -139,6 +145,7 @@ def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Cou
     from orca2.prompts import read_prompt, render_template
 
     template = read_prompt("judge/rubric.txt")
+    schema = shipped_schema("judge/rubric.schema.json")
     verdicts: dict[int, dict[str, Any]] = {}
     jobs: list[tuple[list[Record], bool]] = []
     for replies in groups.values():
@@ -163,19 +170,15 @@ def rubric_scores(cfg: JudgeConfig, groups: dict[str, list[Record]], counts: Cou
         text = render_template(
             template, "judge/rubric.txt", count=str(len(replies)), question=user_prompt(replies[0]), replies=listing
         )
-        return Request([{"role": "user", "content": text}], {})
+        return Request(
+            [{"role": "user", "content": text}], {}, schema.with_items(len(replies), exact=True).response_format()
+        )
 
     def parser(n: int) -> Callable[[str], list[float] | None]:
-        def parse(text: str) -> list[float] | None:
-            values = (parse_json_object(text) or {}).get("scores")
-            ok = (
-                isinstance(values, list)
-                and len(values) == n
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 6 for v in values)
-            )
-            return [float(v) for v in values] if ok else None
-
-        return parse
+        """n scores from 0 to 6 (the schema, exactly n long)."""
+        return SchemaCheck(
+            schema.with_items(n, exact=True), f"judge {cfg.model}", lambda v: [float(s) for s in v["scores"]]
+        )
 
     by_size: dict[int, list[int]] = defaultdict(list)
     for k, (replies, _) in enumerate(jobs):

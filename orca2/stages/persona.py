@@ -43,11 +43,12 @@ from orca2.errors import Orca2Error
 from orca2.eval.stats import bootstrap_ci
 from orca2.io import atomic_text, iter_json_lines, sidecar, write_records
 from orca2.models import SPEC_FORMS, ClientConfig, Sampling, parse_model
-from orca2.parse import parse_json_object, parse_text
+from orca2.parse import parse_text
 from orca2.prompts import read_prompt, render_template
 from orca2.roleplay.bigfive import infer_users
 from orca2.roleplay.traits import DOMAINS, Post, read_posts, spearman, synthetic_users, trait_report, vector
 from orca2.stages import Stage
+from orca2.structured import SchemaCheck, shipped_schema
 
 log = logging.getLogger(__name__)
 
@@ -213,22 +214,26 @@ class AugmentConfig:
         parse_model(self.model)
 
 
-def parse_profile(text: str) -> dict[str, str] | None:
-    """The profile agent's reply: {profile, knowledge}, both non-empty text; else None (asked again)."""
-    value = parse_json_object(text) or {}
-    ok = all(isinstance(value.get(k), str) and value[k].strip() for k in ("profile", "knowledge"))
-    return {"profile": value["profile"].strip(), "knowledge": value["knowledge"].strip()} if ok else None
+def parse_profile() -> SchemaCheck:
+    """The profile agent's reply (persona/profile.schema.json): {profile, knowledge}, both text with more than
+    spaces; else None (asked again)."""
+
+    def read(value: dict[str, Any]) -> dict[str, str] | None:
+        ok = all(value[k].strip() for k in ("profile", "knowledge"))
+        return {"profile": value["profile"].strip(), "knowledge": value["knowledge"].strip()} if ok else None
+
+    return SchemaCheck(shipped_schema("persona/profile.schema.json"), "persona profile agent", read)
 
 
-def parse_activity(text: str) -> dict[str, Any] | None:
-    """The activity agent's reply: {activity: text, relates_to_profile: bool, relates_to_personality: bool}."""
-    value = parse_json_object(text) or {}
-    ok = (
-        isinstance(value.get("activity"), str)
-        and value["activity"].strip()
-        and all(isinstance(value.get(k), bool) for k in ("relates_to_profile", "relates_to_personality"))
-    )
-    return {k: value[k] for k in ("activity", "relates_to_profile", "relates_to_personality")} if ok else None
+def parse_activity() -> SchemaCheck:
+    """The activity agent's reply (persona/activity.schema.json): {activity: text, relates_to_profile: bool,
+    relates_to_personality: bool}."""
+
+    def read(value: dict[str, Any]) -> dict[str, Any] | None:
+        keys = ("activity", "relates_to_profile", "relates_to_personality")
+        return {k: value[k] for k in keys} if value["activity"].strip() else None
+
+    return SchemaCheck(shipped_schema("persona/activity.schema.json"), "persona activity agent", read)
 
 
 def profile_requests(users: dict[str, list[Post]], profile_posts: int) -> list[Request]:
@@ -238,7 +243,8 @@ def profile_requests(users: dict[str, list[Post]], profile_posts: int) -> list[R
     for posts in users.values():
         texts = [p.text for p in posts[:profile_posts]]
         content = render_template(template, "persona/profile.txt", posts="\n".join(f"- {t}" for t in texts))
-        requests.append(Request([{"role": "user", "content": content}], {"agent": "profile", "posts": texts}))
+        fmt = shipped_schema("persona/profile.schema.json").response_format()
+        requests.append(Request([{"role": "user", "content": content}], {"agent": "profile", "posts": texts}, fmt))
     return requests
 
 
@@ -253,7 +259,8 @@ def activity_requests(plan: list[tuple[Post, dict[str, str]]], traits: dict[str,
         )
         meta = {"agent": "activity", "post": post.text, "profile": prof["profile"]}
         meta["domains"] = traits[post.user]["domains"]
-        requests.append(Request([{"role": "user", "content": content}], meta))
+        fmt = shipped_schema("persona/activity.schema.json").response_format()
+        requests.append(Request([{"role": "user", "content": content}], meta, fmt))
     return requests
 
 
@@ -268,7 +275,7 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
         raise Orca2Error(f"{cfg.traits}: none of the users of {cfg.posts} has traits (run persona infer first)")
     requests = profile_requests(users, cfg.profile_posts)
     profiles, unparsable = ask_parsed(
-        cfg.model, requests, parse_profile, cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona profile"
+        cfg.model, requests, parse_profile(), cfg.sampling, cfg.client, cfg.parse_attempts, desc="persona profile"
     )
     counts["profile_replies_unparsable"] += unparsable
     by_user = {}
@@ -281,7 +288,7 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
     activities, unparsable = ask_parsed(
         cfg.model,
         activity_requests(plan, traits),
-        parse_activity,
+        parse_activity(),
         cfg.sampling,
         cfg.client,
         cfg.parse_attempts,

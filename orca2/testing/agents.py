@@ -1,8 +1,8 @@
 """A deterministic stand-in for every agent of the shipped flows, for the loopback server (tests, benchmarks).
 
 It reads its role from the prompt it is sent — a transformation ("Rewrite the passage below as ..."), a
-seed writer (a prompt asking for a JSON list), a suggester ("Suggest how ...") or an editor (a prompt with
-"Suggestions:") — and answers in the form that role's parse rule expects. Items are built from the
+seed writer (a prompt asking for a JSON list, or an object holding one), a suggester ("Suggest how ...") or an
+editor (a prompt with "Suggestions:") — and answers in the form that role's parse rule expects. Items are built from the
 passage's own sentences, so reading-comprehension answers and evidence are grounded; the editor copies
 the first suggestion line into the edited item, so a test can see that the editor got the suggester's output.
 
@@ -60,7 +60,8 @@ def flow_responder(body: dict[str, Any]) -> str:
             value = old.group(1) if old else name
             edited[name] = f"{value} (harder: {suggestion})" if name == fields[0] else value
         return json.dumps(edited)
-    if "Reply with a JSON list" in prompt:
+    wants_object = '{"items": [' in prompt
+    if "Reply with a JSON list" in prompt or wants_object:
         count = int(re.search(r"\bWrite (\d+)", prompt).group(1)) if re.search(r"\bWrite (\d+)", prompt) else 2
         kind = re.search(r"type: ([\w-]+) —", prompt)
         label = kind.group(1) if kind else "item"
@@ -70,7 +71,7 @@ def flow_responder(body: dict[str, Any]) -> str:
         items = [
             {name: _value(name, sentences[j % len(sentences)], f"{label} {j}") for name in fields} for j in range(count)
         ]
-        return "Here they are:\n```json\n" + json.dumps(items) + "\n```"
+        return "Here they are:\n```json\n" + json.dumps({"items": items} if wants_object else items) + "\n```"
     return "I do not know this agent."
 
 
