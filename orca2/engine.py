@@ -47,6 +47,7 @@ class Job:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    grammar: Any = None  # a compiled grammar (orca2.constrain): every sample's tokens are held to it
     unstarted: int = 0  # samples not yet given a slot
     outputs: dict[int, tuple[list[int], str]] = field(default_factory=dict)  # sample → (tokens, finish reason)
     started_at: float = 0.0
@@ -61,6 +62,7 @@ class _Seq:
     sample: int
     tokens: list[int]
     generator: Any  # torch.Generator for sampled decoding, None for greedy
+    matcher: Any = None  # the grammar's state for a constrained sequence (orca2.constrain), else None
 
 
 @dataclass
@@ -184,7 +186,13 @@ class Engine:
     """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface."""
 
     def __init__(
-        self, model: Any, stop_ids: list[int], slots: int = 64, prefill_tokens: int = 2048, min_prefix: int = 16
+        self,
+        model: Any,
+        stop_ids: list[int],
+        slots: int = 64,
+        prefill_tokens: int = 2048,
+        min_prefix: int = 16,
+        grammars: Any = None,
     ):
         from transformers import AttentionInterface
 
@@ -203,6 +211,8 @@ class Engine:
         self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.max_positions = getattr(text, "max_position_embeddings", 1 << 30)
+        self.grammars = grammars  # orca2.constrain.Grammars: makes matchers for jobs with a grammar
+        self.masks: Any = None  # orca2.constrain.Masks, made on the first constrained step
         self.peak_active = 0  # most sequences decoded at once (for tests and the benchmark)
         self.prefill_tokens_saved = 0  # prompt tokens not prefilled because a shared prefix was reused
 
@@ -342,7 +352,8 @@ class Engine:
                 generator = None
                 if job.temperature > 0:
                     generator = torch.Generator(device=device).manual_seed(sample_seed(job.seed, job.key, sample))
-                rows.append(_Seq(job, sample, [], generator))
+                matcher = self.grammars.matcher(job.grammar) if job.grammar is not None else None
+                rows.append(_Seq(job, sample, [], generator, matcher))
             lengths[slots] = len(job.prompt)
         step.segments = segments
         out = self.model(
@@ -379,16 +390,31 @@ class Engine:
 
         Sampled rows are handled together: softmax, the nucleus from the top 1,024 tokens (a full sort only for
         rows whose nucleus is larger), and one uniform number per row from its generator, mapped through the
-        nucleus' cumulative distribution — the same distribution as multinomial over the renormalised nucleus."""
-        import torch
+        nucleus' cumulative distribution — the same distribution as multinomial over the renormalised nucleus.
+        Constrained rows (a grammar) have the tokens their grammar does not allow masked out first."""
+        constrained = [(i, seq.matcher) for i, seq in enumerate(seqs) if seq.matcher is not None]
+        if constrained:  # a copy in fp32: the unconstrained rows' choices are those of the logits as they came
+            from orca2.constrain import Masks
 
+            if self.masks is None or self.masks.bitmask.shape[0] < self.slots:
+                self.masks = Masks(self.slots, logits.shape[-1])
+            logits = self.masks.apply(logits.float(), constrained)
         greedy = logits.argmax(-1).tolist()
         sampled = [i for i, seq in enumerate(seqs) if seq.generator is not None]
         for i, seq in enumerate(seqs):
             if seq.generator is None:
                 seq.tokens.append(greedy[i])
-        if not sampled:
-            return
+        if sampled:
+            self._sample(seqs, sampled, logits)
+        if constrained:
+            from orca2.constrain import accept
+
+            for i, matcher in constrained:
+                accept(matcher, seqs[i].tokens[-1], f"request {seqs[i].job.key[:12]}")
+
+    def _sample(self, seqs: list[_Seq], sampled: list[int], logits: Any) -> None:
+        import torch
+
         rows = torch.tensor(sampled, device=logits.device)
         temperature = logits.new_tensor([seqs[i].job.temperature for i in sampled], dtype=torch.float32)
         top_p = logits.new_tensor([seqs[i].job.top_p for i in sampled], dtype=torch.float32)

@@ -1,5 +1,6 @@
 """`local:PATH|default`: a transformers model in this process, decoded by the continuous-batching engine
-(orca2.engine): chat template → token ids → the engine → responses."""
+(orca2.engine): chat template → token ids → the engine → responses. A request with a format (orca2.structured) is
+decoded under its grammar (orca2.constrain)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,18 @@ class LocalBackend:
         if not getattr(self.tokenizer, "chat_template", None):
             raise Orca2Error(f"{target}: the tokenizer has no chat template, so it cannot take chat messages")
         self.spec = f"local:{target}"
-        self.engine = Engine(self.model, stop_token_ids(self.tokenizer, self.model), slots=client.batch_size)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model)
+        self.engine = Engine(self.model, self.stop_ids, slots=client.batch_size)
+
+    def grammar(self, fmt: dict[str, Any] | None) -> Any:
+        """A request's format compiled for this model's tokenizer (once per format), or None without one."""
+        if not fmt:
+            return None
+        if self.engine.grammars is None:
+            from orca2.constrain import Grammars
+
+            self.engine.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
+        return self.engine.grammars.compile(fmt)
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -40,6 +52,7 @@ class LocalBackend:
                 sampling.temperature,
                 sampling.top_p,
                 sampling.seed,
+                grammar=self.grammar(request.format),
             )
             for key, request in pending
         ]
