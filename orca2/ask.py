@@ -162,7 +162,7 @@ class _Requester:
             if self.tpm:
                 await self.tpm.acquire(_estimate_tokens(request.messages, sampling))
             try:
-                response = await self.backend.complete(request.messages, sampling)
+                response = await self.backend.complete(request.messages, sampling, request.format)
             except ModelError as exc:
                 if exc.fatal:
                     sink.abort(exc.reason)

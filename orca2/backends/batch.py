@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from orca2.backends.openai import chat_body, credentials, parse_chat_completion
+from orca2.backends.openai import FormatSupport, chat_body, credentials, names_response_format, parse_chat_completion
 from orca2.errors import Orca2Error
 from orca2.io import AppendWriter
 from orca2.models import ClientConfig, ModelError, Response, Sampling
@@ -82,6 +82,7 @@ class BatchBackend:
         self._openai = openai
         self.client = openai.OpenAI(api_key=self._key, base_url=self.base_url, max_retries=0, timeout=client.timeout)
         self.cancelled: list[str] = []  # batches found cancelled (reported in the failures of their items)
+        self.formats = FormatSupport(client.structured, self.base_url, model, client.cache_dir)
 
     # --- calls to the API, each retried on transient errors and reported in one line ----------------
 
@@ -138,7 +139,9 @@ class BatchBackend:
                         "custom_id": key,
                         "method": "POST",
                         "url": "/v1/chat/completions",
-                        "body": chat_body(self.model, requests[key].messages, sampling),
+                        "body": chat_body(
+                            self.model, requests[key].messages, sampling, self.formats.send(requests[key].format)
+                        ),
                     }
                 )
                 + b"\n"
@@ -192,7 +195,13 @@ class BatchBackend:
                 elif response:
                     status = response.get("status_code", 0)
                     message = ((response.get("body") or {}).get("error") or {}).get("message", "")
-                    results[key] = (f"{status} {message}".strip(), status >= 500 or status in (408, 409, 429))
+                    retryable = status >= 500 or status in (408, 409, 429)
+                    if names_response_format(status, message):  # auto: submitted again, plainly; schema: failed
+                        retryable = self.formats.rejected(message)
+                        message += (
+                            "" if retryable else " (the server rejects response_format; client.structured: schema)"
+                        )
+                    results[key] = (f"{status} {message}".strip(), retryable)
                 elif error:
                     code = error.get("code") or "error"
                     results[key] = (f"{code}: {error.get('message', '')}".strip(), code in RETRYABLE_CODES)

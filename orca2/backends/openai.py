@@ -6,14 +6,18 @@ orca2.ask. The API key never reaches an error message, a log or a record.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from orca2.errors import Orca2Error
 from orca2.models import ClientConfig, ModelError, Response, Sampling
+
+log = logging.getLogger(__name__)
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -67,7 +71,62 @@ def http_response_class() -> Any:
     return http.Response
 
 
-def chat_body(model: str, messages: list[dict[str, str]], sampling: Sampling) -> dict[str, Any]:
+def names_response_format(status: int, message: str) -> bool:
+    """A 400 that rejects the response_format parameter itself (a server without structured output)."""
+    return status == 400 and ("response_format" in message or "json_schema" in message)
+
+
+class FormatSupport:
+    """Whether a server takes `response_format`, by `client.structured`: off never sends it; schema always does (a
+    rejection is an error); auto sends it until the server rejects it, then asks plainly — said once, and kept in
+    the cache folder (servers.json) so that later runs do not ask the server again."""
+
+    def __init__(self, mode: str, base_url: str, model: str, folder: str | None):
+        from orca2.cache import default_cache_dir
+
+        self.mode, self.server = mode, f"{base_url.rstrip('/')} {model}"
+        self.path = Path(folder) if folder else default_cache_dir()
+        self.path = self.path / "servers.json"
+        self.known = self._read().get(self.server, {}).get("response_format") == "rejected"
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return orjson.loads(self.path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return {}
+
+    def send(self, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The format to put in a request body (json_schema only: a regex has no response_format), or None."""
+        if not fmt or fmt.get("type") != "json_schema" or self.mode == "off" or (self.known and self.mode == "auto"):
+            return None
+        return {"type": "json_schema", "json_schema": fmt["json_schema"]}
+
+    def rejected(self, message: str) -> bool:
+        """The server rejected the format: remember it and say so once (auto), True to ask again plainly; False when
+        the mode is schema (the caller reports the error)."""
+        if self.mode != "auto":
+            return False
+        if not self.known:
+            self.known = True
+            log.warning(
+                "%s rejects response_format (%s); asking it without the schema from now on (client.structured: auto; "
+                "replies are still validated)",
+                self.server,
+                message[:120],
+            )
+            data = self._read()
+            data[self.server] = {"response_format": "rejected", "message": message[:200]}
+            from orca2.io import atomic_text
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_text(self.path) as f:
+                f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return True
+
+
+def chat_body(
+    model: str, messages: list[dict[str, str]], sampling: Sampling, response_format: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The /v1/chat/completions request body (also each line of a batch file)."""
     body: dict[str, Any] = {
         "model": model,
@@ -80,6 +139,8 @@ def chat_body(model: str, messages: list[dict[str, str]], sampling: Sampling) ->
         body["n"] = sampling.n
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    if response_format is not None:
+        body["response_format"] = response_format
     return body
 
 
@@ -116,6 +177,7 @@ class OpenAIBackend:
         self._openai = openai
         self._http_response = http_response_class()
         self._timeout = client.timeout
+        self.formats = FormatSupport(client.structured, self.base_url, model, client.cache_dir)
         self._client_obj: Any = None  # made on first use, inside the event loop that will drive it
 
     @property
@@ -133,9 +195,12 @@ class OpenAIBackend:
             )
         return self._client_obj
 
-    async def complete(self, messages: list[dict[str, str]], sampling: Sampling) -> Response:
+    async def complete(
+        self, messages: list[dict[str, str]], sampling: Sampling, fmt: dict[str, Any] | None = None
+    ) -> Response:
         openai = self._openai
-        kwargs = chat_body(self.model, messages, sampling)
+        sent = self.formats.send(fmt)
+        kwargs = chat_body(self.model, messages, sampling, sent)
         start = time.perf_counter()
         try:
             # The documented raw route (`client.post(..., cast_to=<http Response>)`): the SDK still does auth,
@@ -169,6 +234,15 @@ class OpenAIBackend:
                 f"connection error ({type(refused or exc).__name__}) at {self.base_url}", retryable=True
             ) from None
         except openai.APIStatusError as exc:
+            if sent is not None and names_response_format(exc.status_code, self._message(exc)):
+                if self.formats.rejected(self._message(exc)):
+                    return await self.complete(messages, sampling, fmt)  # the same attempt, asked plainly
+                raise ModelError(
+                    f"400 {self._message(exc)}: the server rejects response_format (client.structured: schema; "
+                    "auto asks it plainly instead)",
+                    retryable=False,
+                    fatal=True,
+                ) from None
             retryable = exc.status_code >= 500 or exc.status_code in (408, 409)
             raise ModelError(
                 f"{exc.status_code} {self._message(exc)}",

@@ -50,6 +50,9 @@ class Faults:
     batch_expire: str = ""  # comma-separated ordinals (1 = first batch created) that expire, half their items done
     batch_cancel: str = ""  # ordinals cancelled by "someone else" while in progress, half their items done
     reject_files: int = 0  # 1: every uploaded batch file is rejected (400) as malformed
+    # response_format json_schema: "honour" (the reply is JSON that matches the schema), "reject" (400 naming the
+    # parameter, as servers without structured output answer), "ignore" (accepted, the reply as it comes)
+    response_format: str = "honour"
 
 
 def default_responder(body: dict[str, Any]) -> str:
@@ -71,6 +74,61 @@ class Stats:
         default_factory=Counter
     )  # items processed per custom_id, over all batches
     batch_ok_by_custom_id: Counter = field(default_factory=Counter)
+    response_formats: Counter = field(default_factory=Counter)  # json_schema name → requests that carried it
+    formats_rejected: int = 0
+
+
+REJECTED_FORMAT = {
+    "error": {
+        "message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+        "type": "invalid_request_error",
+        "param": "response_format",
+    }
+}
+
+
+def schema_instance(schema: dict[str, Any], tag: str) -> Any:
+    """A value that matches `schema` (the constructs orca2's schemas use), built deterministically from `tag`."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: schema_instance(v, f"{tag}.{k}") for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        n = max(schema.get("minItems", 0), min(2, schema.get("maxItems", 2)))
+        return [schema_instance(schema.get("items", {}), f"{tag}[{i}]") for i in range(n)]
+    if kind == "integer":
+        return max(schema.get("minimum", 0), min(1, schema.get("maximum", 1)))
+    if kind == "number":
+        return float(max(schema.get("minimum", 0), min(1, schema.get("maximum", 1))))
+    if kind == "boolean":
+        return True
+    text = f"value of {tag}"
+    return (text + "x" * schema.get("minLength", 0))[: schema.get("maxLength", len(text) + schema.get("minLength", 0))]
+
+
+def honoured(body: dict[str, Any], reply: str) -> str:
+    """The reply under the request's json_schema: the responder's own JSON where it matches, else one built from
+    the schema (a server with structured output never answers outside it)."""
+    from jsonschema import Draft202012Validator
+
+    schema = body["response_format"]["json_schema"]["schema"]
+    decoder = json.JSONDecoder()
+    for i, ch in enumerate(reply):
+        if ch not in "[{":
+            continue
+        try:
+            value, _ = decoder.raw_decode(reply[i:])
+        except json.JSONDecodeError:
+            continue
+        arrays = [k for k, v in schema.get("properties", {}).items() if v.get("type") == "array"]
+        if isinstance(value, list) and len(arrays) == 1 and len(schema.get("properties", {})) == 1:
+            value = {arrays[0]: value}
+        if Draft202012Validator(schema).is_valid(value):
+            return json.dumps(value)
+    return json.dumps(schema_instance(schema, prompt_key(body)[:6]))
 
 
 def prompt_key(body: dict[str, Any]) -> str:
@@ -198,6 +256,16 @@ class BatchAPI:
                 continue
             self.server.stats.batch_items_by_custom_id[custom_id] += 1
             first = self.server.stats.batch_items_by_custom_id[custom_id] == 1
+            if (rejected := self.server._format_rejected(row["body"])) is not None:
+                err.append(
+                    {
+                        "id": f"batch_req_{index}",
+                        "custom_id": custom_id,
+                        "error": None,
+                        "response": {"status_code": 400, "request_id": f"req_{index}", "body": rejected},
+                    }
+                )
+                continue
             if first and self.server._rng.random() < self.server.faults.batch_item_fail_rate:
                 err.append(
                     {
@@ -289,7 +357,7 @@ class LoopbackServer:
         self.stats = Stats()
         self._rng = random.Random(self.faults.seed)
         self._port = port
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: batch handlers hold it while answering lines
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -330,6 +398,8 @@ class LoopbackServer:
                 {"error": {"message": "invalid request body", "type": "invalid_request_error"}}, status=400
             )
         key = prompt_key(body)
+        if (rejected := self._format_rejected(body)) is not None:
+            return web.json_response(rejected, status=400)
         with self._lock:
             self.stats.requests += 1
             self.stats.attempts_by_prompt[key] += 1
@@ -360,11 +430,25 @@ class LoopbackServer:
             self.stats.ok_by_prompt[key] += 1
         return web.json_response(self._completion(body, f"{key}-{attempt}", outcome))
 
+    def _format_rejected(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The 400 body for a request whose response_format this server rejects; None when it takes it."""
+        fmt = body.get("response_format")
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            return None
+        with self._lock:
+            if self.faults.response_format == "reject":
+                self.stats.formats_rejected += 1
+                return REJECTED_FORMAT
+            self.stats.response_formats[fmt["json_schema"].get("name", "")] += 1
+        return None
+
     def _completion(self, body: dict[str, Any], tag: str, outcome: str = "ok") -> dict[str, Any]:
         """A chat.completion object answering `body`."""
         messages = body["messages"]
         n = int(body.get("n") or 1)
         contents = [self.responder(body) for _ in range(n)]
+        if self.faults.response_format == "honour" and (body.get("response_format") or {}).get("type") == "json_schema":
+            contents = [honoured(body, c) for c in contents]
         finish = "stop"
         if outcome == "empty":
             contents = ["" for _ in contents]
