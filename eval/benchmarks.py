@@ -16,7 +16,20 @@ from orca2.records import Record, make_record, user_prompt
 
 EVAL_DIR = Path(__file__).parent
 LOADERS = ("gsm8k", "bbh", "jsonl", "hf", "multiple_choice", "orcabench")
-KEYS = ("loader", "path", "answer_type", "template", "aggregate", "reference", "fields", "columns", "traits", "judge")
+KEYS = (
+    "loader",
+    "path",
+    "answer_type",
+    "template",
+    "aggregate",
+    "reference",
+    "fields",
+    "columns",
+    "traits",
+    "judge",
+    "constrain",
+)
+CONSTRAINTS = ("none", "choice")
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,9 @@ class Benchmark:
     source: str = ""
     traits: str | None = None  # orcabench: the held-out users' BigFive traits (persona infer output)
     judge: str = "program:persona"  # orcabench: consistency judge, and BigFive inference of the generated posts
+    # choice: a multiple-choice item's reply held to "The answer is (X)." over its own letters (local engine only;
+    # off by default, so that published comparisons stay unconstrained)
+    constrain: str = "none"
 
 
 def default_data_dir() -> Path:
@@ -66,6 +82,8 @@ def load_registry(extra: tuple[str, ...] = ()) -> dict[str, Benchmark]:
                 raise Orca2Error(
                     f"{where}: benchmark '{name}': answer_type must be auto or one of {', '.join(ANSWER_TYPES)}"
                 )
+            if entry.get("constrain", "none") not in CONSTRAINTS:
+                raise Orca2Error(f"{where}: benchmark '{name}': constrain must be one of {', '.join(CONSTRAINTS)}")
             registry[str(name)] = Benchmark(
                 str(name),
                 entry["loader"],
@@ -79,6 +97,7 @@ def load_registry(extra: tuple[str, ...] = ()) -> dict[str, Benchmark]:
                 str(path),
                 entry.get("traits"),
                 entry.get("judge", "program:persona"),
+                entry.get("constrain", "none"),
             )
     return registry
 
@@ -191,3 +210,18 @@ def load_items(bench: Benchmark, task_filter: str | None, data_dir: Path, limit:
     if task_filter and not out:
         raise Orca2Error(f"benchmark '{bench.name}' has no task '{task_filter}'")
     return out
+
+
+def choice_format(bench: Benchmark, record: Record) -> dict[str, Any] | None:
+    """The reply format of a multiple-choice item under `constrain: choice`: "The answer is (X)." where X is one of
+    the item's option letters (read from its "(A) ..." lines); None for other items and benchmarks."""
+    import re
+
+    from orca2.structured import regex_format
+
+    if bench.constrain != "choice" or record["meta"].get("answer_type") != "choice":
+        return None
+    letters = sorted(set(re.findall(r"(?m)^\s*\(([A-Z])\)", user_prompt(record))))
+    if not letters:
+        return None
+    return regex_format(rf"The answer is \(({'|'.join(letters)})\)\.", name=f"{bench.name}-choice")

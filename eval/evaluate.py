@@ -21,7 +21,7 @@ from orca2.answers import score
 from orca2.ask import Request, ask
 from orca2.config import option, save_config
 from orca2.errors import Orca2Error
-from orca2.eval.benchmarks import default_data_dir, load_items, load_registry, select
+from orca2.eval.benchmarks import choice_format, default_data_dir, load_items, load_registry, select
 from orca2.eval.stats import wilson
 from orca2.eval.usage import CATEGORIES, classify
 from orca2.io import atomic_text, write_records
@@ -108,14 +108,16 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     ]  # one entry per --bench name
     for condition in cfg.system:
         system_text(condition, library, "x")  # unknown names fail now, before any request
-    plan = [(condition, record) for condition in cfg.system for _, records in items for record in records]
+    plan = [(condition, bench, record) for condition in cfg.system for bench, records in items for record in records]
     requests = [
         Request(
             with_system_prompt(record["messages"], system_text(condition, library, record["task"])),
             {**record["meta"], "answer": record.get("answer"), "task": record["task"]},
+            choice_format(bench, record),
         )
-        for condition, record in plan
+        for condition, bench, record in plan
     ]
+    plan = [(condition, record) for condition, _, record in plan]
     output = Path(cfg.output)
     by_condition: dict[str, list[dict[str, Any]]] = {c: [] for c in cfg.system}
     with ask(spec, requests, cfg.sampling, cfg.client, desc=f"eval {label}") as answers:

@@ -7,7 +7,7 @@ from orca2.answers import infer_answer_type, is_correct
 from orca2.config import load_config
 from orca2.errors import Orca2Error
 from orca2.eval.benchmarks import load_items, load_registry, select
-from orca2.eval.evaluate import EvalConfig, run
+from orca2.eval.evaluate import EvalConfig, items_path, run
 from orca2.eval.stats import wilson
 from orca2.eval.usage import classify
 from orca2.testing.loopback import Faults, LoopbackServer
@@ -332,3 +332,32 @@ def test_paired_counts_and_the_paired_interval():
         _, low, high = paired_difference(*cells)
         covered += low <= 0.1 <= high
     assert 0.93 <= covered / reps <= 0.975
+
+
+def test_constrain_choice_holds_a_local_model_to_the_item_letters_and_is_off_by_default(tmp_path, tiny_model, run_cli):
+    rows = tmp_path / "mc.jsonl"
+    options = [["1", "2"], ["1", "2", "3"], ["a", "b", "c", "d"]]
+    rows.write_text("\n".join(json.dumps({"q": f"Pick {i}", "opts": o, "key": 0}) for i, o in enumerate(options)))
+    spec = tmp_path / "mine.yaml"
+    entry = f"  loader: multiple_choice\n  path: {rows}\n  fields: {{question: q, choices: opts, answer: key}}\n"
+    entry += '  answer_type: choice\n  template: "{question}\\n{choices}"\n'
+    spec.write_text(f"free:\n{entry}held:\n{entry}  constrain: choice\n")
+    result = run_cli(
+        "eval", "--model", str(tiny_model), "--benchmarks", str(spec), "--bench", "free,held",
+        "--system", "empty", "--max-tokens", "24", "-o", str(tmp_path / "out"),
+        env={"ORCA2_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    items = [json.loads(line) for line in items_path(tmp_path / "out", "empty").read_text().splitlines()]
+    reply = lambda item: item["messages"][-1]["content"]  # noqa: E731
+    held = [i for i in items if i["task"].startswith("held")]
+    free = [i for i in items if i["task"].startswith("free")]
+    assert len(held) == len(free) == 3
+    for item, opts in zip(held, options):  # each reply one of the item's own letters, and scored as such
+        letters = "".join(chr(ord("A") + k) for k in range(len(opts)))
+        assert re.fullmatch(rf"The answer is \([{letters}]\)\.", reply(item)), reply(item)
+        assert item["meta"]["extracted_answer"] in set(letters) and item["meta"]["correct"] == (reply(item)[15] == "A")
+    assert not any(re.fullmatch(r"The answer is \([A-D]\)\.", reply(i)) for i in free)  # a random model, free
+    with pytest.raises(Orca2Error, match="constrain must be one of none, choice"):
+        spec.write_text(f"bad:\n{entry}  constrain: regex\n")
+        load_registry((str(spec),))

@@ -151,7 +151,7 @@ def test_malformed_replies_are_retried_then_counted(tmp_path, docs):
             return '{"items": [{"question": "Why?", "answer": 7, "evidence": "x"}]}'  # never matches the schema
         return flow_responder(body)
 
-    with LoopbackServer(responder) as server:
+    with LoopbackServer(responder, Faults(response_format="ignore")) as server:  # a server deaf to the schema
         report = run(config(tmp_path, server, rounds=0))
     seed = report["agents"]["seed"]
     # the bees' first passage (2 seed calls) failed once then parsed; the second (2 calls) never parsed

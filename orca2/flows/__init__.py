@@ -93,6 +93,11 @@ class Flow:
     schemas: dict[str, Schema] = field(default_factory=dict)  # schema path → its schema (set by load_flow)
 
 
+def fill(text: str, values: dict[str, Any]) -> str:
+    """A flow template with the values it names (checked when the flow loaded)."""
+    return text.format(**{k: values[k] for k in template_fields(text)})
+
+
 def builtin_flows() -> list[str]:
     return sorted(p.stem for p in FLOWS_DIR.glob("*.yaml") if p.stem != "skills")
 

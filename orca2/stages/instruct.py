@@ -37,7 +37,7 @@ from orca2.config import option, save_config
 from orca2.curation.decontam import build_contamination_index
 from orca2.curation.dedup import ExactDeduper, NearDeduper
 from orca2.errors import Orca2Error
-from orca2.flows import AGENTS, Agent, Flow, builtin_flows, load_flow, skills
+from orca2.flows import AGENTS, Agent, Flow, builtin_flows, fill, load_flow, skills
 from orca2.flows.documents import Passage, read_documents, split_passages
 from orca2.flows.grounding import check as grounding_check
 from orca2.io import atomic_text, atomic_writer, sidecar
@@ -113,13 +113,6 @@ class InstructConfig:
             raise Orca2Error("instruct: parse_attempts, passage_size >= 1 and 1 <= min_chars <= max_chars required")
         if not 0 < self.near_threshold <= 1:
             raise Orca2Error(f"instruct: near_threshold must be in (0, 1], got {self.near_threshold}")
-
-
-def fill(text: str, values: dict[str, Any]) -> str:
-    """A flow template with the values it names (checked when the flow loaded)."""
-    from orca2.prompts import template_fields
-
-    return text.format(**{k: values[k] for k in template_fields(text)})
 
 
 @dataclass
