@@ -62,6 +62,17 @@ CHATML = (
 )
 
 
+def chat_ids(tokenizer, questions: list[str]) -> list[list[int]]:
+    """Each question as one user turn through the chat template, ready to decode: token ids."""
+    return [
+        tokenizer(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
+
+
 def build_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """A tiny random Llama with a character-level ChatML tokenizer, saved as an HF folder (no download)."""
     import string

@@ -5,7 +5,9 @@ stops it parses and validates against its schema. Checked by replaying every rep
 jsonschema, over random schemas from a small generator."""
 
 import json
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from orca2.engine import Engine, Job, stop_token_ids
 from orca2.errors import Orca2Error
 from orca2.models import ClientConfig, Sampling, load_local_model
 from orca2.structured import Schema, SchemaCheck, regex_format
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import chat_ids  # noqa: E402
 
 PROMPTS = ["Give me JSON.", "hi", "Describe a cat as data, with care.", "x", "Numbers please: 1, 2, 3."]
 
@@ -28,13 +33,7 @@ def model(tiny_model):
         for p in model.parameters():
             p.mul_(4.0)
     stops = stop_token_ids(tok, model)
-    ids = [
-        tok(
-            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )["input_ids"]
-        for q in PROMPTS
-    ]
+    ids = chat_ids(tok, PROMPTS)
     return model, tok, stops, ids, Grammars(tok, model.config.vocab_size, stops)
 
 

@@ -212,6 +212,9 @@ def test_kill_9_mid_flow_then_resume_repeats_no_request(tmp_path, docs):
     requests = report["agent_requests"]
     assert len(server.stats.ok_by_prompt) == requests["sent"] + requests["cached"] and requests["cached"] >= 20
     assert server.stats.ok <= len(server.stats.ok_by_prompt) + 2  # at most the 2 requests in flight at the kill, again
+    # a constrained flow: the seed and editor requests carried their schemas (and the cache keys hold them)
+    assert server.stats.response_formats["reading-comprehension-seed"] >= 1
+    assert server.stats.response_formats["reading-comprehension-editor"] >= 1
 
 
 def test_a_user_flow_yaml_runs_without_code(tmp_path, docs):

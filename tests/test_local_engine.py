@@ -1,11 +1,17 @@
 """The continuous-batching local engine against transformers' own `generate`, on a tiny model built in code."""
 
+import os
+import sys
+
 import pytest
 import torch
 
 from orca2.backends.local import LocalBackend
 from orca2.engine import Engine, Job, stop_token_ids
 from orca2.models import ClientConfig, Sampling, load_local_model
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import chat_ids  # noqa: E402
 
 QUESTIONS = [
     "What is 2+2?",
@@ -28,13 +34,7 @@ def peaky(tiny_model):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(6.0)
-    ids = [
-        tok(
-            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )["input_ids"]
-        for q in QUESTIONS
-    ]
+    ids = chat_ids(tok, QUESTIONS)
     return model, tok, ids
 
 

@@ -11,6 +11,8 @@ from orca2.engine import Engine, Job, stop_token_ids
 from orca2.errors import Orca2Error
 from orca2.models import ClientConfig, Response, Sampling, check_local_model, load_local_model, resolve_dtype
 
+_GRAMMARS: dict[tuple[str, int, tuple[int, ...]], Any] = {}  # (model, vocab, stop ids) → its compiled formats
+
 
 class LocalBackend:
     """A local model behind `ask`: chat template → token ids → the engine → responses."""
@@ -32,10 +34,13 @@ class LocalBackend:
         """A request's format compiled for this model's tokenizer (once per format), or None without one."""
         if not fmt:
             return None
-        if self.engine.grammars is None:
+        if self.engine.grammars is None:  # one per tokenizer in this process: a format compiles once, not per ask
             from orca2.constrain import Grammars
 
-            self.engine.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
+            key = (self.spec, self.model.config.vocab_size, tuple(self.stop_ids))
+            if key not in _GRAMMARS:
+                _GRAMMARS[key] = Grammars(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
+            self.engine.grammars = _GRAMMARS[key]
         return self.engine.grammars.compile(fmt)
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
