@@ -108,15 +108,14 @@ def kinds(n: int) -> dict:
     return out
 
 
-def parse_rates(n: int, cache: Path) -> list[dict]:
+def parse_rates(n: int, cache: Path, dtype: str) -> list[dict]:
     from orca2.ask import ask
-    from orca2.models import ClientConfig, resolve_dtype
+    from orca2.models import ClientConfig
 
     rows = []
-    dtype = resolve_dtype("auto", "cpu")
     for kind, (requests, check, sampling) in kinds(n).items():
         for mode in ("off", "auto"):
-            client = ClientConfig(cache_dir=str(cache), structured=mode)
+            client = ClientConfig(cache_dir=str(cache), structured=mode, dtype=dtype)
             start = time.perf_counter()
             with ask("local:default", requests, sampling, client, desc=f"{kind} {mode}") as answers:
                 parser = check()
@@ -138,7 +137,7 @@ def parse_rates(n: int, cache: Path) -> list[dict]:
                     "parse_rate": round(parsed / len(requests), 3),
                     "hit_max_tokens": length,
                     "seconds": round(time.perf_counter() - start, 1),
-                    "dtype": str(dtype).replace("torch.", ""),
+                    "dtype": dtype,
                 }
             )
             print(rows[-1], flush=True)
@@ -205,7 +204,7 @@ def throughput(prompts: int, new_tokens: int, slots: int) -> list[dict]:
     return rows
 
 
-def flows(cache: Path, out: Path) -> list[dict]:
+def flows(cache: Path, out: Path, dtype: str, modes: list[str]) -> list[dict]:
     """`orca2 instruct` as a user runs it (its public entry point, in this process); its report from the sidecar."""
     from orca2.cli import main as orca2
     from orca2.io import sidecar
@@ -215,13 +214,14 @@ def flows(cache: Path, out: Path) -> list[dict]:
         ("reading-comprehension", [str(ROOT / "README.md"), "--passage-size", "1500", "--max-passages", "6"]),
         ("orca-math", [f"jsonl:{DATA}/gsm8k/train.jsonl", "--text-field", "question", "--max-passages", "20"]),
     ):
-        for mode in ("off", "auto"):
+        for mode in modes:
             output = out / f"{flow}-{mode}.jsonl"
             start = time.perf_counter()
             try:
                 orca2(
                     ["instruct", "--docs", *docs, "--flow", flow, "-o", str(output), "--model", "local:default"]
                     + ["--cache-dir", str(cache), "--set", f"client.structured={mode}", "--set", "plots=false"]
+                    + ["--set", f"client.dtype={dtype}"]
                 )
             except SystemExit as exc:
                 if exc.code:
@@ -256,15 +256,17 @@ def main() -> None:
     parser.add_argument("--skip-flows", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-parse", action="store_true")
+    parser.add_argument("--dtype", default="float32", help="client.dtype of the local model (auto: bf16 where native)")
+    parser.add_argument("--flow-modes", default="off,auto", help="client.structured values for the flows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cache, out = Path(tmp) / "cache", Path(tmp) / "out"
         if not args.skip_throughput:
             save_and_print("structured_throughput", throughput(64, 128, 64))
         if not args.skip_parse:
-            save_and_print("structured_parse", parse_rates(args.n, cache))
+            save_and_print("structured_parse", parse_rates(args.n, cache, args.dtype))
         if not args.skip_flows:
-            save_and_print("structured_flows", flows(cache, out))
+            save_and_print("structured_flows", flows(cache, out, args.dtype, args.flow_modes.split(",")))
 
 
 if __name__ == "__main__":
