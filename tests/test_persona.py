@@ -405,7 +405,7 @@ def test_traits_name_chunks_asked_and_chunks_judged(tmp_path):
         "u2": [f"a post {i}" for i in range(10)],
     }
     counts = Counter()
-    with LoopbackServer(judge) as server:
+    with LoopbackServer(judge, Faults(response_format="ignore")) as server:  # a judge deaf to the schema
         client = ClientConfig(base_url=server.base_url, api_key="x", cache_dir=str(tmp_path / "cache"))
         traits = infer_users(posts, "openai:judge", 10, client, Sampling(), 2, counts)
     assert (traits["u1"]["chunks_asked"], traits["u1"]["chunks_judged"]) == (2, 1)

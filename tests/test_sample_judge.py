@@ -11,7 +11,7 @@ from orca2.stages import pairs as pairs_stage
 from orca2.stages import sample as sample_stage
 from orca2.stages.tasks import TasksConfig
 from orca2.stages.tasks import run as make_tasks
-from orca2.testing.loopback import LoopbackServer
+from orca2.testing.loopback import Faults, LoopbackServer
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def rubric(tmp_path, monkeypatch, responder, replies, **kw):
     import uuid
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-loopback")
-    with LoopbackServer(responder=responder) as server:
+    with LoopbackServer(responder, Faults(response_format="ignore")) as server:  # judges deaf to the schema
         return judged(
             tmp_path,
             replies,
