@@ -22,6 +22,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from orca2.errors import Orca2Error
 from orca2.parse import parse_json_object
 
 log = logging.getLogger(__name__)
-STRUCTURED_MODES = ("auto", "schema", "off")
 SUFFIX = ".schema.json"
 
 
@@ -68,11 +68,16 @@ class Schema:
             "json_schema": {"name": self.name, "schema": self.body, "strict": strict_ok(self.body)},
         }
 
-    def error(self, value: Any) -> str | None:
-        """Why `value` does not match (the first error, at its JSON pointer), or None when it does."""
+    @cached_property
+    def validator(self) -> Any:
+        """The schema's validator, built once (every reply of this kind is checked by it)."""
         from jsonschema import Draft202012Validator
 
-        errors = sorted(Draft202012Validator(self.body).iter_errors(value), key=lambda e: list(e.absolute_path))
+        return Draft202012Validator(self.body)
+
+    def error(self, value: Any) -> str | None:
+        """Why `value` does not match (the first error, at its JSON pointer), or None when it does."""
+        errors = sorted(self.validator.iter_errors(value), key=lambda e: list(e.absolute_path))
         if not errors:
             return None
         first = errors[0]

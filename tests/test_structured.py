@@ -147,7 +147,7 @@ def test_a_flow_schema_must_hold_the_item_fields_and_a_reply_kind_that_reads_jso
         load_flow(str(flow))
 
 
-def test_every_shipped_schema_is_valid_strict_and_matched_by_its_prompt_example():
+def test_every_shipped_schema_is_valid_and_strict():
     from pathlib import Path
 
     from orca2.prompts import PROMPTS_DIR

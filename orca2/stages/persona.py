@@ -239,11 +239,11 @@ def parse_activity() -> SchemaCheck:
 def profile_requests(users: dict[str, list[Post]], profile_posts: int) -> list[Request]:
     """One request per user: a profile and knowledge from the user's first `profile_posts` posts."""
     template = read_prompt("persona/profile.txt")
+    fmt = shipped_schema("persona/profile.schema.json").response_format()
     requests = []
     for posts in users.values():
         texts = [p.text for p in posts[:profile_posts]]
         content = render_template(template, "persona/profile.txt", posts="\n".join(f"- {t}" for t in texts))
-        fmt = shipped_schema("persona/profile.schema.json").response_format()
         requests.append(Request([{"role": "user", "content": content}], {"agent": "profile", "posts": texts}, fmt))
     return requests
 
@@ -251,6 +251,7 @@ def profile_requests(users: dict[str, list[Post]], profile_posts: int) -> list[R
 def activity_requests(plan: list[tuple[Post, dict[str, str]]], traits: dict[str, Any]) -> list[Request]:
     """One request per post: its psychological activity, given its user's profile and personality report."""
     template = read_prompt("persona/activity.txt")
+    fmt = shipped_schema("persona/activity.schema.json").response_format()
     requests = []
     for post, prof in plan:
         report = traits[post.user]["report"]
@@ -259,7 +260,6 @@ def activity_requests(plan: list[tuple[Post, dict[str, str]]], traits: dict[str,
         )
         meta = {"agent": "activity", "post": post.text, "profile": prof["profile"]}
         meta["domains"] = traits[post.user]["domains"]
-        fmt = shipped_schema("persona/activity.schema.json").response_format()
         requests.append(Request([{"role": "user", "content": content}], meta, fmt))
     return requests
 
