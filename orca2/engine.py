@@ -14,9 +14,15 @@ prompt still needs it, and copied into each slot; only the rest of each prompt i
 prompts are admitted in token order, so prompts with one prefix run together.
 
 The model's own layers run unchanged; only attention is ours, registered under "orca2_slots" in
-transformers' AttentionInterface (a registry, not a patch). Greedy decoding equals `model.generate`
-token for token in fp32; sampling draws from a per-sequence generator seeded from (seed, request, sample),
-so a request's samples do not depend on what else is in the batch.
+transformers' AttentionInterface (a registry, not a patch): plain matrix products and an fp32 softmax
+(`attend`), not the CPU flash kernel, which ran 5-12x slower than this in bf16 at decode shapes. Under a
+bf16 model the keys are kept in fp32, so scores are not rounded to bf16 before the softmax.
+
+A sequence's numbers do not depend on the batch layout: alone or among 63 others, in any slot count or
+arrival order, its logits are the same bit for bit (fp32, and bf16 on a CPU that computes it natively).
+The shapes the products see are kept to those that compute every row alike (KEY_ALIGN, padded_rows).
+Greedy decoding equals `model.generate` token for token in fp32; sampling draws from a per-sequence
+generator seeded from (seed, request, sample), so a request's samples do not depend on the batch either.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ from typing import Any
 from orca2.errors import Orca2Error
 
 NAME = "orca2_slots"
+# Shapes under which every batch layout computes a sequence's numbers alike (measured with torch 2.13's CPU GEMMs:
+# an fp32 product rounds differently with fewer than 12 rows unless they are a multiple of 4, and when its column
+# count is not a multiple of 8; bf16 products did not vary; tests/test_local_engine.py holds the engine to it).
+KEY_ALIGN = 16  # keys attended: a multiple of this (masked beyond each sequence's length)
+MIN_QUERY_ROWS = 4  # query rows per head group in a prefill piece
+
 log = logging.getLogger(__name__)
 
 
@@ -80,14 +92,14 @@ class _Segment:
 class _Step:
     """What the attention layers need for the forward pass under way."""
 
-    keys: list[Any]  # per layer: (slots, kv_heads, capacity, head_dim)
+    keys: list[Any]  # per layer: (slots, kv_heads, capacity, head_dim), fp32 under a 16-bit model (see attend)
     values: list[Any]
     prefixes: dict[tuple[int, ...], list[Any]]  # prefix tokens → per layer (keys, values), each (kv_heads, P, head_dim)
     segments: list[_Segment] = field(default_factory=list)  # prefill: the packed row's prompts
     active: int = 0  # decode: rows 0..active-1
     rows: Any = None  # decode: arange(active)
     positions: Any = None  # decode: (active,) where each new key goes
-    mask: Any = None  # decode: (active, 1, 1, span) True where a key is valid
+    bias: Any = None  # decode: (active, 1, 1, 1, span), 0 where a key is valid, -inf elsewhere (one for all layers)
     span: int = 0  # decode: keys attended (the longest sequence + 1)
 
 
@@ -103,50 +115,100 @@ def slot_attention(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """Attention over the engine's slot buffers: query (B, H, q, D), key/value (B, H_kv, q, D) → (B, q, H, D)."""
-    import torch.nn.functional as F
-
     if orca2_step is None:  # the model used outside the engine: plain causal SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    import torch
+
     step, layer = orca2_step, module.layer_idx
     keys, values = step.keys[layer], step.values[layer]
-    gqa = query.shape[1] != key.shape[1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if step.segments:  # prefill: one packed row, each segment causal within itself (after its prefix, if any)
-        import torch
-
         parts = []
         for seg in step.segments:  # in order: a prefix is stored (at this layer) before the segments that read it
-            k, v, q = key[0, :, seg.start : seg.end], value[0, :, seg.start : seg.end], query[:, :, seg.start : seg.end]
+            k = key[0, :, seg.start : seg.end].to(keys.dtype)
+            v, q = value[0, :, seg.start : seg.end], query[:, :, seg.start : seg.end]
             if seg.store is not None:
                 step.prefixes[seg.store][layer] = (k.clone(), v.clone())
-            if seg.prefix is None:
-                out = F.scaled_dot_product_attention(q, k[None], v[None], is_causal=True, scale=scaling, enable_gqa=gqa)
-            else:
+            p = 0
+            if seg.prefix is not None:
                 pk, pv = step.prefixes[seg.prefix][layer]
-                k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
-                n, p = q.shape[2], pk.shape[1]  # query i (position p + i) sees keys 0 .. p + i
-                mask = torch.arange(p + n, device=q.device)[None, :] <= p + torch.arange(n, device=q.device)[:, None]
-                out = F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=gqa)
+                k, v, p = torch.cat([pk, k], 1), torch.cat([pv, v], 1), pk.shape[1]
             if seg.slots is not None:
                 keys[seg.slots, :, : k.shape[1]] = k
                 values[seg.slots, :, : v.shape[1]] = v
-            parts.append(out)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
-    else:  # decode: one new token per active slot, written at its own length
-        keys[step.rows, :, step.positions] = key[:, :, 0]
-        values[step.rows, :, step.positions] = value[:, :, 0]
-        out = F.scaled_dot_product_attention(
-            query,
-            keys[: step.active, :, : step.span],
-            values[: step.active, :, : step.span],
-            attn_mask=step.mask,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-    return out.transpose(1, 2).contiguous(), None
+            parts.append(_prefill_attention(q, k, v, p, scale))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    else:  # decode: one new token per active slot, written at its own length (rows past `active` are padding)
+        active, span = step.active, step.span
+        keys[step.rows, :, step.positions] = key[:active, :, 0].to(keys.dtype)
+        values[step.rows, :, step.positions] = value[:active, :, 0]
+        out = attend(query[:active], keys[:active, :, :span], values[:active, :, :span], step.bias, scale)
+        if query.shape[0] > active:
+            out = torch.cat([out, out.new_zeros((query.shape[0] - active, *out.shape[1:]))])
+    return out, None
+
+
+def _prefill_attention(q: Any, k: Any, v: Any, p: int, scale: float) -> Any:
+    """One prompt's queries (1, H, n, D) at positions p.. over its keys and values (H_kv, p + n, D), causal.
+
+    Shapes are kept to those every layout computes alike: keys padded to a multiple of KEY_ALIGN (masked), at least
+    MIN_QUERY_ROWS query rows per head group (padding rows dropped), and a long prompt's scores in pieces."""
+    import torch
+
+    n, total = q.shape[2], k.shape[1]
+    width = -(-total // KEY_ALIGN) * KEY_ALIGN
+    if width > total:
+        k = torch.cat([k, k.new_zeros((k.shape[0], width - total, k.shape[2]))], 1)
+        v = torch.cat([v, v.new_zeros((v.shape[0], width - total, v.shape[2]))], 1)
+    rows = p + torch.arange(n, device=q.device)  # query i (position p + i) sees keys 0 .. p + i
+    group = q.shape[1] // k.shape[0]
+    short = -(-MIN_QUERY_ROWS // group) - n
+    if short > 0:  # a segment of a token or two: padded with copies of its last query
+        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, short, -1)], 2)
+        rows = torch.cat([rows, rows[-1:].expand(short)])
+    visible = torch.arange(width, device=q.device)[None, :] <= rows[:, None]
+    bias = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf"))
+    piece = max(64, (1 << 22) // width)  # queries per piece; the last piece takes the remainder (never a sliver)
+    starts = list(range(0, max(1, q.shape[2] - piece), piece))
+    bounds = list(zip(starts, starts[1:] + [q.shape[2]]))
+    out = [attend(q[:, :, a:b], k[None], v[None], bias[a:b], scale) for a, b in bounds]
+    return (out[0] if len(out) == 1 else torch.cat(out, 1))[:, :n]
+
+
+def padded_rows(rows: int) -> int:
+    """Rows a decode step computes for `rows` sequences: below 12, the next multiple of 4 (see KEY_ALIGN)."""
+    return rows if rows >= 12 else -(-rows // 4) * 4
+
+
+def key_dtype(dtype: Any) -> Any:
+    """The dtype keys are kept in: fp32 under a 16-bit model (scores in fp32 at twice the key memory), else its own."""
+    import torch
+
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def attend(query: Any, keys: Any, values: Any, bias: Any, scale: float) -> Any:
+    """Softmax attention, (B, H, q, D) queries over (B, H_kv, S, D) keys and values → (B, q, H, D).
+
+    Scores and softmax are computed in the keys' dtype (fp32: a bf16 model's keys are kept in fp32, so its scores
+    are not rounded to bf16 before the softmax), probabilities meet the values in the values' dtype. `bias` (0 or
+    -inf, broadcast to (B, 1, 1, q, S)) says which keys each query sees. Every output row is a function of its own
+    query, keys and values only: the number of rows, of sequences and of masked keys beyond a row's own do not change
+    a bit of it (the engine's batch-layout invariance rests on this; tests/test_local_engine.py checks it)."""
+    import torch
+
+    b, heads, n, d = query.shape
+    kv_heads, span = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads  # query heads kv*group .. kv*group + group - 1 read kv head kv
+    q = query.reshape(b, kv_heads, group * n, d).to(keys.dtype)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).view(b, kv_heads, group, n, span)
+    probs = torch.softmax(scores * scale + bias, dim=-1).to(values.dtype).view(b, kv_heads, group * n, span)
+    out = torch.matmul(probs, values).view(b, heads, n, d)
+    return out.transpose(1, 2).contiguous()
 
 
 def sample_seed(seed: int | None, key: str, sample: int) -> int:
@@ -239,11 +301,14 @@ class Engine:
                 f"the local engine attends to whole sequences: prompt + max_tokens ({capacity}) must fit "
                 f"the model's sliding window ({window})"
             )
-        self.slots = min(self.requested_slots, self._slots_that_fit(capacity, dtype.itemsize, device))
-        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        width = -(-capacity // KEY_ALIGN) * KEY_ALIGN  # positions per slot in the buffers
+        self.slots = min(
+            self.requested_slots, self._slots_that_fit(width, dtype.itemsize + key_dtype(dtype).itemsize, device)
+        )
+        shape = (self.slots, self.kv_heads, width, self.head_dim)
         # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
         step = _Step(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
+            keys=[torch.zeros(shape, dtype=key_dtype(dtype), device=device) for _ in range(self.layers)],
             values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.layers)],
             prefixes={},
         )
@@ -260,11 +325,11 @@ class Engine:
                     self._decode(rows, step, lengths)
                     self._retire(rows, step, lengths, capacity, on_done)
 
-    def _slots_that_fit(self, capacity: int, itemsize: int, device: Any) -> int:
+    def _slots_that_fit(self, capacity: int, bytes_per_pair: int, device: Any) -> int:
         """Slots whose KV buffers take at most 40 % of free memory (a long prompt makes every slot long)."""
         import torch
 
-        per_slot = 2 * self.layers * self.kv_heads * capacity * self.head_dim * itemsize
+        per_slot = self.layers * self.kv_heads * capacity * self.head_dim * bytes_per_pair  # a key and a value
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
         else:
@@ -355,13 +420,15 @@ class Engine:
                 matcher = self.grammars.matcher(job.grammar) if job.grammar is not None else None
                 rows.append(_Seq(job, sample, [], generator, matcher))
             lengths[slots] = len(job.prompt)
+        if padded_rows(len(ids)) > len(ids):  # a packed row of a few tokens: a padding segment, attended and dropped
+            add(ids[-1:] * (padded_rows(len(ids)) - len(ids)), 0)
         step.segments = segments
         out = self.model(
             input_ids=torch.tensor([ids], device=device),
             position_ids=torch.tensor([positions], device=device),
             orca2_step=step,
             use_cache=False,
-            logits_to_keep=torch.tensor(last, device=device),
+            logits_to_keep=torch.tensor(last + last[-1:] * (padded_rows(len(last)) - len(last)), device=device),
         )
         step.segments = []
         for prefix in [p for p, n in self._users.items() if n == 0 and p in step.prefixes]:
@@ -377,13 +444,17 @@ class Engine:
         device = lengths.device
         positions = lengths[:active].clone()
         step.active, step.positions, step.rows = active, positions, torch.arange(active, device=device)
-        step.span = int(positions.max()) + 1
-        step.mask = (torch.arange(step.span, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-        ids = torch.tensor([[seq.tokens[-1]] for seq in rows], device=device)
-        out = self.model(input_ids=ids, position_ids=positions[:, None], orca2_step=step, use_cache=False)
+        step.span = min(-(-(int(positions.max()) + 1) // KEY_ALIGN) * KEY_ALIGN, step.keys[0].shape[2])
+        visible = torch.arange(step.span, device=device)[None, :] <= positions[:, None]
+        step.bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None, None, None]
+        tokens = [seq.tokens[-1] for seq in rows]
+        padding = padded_rows(active) - active  # rows the linear layers see, past `active` copies of row 0
+        ids = torch.tensor([tokens + tokens[:1] * padding], device=device).T
+        where = torch.cat([positions, positions[:1].expand(padding)])[:, None]
+        out = self.model(input_ids=ids, position_ids=where, orca2_step=step, use_cache=False)
         lengths[:active] += 1
-        step.active, step.positions, step.mask = 0, None, None
-        self._choose(rows, out.logits[:, -1])
+        step.active, step.positions, step.bias = 0, None, None
+        self._choose(rows, out.logits[:active, -1])
 
     def _choose(self, seqs: list[_Seq], logits: Any) -> None:
         """The next token of each sequence: argmax, or a draw from its own generator (temperature, top_p).
@@ -399,7 +470,7 @@ class Engine:
             if self.masks is None or self.masks.bitmask.shape[0] < self.slots:
                 self.masks = Masks(self.slots, logits.shape[-1])
             logits = self.masks.apply(logits.float(), constrained)
-        greedy = logits.argmax(-1).tolist()
+        greedy = logits.float().argmax(-1).tolist()  # fp32: a bf16 argmax is not vectorised on CPU (6 ms at 64 rows)
         sampled = [i for i, seq in enumerate(seqs) if seq.generator is not None]
         for i, seq in enumerate(seqs):
             if seq.generator is None:

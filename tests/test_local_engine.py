@@ -171,3 +171,74 @@ def test_slots_shrink_to_the_memory_there_is(peaky, monkeypatch, caplog):
     engine, done = run_engine(model, [Job(str(i), x, 1, 10) for i, x in enumerate(ids[:4])], 8, stops=stops)
     assert engine.slots == 1 and engine.peak_active == 1 and "decoding 1 at a time" in caplog.text
     assert [done[str(i)].outputs[0][0] for i in range(4)] == expected
+
+
+class RecordingEngine(Engine):
+    """The engine, keeping every logit row each sequence's next token was chosen from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: dict[str, list[torch.Tensor]] = {}
+
+    def _choose(self, seqs, logits):
+        for seq, row in zip(seqs, logits):
+            self.seen.setdefault(seq.job.key, []).append(row.detach().clone())
+        super()._choose(seqs, logits)
+
+
+@pytest.fixture(scope="module")
+def wider(tmp_path_factory):
+    """A random model wide enough that its products take the CPU's blocked GEMM paths (hidden 192, head dim 48)."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("wider"), hidden=192, layers=3, seed=3)
+    model, tok = load_local_model(str(folder), "cpu", torch.float32)
+    system = "You are a careful assistant. Think one step at a time, then answer."
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    convs += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS[:5]]
+    ids = [
+        tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for c in convs
+    ]
+    return model, tok, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype):
+    """A prompt's logits, bit for bit, whether it decodes alone, among 13 others, in 1, 7 or 64 slots, in any order."""
+    from orca2.models import resolve_dtype
+
+    if dtype == torch.bfloat16 and resolve_dtype("auto", "cpu") != torch.bfloat16:
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16): its emulated bf16 is not held to it")
+    model, tok, ids = wider
+    model = model.to(dtype)
+    try:
+        stops = stop_token_ids(tok, model)
+
+        def run(keys, slots, order):
+            jobs = [Job(str(i), ids[i], 1, 24) for i in keys]
+            jobs = [jobs[i] for i in order(len(jobs))]
+            engine = RecordingEngine(model, stops, slots=slots)
+            engine.run(jobs, lambda job: None, lambda job, reason: pytest.fail(reason))
+            return engine.seen
+
+        everyone = range(len(ids))
+        shuffled = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1)).tolist()
+        reference = run(everyone, 64, lambda n: range(n))
+        layouts = {
+            "7 slots, reversed": run(everyone, 7, lambda n: reversed(range(n))),
+            "1 slot, shuffled": run(everyone, 1, lambda n: shuffled),
+            "2 slots, 5 prompts": run([3, 0, 12, 9, 7], 2, lambda n: range(n)),
+        }
+        for i in (0, 3, 10):  # alone: no shared prefix, a packed row of one prompt, one decode row
+            layouts[f"prompt {i} alone"] = run([i], 1, lambda n: range(n))
+        assert any(len(rows) == 24 for rows in reference.values())  # some ran their full length, past the stops
+        for name, seen in layouts.items():
+            for key, rows in seen.items():
+                assert len(rows) == len(reference[key]), (name, key)
+                for step, (row, expected) in enumerate(zip(rows, reference[key])):
+                    assert torch.equal(row, expected), f"{name}: prompt {key} step {step}"
+    finally:
+        model.to(torch.float32)
