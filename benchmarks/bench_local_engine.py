@@ -1,4 +1,5 @@
-"""Benchmark the local engine (issue #12): continuous batching vs a static batch vs a llama.cpp server.
+"""Benchmark the local engine (issues #12, #29): continuous batching vs a static batch vs a llama.cpp server, and
+the engine against the machine's limit.
 
 SmolLM2-135M-Instruct, GSM8K test questions as prompts, greedy, 128 new tokens. Each configuration
 runs in its own process (peak RSS is per configuration); tokens/s counts generated tokens only.
@@ -17,6 +18,21 @@ Configurations:
   independent-n4      the same 4 samples as 4 independent requests, each prompt prefilled 4 times
   llamacpp            llama-cpp-python's OpenAI-compatible server on the same GGUF, 64 concurrent requests
                       (installed into bench_out/llamacpp-venv by this script on first use)
+  matmul-<dtype>      the machine's limit at the decode step's shapes: every linear layer of the model (its own
+                      weights, in the order a step runs them, lm_head included) at `slots` rows — `step_gflops` —
+                      and one 576x1536 product repeated (hot in cache) — `hot_gflops`
+  command-auto        `orca2 generate --teacher local:default` on `prompts` GSM8K test tasks, `new-tokens` tokens,
+                      dtype auto, a cold response cache: its wall time (start, load, decode, writing) against the
+                      decode time it reports itself (summary `seconds`)
+  layout-<dtype>      16 GSM8K prompts x 48 greedy tokens decoded alone in 1 slot and together in 16: replies and
+                      logit rows that differ (the engine keeps them equal bit for bit)
+
+The limit (issue #29): an engine row's `gflops` is its tokens/s x 2 x the linear layers' weights (prefill and
+attention not counted), printed as a fraction of `step_gflops` and of `hot_gflops` for the same dtype. For #29's
+table:
+
+    .venv/bin/python benchmarks/bench_local_engine.py --prompts 64 --skip-llamacpp \
+        --only matmul-fp32,matmul-bf16,engine-fp32,engine-bf16,command-auto,layout-fp32,layout-bf16
 """
 
 from __future__ import annotations
@@ -47,6 +63,141 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def linear_weights(model) -> list:
+    """The weights of every linear layer, in the order a forward pass runs them (the output layer last)."""
+    import torch
+
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def flops_per_token(model) -> int:
+    return 2 * sum(w.numel() for w in linear_weights(model))
+
+
+def matmul_limit(model, rows: int, dtype) -> dict:
+    """GFLOP/s of the decode step's products at `rows` rows: the model's own weights in order, and one hot shape."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = linear_weights(model)
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype) for w in weights}
+
+    def step() -> float:
+        start = time.perf_counter()
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        step()
+        seconds = sorted(step() for _ in range(7))[3]  # the median pass
+        w, x = torch.randn(1536, 576, dtype=dtype), torch.randn(rows, 576, dtype=dtype)
+        for _ in range(3):
+            F.linear(x, w)
+        start, reps = time.perf_counter(), 200
+        for _ in range(reps):
+            F.linear(x, w)
+        hot = (time.perf_counter() - start) / reps
+    return {
+        "step_ms": round(seconds * 1e3, 2),
+        "step_gflops": rows * flops_per_token(model) / seconds / 1e9,
+        "hot_gflops": 2 * rows * 576 * 1536 / hot / 1e9,
+        "bound_tok_per_s": rows / seconds,
+    }
+
+
+def layout(model, tok, stops, dtype_name: str) -> dict:
+    """16 GSM8K prompts x 48 greedy tokens, alone in 1 slot vs together in 16: replies and logit rows that differ."""
+    from orca2.engine import Engine, Job
+
+    class Recording(Engine):
+        def _choose(self, seqs, logits):
+            for seq, row in zip(seqs, logits):
+                self.seen.setdefault(seq.job.key, []).append(row.clone())
+            super()._choose(seqs, logits)
+
+    def keep(into: dict):
+        return lambda job: into.__setitem__(job.key, job.outputs[0][0])
+
+    ids = [chat(tok, q) for q in questions(16)]
+    runs = []
+    for slots, groups in ((1, [[i] for i in range(16)]), (16, [list(range(16))])):
+        seen: dict = {}
+        done: dict = {}
+        for group in groups:
+            engine = Recording(model, stops, slots=slots)
+            engine.seen = seen
+            engine.run([Job(str(i), ids[i], 1, 48) for i in group], keep(done), print)
+        runs.append((seen, done))
+    (seen_a, done_a), (seen_b, done_b) = runs
+    rows = sum(len(v) for v in seen_a.values())
+    differ = sum(not bool((x == y).all()) for k in seen_a for x, y in zip(seen_a[k], seen_b[k])) + sum(
+        abs(len(seen_a[k]) - len(seen_b[k])) for k in seen_a
+    )
+    return {
+        "config": f"layout-{dtype_name}",
+        "replies_differ": sum(done_a[k] != done_b[k] for k in done_a),
+        "replies": len(done_a),
+        "logit_rows_differ": differ,
+        "logit_rows": rows,
+    }
+
+
+def chat(tok, question: str) -> list[int]:
+    text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def command(prompts: int, new_tokens: int) -> dict:
+    """`orca2 generate --teacher local:default` end to end (a fresh process, a cold response cache)."""
+    import tempfile
+
+    data = Path(os.environ.get("ORCA2_DATA_DIR", HERE.parent.parent / "shared" / "data")) / "gsm8k" / "test.jsonl"
+    orca2 = [sys.executable, "-m", "orca2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks, traces = Path(tmp) / "tasks.jsonl", Path(tmp) / "traces.jsonl"
+        subprocess.run(
+            [*orca2, "tasks", f"gsm8k:{data}", "--limit", str(prompts), "-o", str(tasks)],
+            check=True,
+            capture_output=True,
+        )
+        start = time.perf_counter()
+        out = subprocess.run(
+            [
+                *orca2,
+                "generate",
+                "--tasks",
+                str(tasks),
+                "-o",
+                str(traces),
+                "--teacher",
+                "local:default",
+                "--strategy",
+                "step-by-step",
+                "--max-tokens",
+                str(new_tokens),
+                "--cache-dir",
+                str(Path(tmp) / "cache"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - start
+        if out.returncode:
+            raise SystemExit(f"orca2 generate failed:\n{out.stderr[-2000:]}")
+        summary = json.loads(Path(str(traces).removesuffix(".jsonl") + ".summary.json").read_text())
+    tokens = summary["usage_this_run"]["completion_tokens"]
+    return {
+        "config": "command-auto",
+        "prompts": prompts,
+        "tokens": tokens,
+        "seconds": round(wall, 2),
+        "decode_seconds": summary["seconds"],
+        "command_over_decode": wall / summary["seconds"],
+        "tok_per_s": tokens / wall,
+    }
+
+
 def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
     """One configuration, in this process."""
     import torch
@@ -54,8 +205,14 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
     from orca2.engine import Engine, Job, stop_token_ids
     from orca2.models import load_local_model
 
+    if name == "command-auto":
+        return command(prompts, new_tokens)
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
     model, tok = load_local_model("default", "cpu", dtype)
+    if name.startswith("matmul"):
+        return {"config": name, "rows": slots, **matmul_limit(model, slots, dtype)}
+    if name.startswith("layout"):
+        return layout(model, tok, stop_token_ids(tok, model), name.split("-")[1])
     stops = stop_token_ids(tok, model)
     qs = questions(prompts)
     n = 4 if name.endswith("n4") else 1
@@ -110,6 +267,7 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
         "peak_rss_mb": round(peak_rss_mb()),
         "rss_after_load_mb": round(rss_loaded),
         "prompt_tokens": sum(map(len, ids)),
+        "gflops": generated / seconds * flops_per_token(model) / 1e9,
     }
 
 
@@ -250,7 +408,7 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     save_and_print("local_engine", rows)
-    by = {r["config"]: r["tok_per_s"] for r in rows}
+    by = {r["config"]: r["tok_per_s"] for r in rows if "tok_per_s" in r}
     best = "engine-bf16" if "engine-bf16" in by else "engine-fp32"
     targets = [
         (f"{best} / llamacpp", best, "llamacpp", 5.0),
@@ -259,12 +417,47 @@ def main() -> None:
         ("engine-n4 / independent-n4", "engine-n4", "independent-n4", 1.3),
         ("engine-fp32 / engine-fp32-noprefix", "engine-fp32", "engine-fp32-noprefix", 0.0),
     ]
+    limits(rows, "bf16" if native_bf16 else "fp32")
     print("\ntargets (tokens/s ratios, measured side by side in this run):")
     for label, a, b, target in targets:
         if a in by and b in by:
             ratio = by[a] / by[b]
             verdict = f" (target >= {target}x: {'met' if ratio >= target else 'NOT met'})" if target else ""
             print(f"  {label}: {ratio:.2f}x{verdict}")
+
+
+def limits(rows: list[dict], auto: str) -> None:
+    """The engine against the machine's matmul throughput, the command against its decode, bf16 against fp32."""
+    by = {r["config"]: r for r in rows}
+    print("\nthe limit (issue #29), from this run:")
+    for dtype in ("fp32", "bf16"):
+        engine, limit = by.get(f"engine-{dtype}"), by.get(f"matmul-{dtype}")
+        if engine and limit:
+            step, hot = engine["gflops"] / limit["step_gflops"], engine["gflops"] / limit["hot_gflops"]
+            goal = (
+                f" (goal >= 50 % in the dtype auto picks: {'met' if step >= 0.5 else 'NOT met'})"
+                if dtype == auto
+                else ""
+            )
+            print(
+                f"  engine-{dtype}: {engine['tok_per_s']:.0f} tokens/s = {engine['gflops']:.0f} GFLOP/s, "
+                f"{100 * step:.0f} % of the step's products ({limit['step_gflops']:.0f} GFLOP/s), "
+                f"{100 * hot:.0f} % of one hot product ({limit['hot_gflops']:.0f} GFLOP/s){goal}"
+            )
+    if "command-auto" in by:
+        ratio = by["command-auto"]["command_over_decode"]
+        print(f"  command-auto: {ratio:.2f}x its decode time (goal <= 1.25x: {'met' if ratio <= 1.25 else 'NOT met'})")
+    if auto == "bf16" and "engine-bf16" in by and "engine-fp32" in by:
+        ratio = by["engine-bf16"]["tok_per_s"] / by["engine-fp32"]["tok_per_s"]
+        verdict = "met" if ratio >= 1 else "NOT met"
+        print(f"  engine-bf16 / engine-fp32: {ratio:.2f}x (goal >= 1.0 where bf16 is native: {verdict})")
+    for dtype in ("fp32", "bf16"):
+        row = by.get(f"layout-{dtype}")
+        if row:
+            print(
+                f"  layout-{dtype}: alone in 1 slot vs together in 16: {row['replies_differ']} of {row['replies']} "
+                f"replies and {row['logit_rows_differ']} of {row['logit_rows']} logit rows differ"
+            )
 
 
 if __name__ == "__main__":
