@@ -242,3 +242,23 @@ def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype):
                     assert torch.equal(row, expected), f"{name}: prompt {key} step {step}"
     finally:
         model.to(torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_on_a_gpu(peaky):
+    """On CUDA: fp32 greedy equals model.generate token for token; bf16 runs every prompt to a reply."""
+    model, tok, ids = peaky
+    stops = stop_token_ids(tok, model)
+    expected = reference_greedy(model, tok, ids, 12, stops)
+    try:
+        model.to("cuda")
+        _, done = run_engine(model, [Job(str(i), x, 1, 12) for i, x in enumerate(ids)], 4, stops=stops)
+        assert [done[str(i)].outputs[0][0] for i in range(len(ids))] == expected
+        model.to(torch.bfloat16)
+        _, done = run_engine(
+            model, [Job(str(i), x, 2, 12, 0.8, 0.9, seed=1) for i, x in enumerate(ids)], 16, stops=stops
+        )
+        assert all(len(done[str(i)].outputs) == 2 for i in range(len(ids)))
+    finally:
+        model.to("cpu", torch.float32)
