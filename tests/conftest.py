@@ -73,7 +73,9 @@ def chat_ids(tokenizer, questions: list[str]) -> list[list[int]]:
     ]
 
 
-def build_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_model(
+    folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0, heads: int = 4, kv_heads: int = 2
+) -> Path:
     """A tiny random Llama with a character-level ChatML tokenizer, saved as an HF folder (no download)."""
     import string
 
@@ -102,8 +104,8 @@ def build_tiny_model(folder: Path, *, hidden: int = 32, layers: int = 2, seed: i
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         bos_token_id=vocab["<|im_start|>"],
         eos_token_id=vocab["<|im_end|>"],

@@ -78,6 +78,24 @@ def test_greedy_equals_generate_token_for_token(peaky, slots, prefill_tokens):
         assert engine.peak_active == slots
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (6, 2)], ids=["MHA", "MQA", "GQA-3"])
+def test_greedy_equals_generate_under_every_head_grouping(tmp_path, heads, kv_heads):
+    """The engine's attention groups query heads by key head: one per key head, all on one, three per key head."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "m", hidden=48, heads=heads, kv_heads=kv_heads, seed=5)
+    model, tok = load_local_model(str(folder), "cpu", torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)
+    ids = chat_ids(tok, QUESTIONS)
+    stops = stop_token_ids(tok, model) + [tok.convert_tokens_to_ids("e")]
+    expected = reference_greedy(model, tok, ids, 16, stops)
+    for slots in (1, 5):
+        _, done = run_engine(model, [Job(str(i), x, 1, 16) for i, x in enumerate(ids)], slots, stops=stops)
+        assert [done[str(i)].outputs[0][0] for i in range(len(ids))] == expected, slots
+
+
 def test_samples_differ_and_are_reproducible_per_request(peaky):
     model, tok, ids = peaky
     stops = stop_token_ids(tok, model)
