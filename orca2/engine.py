@@ -44,6 +44,7 @@ NAME = "orca2_slots"
 # count is not a multiple of 8; bf16 products did not vary; tests/test_local_engine.py holds the engine to it).
 KEY_ALIGN = 16  # keys attended: a multiple of this (masked beyond each sequence's length)
 MIN_QUERY_ROWS = 4  # query rows per head group in a prefill piece
+SCORES_PER_PIECE = 1 << 22  # a long prompt's prefill scores are computed in pieces of about this many per head
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def _prefill_attention(q: Any, k: Any, v: Any, p: int, scale: float) -> Any:
         rows = torch.cat([rows, rows[-1:].expand(short)])
     visible = torch.arange(width, device=q.device)[None, :] <= rows[:, None]
     bias = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf"))
-    piece = max(64, (1 << 22) // width)  # queries per piece; the last piece takes the remainder (never a sliver)
+    piece = max(64, SCORES_PER_PIECE // width)  # queries per piece; the last takes the remainder (never a sliver)
     starts = list(range(0, max(1, q.shape[2] - piece), piece))
     bounds = list(zip(starts, starts[1:] + [q.shape[2]]))
     out = [attend(q[:, :, a:b], k[None], v[None], bias[a:b], scale) for a, b in bounds]

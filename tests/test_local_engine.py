@@ -96,6 +96,20 @@ def test_greedy_equals_generate_under_every_head_grouping(tmp_path, heads, kv_he
         assert [done[str(i)].outputs[0][0] for i in range(len(ids))] == expected, slots
 
 
+def test_a_long_prompt_prefilled_in_pieces_equals_generate(peaky, monkeypatch):
+    """A prompt whose prefill scores are computed in pieces of 64 queries decodes as model.generate does."""
+    from orca2 import engine as local
+
+    model, tok, _ = peaky
+    ids = chat_ids(tok, ["Tell me about " + "the sea, the wind and the boats; " * 9, "hi", QUESTIONS[3] * 3])
+    assert max(map(len, ids)) > 4 * 64
+    stops = stop_token_ids(tok, model)
+    expected = reference_greedy(model, tok, ids, 12, stops)
+    monkeypatch.setattr(local, "SCORES_PER_PIECE", 1)
+    _, done = run_engine(model, [Job(str(i), x, 1, 12) for i, x in enumerate(ids)], 3, stops=stops)
+    assert [done[str(i)].outputs[0][0] for i in range(len(ids))] == expected
+
+
 def test_samples_differ_and_are_reproducible_per_request(peaky):
     model, tok, ids = peaky
     stops = stop_token_ids(tok, model)
