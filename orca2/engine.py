@@ -93,7 +93,7 @@ class _Segment:
 class _Step:
     """What the attention layers need for the forward pass under way."""
 
-    keys: list[Any]  # per layer: (slots, kv_heads, capacity, head_dim), fp32 under a 16-bit model (see attend)
+    keys: list[Any]  # per layer: (slots, kv_heads, width, head_dim), fp32 under a 16-bit model (see attend)
     values: list[Any]
     prefixes: dict[tuple[int, ...], list[Any]]  # prefix tokens → per layer (keys, values), each (kv_heads, P, head_dim)
     segments: list[_Segment] = field(default_factory=list)  # prefill: the packed row's prompts
@@ -101,7 +101,7 @@ class _Step:
     rows: Any = None  # decode: arange(active)
     positions: Any = None  # decode: (active,) where each new key goes
     bias: Any = None  # decode: (active, 1, 1, 1, span), 0 where a key is valid, -inf elsewhere (one for all layers)
-    span: int = 0  # decode: keys attended (the longest sequence + 1)
+    span: int = 0  # decode: keys attended (the longest sequence + 1, up to a multiple of KEY_ALIGN)
 
 
 def slot_attention(
