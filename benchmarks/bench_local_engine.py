@@ -51,8 +51,14 @@ from results import OUT, save_and_print
 HERE = Path(__file__).resolve().parent
 
 
+def gsm8k_test() -> Path:
+    return (
+        Path(os.environ.get("ORCA2_DATA_DIR", HERE.parent.parent / "shared" / "data")) / "gsm8k" / "test.jsonl"
+    ).resolve()
+
+
 def questions(n: int) -> list[str]:
-    data = Path(os.environ.get("ORCA2_DATA_DIR", HERE.parent.parent / "shared" / "data")) / "gsm8k" / "test.jsonl"
+    data = gsm8k_test()
     rows = [json.loads(line)["question"] for line in data.read_text().splitlines()[:n]]
     if len(rows) < n:
         raise SystemExit(f"{data}: only {len(rows)} questions")
@@ -152,14 +158,17 @@ def command(prompts: int, new_tokens: int) -> dict:
     """`orca2 generate --teacher local:default` end to end (a fresh process, a cold response cache)."""
     import tempfile
 
-    data = Path(os.environ.get("ORCA2_DATA_DIR", HERE.parent.parent / "shared" / "data")) / "gsm8k" / "test.jsonl"
-    orca2 = [sys.executable, "-m", "orca2"]
+    from orca2.io import sidecar
+
+    data = gsm8k_test()
+    orca2 = [sys.executable, "-m", "orca2"]  # run in the temp folder: `-m` puts the working folder first on the path
     with tempfile.TemporaryDirectory() as tmp:
         tasks, traces = Path(tmp) / "tasks.jsonl", Path(tmp) / "traces.jsonl"
         subprocess.run(
             [*orca2, "tasks", f"gsm8k:{data}", "--limit", str(prompts), "-o", str(tasks)],
             check=True,
             capture_output=True,
+            cwd=tmp,
         )
         start = time.perf_counter()
         out = subprocess.run(
@@ -181,11 +190,12 @@ def command(prompts: int, new_tokens: int) -> dict:
             ],
             capture_output=True,
             text=True,
+            cwd=tmp,
         )
         wall = time.perf_counter() - start
         if out.returncode:
             raise SystemExit(f"orca2 generate failed:\n{out.stderr[-2000:]}")
-        summary = json.loads(Path(str(traces).removesuffix(".jsonl") + ".summary.json").read_text())
+        summary = json.loads(sidecar(traces, "summary.json").read_text())
     tokens = summary["usage_this_run"]["completion_tokens"]
     return {
         "config": "command-auto",
@@ -218,13 +228,7 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
     n = 4 if name.endswith("n4") else 1
     if n > 1:
         qs = qs[: prompts // n]
-    ids = [
-        tok(
-            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )["input_ids"]
-        for q in qs
-    ]
+    ids = [chat(tok, q) for q in qs]
     rss_loaded = peak_rss_mb()
     start = time.perf_counter()
     generated = 0

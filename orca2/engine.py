@@ -87,6 +87,7 @@ class _Segment:
     slots: Any = None  # slots that receive (prefix +) its keys and values; None for a prefix computed for later use
     prefix: tuple[int, ...] | None = None  # the stored prefix it continues (its positions start after it)
     store: tuple[int, ...] | None = None  # keep its keys and values as this prefix
+    bias: Any = None  # its causal mask as 0 / -inf, (query rows, keys): the same at every layer, built at the first
 
 
 @dataclass
@@ -141,7 +142,7 @@ def slot_attention(
             if seg.slots is not None:
                 keys[seg.slots, :, : k.shape[1]] = k
                 values[seg.slots, :, : v.shape[1]] = v
-            parts.append(_prefill_attention(q, k, v, p, scale))
+            parts.append(_prefill_attention(seg, q, k, v, p, scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     else:  # decode: one new token per active slot, written at its own length (rows past `active` are padding)
         active, span = step.active, step.span
@@ -153,7 +154,7 @@ def slot_attention(
     return out, None
 
 
-def _prefill_attention(q: Any, k: Any, v: Any, p: int, scale: float) -> Any:
+def _prefill_attention(seg: _Segment, q: Any, k: Any, v: Any, p: int, scale: float) -> Any:
     """One prompt's queries (1, H, n, D) at positions p.. over its keys and values (H_kv, p + n, D), causal.
 
     Shapes are kept to those every layout computes alike: keys padded to a multiple of KEY_ALIGN (masked), at least
@@ -165,18 +166,19 @@ def _prefill_attention(q: Any, k: Any, v: Any, p: int, scale: float) -> Any:
     if width > total:
         k = torch.cat([k, k.new_zeros((k.shape[0], width - total, k.shape[2]))], 1)
         v = torch.cat([v, v.new_zeros((v.shape[0], width - total, v.shape[2]))], 1)
-    rows = p + torch.arange(n, device=q.device)  # query i (position p + i) sees keys 0 .. p + i
-    group = q.shape[1] // k.shape[0]
-    short = -(-MIN_QUERY_ROWS // group) - n
+    short = -(-MIN_QUERY_ROWS // (q.shape[1] // k.shape[0])) - n
     if short > 0:  # a segment of a token or two: padded with copies of its last query
         q = torch.cat([q, q[:, :, -1:].expand(-1, -1, short, -1)], 2)
-        rows = torch.cat([rows, rows[-1:].expand(short)])
-    visible = torch.arange(width, device=q.device)[None, :] <= rows[:, None]
-    bias = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf"))
+    if seg.bias is None:
+        rows = p + torch.arange(n, device=q.device)  # query i (position p + i) sees keys 0 .. p + i
+        if short > 0:
+            rows = torch.cat([rows, rows[-1:].expand(short)])
+        visible = torch.arange(width, device=q.device)[None, :] <= rows[:, None]
+        seg.bias = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf"))
     piece = max(64, SCORES_PER_PIECE // width)  # queries per piece; the last takes the remainder (never a sliver)
     starts = list(range(0, max(1, q.shape[2] - piece), piece))
     bounds = list(zip(starts, starts[1:] + [q.shape[2]]))
-    out = [attend(q[:, :, a:b], k[None], v[None], bias[a:b], scale) for a, b in bounds]
+    out = [attend(q[:, :, a:b], k[None], v[None], seg.bias[a:b], scale) for a, b in bounds]
     return (out[0] if len(out) == 1 else torch.cat(out, 1))[:, :n]
 
 

@@ -62,14 +62,14 @@ CHATML = (
 )
 
 
-def chat_ids(tokenizer, questions: list[str]) -> list[list[int]]:
-    """Each question as one user turn through the chat template, ready to decode: token ids."""
+def chat_ids(tokenizer, questions: list[str] | list[list[dict]]) -> list[list[int]]:
+    """Each question as one user turn (or each conversation as it is) through the chat template: token ids."""
+    convs = [[{"role": "user", "content": q}] if isinstance(q, str) else q for q in questions]
     return [
         tokenizer(
-            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
+            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False
         )["input_ids"]
-        for q in questions
+        for c in convs
     ]
 
 

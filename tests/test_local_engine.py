@@ -176,12 +176,7 @@ def test_shared_prefixes_are_prefilled_once_and_change_nothing(peaky):
         for sys_ in (system, other)
         for q in QUESTIONS[:5]
     ]
-    ids = [
-        tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
-            "input_ids"
-        ]
-        for c in convs
-    ]
+    ids = chat_ids(tok, convs)
     stops = stop_token_ids(tok, model)
     expected = reference_greedy(model, tok, ids, 12, stops)
     for slots, prefill_tokens in ((3, 2048), (10, 2048), (2, 1)):
@@ -228,18 +223,21 @@ def wider(tmp_path_factory):
     system = "You are a careful assistant. Think one step at a time, then answer."
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     convs += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS[:5]]
-    ids = [
-        tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)[
-            "input_ids"
+    convs += [  # multi-turn: an earlier exchange, then the question
+        [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "Let me see: 4."},
+            {"role": "user", "content": "And why?"},
         ]
-        for c in convs
+        for q in QUESTIONS[:2]
     ]
+    ids = chat_ids(tok, convs)
     return model, tok, ids
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype):
-    """A prompt's logits, bit for bit, whether it decodes alone, among 13 others, in 1, 7 or 64 slots, in any order."""
+    """A prompt's logits, bit for bit, whether it decodes alone, among 15 others, in 1, 7 or 64 slots, in any order."""
     from orca2.models import resolve_dtype
 
     if dtype == torch.bfloat16 and resolve_dtype("auto", "cpu") != torch.bfloat16:
@@ -262,9 +260,9 @@ def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype):
         layouts = {
             "7 slots, reversed": run(everyone, 7, lambda n: reversed(range(n))),
             "1 slot, shuffled": run(everyone, 1, lambda n: shuffled),
-            "2 slots, 5 prompts": run([3, 0, 12, 9, 7], 2, lambda n: range(n)),
+            "2 slots, 6 prompts": run([3, 0, 12, 9, 15, 7], 2, lambda n: range(n)),
         }
-        for i in (0, 3, 10):  # alone: no shared prefix, a packed row of one prompt, one decode row
+        for i in (0, 3, 10, 15):  # alone: no shared prefix, a packed row of one prompt, one decode row
             layouts[f"prompt {i} alone"] = run([i], 1, lambda n: range(n))
         assert any(len(rows) == 24 for rows in reference.values())  # some ran their full length, past the stops
         for name, seen in layouts.items():
