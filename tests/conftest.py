@@ -74,14 +74,22 @@ def chat_ids(tokenizer, questions: list[str] | list[list[dict]]) -> list[list[in
 
 
 def build_tiny_model(
-    folder: Path, *, hidden: int = 32, layers: int = 2, seed: int = 0, heads: int = 4, kv_heads: int = 2
+    folder: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    heads: int = 4,
+    kv_heads: int = 2,
+    arch: str = "llama",
 ) -> Path:
-    """A tiny random Llama with a character-level ChatML tokenizer, saved as an HF folder (no download)."""
+    """A tiny random Llama (or Qwen2: biases on q/k/v) with a character-level ChatML tokenizer, saved as an HF
+    folder (no download)."""
     import string
 
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     chars = sorted(set(string.printable) - set("\x0b\x0c")) + ["×", "÷", "—", "’"]
@@ -99,7 +107,9 @@ def build_tiny_model(
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    archs = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = archs[arch]
+    config = config_class(
         vocab_size=len(vocab),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -112,7 +122,7 @@ def build_tiny_model(
         pad_token_id=0,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

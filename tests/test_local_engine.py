@@ -26,6 +26,18 @@ QUESTIONS = [
 ]
 
 
+@pytest.fixture(params=["native", "torch"])
+def attention(request, monkeypatch):
+    """Both decode attentions: the native kernel (orca2.native, where it builds) and torch's products."""
+    from orca2 import native
+
+    if request.param == "torch":
+        monkeypatch.setenv("ORCA2_NATIVE", "0")
+    elif native.library() is None:
+        pytest.skip("the native kernel does not build here (no C compiler with OpenMP)")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def peaky(tiny_model):
     """The tiny model with weights scaled up, so its next-token distributions are far from flat (ties never decide)."""
@@ -63,7 +75,7 @@ def run_engine(model, jobs, slots, prefill_tokens=2048, stops=None):
 
 
 @pytest.mark.parametrize("slots,prefill_tokens", [(3, 2048), (4, 1), (16, 64)])
-def test_greedy_equals_generate_token_for_token(peaky, slots, prefill_tokens):
+def test_greedy_equals_generate_token_for_token(peaky, slots, prefill_tokens, attention):
     model, tok, ids = peaky
     # an extra stop token that the model emits early on some prompts, so sequences end at different steps
     stops = stop_token_ids(tok, model) + [tok.convert_tokens_to_ids("e")]
@@ -79,7 +91,7 @@ def test_greedy_equals_generate_token_for_token(peaky, slots, prefill_tokens):
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (6, 2)], ids=["MHA", "MQA", "GQA-3"])
-def test_greedy_equals_generate_under_every_head_grouping(tmp_path, heads, kv_heads):
+def test_greedy_equals_generate_under_every_head_grouping(tmp_path, heads, kv_heads, attention):
     """The engine's attention groups query heads by key head: one per key head, all on one, three per key head."""
     from conftest import build_tiny_model
 
@@ -96,7 +108,36 @@ def test_greedy_equals_generate_under_every_head_grouping(tmp_path, heads, kv_he
         assert [done[str(i)].outputs[0][0] for i in range(len(ids))] == expected, slots
 
 
-def test_a_long_prompt_prefilled_in_pieces_equals_generate(peaky, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_joined_projections_change_neither_the_model_nor_greedy(tmp_path, arch, attention):
+    """The engine joins q/k/v and gate/up into one product each (Qwen2: with their biases): the model's own forward
+    gives the same logits bit for bit, its weights become views of the joined tensors, and greedy equals generate."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "m", hidden=64, heads=4, kv_heads=2, seed=7, arch=arch)
+    model, tok = load_local_model(str(folder), "cpu", torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)
+    ids = chat_ids(tok, QUESTIONS)
+    probe = torch.tensor([ids[3]])
+    with torch.no_grad():
+        before = model(probe).logits
+    stops = stop_token_ids(tok, model) + [tok.convert_tokens_to_ids("e")]
+    expected = reference_greedy(model, tok, ids, 16, stops)
+    engine, done = run_engine(model, [Job(str(i), x, 1, 16) for i, x in enumerate(ids)], 4, stops=stops)
+    assert engine.fused is not None
+    attn = model.model.layers[1].self_attn
+    joined, bias = engine.fused.qkv[1]
+    assert attn.v_proj.weight.data_ptr() == joined[-attn.v_proj.weight.shape[0] :].data_ptr()
+    assert (bias is not None) == (arch == "qwen2") and (attn.q_proj.bias is not None) == (arch == "qwen2")
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, before)
+    assert [done[str(i)].outputs[0][0] for i in range(len(ids))] == expected
+
+
+def test_a_long_prompt_prefilled_in_pieces_equals_generate(peaky, monkeypatch, attention):
     """A prompt whose prefill scores are computed in pieces of 64 queries decodes as model.generate does."""
     from orca2 import engine as local
 
@@ -236,7 +277,7 @@ def wider(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype):
+def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype, attention):
     """A prompt's logits, bit for bit, whether it decodes alone, among 15 others, in 1, 7 or 64 slots, in any order."""
     from orca2.models import resolve_dtype
 

@@ -1,0 +1,131 @@
+"""Native kernels, compiled on first use: C sources in orca2/csrc built with the system's C compiler into the cache
+(<cache root>/native/, keyed by the source, the flags, the compiler and the CPU), loaded with ctypes.
+
+Only the engine's decode attention lives here (csrc/decode_attention.c). Where it cannot be built (no C compiler,
+no OpenMP, not Linux) or ORCA2_NATIVE=0, the engine attends with torch products instead (orca2.engine.attend);
+either way a sequence's tokens do not depend on the batch, but the two paths round differently, so the same run
+on machines with and without a compiler can differ in its last bits. Which path ran is logged once.
+
+The library links OpenMP by its soname (libgomp.so.1); loaded into a process where torch already has its own
+libgomp, it shares torch's thread pool instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from orca2.weights import cache_root
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+
+def enabled() -> bool:
+    return os.environ.get("ORCA2_NATIVE", "1") != "0"
+
+
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(keep[:2])
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def library() -> Any:
+    """The compiled kernels (a ctypes library), or None where they are off or cannot be built."""
+    if not enabled():
+        _say("native kernels off (ORCA2_NATIVE=0): the engine attends with torch products")
+        return None
+    return _build(str(cache_root()), _compiler())
+
+
+@cache
+def _say(message: str) -> None:
+    log.info(message)
+
+
+@cache
+def _build(root: str, compiler: str | None) -> Any:
+    """Build (once per key: source, flags, compiler, CPU) into root/native/ and load; None where it cannot."""
+    if platform.system() != "Linux" or compiler is None:
+        log.info(
+            "native kernels unavailable (%s): the engine attends with torch products",
+            "no C compiler" if compiler is None else platform.system(),
+        )
+        return None
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.info("native kernels unavailable (%s): the engine attends with torch products", exc)
+        return None
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu().encode()]))
+    target = Path(root) / "native" / f"decode_attention-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if run.returncode != 0:
+            os.unlink(tmp)
+            last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+            log.warning("native kernels did not build (%s): the engine attends with torch products", last)
+            return None
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key keeps one whole file
+    lib = ctypes.CDLL(str(target))
+    fn = lib.orca2_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    log.info("native decode attention: %s", target)
+    return lib
+
+
+def decode_attention(lib: Any, query: Any, keys: Any, values: Any, lengths: Any, scale: float) -> Any:
+    """query (B, H, 1, D) over each row's first lengths[b] keys of its slot in (slots, H_kv, W, D) buffers (fp32 or
+    bf16), computed in fp32 → (B, 1, H, D) in the query's dtype. lib: what library() gave (not None)."""
+    import torch
+
+    rows, heads, _, dim = query.shape
+    kv_heads, width = keys.shape[1], keys.shape[2]
+    whole = keys.is_contiguous() and values.is_contiguous() and keys.device.type == "cpu"
+    if keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype != keys.dtype or not whole:
+        raise ValueError("native decode attention reads whole fp32 or bf16 buffers in CPU memory")
+    q = query.reshape(rows, heads, dim).to(torch.float32, memory_format=torch.contiguous_format)
+    n = lengths.to(torch.int64).contiguous()
+    out = torch.empty((rows, heads, dim), dtype=torch.float32)
+    failed = lib.orca2_decode_attention(
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        n.data_ptr(),
+        out.data_ptr(),
+        rows,
+        kv_heads,
+        heads // kv_heads,
+        width,
+        dim,
+        scale,
+        int(keys.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise RuntimeError("native decode attention: a row with no keys, or no memory for its scores")
+    return out.view(rows, 1, heads, dim).to(query.dtype)

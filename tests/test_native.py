@@ -1,0 +1,160 @@
+"""The engine's native decode attention (orca2/csrc/decode_attention.c through orca2.native): the formula, per row
+over its own keys, in fp32 and bf16 buffers; rows independent of their neighbours and of the thread count; the build
+cached, rebuilt when its source changes, safe when two processes build at once, and absent without a compiler."""
+
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from orca2 import native
+
+
+@pytest.fixture
+def lib(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCA2_CACHE_DIR", str(tmp_path / "cache"))
+    built = native.library()
+    if built is None:
+        pytest.skip("no C compiler with OpenMP here: the engine attends with torch products (tested elsewhere)")
+    return built
+
+
+def buffers(rows, slots, kv_heads, width, dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(slots, kv_heads, width, dim, generator=g).to(dtype)
+    values = torch.randn(slots, kv_heads, width, dim, generator=g).to(dtype)
+    return keys, values
+
+
+def formula(query, keys, values, lengths, scale):
+    """softmax(q k^T * scale) v per row over its own keys, in float64, from the definition."""
+    rows, heads, _, dim = query.shape
+    group = heads // keys.shape[1]
+    out = torch.empty(rows, 1, heads, dim, dtype=torch.float64)
+    for b in range(rows):
+        n = int(lengths[b])
+        for h in range(heads):
+            q = query[b, h, 0].double()
+            k, v = keys[b, h // group, :n].double(), values[b, h // group, :n].double()
+            scores = (k @ q) * scale
+            p = torch.exp(scores - scores.max())
+            out[b, 0, h] = (p / p.sum()) @ v
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim", [(4, 4, 64), (4, 1, 64), (9, 3, 64), (6, 2, 24)], ids=["MHA", "MQA", "GQA-3", "dim-24"]
+)
+def test_decode_attention_is_the_formula_over_each_rows_own_keys(lib, dtype, heads, kv_heads, dim):
+    rows, slots, width = 7, 9, 80
+    keys, values = buffers(rows, slots, kv_heads, width, dim, dtype)
+    query = torch.randn(rows, heads, 1, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    lengths = torch.tensor([1, 80, 17, 33, 64, 2, 79])  # one key, the whole width, and lengths off every block size
+    scale = dim**-0.5
+    got = native.decode_attention(lib, query, keys, values, lengths, scale)
+    assert got.shape == (rows, 1, heads, dim) and got.dtype == dtype
+    want = formula(query, keys, values, lengths, scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    assert torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance)
+    stale_keys, stale_values = keys.clone(), values.clone()
+    for b, n in enumerate(lengths.tolist()):  # what lies past a row's length (stale or unwritten) is never read
+        stale_keys[b, :, n:] = float("nan")
+        stale_values[b, :, n:] = float("nan")
+    stale_keys[rows:] = float("nan")  # nor slots past the rows
+    assert torch.equal(native.decode_attention(lib, query, stale_keys, stale_values, lengths, scale), got)
+
+
+def test_a_rows_numbers_do_not_depend_on_its_neighbours_the_buffer_or_the_threads(lib):
+    rows, kv_heads, heads, width, dim = 12, 3, 9, 96, 64
+    keys, values = buffers(rows, rows, kv_heads, width, dim, torch.bfloat16, seed=2)
+    query = torch.randn(rows, heads, 1, dim, generator=torch.Generator().manual_seed(3)).bfloat16()
+    lengths = torch.randint(1, width + 1, (rows,), generator=torch.Generator().manual_seed(4))
+    together = native.decode_attention(lib, query, keys, values, lengths, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = native.decode_attention(lib, query, keys, values, lengths, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, together)
+    for b in (0, 5, 11):  # alone, in a one-slot buffer of another width
+        n = int(lengths[b])
+        k = torch.zeros(1, kv_heads, n + 16, dim, dtype=torch.bfloat16)
+        v = torch.zeros_like(k)
+        k[0, :, :n], v[0, :, :n] = keys[b, :, :n], values[b, :, :n]
+        alone = native.decode_attention(lib, query[b : b + 1], k, v, lengths[b : b + 1], 0.125)
+        assert torch.equal(alone[0], together[b]), b
+
+
+def test_what_it_does_not_read_is_refused_in_one_line(lib):
+    keys, values = buffers(2, 2, 1, 16, 8, torch.float32)
+    query = torch.randn(2, 1, 1, 8)
+    with pytest.raises(ValueError, match="whole fp32 or bf16 buffers"):
+        native.decode_attention(lib, query, keys[:, :, :8], values[:, :, :8], torch.tensor([3, 4]), 1.0)
+    with pytest.raises(ValueError, match="whole fp32 or bf16 buffers"):
+        native.decode_attention(lib, query, keys.half(), values.half(), torch.tensor([3, 4]), 1.0)
+    with pytest.raises(RuntimeError, match="no keys"):
+        native.decode_attention(lib, query, keys, values, torch.tensor([0, 4]), 1.0)
+
+
+def test_the_build_is_cached_and_follows_its_source(lib, tmp_path, monkeypatch):
+    built = sorted((tmp_path / "cache" / "native").glob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native._build.cache_clear()  # a new process: finds the file, builds nothing
+    assert native.library() is not None
+    assert sorted((tmp_path / "cache" / "native").glob("*.so")) == built
+    assert built[0].stat().st_mtime_ns == stamp
+    changed = tmp_path / "decode_attention.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    native._build.cache_clear()
+    assert native.library() is not None
+    assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 2  # a new key, built beside the old one
+    native._build.cache_clear()
+
+
+def test_two_processes_building_at_once_both_load_it(tmp_path):
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    script = (
+        "import torch\nfrom orca2 import native\nlib = native.library()\nassert lib is not None\ntorch.manual_seed(0)\n"
+        "k = torch.randn(1, 1, 4, 8); q = torch.randn(1, 1, 1, 8)\n"
+        "print(native.decode_attention(lib, q, k, k, torch.tensor([4]), 1.0).sum().item())\n"
+    )
+    env = {**os.environ, "ORCA2_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1] and math.isfinite(float(outs[0]))
+    assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 1  # one whole file; no temp left behind
+    assert not list((tmp_path / "cache" / "native").glob("tmp*"))
+
+
+def test_without_a_compiler_or_when_off_there_is_no_library(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ORCA2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native._build.cache_clear()
+    with caplog.at_level(logging.INFO, logger="orca2.native"):
+        assert native.library() is None
+    assert "torch products" in caplog.text
+    failing = tmp_path / "cc"
+    failing.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho 'cc: error: broken' >&2\nexit 1\n"
+    )
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    with caplog.at_level(logging.WARNING, logger="orca2.native"):
+        assert native.library() is None
+    assert "did not build (cc: error: broken)" in caplog.text
+    assert not list(Path(tmp_path / "cache" / "native").glob("*"))  # the failed build left nothing behind
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("ORCA2_NATIVE", "0")
+    assert native.library() is None
+    native._build.cache_clear()
