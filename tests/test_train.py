@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,8 +59,11 @@ def train_two_ranks(tmp_path, name, data, model, zero, loss_impl="naive"):
         f"loss_impl={loss_impl}",
     ]
     args += [f"--set={k}={v}" for k, v in BASE.items()]
+    shared = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shared
+    assert not left, f"the ranks left DeepSpeed's all-reduce memory behind: {sorted(map(str, left))}"
     return read_log(tmp_path / name)
 
 

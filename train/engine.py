@@ -7,6 +7,7 @@ whose forward returns the micro-batch's share of the step loss, and the loop in 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -40,7 +41,24 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     import torch.distributed as dist
 
+    atexit.register(_unlink_allreduce_buffer, allreduce_buffer(dist.get_rank()))
     return dist.get_rank(), dist.get_world_size()
+
+
+def allreduce_buffer(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce creates for this rank (csrc/cpu/comm/shm.cpp names it
+    by user, rendezvous address and port, and rank) and never unlinks: 69 MB of RAM in /dev/shm per rank per
+    training, kept until reboot."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_allreduce_buffer(path: Path) -> None:
+    """At exit: the name goes; ranks still running keep their mapping of it (POSIX shared memory)."""
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _clear_stale_build_locks(max_age: float = 600.0) -> None:
