@@ -13,10 +13,13 @@ template's default one) share its prefill too: the prefix is computed once, kept
 prompt still needs it, and copied into each slot; only the rest of each prompt is prefilled. Waiting
 prompts are admitted in token order, so prompts with one prefix run together.
 
-The model's own layers run unchanged; only attention is ours, registered under "orca2_slots" in
-transformers' AttentionInterface (a registry, not a patch): plain matrix products and an fp32 softmax
-(`attend`), not the CPU flash kernel, which ran 5-12x slower than this in bf16 at decode shapes. Under a
-bf16 model scores, softmax and the weighted sum are computed in fp32 (`cache_dtype`), so scores are not rounded to
+Prefills run the model's own forward; attention is ours, registered under "orca2_slots" in transformers'
+AttentionInterface (a registry, not a patch). Decode steps of a Llama-style model (llama, mistral, qwen2) are run
+by the engine from the layers' own modules (`_Fused`), with q/k/v and gate/up joined into one product each, and
+under bf16 on CPU every product reading weights packed once for oneDNN (the same numbers, a second copy of the
+weights); other models decode through their own forward too. Prefill attention is plain matrix products and an
+fp32 softmax (`attend`), not the CPU flash kernel, which ran 5-12x slower than this in bf16 at decode shapes. Under
+a bf16 model scores, softmax and the weighted sum are computed in fp32 (`cache_dtype`), so scores are not rounded to
 bf16 before the softmax. On CPU a decode step attends with a native kernel (orca2.native, csrc/decode_attention.c):
 each sequence over its own keys only, reading the buffers in the model's dtype (bf16 widened exactly as it is read).
 Without it (no C compiler, ORCA2_NATIVE=0, a GPU) the buffers hold fp32 under a bf16 model and torch's products
@@ -264,26 +267,46 @@ def shared_prefixes(ordered: deque, min_prefix: int) -> tuple[dict[int, tuple[in
 FUSABLE = ("llama", "mistral", "qwen2")  # decoder layers of one shape: norm, attention, norm, gated MLP
 
 
+class _Product:
+    """One linear product of the decode step: x @ weight.T + bias, through oneDNN's prepacked weight where packed."""
+
+    def __init__(self, weight: Any, bias: Any = None):
+        self.weight, self.bias, self.packed = weight, bias, None
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class _Fused:
     """A Llama-style model's decode step, run by the engine with q/k/v and gate/up as one product each.
 
-    The layers' own modules do the norms, the rotary embedding, o_proj and down_proj, in the order the model's
-    forward runs them; only the projections that read one input are joined: their weights are laid into one tensor
-    each and the modules' weights become views of it (same values, no extra memory). At SmolLM2-135M's decode shape
-    (64 rows) the joined products ran in 67 ms a step against 78 ms apart (bf16, 2-core CPU)."""
+    The layers' own modules do the norms, the rotary embedding and the activation, in the order the model's forward
+    runs them; the projections that read one input are joined: their weights are laid into one tensor each and the
+    modules' weights become views of it (same values, no extra memory). Under bf16 on a CPU, `pack` lays every
+    product's weight out once in oneDNN's blocked format (a second copy of the weights), which the step's products
+    then read without re-laying them at each call; the numbers are the same bit for bit (checked when packing)."""
 
     def __init__(self, model: Any):
         import torch
 
         self.model, self.layers = model, list(model.model.layers)
         self.sizes: list[tuple[int, int, int]] = []
-        self.qkv: list[tuple[Any, Any]] = []  # per layer: (weight, bias or None)
-        self.gate_up: list[tuple[Any, Any]] = []
+        self.products: list[tuple[_Product, _Product, _Product, _Product]] = []  # per layer: qkv, o, gate_up, down
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.sizes.append(tuple(m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)))
-            self.qkv.append(_join(torch, [attn.q_proj, attn.k_proj, attn.v_proj]))
-            self.gate_up.append(_join(torch, [mlp.gate_proj, mlp.up_proj]))
+            qkv = _Product(*_join(torch, [attn.q_proj, attn.k_proj, attn.v_proj]))
+            gate_up = _Product(*_join(torch, [mlp.gate_proj, mlp.up_proj]))
+            o, down = (_Product(m.weight, m.bias) for m in (attn.o_proj, mlp.down_proj))
+            self.products.append((qkv, o, gate_up, down))
+        head = model.lm_head
+        self.head = _Product(head.weight, head.bias)
+        self.packed_for: Any = None  # the dtype the products are packed for
 
     @staticmethod
     def fits(model: Any) -> bool:
@@ -293,25 +316,64 @@ class _Fused:
         if getattr(model.config, "model_type", None) not in FUSABLE or not hasattr(inner, "layers"):
             return False
         needed = ("q_proj", "k_proj", "v_proj", "o_proj")
-        return all(
+        return isinstance(getattr(model, "lm_head", None), torch.nn.Linear) and all(
             all(isinstance(getattr(layer.self_attn, n, None), torch.nn.Linear) for n in needed)
             and all(isinstance(getattr(layer.mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj"))
             and not hasattr(layer.self_attn, "q_norm")
             for layer in inner.layers
         )
 
+    def current(self) -> bool:
+        """Whether the joined weights are still the model's (not replaced since, e.g. by model.to(dtype))."""
+        attn = self.layers[0].self_attn
+        qkv, o = self.products[0][0], self.products[0][1]
+        return attn.q_proj.weight.data_ptr() == qkv.weight.data_ptr() and attn.o_proj.weight is o.weight
+
+    def pack(self, rows: int) -> bool:
+        """Pack every product's weight for oneDNN (bf16 on CPU) where that gives the same numbers and the copy fits
+        in a quarter of the free memory; True if the products are packed."""
+        import torch
+        import torch.nn.functional as F
+
+        dtype = self.head.weight.dtype
+        if self.packed_for == dtype:
+            return True
+        everything = [p for layer in self.products for p in layer] + [self.head]
+        size = sum(p.weight.numel() * p.weight.element_size() for p in everything)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        usable = (
+            dtype == torch.bfloat16
+            and self.head.weight.device.type == "cpu"
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and size < free // 4
+        )
+        if not usable:
+            return False
+        first = everything[0]
+        probe = torch.randn(rows, 1, first.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(first.weight.detach(), rows)
+        same = torch.ops.mkldnn._linear_pointwise(probe, packed, first.bias, "none", [], "")
+        if not torch.equal(same, F.linear(probe, first.weight, first.bias)):
+            log.info("local engine: oneDNN's packed products round differently here; the step uses plain products")
+            return False
+        for p in everything:
+            p.packed = torch.ops.mkldnn._reorder_linear_weight(p.weight.detach(), rows)
+        self.packed_for = dtype
+        log.info("local engine: the step's products read weights packed for oneDNN (%.0f MB more memory)", size / 1e6)
+        return True
+
     def decode(self, ids: Any, positions: Any, step: _Step) -> Any:
         """Logits (rows, vocabulary) for one token per row: ids and positions (rows, 1)."""
-        import torch.nn.functional as F
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         inner = self.model.model
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
         rows = ids.shape[0]
-        for layer, sizes, qkv, gate_up in zip(self.layers, self.sizes, self.qkv, self.gate_up):
+        for layer, sizes, (qkv, o, gate_up, down) in zip(self.layers, self.sizes, self.products):
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = F.linear(layer.input_layernorm(hidden), *qkv).split(sizes, -1)
+            q, k, v = qkv(layer.input_layernorm(hidden)).split(sizes, -1)
             q, k = apply_rotary_pos_emb(
                 q.view(rows, 1, -1, attn.head_dim).transpose(1, 2),
                 k.view(rows, 1, -1, attn.head_dim).transpose(1, 2),
@@ -320,10 +382,10 @@ class _Fused:
             )
             v = v.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
             out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
-            hidden = hidden + attn.o_proj(out.reshape(rows, 1, -1))
-            gate, up = F.linear(layer.post_attention_layernorm(hidden), *gate_up).chunk(2, -1)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.model.lm_head(inner.norm(hidden))[:, -1]
+            hidden = hidden + o(out.reshape(rows, 1, -1))
+            gate, up = gate_up(layer.post_attention_layernorm(hidden)).chunk(2, -1)
+            hidden = hidden + down(mlp.act_fn(gate) * up)
+        return self.head(inner.norm(hidden))[:, -1]
 
 
 def _join(torch: Any, linears: list[Any]) -> tuple[Any, Any]:
@@ -415,6 +477,10 @@ class Engine:
         rows: list[_Seq] = []  # row i owns slot i
         waiting = deque(sorted(runnable, key=lambda job: job.prompt))  # shared prefixes run together
         self._prefix_of, self._users = shared_prefixes(waiting, self.min_prefix)
+        if self.fused is not None and not self.fused.current():  # the model's weights were replaced since
+            self.fused = _Fused(self.model)
+        if self.fused is not None and device.type == "cpu":
+            self.fused.pack(self.slots)
         with torch.inference_mode():
             while waiting or rows:
                 self._admit(waiting, rows, step, lengths)

@@ -128,7 +128,7 @@ def test_joined_projections_change_neither_the_model_nor_greedy(tmp_path, arch, 
     engine, done = run_engine(model, [Job(str(i), x, 1, 16) for i, x in enumerate(ids)], 4, stops=stops)
     assert engine.fused is not None
     attn = model.model.layers[1].self_attn
-    joined, bias = engine.fused.qkv[1]
+    joined, bias = engine.fused.products[1][0].weight, engine.fused.products[1][0].bias
     assert attn.v_proj.weight.data_ptr() == joined[-attn.v_proj.weight.shape[0] :].data_ptr()
     assert (bias is not None) == (arch == "qwen2") and (attn.q_proj.bias is not None) == (arch == "qwen2")
     model.set_attn_implementation("sdpa")
@@ -311,6 +311,36 @@ def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype, attention
                 assert len(rows) == len(reference[key]), (name, key)
                 for step, (row, expected) in enumerate(zip(rows, reference[key])):
                     assert torch.equal(row, expected), f"{name}: prompt {key} step {step}"
+    finally:
+        model.to(torch.float32)
+
+
+def test_packed_products_give_the_same_logits_and_follow_the_model(wider, monkeypatch):
+    """Under bf16 the step's products read weights packed for oneDNN: every logit row is the same bit for bit as
+    with plain products; and an engine whose model was converted since (model.to) joins and packs it anew."""
+    from orca2 import engine as local
+
+    model, tok, ids = wider
+    stops = stop_token_ids(tok, model)
+    jobs = lambda: [Job(str(i), ids[i], 1, 12) for i in range(6)]  # noqa: E731
+    try:
+        model.to(torch.bfloat16)
+        packed = RecordingEngine(model, stops, slots=8)
+        packed.run(jobs(), lambda job: None, lambda job, reason: pytest.fail(reason))
+        if packed.fused.packed_for != torch.bfloat16:
+            pytest.skip("oneDNN's packed products are not available (or not the same numbers) here")
+        with monkeypatch.context() as m:
+            m.setattr(local._Fused, "pack", lambda self, rows: False)
+            plain = RecordingEngine(model, stops, slots=8)
+            plain.run(jobs(), lambda job: None, lambda job, reason: pytest.fail(reason))
+        assert plain.fused.products[0][0].packed is None
+        for key, rows in packed.seen.items():
+            assert len(rows) == len(plain.seen[key]) and all(torch.equal(a, b) for a, b in zip(rows, plain.seen[key]))
+        model.to(torch.float32)  # the same engine, its model converted: fp32 products, joined again, not packed
+        packed.seen = {}
+        packed.run(jobs(), lambda job: None, lambda job, reason: pytest.fail(reason))
+        assert packed.fused.products[0][0].weight.dtype == torch.float32 and packed.fused.current()
+        assert packed.fused.products[0][0].packed is None
     finally:
         model.to(torch.float32)
 
