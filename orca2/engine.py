@@ -157,11 +157,14 @@ def slot_attention(
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     else:  # decode: one new token per active slot, written at its own length (rows past `active` are padding)
         active, span = step.active, step.span
-        keys[step.rows, :, step.positions] = key[:active, :, 0].to(keys.dtype)
-        values[step.rows, :, step.positions] = value[:active, :, 0].to(values.dtype)
-        if step.native is not None:
-            out = native.decode_attention(step.native, query[:active], keys, values, step.positions + 1, scale)
+        if step.native is not None:  # the kernel writes each row's new key and value itself, then attends
+            new_key, new_value = key[:active, :, 0], value[:active, :, 0]
+            out = native.decode_attention(
+                step.native, query[:active], new_key, new_value, keys, values, step.positions + 1, scale
+            )
         else:
+            keys[step.rows, :, step.positions] = key[:active, :, 0].to(keys.dtype)
+            values[step.rows, :, step.positions] = value[:active, :, 0].to(values.dtype)
             out = attend(query[:active], keys[:active, :, :span], values[:active, :, :span], step.bias, scale)
         if query.shape[0] > active:
             out = torch.cat([out, out.new_zeros((query.shape[0] - active, *out.shape[1:]))])
@@ -228,7 +231,7 @@ def attend(query: Any, keys: Any, values: Any, bias: Any, scale: float) -> Any:
     scores = torch.matmul(q, keys.transpose(-1, -2)).view(b, kv_heads, group, n, span)
     probs = torch.softmax(scores * scale + bias, dim=-1).to(values.dtype).view(b, kv_heads, group * n, span)
     out = torch.matmul(probs, values).view(b, heads, n, d)
-    return out.transpose(1, 2).to(query.dtype, memory_format=torch.contiguous_format)
+    return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
 def sample_seed(seed: int | None, key: str, sample: int) -> int:
@@ -466,10 +469,15 @@ class Engine:
         held = dtype if kernels is not None else cache_dtype(dtype)  # the kernel widens bf16 as it reads it
         self.slots = min(self.requested_slots, self._slots_that_fit(width, 2 * held.itemsize, device))
         shape = (self.slots, self.kv_heads, width, self.head_dim)
-        # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
+        if kernels is not None:  # keys laid out as the kernel reads them; nothing past a sequence's length is read
+            keys = [native.key_buffer(*shape, held, device) for _ in range(self.layers)]
+            values = [torch.empty(shape, dtype=held, device=device) for _ in range(self.layers)]
+        else:  # zeros, not empty: a masked key still multiplies its value by 0, and 0 × NaN (stale memory) = NaN
+            keys = [torch.zeros(shape, dtype=held, device=device) for _ in range(self.layers)]
+            values = [torch.zeros(shape, dtype=held, device=device) for _ in range(self.layers)]
         step = _Step(
-            keys=[torch.zeros(shape, dtype=held, device=device) for _ in range(self.layers)],
-            values=[torch.zeros(shape, dtype=held, device=device) for _ in range(self.layers)],
+            keys=keys,
+            values=values,
             prefixes={},
             native=kernels,
         )

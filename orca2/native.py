@@ -93,26 +93,47 @@ def _build(root: str, compiler: str | None) -> Any:
     lib = ctypes.CDLL(str(target))
     fn = lib.orca2_decode_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     log.info("native decode attention: %s", target)
     return lib
 
 
-def decode_attention(lib: Any, query: Any, keys: Any, values: Any, lengths: Any, scale: float) -> Any:
-    """query (B, H, 1, D) over each row's first lengths[b] keys of its slot in (slots, H_kv, W, D) buffers (fp32 or
-    bf16), computed in fp32 → (B, 1, H, D) in the query's dtype. lib: what library() gave (not None)."""
+def key_buffer(slots: int, kv_heads: int, width: int, dim: int, dtype: Any, device: Any) -> Any:
+    """A layer's key buffer as decode_attention reads it: (slots, kv_heads, dim, width) in memory, handed out as its
+    (slots, kv_heads, width, dim) view, so writes index it like the value buffer. Uninitialised: nothing past a
+    sequence's length is read."""
+    import torch
+
+    return torch.empty((slots, kv_heads, dim, width), dtype=dtype, device=device).transpose(-1, -2)
+
+
+def decode_attention(
+    lib: Any, query: Any, key: Any, value: Any, keys: Any, values: Any, lengths: Any, scale: float
+) -> Any:
+    """Write each row's new key and value (rows, H_kv, D) at lengths[b] - 1 (None: already there), then attend:
+    query (B, H, 1, D) over each row's first lengths[b] keys of its slot → (B, 1, H, D) in the query's dtype.
+
+    keys: a key_buffer (its (slots, H_kv, W, D) view); values: (slots, H_kv, W, D), contiguous; both fp32 or bf16
+    in CPU memory; computed in fp32. lib: what library() gave (not None)."""
     import torch
 
     rows, heads, _, dim = query.shape
     kv_heads, width = keys.shape[1], keys.shape[2]
-    whole = keys.is_contiguous() and values.is_contiguous() and keys.device.type == "cpu"
-    if keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype != keys.dtype or not whole:
-        raise ValueError("native decode attention reads whole fp32 or bf16 buffers in CPU memory")
-    q = query.reshape(rows, heads, dim).to(torch.float32, memory_format=torch.contiguous_format)
+    held = keys.dtype in (torch.float32, torch.bfloat16) and values.dtype == keys.dtype
+    laid = keys.transpose(-1, -2).is_contiguous() and values.is_contiguous() and keys.device.type == "cpu"
+    if not (held and laid):
+        raise ValueError("native decode attention reads a key_buffer and whole values, fp32 or bf16, in CPU memory")
+    if key is not None:
+        key, value = key.to(keys.dtype).contiguous(), value.to(keys.dtype).contiguous()
+        if key.shape != (rows, kv_heads, dim) or value.shape != key.shape:
+            raise ValueError(f"new keys and values must be ({rows}, {kv_heads}, {dim})")
+    q = query.reshape(rows, heads, dim).to(torch.float32).contiguous()  # (.to keeps a same-dtype view's strides)
     n = lengths.to(torch.int64).contiguous()
     out = torch.empty((rows, heads, dim), dtype=torch.float32)
     failed = lib.orca2_decode_attention(
         q.data_ptr(),
+        None if key is None else key.data_ptr(),
+        None if value is None else value.data_ptr(),
         keys.data_ptr(),
         values.data_ptr(),
         n.data_ptr(),

@@ -25,10 +25,16 @@ def lib(tmp_path, monkeypatch):
 
 
 def buffers(rows, slots, kv_heads, width, dim, dtype, seed=0):
+    """Random keys (in a key_buffer, as the engine holds them) and values, (slots, kv_heads, width, dim) each."""
     g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(slots, kv_heads, width, dim, generator=g).to(dtype)
+    keys = native.key_buffer(slots, kv_heads, width, dim, dtype, "cpu")
+    keys.copy_(torch.randn(slots, kv_heads, width, dim, generator=g))
     values = torch.randn(slots, kv_heads, width, dim, generator=g).to(dtype)
     return keys, values
+
+
+def attend(lib, query, keys, values, lengths, scale, key=None, value=None):
+    return native.decode_attention(lib, query, key, value, keys, values, lengths, scale)
 
 
 def formula(query, keys, values, lengths, scale):
@@ -54,20 +60,32 @@ def formula(query, keys, values, lengths, scale):
 def test_decode_attention_is_the_formula_over_each_rows_own_keys(lib, dtype, heads, kv_heads, dim):
     rows, slots, width = 7, 9, 80
     keys, values = buffers(rows, slots, kv_heads, width, dim, dtype)
-    query = torch.randn(rows, heads, 1, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    # the query, new keys and new values as views with strides of their own, as a model's split products give them
+    query = torch.randn(rows, heads, 1, 2 * dim, generator=torch.Generator().manual_seed(1)).to(dtype)[..., ::2]
     lengths = torch.tensor([1, 80, 17, 33, 64, 2, 79])  # one key, the whole width, and lengths off every block size
     scale = dim**-0.5
-    got = native.decode_attention(lib, query, keys, values, lengths, scale)
+    got = attend(lib, query, keys, values, lengths, scale)
     assert got.shape == (rows, 1, heads, dim) and got.dtype == dtype
     want = formula(query, keys, values, lengths, scale)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
     assert torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance)
-    stale_keys, stale_values = keys.clone(), values.clone()
+    stale_keys, stale_values = native.key_buffer(*keys.shape, dtype, "cpu").copy_(keys), values.clone()
     for b, n in enumerate(lengths.tolist()):  # what lies past a row's length (stale or unwritten) is never read
         stale_keys[b, :, n:] = float("nan")
         stale_values[b, :, n:] = float("nan")
     stale_keys[rows:] = float("nan")  # nor slots past the rows
-    assert torch.equal(native.decode_attention(lib, query, stale_keys, stale_values, lengths, scale), got)
+    assert torch.equal(attend(lib, query, stale_keys, stale_values, lengths, scale), got)
+    # the step's new keys and values, written by the kernel at each row's last position, are what it attends to
+    new_key = torch.randn(rows, kv_heads, 3 * dim, generator=torch.Generator().manual_seed(2)).to(dtype)[..., :dim]
+    new_value = torch.randn(rows, 2 * kv_heads, dim, generator=torch.Generator().manual_seed(3)).to(dtype)[:, ::2]
+    written = attend(lib, query, stale_keys, stale_values, lengths, scale, new_key, new_value)
+    last = lengths - 1
+    assert torch.equal(stale_keys[torch.arange(rows), :, last], new_key)
+    assert torch.equal(stale_values[torch.arange(rows), :, last], new_value)
+    assert torch.allclose(
+        written.double(), formula(query, stale_keys, stale_values, lengths, scale), rtol=tolerance, atol=tolerance
+    )
+    assert not torch.equal(written, got)
 
 
 def test_a_rows_numbers_do_not_depend_on_its_neighbours_the_buffer_or_the_threads(lib):
@@ -75,32 +93,36 @@ def test_a_rows_numbers_do_not_depend_on_its_neighbours_the_buffer_or_the_thread
     keys, values = buffers(rows, rows, kv_heads, width, dim, torch.bfloat16, seed=2)
     query = torch.randn(rows, heads, 1, dim, generator=torch.Generator().manual_seed(3)).bfloat16()
     lengths = torch.randint(1, width + 1, (rows,), generator=torch.Generator().manual_seed(4))
-    together = native.decode_attention(lib, query, keys, values, lengths, 0.125)
+    together = attend(lib, query, keys, values, lengths, 0.125)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = native.decode_attention(lib, query, keys, values, lengths, 0.125)
+        single = attend(lib, query, keys, values, lengths, 0.125)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, together)
     for b in (0, 5, 11):  # alone, in a one-slot buffer of another width
         n = int(lengths[b])
-        k = torch.zeros(1, kv_heads, n + 16, dim, dtype=torch.bfloat16)
-        v = torch.zeros_like(k)
+        k = native.key_buffer(1, kv_heads, n + 16, dim, torch.bfloat16, "cpu")
+        v = torch.zeros(k.shape, dtype=torch.bfloat16)
         k[0, :, :n], v[0, :, :n] = keys[b, :, :n], values[b, :, :n]
-        alone = native.decode_attention(lib, query[b : b + 1], k, v, lengths[b : b + 1], 0.125)
+        alone = attend(lib, query[b : b + 1], k, v, lengths[b : b + 1], 0.125)
         assert torch.equal(alone[0], together[b]), b
 
 
 def test_what_it_does_not_read_is_refused_in_one_line(lib):
     keys, values = buffers(2, 2, 1, 16, 8, torch.float32)
     query = torch.randn(2, 1, 1, 8)
-    with pytest.raises(ValueError, match="whole fp32 or bf16 buffers"):
-        native.decode_attention(lib, query, keys[:, :, :8], values[:, :, :8], torch.tensor([3, 4]), 1.0)
-    with pytest.raises(ValueError, match="whole fp32 or bf16 buffers"):
-        native.decode_attention(lib, query, keys.half(), values.half(), torch.tensor([3, 4]), 1.0)
+    with pytest.raises(ValueError, match="a key_buffer and whole values"):
+        attend(lib, query, keys[:, :, :8], values[:, :, :8], torch.tensor([3, 4]), 1.0)
+    with pytest.raises(ValueError, match="a key_buffer and whole values"):
+        attend(lib, query, values, values, torch.tensor([3, 4]), 1.0)  # keys not laid out as a key_buffer
+    with pytest.raises(ValueError, match="a key_buffer and whole values"):
+        attend(lib, query, keys.half(), values.half(), torch.tensor([3, 4]), 1.0)
+    with pytest.raises(ValueError, match=r"new keys and values must be \(2, 1, 8\)"):
+        attend(lib, query, keys, values, torch.tensor([3, 4]), 1.0, torch.zeros(2, 8), torch.zeros(2, 8))
     with pytest.raises(RuntimeError, match="no keys"):
-        native.decode_attention(lib, query, keys, values, torch.tensor([0, 4]), 1.0)
+        attend(lib, query, keys, values, torch.tensor([0, 4]), 1.0)
 
 
 def test_the_build_is_cached_and_follows_its_source(lib, tmp_path, monkeypatch):
@@ -125,8 +147,9 @@ def test_two_processes_building_at_once_both_load_it(tmp_path):
         pytest.skip("no C compiler here")
     script = (
         "import torch\nfrom orca2 import native\nlib = native.library()\nassert lib is not None\ntorch.manual_seed(0)\n"
-        "k = torch.randn(1, 1, 4, 8); q = torch.randn(1, 1, 1, 8)\n"
-        "print(native.decode_attention(lib, q, k, k, torch.tensor([4]), 1.0).sum().item())\n"
+        "k = native.key_buffer(1, 1, 4, 8, torch.float32, 'cpu').copy_(torch.randn(1, 1, 4, 8))\n"
+        "q, v = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 4, 8)\n"
+        "print(native.decode_attention(lib, q, None, None, k, v, torch.tensor([4]), 1.0).sum().item())\n"
     )
     env = {**os.environ, "ORCA2_CACHE_DIR": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE) for _ in range(2)]
