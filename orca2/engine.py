@@ -199,6 +199,19 @@ def _prefill_attention(seg: _Segment, q: Any, k: Any, v: Any, p: int, scale: flo
     return (out[0] if len(out) == 1 else torch.cat(out, 1))[:, :n]
 
 
+def available_memory() -> int:
+    """Bytes a process can still take: MemAvailable (free memory plus what the page cache would give back), else
+    the free pages alone."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def padded_rows(rows: int) -> int:
     """Rows a decode step computes for `rows` sequences: below 12, the next multiple of 4 (see KEY_ALIGN)."""
     return rows if rows >= 12 else -(-rows // 4) * 4
@@ -343,7 +356,7 @@ class _Fused:
             return True
         everything = [p for layer in self.products for p in layer] + [self.head]
         size = sum(p.weight.numel() * p.weight.element_size() for p in everything)
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = available_memory()
         usable = (
             dtype == torch.bfloat16
             and self.head.weight.device.type == "cpu"
@@ -506,7 +519,7 @@ class Engine:
         if device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
         else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            free = available_memory()
         fit = max(1, int(0.4 * free) // per_slot)
         if fit < self.requested_slots:
             log.warning(

@@ -229,13 +229,21 @@ def test_shared_prefixes_are_prefilled_once_and_change_nothing(peaky):
         assert engine.prefill_tokens_saved >= 4 * len(system) + 4 * len(other)
 
 
+def test_available_memory_is_what_the_kernel_says_a_process_can_take():
+    from orca2.engine import available_memory
+
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    assert 0 < available_memory() <= info["MemTotal"]  # MemAvailable: free plus reclaimable page cache
+
+
 def test_slots_shrink_to_the_memory_there_is(peaky, monkeypatch, caplog):
     from orca2 import engine as local
 
     model, tok, ids = peaky
     stops = stop_token_ids(tok, model)
     expected = reference_greedy(model, tok, ids[:4], 10, stops)
-    monkeypatch.setattr(local.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 10, "SC_PAGE_SIZE": 4096}[name])
+    monkeypatch.setattr(local, "available_memory", lambda: 40960)
     engine, done = run_engine(model, [Job(str(i), x, 1, 10) for i, x in enumerate(ids[:4])], 8, stops=stops)
     assert engine.slots == 1 and engine.peak_active == 1 and "decoding 1 at a time" in caplog.text
     assert [done[str(i)].outputs[0][0] for i in range(4)] == expected
@@ -329,8 +337,8 @@ def test_packed_products_give_the_same_logits_and_follow_the_model(wider, monkey
         packed.run(jobs(), lambda job: None, lambda job, reason: pytest.fail(reason))
         if packed.fused.packed_for != torch.bfloat16:
             pytest.skip("oneDNN's packed products are not available (or not the same numbers) here")
-        with monkeypatch.context() as m:
-            m.setattr(local._Fused, "pack", lambda self, rows: False)
+        with monkeypatch.context() as m:  # too little memory for the packed copy: plain products
+            m.setattr(local, "available_memory", lambda: sum(p.numel() * 2 for p in model.parameters()))
             plain = RecordingEngine(model, stops, slots=8)
             plain.run(jobs(), lambda job: None, lambda job, reason: pytest.fail(reason))
         assert plain.fused.products[0][0].packed is None
