@@ -232,13 +232,31 @@ def resolve_dtype(name: str, device: str) -> Any:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # tokenizer.json read as it is, no model code
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    """The tokenizer class a folder's tokenizer_config.json names (None: none named, or no tokenizer.json)."""
+    import json
+
+    try:
+        if not (folder / "tokenizer.json").exists():
+            return None
+        return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_tokenizer(target: str) -> Any:
     """The tokenizer of an HF folder, a .gguf file or 'default', with a one-line error when there is none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder, kwargs = local_files(target)
+    loader = AutoTokenizer
+    if not kwargs and _tokenizer_class(folder) in GENERIC_TOKENIZERS:
+        loader = PreTrainedTokenizerFast  # what AutoTokenizer would build, without its ≈ 1 s of looking it up
     try:
-        return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        return loader.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as exc:
         raise Orca2Error(f"{folder}: cannot load a tokenizer ({str(exc).splitlines()[0][:160]})") from None
 
