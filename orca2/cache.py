@@ -83,15 +83,18 @@ class ResponseCache:
 
 
 def describe_cache() -> str:
-    """`orca2 cache`: one line per converted model and for the response cache (size, last use, what, where)."""
+    """`orca2 cache`: one line per converted model, per built kernel and for the response cache (size, last use,
+    what, where)."""
     import time
 
+    from orca2.native import builds
     from orca2.weights import list_entries
 
     rows = [
         (r["what"] + ("" if r["whole"] else " (incomplete)"), r["bytes"], r["last_used"], r["folder"])
         for r in list_entries()
     ]
+    rows += [(f"native kernel {p.stem}", p.stat().st_size, p.stat().st_mtime, str(p)) for p in builds()]
     responses = default_cache_dir() / "responses.jsonl"
     if responses.exists():
         with open(responses, "rb") as f:
@@ -115,10 +118,12 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def clear_cache(models: bool, responses: bool) -> str:
-    """`orca2 cache clear`: remove the converted models (rebuilt on next use) and/or the cached responses."""
+def clear_cache(models: bool, responses: bool, kernels: bool = False) -> str:
+    """`orca2 cache clear`: remove the converted models and built kernels (rebuilt on next use) and/or the cached
+    responses."""
     import shutil
 
+    from orca2.native import builds
     from orca2.weights import list_entries
 
     said = []
@@ -127,6 +132,11 @@ def clear_cache(models: bool, responses: bool) -> str:
         for row in entries:
             shutil.rmtree(row["folder"], ignore_errors=True)
         said.append(f"removed {len(entries)} converted model(s)")
+    if kernels:
+        built = builds()
+        for path in built:
+            path.unlink(missing_ok=True)
+        said.append(f"removed {len(built)} native kernel(s)")
     if responses:
         path = default_cache_dir() / "responses.jsonl"
         if path.exists():

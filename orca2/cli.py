@@ -186,7 +186,7 @@ def run(
 @cli.group("cache", invoke_without_command=True)
 @click.pass_context
 def cache(ctx: click.Context) -> None:
-    """List what orca2 keeps in its cache ($ORCA2_CACHE_DIR): converted models and teacher responses."""
+    """List what orca2 keeps in its cache ($ORCA2_CACHE_DIR): converted models, native kernels, teacher responses."""
     if ctx.invoked_subcommand is None:
         from orca2.cache import describe_cache
 
@@ -196,13 +196,14 @@ def cache(ctx: click.Context) -> None:
 @cache.command("clear")
 @click.option("--models", "models_", is_flag=True, help="Remove the converted models (rebuilt on next use).")
 @click.option("--responses", is_flag=True, help="Remove the cached teacher responses (asked again, and paid, then).")
-def cache_clear(models_: bool, responses: bool) -> None:
-    """Remove converted models and/or cached responses."""
+@click.option("--kernels", is_flag=True, help="Remove the built native kernels (rebuilt on next use, ≈ 0.2 s).")
+def cache_clear(models_: bool, responses: bool, kernels: bool) -> None:
+    """Remove converted models, native kernels and/or cached responses."""
     from orca2.cache import clear_cache
 
-    if not (models_ or responses):
-        raise Orca2Error("cache clear: say what to clear: --models, --responses or both")
-    click.echo(clear_cache(models_, responses))
+    if not (models_ or responses or kernels):
+        raise Orca2Error("cache clear: say what to clear: --models, --kernels, --responses, or several")
+    click.echo(clear_cache(models_, responses, kernels))
 
 
 def main(argv: list[str] | None = None) -> None:

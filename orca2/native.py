@@ -90,6 +90,7 @@ def _build(root: str, compiler: str | None) -> Any:
             log.warning("native kernels did not build (%s): the engine attends with torch products", last)
             return None
         os.replace(tmp, target)  # atomic: a concurrent build of the same key keeps one whole file
+    os.utime(target)  # its last use, for `orca2 cache`
     lib = ctypes.CDLL(str(target))
     fn = lib.orca2_decode_attention
     fn.restype = ctypes.c_int
@@ -105,6 +106,12 @@ def key_buffer(slots: int, kv_heads: int, width: int, dim: int, dtype: Any, devi
     import torch
 
     return torch.empty((slots, kv_heads, dim, width), dtype=dtype, device=device).transpose(-1, -2)
+
+
+def builds(root: Path | None = None) -> list[Path]:
+    """The kernels built under the cache (`orca2 cache` lists them, `orca2 cache clear --kernels` removes them)."""
+    folder = (root or cache_root()) / "native"
+    return sorted(folder.glob("*.so")) if folder.is_dir() else []
 
 
 def decode_attention(

@@ -121,9 +121,15 @@ def test_cache_command_lists_and_clears(tmp_path, run_cli):
         [sys.executable, "-c", code, str(Path(__file__).parent), str(source)], check=True, env={**os.environ, **env}
     )
     (tmp_path / "c" / "responses.jsonl").write_text(json.dumps({"key": "k"}) + "\n")
+    (tmp_path / "c" / "native").mkdir()
+    (tmp_path / "c" / "native" / "decode_attention-0123456789abcdef.so").write_bytes(b"\0" * 2048)
     listed = run_cli("cache", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "m.gguf as float32" in listed.stdout and "responses" in listed.stdout and "KB" in listed.stdout
+    assert "native kernel decode_attention-0123456789abcdef" in listed.stdout
+    cleared = run_cli("cache", "clear", "--kernels", env=env)
+    assert cleared.returncode == 0 and "removed 1 native kernel" in cleared.stdout
+    assert not list((tmp_path / "c" / "native").glob("*.so")) and list((tmp_path / "c" / "models").glob("m-*"))
     cleared = run_cli("cache", "clear", "--models", env=env)
     assert cleared.returncode == 0 and "removed 1 converted model" in cleared.stdout
     assert (tmp_path / "c" / "responses.jsonl").exists() and not list((tmp_path / "c" / "models").glob("m-*"))
