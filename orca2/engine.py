@@ -629,8 +629,9 @@ class Engine:
         active = len(rows)
         device = lengths.device
         positions = lengths[:active].clone()
-        step.active, step.positions, step.rows = active, positions, torch.arange(active, device=device)
-        if step.native is None:
+        step.active, step.positions = active, positions
+        if step.native is None:  # torch products: index writes, and a mask over the longest span
+            step.rows = torch.arange(active, device=device)
             step.span = min(-(-(int(positions.max()) + 1) // KEY_ALIGN) * KEY_ALIGN, step.keys[0].shape[2])
             visible = torch.arange(step.span, device=device)[None, :] <= positions[:, None]
             bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))

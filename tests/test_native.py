@@ -55,14 +55,17 @@ def formula(query, keys, values, lengths, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "heads,kv_heads,dim", [(4, 4, 64), (4, 1, 64), (9, 3, 64), (6, 2, 24)], ids=["MHA", "MQA", "GQA-3", "dim-24"]
+    "heads,kv_heads,dim",
+    [(4, 4, 64), (4, 1, 64), (9, 3, 64), (6, 2, 24), (2, 1, 288)],
+    ids=["MHA", "MQA", "GQA-3", "dim-24", "dim-288"],  # 288: value dims summed in two chunks (DIM_MAX 256)
 )
 def test_decode_attention_is_the_formula_over_each_rows_own_keys(lib, dtype, heads, kv_heads, dim):
-    rows, slots, width = 7, 9, 80
+    rows, slots, width = 7, 9, 300
     keys, values = buffers(rows, slots, kv_heads, width, dim, dtype)
     # the query, new keys and new values as views with strides of their own, as a model's split products give them
     query = torch.randn(rows, heads, 1, 2 * dim, generator=torch.Generator().manual_seed(1)).to(dtype)[..., ::2]
-    lengths = torch.tensor([1, 80, 17, 33, 64, 2, 79])  # one key, the whole width, and lengths off every block size
+    # one key, the whole width, and lengths on and off the kernel's blocks of 128 keys
+    lengths = torch.tensor([1, 300, 17, 129, 128, 2, 257])
     scale = dim**-0.5
     got = attend(lib, query, keys, values, lengths, scale)
     assert got.shape == (rows, 1, heads, dim) and got.dtype == dtype

@@ -36,16 +36,23 @@ static inline float widen(uint16_t x) {
     return f;
 }
 
-/* One (row, kv head): write its new key and value at n - 1 (if given), then `group` queries over its n keys;
- * scores: width floats of scratch. */
+/* One item, (row, kv head) number `item`: write its new key and value at n - 1 (if given), then `group` queries
+ * over its n keys; the arguments are the whole buffers (as orca2_decode_attention takes them); scores: width floats
+ * of scratch. */
 #define ONE(NAME, T, LOAD)                                                                                          \
-    static void NAME(const float *q, const T *knew, const T *vnew, T *kt, T *v, float *out, float *scores,         \
-                     int64_t n, int64_t group, int64_t width, int64_t dim, float scale) {                           \
-        if (knew != NULL)                                                                                           \
+    static void NAME(const float *query, const void *knew_all, const void *vnew_all, void *kt_all, void *v_all,    \
+                     float *out_all, float *scores, int64_t item, int64_t n, int64_t group, int64_t width,          \
+                     int64_t dim, float scale) {                                                                    \
+        const float *q = query + item * group * dim;                                                                \
+        float *out = out_all + item * group * dim;                                                                  \
+        T *kt = (T *)kt_all + item * width * dim, *v = (T *)v_all + item * width * dim;                             \
+        if (knew_all != NULL) {                                                                                     \
+            const T *knew = (const T *)knew_all + item * dim, *vnew = (const T *)vnew_all + item * dim;             \
             for (int64_t d = 0; d < dim; d++) {                                                                     \
                 kt[d * width + n - 1] = knew[d];                                                                    \
                 v[(n - 1) * dim + d] = vnew[d];                                                                     \
             }                                                                                                       \
+        }                                                                                                           \
         for (int64_t g = 0; g < group; g++) {                                                                       \
             const float *qg = q + g * dim;                                                                          \
             for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {                                                             \
@@ -90,23 +97,13 @@ int orca2_decode_attention(const float *q, const void *knew, const void *vnew, v
     {
         float *scores = malloc(sizeof(float) * width); /* every thread meets the loop, even without it */
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < rows * kv_heads; item++) {
+        for (int64_t item = 0; item < rows * kv_heads; item++) { /* item = row * kv_heads + kv head */
             const int64_t b = item / kv_heads;
             const int64_t n = lengths[b] < width ? lengths[b] : width;
-            const int64_t cache = item * width * dim, fresh = item * dim, head = item * group * dim;
-            if (scores == NULL || n < 1) {
+            if (scores == NULL || n < 1)
                 failed = 1;
-            } else if (bf16) {
-                const uint16_t *kn = knew ? (const uint16_t *)knew + fresh : NULL;
-                const uint16_t *vn = vnew ? (const uint16_t *)vnew + fresh : NULL;
-                one_bf16(q + head, kn, vn, (uint16_t *)kt + cache, (uint16_t *)v + cache, out + head, scores, n,
-                         group, width, dim, scale);
-            } else {
-                const float *kn = knew ? (const float *)knew + fresh : NULL;
-                const float *vn = vnew ? (const float *)vnew + fresh : NULL;
-                one_f32(q + head, kn, vn, (float *)kt + cache, (float *)v + cache, out + head, scores, n, group,
-                        width, dim, scale);
-            }
+            else
+                (bf16 ? one_bf16 : one_f32)(q, knew, vnew, kt, v, out, scores, item, n, group, width, dim, scale);
         }
         free(scores);
     }
