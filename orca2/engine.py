@@ -480,7 +480,8 @@ class Engine:
         width = -(-capacity // KEY_ALIGN) * KEY_ALIGN  # positions per slot in the buffers
         kernels = native.library() if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
         held = dtype if kernels is not None else cache_dtype(dtype)  # the kernel widens bf16 as it reads it
-        self.slots = min(self.requested_slots, self._slots_that_fit(width, 2 * held.itemsize, device))
+        padded = -(-width // native.PITCH) * native.PITCH if kernels is not None else width  # key rows' pitch
+        self.slots = min(self.requested_slots, self._slots_that_fit(padded, 2 * held.itemsize, device))
         shape = (self.slots, self.kv_heads, width, self.head_dim)
         if kernels is not None:  # keys laid out as the kernel reads them; nothing past a sequence's length is read
             keys = [native.key_buffer(*shape, held, device) for _ in range(self.layers)]

@@ -94,18 +94,34 @@ def _build(root: str, compiler: str | None) -> Any:
     lib = ctypes.CDLL(str(target))
     fn = lib.orca2_decode_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     log.info("native decode attention: %s", target)
     return lib
 
 
+PITCH = 64  # key rows are padded to a multiple of this many keys (the kernel reads its blocks of keys whole)
+
+
 def key_buffer(slots: int, kv_heads: int, width: int, dim: int, dtype: Any, device: Any) -> Any:
-    """A layer's key buffer as decode_attention reads it: (slots, kv_heads, dim, width) in memory, handed out as its
-    (slots, kv_heads, width, dim) view, so writes index it like the value buffer. Uninitialised: nothing past a
-    sequence's length is read."""
+    """A layer's key buffer as decode_attention reads it: (slots, kv_heads, dim, pitch) in memory, the pitch `width`
+    rounded up to a multiple of PITCH, handed out as its (slots, kv_heads, width, dim) view, so writes index it like
+    the value buffer. Uninitialised: the scores of keys past a sequence's length are thrown away unused."""
     import torch
 
-    return torch.empty((slots, kv_heads, dim, width), dtype=dtype, device=device).transpose(-1, -2)
+    pitch = -(-width // PITCH) * PITCH
+    whole = torch.empty((slots, kv_heads, dim, pitch), dtype=dtype, device=device)
+    return whole[..., :width].transpose(-1, -2)
+
+
+def _pitch(keys: Any) -> int | None:
+    """The pitch of a whole key_buffer (as key_buffer made it, with its memory behind it), else None."""
+    slots, kv_heads, width, dim = keys.shape
+    pitch = keys.stride(3)
+    laid = keys.stride() == (kv_heads * dim * pitch, dim * pitch, 1, pitch) and pitch % PITCH == 0
+    held = (keys.storage_offset() + slots * kv_heads * dim * pitch) * keys.element_size()
+    if laid and pitch >= width and held <= keys.untyped_storage().nbytes():
+        return pitch
+    return None
 
 
 def builds(root: Path | None = None) -> list[Path]:
@@ -127,8 +143,8 @@ def decode_attention(
     rows, heads, _, dim = query.shape
     kv_heads, width = keys.shape[1], keys.shape[2]
     held = keys.dtype in (torch.float32, torch.bfloat16) and values.dtype == keys.dtype
-    laid = keys.transpose(-1, -2).is_contiguous() and values.is_contiguous() and keys.device.type == "cpu"
-    if not (held and laid):
+    pitch = _pitch(keys) if keys.device.type == "cpu" and values.is_contiguous() else None
+    if not held or pitch is None or values.shape != keys.shape:
         raise ValueError("native decode attention reads a key_buffer and whole values, fp32 or bf16, in CPU memory")
     if key is not None:
         key, value = key.to(keys.dtype).contiguous(), value.to(keys.dtype).contiguous()
@@ -149,11 +165,14 @@ def decode_attention(
         kv_heads,
         heads // kv_heads,
         width,
+        pitch,
         dim,
         scale,
         int(keys.dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
     if failed:
-        raise RuntimeError("native decode attention: a row with no keys, or no memory for its scores")
+        raise RuntimeError(
+            "native decode attention: a row with no keys or more than the buffer holds, or no memory for its scores"
+        )
     return out.view(rows, 1, heads, dim).to(query.dtype)

@@ -56,15 +56,17 @@ def formula(query, keys, values, lengths, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "heads,kv_heads,dim",
-    [(4, 4, 64), (4, 1, 64), (9, 3, 64), (6, 2, 24), (2, 1, 288)],
-    ids=["MHA", "MQA", "GQA-3", "dim-24", "dim-288"],  # 288: value dims summed in two chunks (DIM_MAX 256)
+    [(4, 4, 64), (4, 1, 64), (9, 3, 64), (7, 1, 128), (6, 2, 128), (6, 2, 24), (2, 1, 288)],
+    # queries go four at a time (GQA-7: 4 + 3), dims 64 and 128 in registers (128: two queries at a time, GQA-3 as
+    # 2 + 1), other dims in a plain loop; 288: value dims summed in two chunks (DIM_MAX 256)
+    ids=["MHA", "MQA", "GQA-3", "GQA-7-dim-128", "GQA-3-dim-128", "dim-24", "dim-288"],
 )
 def test_decode_attention_is_the_formula_over_each_rows_own_keys(lib, dtype, heads, kv_heads, dim):
     rows, slots, width = 7, 9, 300
     keys, values = buffers(rows, slots, kv_heads, width, dim, dtype)
     # the query, new keys and new values as views with strides of their own, as a model's split products give them
     query = torch.randn(rows, heads, 1, 2 * dim, generator=torch.Generator().manual_seed(1)).to(dtype)[..., ::2]
-    # one key, the whole width, and lengths on and off the kernel's blocks of 128 keys
+    # one key, the whole width (300: the key rows' pitch is 320), and lengths on and off the kernel's blocks of 64 keys
     lengths = torch.tensor([1, 300, 17, 129, 128, 2, 257])
     scale = dim**-0.5
     got = attend(lib, query, keys, values, lengths, scale)
@@ -124,8 +126,12 @@ def test_what_it_does_not_read_is_refused_in_one_line(lib):
         attend(lib, query, keys.half(), values.half(), torch.tensor([3, 4]), 1.0)
     with pytest.raises(ValueError, match=r"new keys and values must be \(2, 1, 8\)"):
         attend(lib, query, keys, values, torch.tensor([3, 4]), 1.0, torch.zeros(2, 8), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="a key_buffer and whole values"):  # rows of 16 keys: blocks are 64
+        attend(lib, query, torch.zeros(2, 1, 8, 16).transpose(-1, -2), values, torch.tensor([3, 4]), 1.0)
     with pytest.raises(RuntimeError, match="no keys"):
         attend(lib, query, keys, values, torch.tensor([0, 4]), 1.0)
+    with pytest.raises(RuntimeError, match="more than the buffer holds"):
+        attend(lib, query, keys, values, torch.tensor([3, 17]), 1.0)
 
 
 def test_the_build_is_cached_and_follows_its_source(lib, tmp_path, monkeypatch):

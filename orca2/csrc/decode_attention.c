@@ -1,109 +1,234 @@
 /* Decode attention over the local engine's slot buffers (orca2.engine, loaded through orca2.native).
  *
- * One new query token per sequence, over that sequence's own keys only: row b reads lengths[b] keys of its slot,
+ * One new query token per sequence, over that sequence's own keys only: row b uses lengths[b] keys of its slot,
  * not the batch's longest span. Keys and values are read in the model's dtype (fp32, or bf16 widened to fp32 as it
- * is read, which is exact) and everything is computed in fp32. Keys are held transposed, (dim, width) per slot and
- * head, so a score is built across 16 keys at once with no sum across lanes; values keep (width, dim).
+ * is read, which is exact) and everything is computed in fp32.
+ *
+ * Written with the compiler's vector extensions (GCC >= 9, Clang): VEC floats a register, which -march=native maps
+ * to AVX-512, or AVX2 / SSE in halves. Accumulators stay in registers:
+ *   scores  keys are held transposed, (dim, pitch) per slot and head, so 16 keys are scored at once along dim with
+ *           no sum across lanes; a block of 128 (or 64) keys is 8 (or 4) independent accumulators. Key rows are
+ *           padded to a multiple of PITCH keys (orca2.native.key_buffer), so blocks are read whole: the scores of
+ *           keys past a row's length are computed from whatever memory lies there and thrown away unused.
+ *   values  (width, dim) per slot and head; a head of dim <= 128 (a multiple of 16) sums its weighted values in
+ *           registers, two keys at a time into two sets of accumulators; other heads take a plain loop.
  *
  * Each (row, kv head) is computed whole by one thread, in an order that depends on its own length only: a row's
- * output is the same bit for bit whatever the batch, the slot count or the thread count (the engine's layout
- * invariance).
+ * output is the same bit for bit whatever the batch, the slot count, the buffer width or the thread count (the
+ * engine's layout invariance).
  *
  * The step's new key and value of each row (its last, at lengths[b] - 1) are written into the buffers first, by the
  * thread that then reads them.
  *
- * Layouts, contiguous:
+ * Layouts:
  *   q, out       fp32 (rows, kv_heads * group, dim)                 query head h * group + g reads kv head h
  *   knew, vnew   the buffers' dtype (rows, kv_heads, dim)           this step's keys and values (NULL: none to write)
- *   kt           fp32 or bf16 (slots >= rows, kv_heads, dim, width) keys, transposed
+ *   kt           fp32 or bf16 (slots >= rows, kv_heads, dim, pitch) keys, transposed; pitch a multiple of PITCH
  *   v            fp32 or bf16 (slots >= rows, kv_heads, width, dim) values
- *   lengths      int64 (rows,)                                      keys valid per row (its position + 1)
+ *   lengths      int64 (rows,)                                      keys used per row (its position + 1), <= width
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 128   /* keys scored at once: 8 AVX-512 accumulators, summed along dim with no sum across lanes */
-#define DIM_MAX 256 /* value dims summed at once (longer heads go in chunks of this many) */
+#define LANES 16    /* floats in a VEC */
+#define PITCH 64    /* key rows are padded to a multiple of this many keys (4 VECs) */
+#define DIM_MAX 256 /* value dims a plain-loop head sums at once (longer heads go in chunks of this many) */
 
-static inline float same(float x) { return x; }
+typedef float VEC __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint32_t WORDS __attribute__((vector_size(LANES * sizeof(uint32_t))));
 
-static inline float widen(uint16_t x) {
+#define INLINE static inline __attribute__((always_inline))
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "bf16 pairs are split as little-endian words" /* the build fails: the engine attends with torch instead */
+#endif
+
+#if defined(__clang__) || __GNUC__ >= 12
+#define ZIP_LO(a, b) __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23)
+#define ZIP_HI(a, b) __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)
+#else
+typedef int32_t INDEX __attribute__((vector_size(LANES * sizeof(int32_t))));
+#define ZIP_LO(a, b) __builtin_shuffle(a, b, (INDEX){0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23})
+#define ZIP_HI(a, b) __builtin_shuffle(a, b, (INDEX){8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31})
+#endif
+
+INLINE VEC load(const float *p) {
+    VEC x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+INLINE void store(float *p, VEC x) { memcpy(p, &x, sizeof x); }
+
+/* 32 values at p as two VECs, and back: for fp32 the first 16 and the next 16; for bf16 the even-numbered and the
+ * odd-numbered ones (a bf16 is the top half of its float, so one load and one mask or shift per 16 values widens
+ * them exactly). Products and sums are lane by lane, so either split gives the same numbers once stored back. */
+INLINE void load2_float(const float *p, VEC *a, VEC *b) {
+    *a = load(p);
+    *b = load(p + LANES);
+}
+
+INLINE void store2_float(float *p, VEC a, VEC b) {
+    store(p, a);
+    store(p + LANES, b);
+}
+
+INLINE void load2_bf16(const uint16_t *p, VEC *even, VEC *odd) {
+    WORDS w;
+    memcpy(&w, p, sizeof w);
+    const WORDS lo = w << 16, hi = w & 0xFFFF0000u;
+    memcpy(even, &lo, sizeof lo);
+    memcpy(odd, &hi, sizeof hi);
+}
+
+INLINE void store2_bf16(float *p, VEC even, VEC odd) {
+    store(p, ZIP_LO(even, odd));
+    store(p + LANES, ZIP_HI(even, odd));
+}
+
+INLINE float widen(uint16_t x) {
     const uint32_t bits = (uint32_t)x << 16;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
-/* One item, (row, kv head) number `item`: write its new key and value at n - 1 (if given), then `group` queries
- * over its n keys; the arguments are the whole buffers (as orca2_decode_attention takes them); scores: width floats
- * of scratch. */
-#define ONE(NAME, T, LOAD)                                                                                          \
-    static void NAME(const float *query, const void *knew_all, const void *vnew_all, void *kt_all, void *v_all,    \
-                     float *out_all, float *scores, int64_t item, int64_t n, int64_t group, int64_t width,          \
-                     int64_t dim, float scale) {                                                                    \
+INLINE float same(float x) { return x; }
+
+/* Per dtype T (float, bf16 as uint16_t), NAME its load2/store2 and LOAD its scalar load. `c` queries of a head
+ * group go together (up to 4), so each key and value is loaded once for all of them: */
+#define KERNELS(T, NAME, LOAD)                                                                                      \
+    /* scores of PITCH keys: scores[i * stride + j] = scale * sum over d of q[i * dim + d] * kt[d * pitch + j] */    \
+    INLINE void score_##NAME(const float *q, const T *kt, int64_t pitch, int64_t dim, float scale, float *scores,   \
+                             int64_t stride, const int c) {                                                         \
+        VEC acc[4][4] = {0}, k[4];                                                                                \
+        for (int64_t d = 0; d < dim; d++) {                                                                         \
+            load2_##NAME(kt + d * pitch, &k[0], &k[1]);                                                             \
+            load2_##NAME(kt + d * pitch + 2 * LANES, &k[2], &k[3]);                                                 \
+            for (int i = 0; i < c; i++) {                                                                           \
+                const VEC qd = (VEC){0} + q[i * dim + d];                                                           \
+                for (int m = 0; m < 4; m++) acc[i][m] += qd * k[m];                                                 \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int i = 0; i < c; i++) {                                                                               \
+            store2_##NAME(scores + i * stride, acc[i][0] * scale, acc[i][1] * scale);                               \
+            store2_##NAME(scores + i * stride + 2 * LANES, acc[i][2] * scale, acc[i][3] * scale);                   \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    /* o[i * dim + d] = sum over j < n of p[i * stride + j] * v[j * dim + d] / totals[i], a head of dim 64 or 128  \
+     * (c <= 4 or 2: at most 16 accumulators) */                                                                    \
+    INLINE void weigh_##NAME(const float *p, int64_t stride, const T *v, int64_t n, const float *totals, float *o,   \
+                             const int dim, const int c) {                                                          \
+        VEC acc[4][8] = {0}, x[8];                                                                                \
+        for (int64_t j = 0; j < n; j++) {                                                                           \
+            for (int m = 0; m < dim / LANES; m += 2) load2_##NAME(v + j * dim + m * LANES, &x[m], &x[m + 1]);       \
+            for (int i = 0; i < c; i++) {                                                                           \
+                const VEC pj = (VEC){0} + p[i * stride + j];                                                        \
+                for (int m = 0; m < dim / LANES; m++) acc[i][m] += pj * x[m];                                       \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int i = 0; i < c; i++) {                                                                               \
+            const float r = 1.0f / totals[i];                                                                       \
+            for (int m = 0; m < dim / LANES; m += 2)                                                                \
+                store2_##NAME(o + i * dim + m * LANES, acc[i][m] * r, acc[i][m + 1] * r);                           \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    /* the same for one query and a head of any dim, in a plain loop */                                           \
+    static void weigh_plain_##NAME(const float *p, const T *v, int64_t n, int64_t dim, float total, float *o) {     \
+        for (int64_t d0 = 0; d0 < dim; d0 += DIM_MAX) {                                                             \
+            const int64_t w = dim - d0 < DIM_MAX ? dim - d0 : DIM_MAX;                                              \
+            float acc[DIM_MAX] = {0};                                                                               \
+            for (int64_t j = 0; j < n; j++) {                                                                       \
+                const T *vj = v + j * dim + d0;                                                                     \
+                for (int64_t d = 0; d < w; d++) acc[d] += p[j] * LOAD(vj[d]);                                       \
+            }                                                                                                       \
+            for (int64_t d = 0; d < w; d++) o[d0 + d] = acc[d] * (1.0f / total);                                    \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    /* c queries (1..4) at q, over the n keys and values of one slot and head; scores: c * pitch floats */         \
+    INLINE void queries_##NAME(const float *q, const T *kt, const T *v, float *out, float *scores, int64_t n,       \
+                               int64_t pitch, int64_t dim, float scale, const int c) {                              \
+        for (int64_t j0 = 0; j0 < n; j0 += PITCH) /* whole blocks: up to PITCH - 1 keys past n, unused */          \
+            score_##NAME(q, kt + j0, pitch, dim, scale, scores + j0, pitch, c);                                     \
+        float totals[4];                                                                                            \
+        for (int i = 0; i < c; i++) {                                                                               \
+            float *s = scores + i * pitch, top = -INFINITY, total = 0.0f;                                           \
+            for (int64_t j = 0; j < n; j++) top = s[j] > top ? s[j] : top;                                          \
+            for (int64_t j = 0; j < n; j++) {                                                                       \
+                s[j] = expf(s[j] - top);                                                                            \
+                total += s[j];                                                                                      \
+            }                                                                                                       \
+            totals[i] = total;                                                                                      \
+        }                                                                                                           \
+        if (dim == 64) {                                                                                            \
+            weigh_##NAME(scores, pitch, v, n, totals, out, 64, c);                                                  \
+        } else if (dim == 128) {                                                                                    \
+            for (int i = 0; i < c; i += 2)                                                                          \
+                if (c - i >= 2)                                                                                     \
+                    weigh_##NAME(scores + i * pitch, pitch, v, n, totals + i, out + i * dim, 128, 2);               \
+                else                                                                                                \
+                    weigh_##NAME(scores + i * pitch, pitch, v, n, totals + i, out + i * dim, 128, 1);               \
+        } else {                                                                                                    \
+            for (int i = 0; i < c; i++) weigh_plain_##NAME(scores + i * pitch, v, n, dim, totals[i], out + i * dim); \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    /* One item, (row, kv head) number `item`: write its new key and value at n - 1 (if given), then its `group`   \
+     * queries over its n keys, four at a time. The arguments are the whole buffers (as orca2_decode_attention      \
+     * takes them); scores: 4 * pitch floats of scratch. */                                                         \
+    static void one_##NAME(const float *query, const void *knew_all, const void *vnew_all, void *kt_all,           \
+                           void *v_all, float *out_all, float *scores, int64_t item, int64_t n, int64_t group,      \
+                           int64_t width, int64_t pitch, int64_t dim, float scale) {                                \
         const float *q = query + item * group * dim;                                                                \
         float *out = out_all + item * group * dim;                                                                  \
-        T *kt = (T *)kt_all + item * width * dim, *v = (T *)v_all + item * width * dim;                             \
+        T *kt = (T *)kt_all + item * pitch * dim, *v = (T *)v_all + item * width * dim;                             \
         if (knew_all != NULL) {                                                                                     \
             const T *knew = (const T *)knew_all + item * dim, *vnew = (const T *)vnew_all + item * dim;             \
             for (int64_t d = 0; d < dim; d++) {                                                                     \
-                kt[d * width + n - 1] = knew[d];                                                                    \
+                kt[d * pitch + n - 1] = knew[d];                                                                    \
                 v[(n - 1) * dim + d] = vnew[d];                                                                     \
             }                                                                                                       \
         }                                                                                                           \
-        for (int64_t g = 0; g < group; g++) {                                                                       \
+        for (int64_t g = 0; g < group; g += 4) {                                                                    \
             const float *qg = q + g * dim;                                                                          \
-            for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {                                                             \
-                const int64_t m = n - j0 < BLOCK ? n - j0 : BLOCK;                                                  \
-                float acc[BLOCK] = {0};                                                                             \
-                for (int64_t d = 0; d < dim; d++) {                                                                 \
-                    const T *row = kt + d * width + j0;                                                             \
-                    const float qd = qg[d];                                                                         \
-                    for (int64_t j = 0; j < m; j++) acc[j] += qd * LOAD(row[j]);                                    \
-                }                                                                                                   \
-                for (int64_t j = 0; j < m; j++) scores[j0 + j] = acc[j] * scale;                                    \
-            }                                                                                                       \
-            float top = -INFINITY, total = 0.0f;                                                                    \
-            for (int64_t j = 0; j < n; j++) top = scores[j] > top ? scores[j] : top;                                \
-            for (int64_t j = 0; j < n; j++) {                                                                       \
-                scores[j] = expf(scores[j] - top);                                                                  \
-                total += scores[j];                                                                                 \
-            }                                                                                                       \
-            float *o = out + g * dim;                                                                               \
-            for (int64_t d0 = 0; d0 < dim; d0 += DIM_MAX) {                                                         \
-                const int64_t w = dim - d0 < DIM_MAX ? dim - d0 : DIM_MAX;                                          \
-                float acc[DIM_MAX] = {0};                                                                           \
-                for (int64_t j = 0; j < n; j++) {                                                                   \
-                    const T *vj = v + j * dim + d0;                                                                 \
-                    const float p = scores[j];                                                                      \
-                    for (int64_t d = 0; d < w; d++) acc[d] += p * LOAD(vj[d]);                                      \
-                }                                                                                                   \
-                for (int64_t d = 0; d < w; d++) o[d0 + d] = acc[d] * (1.0f / total);                                \
+            float *og = out + g * dim;                                                                              \
+            switch (group - g < 4 ? group - g : 4) {                                                                \
+            case 1: queries_##NAME(qg, kt, v, og, scores, n, pitch, dim, scale, 1); break;                          \
+            case 2: queries_##NAME(qg, kt, v, og, scores, n, pitch, dim, scale, 2); break;                          \
+            case 3: queries_##NAME(qg, kt, v, og, scores, n, pitch, dim, scale, 3); break;                          \
+            default: queries_##NAME(qg, kt, v, og, scores, n, pitch, dim, scale, 4);                                \
             }                                                                                                       \
         }                                                                                                           \
     }
 
-ONE(one_f32, float, same)
-ONE(one_bf16, uint16_t, widen)
+KERNELS(float, float, same)
+KERNELS(uint16_t, bf16, widen)
 
-/* Returns 0, or 1 where a row had no keys or a thread had no memory for its scores. bf16: 1 for bf16 buffers. */
+/* Returns 0, or 1 where a row had no keys (or more than width), the pitch is not whole blocks, or a thread had no
+ * memory for its scores.
+ * bf16: 1 for bf16 buffers. */
 int orca2_decode_attention(const float *q, const void *knew, const void *vnew, void *kt, void *v,
                            const int64_t *lengths, float *out, int64_t rows, int64_t kv_heads, int64_t group,
-                           int64_t width, int64_t dim, float scale, int bf16, int threads) {
+                           int64_t width, int64_t pitch, int64_t dim, float scale, int bf16, int threads) {
+    if (pitch % PITCH != 0 || pitch < width) return 1; /* blocks would be read past the rows */
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *scores = malloc(sizeof(float) * width); /* every thread meets the loop, even without it */
+        float *scores = malloc(sizeof(float) * 4 * pitch); /* every thread meets the loop, even without it */
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < rows * kv_heads; item++) { /* item = row * kv_heads + kv head */
-            const int64_t b = item / kv_heads;
-            const int64_t n = lengths[b] < width ? lengths[b] : width;
-            if (scores == NULL || n < 1)
+            const int64_t b = item / kv_heads, n = lengths[b];
+            if (scores == NULL || n < 1 || n > width)
                 failed = 1;
+            else if (bf16)
+                one_bf16(q, knew, vnew, kt, v, out, scores, item, n, group, width, pitch, dim, scale);
             else
-                (bf16 ? one_bf16 : one_f32)(q, knew, vnew, kt, v, out, scores, item, n, group, width, dim, scale);
+                one_float(q, knew, vnew, kt, v, out, scores, item, n, group, width, pitch, dim, scale);
         }
         free(scores);
     }
