@@ -323,6 +323,8 @@ class _Fused:
         head = model.lm_head
         self.head = _Product(head.weight, head.bias)
         self.packed_for: Any = None  # the dtype the products are packed for
+        self.ops: Any = None  # orca2.native's library where its small ops replace the modules' (bf16 on CPU)
+        self.ops_checked: dict[Any, bool] = {}  # per dtype: whether they compute as the modules do
 
     @staticmethod
     def fits(model: Any) -> bool:
@@ -379,29 +381,88 @@ class _Fused:
         log.info("local engine: the step's products read weights packed for oneDNN (%.0f MB more memory)", size / 1e6)
         return True
 
+    def use_ops(self, lib: Any) -> bool:
+        """Run the step's norms, rotary embedding and gated activation with orca2.native's small ops (lib: its
+        library, or None) where the model is bf16 on a CPU and the ops compute as its modules do (checked once per
+        dtype on this model's own first layer); True if they are used."""
+        import torch
+
+        dtype, device = self.head.weight.dtype, self.head.weight.device
+        self.ops = None
+        if lib is None or dtype != torch.bfloat16 or device.type != "cpu":
+            return False
+        if dtype not in self.ops_checked:
+            self.ops_checked[dtype] = self._ops_agree(lib)
+            if not self.ops_checked[dtype]:
+                log.info("local engine: the native small ops do not compute as this model's modules; not used")
+        self.ops = lib if self.ops_checked[dtype] else None
+        return self.ops is not None
+
+    def _ops_agree(self, lib: Any) -> bool:
+        """Whether the native ops give the first layer's results on a probe: the rotary embedding bit for bit, the
+        norm and the gated activation within one bf16 step (an fp32 sum of squares or exp may round differently from
+        torch's)."""
+        import torch
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer, inner, dtype = self.layers[0], self.model.model, self.head.weight.dtype
+        norm, attn, mlp = layer.input_layernorm, layer.self_attn, layer.mlp
+        eps = getattr(norm, "variance_epsilon", None)
+        dim, (q_size, k_size, _) = attn.head_dim, self.sizes[0]
+        act = getattr(getattr(self.model.config, "get_text_config", lambda: self.model.config)(), "hidden_act", None)
+        if eps is None or getattr(norm, "weight", None) is None or act != "silu" or dim > 512 or dim % 2:
+            return False
+        g = torch.Generator().manual_seed(0)
+        rows, width = 8, self.products[0][0].weight.shape[0]
+        hidden = torch.randn(rows, 1, norm.weight.shape[0], generator=g).to(dtype)
+        positions = torch.randint(0, 4096, (rows, 1), generator=g)
+        cos, sin = inner.rotary_emb(hidden, positions)
+        joined = torch.randn(rows, 1, width, generator=g).to(dtype)
+        q, k = (
+            x.view(rows, 1, -1, dim).transpose(1, 2) for x in joined[..., : q_size + k_size].split([q_size, k_size], -1)
+        )
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        rotated = native.rope_(lib, joined.clone(), cos, sin, (q_size + k_size) // dim, dim)
+        mine_q, mine_k = rotated[..., :q_size], rotated[..., q_size : q_size + k_size]
+        gated = (torch.randn(rows, 1, 2 * mlp.gate_proj.weight.shape[0], generator=g) * 4).to(dtype)
+        gate, up = gated.chunk(2, -1)
+        step = 2**-7  # bf16's relative spacing
+        return (
+            torch.allclose(native.rms_norm(lib, hidden, norm.weight, eps).float(), norm(hidden).float(), rtol=step)
+            and torch.equal(mine_q, q.transpose(1, 2).reshape(rows, 1, -1))
+            and torch.equal(mine_k, k.transpose(1, 2).reshape(rows, 1, -1))
+            and torch.allclose(native.silu_mul(lib, gated).float(), (mlp.act_fn(gate) * up).float(), rtol=step)
+        )
+
     def decode(self, ids: Any, positions: Any, step: _Step) -> Any:
         """Logits (rows, vocabulary) for one token per row: ids and positions (rows, 1)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        inner = self.model.model
+        inner, ops = self.model.model, self.ops
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
         rows = ids.shape[0]
+
+        def norm(module: Any, x: Any) -> Any:
+            return module(x) if ops is None else native.rms_norm(ops, x, module.weight, module.variance_epsilon)
+
         for layer, sizes, (qkv, o, gate_up, down) in zip(self.layers, self.sizes, self.products):
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = qkv(layer.input_layernorm(hidden)).split(sizes, -1)
-            q, k = apply_rotary_pos_emb(
-                q.view(rows, 1, -1, attn.head_dim).transpose(1, 2),
-                k.view(rows, 1, -1, attn.head_dim).transpose(1, 2),
-                cos,
-                sin,
-            )
-            v = v.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+            attn, mlp, dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
+            joined = qkv(norm(layer.input_layernorm, hidden))
+            if ops is not None:  # queries and keys rotated in place, in the joined product's rows
+                native.rope_(ops, joined, cos, sin, (sizes[0] + sizes[1]) // dim, dim)
+            q, k, v = (x.view(rows, 1, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
+            if ops is None:
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
             out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
             hidden = hidden + o(out.reshape(rows, 1, -1))
-            gate, up = gate_up(layer.post_attention_layernorm(hidden)).chunk(2, -1)
-            hidden = hidden + down(mlp.act_fn(gate) * up)
-        return self.head(inner.norm(hidden))[:, -1]
+            gated = gate_up(norm(layer.post_attention_layernorm, hidden))
+            if ops is None:
+                gate, up = gated.chunk(2, -1)
+                hidden = hidden + down(mlp.act_fn(gate) * up)
+            else:
+                hidden = hidden + down(native.silu_mul(ops, gated))
+        return self.head(norm(inner.norm, hidden))[:, -1]
 
 
 def _join(torch: Any, linears: list[Any]) -> tuple[Any, Any]:
@@ -453,6 +514,7 @@ class Engine:
         self.peak_active = 0  # most sequences decoded at once (for tests and the benchmark)
         self.prefill_tokens_saved = 0  # prompt tokens not prefilled because a shared prefix was reused
         self.fused = _Fused(model) if _Fused.fits(model) else None  # decode steps run by _Fused
+        self.kernels: Any = None  # orca2.native's library during a run on CPU, where it builds
 
     def run(self, jobs: list[Job], on_done: Callable[[Job], None], on_fail: Callable[[Job, str], None]) -> None:
         """Decode every job; call on_done(job) when all its samples have finished."""
@@ -503,6 +565,9 @@ class Engine:
             self.fused = _Fused(self.model)
         if self.fused is not None and device.type == "cpu":
             self.fused.pack(self.slots)
+        if self.fused is not None:
+            self.fused.use_ops(kernels)
+        self.kernels = kernels
         with torch.inference_mode():
             while waiting or rows:
                 self._admit(waiting, rows, step, lengths)
@@ -663,7 +728,10 @@ class Engine:
             if self.masks is None or self.masks.bitmask.shape[0] < self.slots:
                 self.masks = Masks(self.slots, logits.shape[-1])
             logits = self.masks.apply(logits.float(), constrained)
-        greedy = logits.float().argmax(-1).tolist()  # fp32: a bf16 argmax is not vectorised on CPU (6 ms at 64 rows)
+        if self.kernels is not None and logits.device.type == "cpu":  # in place, fp32 or bf16 (torch: 2.7 ms)
+            greedy = native.argmax(self.kernels, logits).tolist()
+        else:
+            greedy = logits.float().argmax(-1).tolist()  # fp32: a bf16 argmax is not vectorised on CPU (6 ms)
         sampled = [i for i, seq in enumerate(seqs) if seq.generator is not None]
         for i, seq in enumerate(seqs):
             if seq.generator is None:

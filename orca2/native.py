@@ -1,10 +1,12 @@
 """Native kernels, compiled on first use: C sources in orca2/csrc built with the system's C compiler into the cache
 (<cache root>/native/, keyed by the source, the flags, the compiler and the CPU), loaded with ctypes.
 
-Only the engine's decode attention lives here (csrc/decode_attention.c). Where it cannot be built (no C compiler,
-no OpenMP, not Linux) or ORCA2_NATIVE=0, the engine attends with torch products instead (orca2.engine.attend);
-either way a sequence's tokens do not depend on the batch, but the two paths round differently, so the same run
-on machines with and without a compiler can differ in its last bits. Which path ran is logged once.
+The engine's decode step lives here: its attention (csrc/decode_attention.c) and its small operations
+(csrc/decode_ops.c: RMSNorm, rotary embedding, SiLU-gated product under bf16; the greedy argmax), all sources built
+into one library. Where it cannot be built (no C compiler, no OpenMP, not Linux) or ORCA2_NATIVE=0, the engine
+attends with torch products instead (orca2.engine.attend) and runs the model's own modules; either way a
+sequence's tokens do not depend on the batch, but the two paths round differently, so the same run on machines with
+and without a compiler can differ in its last bits. Which path ran is logged once.
 
 The library links OpenMP by its soname (libgomp.so.1); loaded into a process where torch already has its own
 libgomp, it shares torch's thread pool instead of starting a second one.
@@ -27,8 +29,11 @@ from typing import Any
 from orca2.weights import cache_root
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+SOURCES = (Path(__file__).with_name("csrc") / "decode_attention.c", Path(__file__).with_name("csrc") / "decode_ops.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]  # each source compiled alone
+# ... then linked without -ffast-math: linked with it, GCC adds crtfastmath.o, whose constructor turns on flush-to-zero
+# for the whole process once the library loads (every torch op after it would drop denormals).
+LINK = ["-shared", "-fopenmp"]
 
 
 def enabled() -> bool:
@@ -64,38 +69,49 @@ def _say(message: str) -> None:
 
 @cache
 def _build(root: str, compiler: str | None) -> Any:
-    """Build (once per key: source, flags, compiler, CPU) into root/native/ and load; None where it cannot."""
+    """Build (once per key: sources, flags, compiler, CPU) into root/native/ and load; None where it cannot."""
     if platform.system() != "Linux" or compiler is None:
         log.info(
             "native kernels unavailable (%s): the engine attends with torch products",
             "no C compiler" if compiler is None else platform.system(),
         )
         return None
-    source = SOURCE.read_bytes()
+    sources = [path.read_bytes() for path in SOURCES]
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         log.info("native kernels unavailable (%s): the engine attends with torch products", exc)
         return None
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu().encode()]))
-    target = Path(root) / "native" / f"decode_attention-{key.hexdigest()[:16]}.so"
+    flags = " ".join(FLAGS + LINK).encode()
+    key = hashlib.sha256(b"\0".join([*sources, flags, version.encode(), _cpu().encode()]))
+    target = Path(root) / "native" / f"kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if run.returncode != 0:
-            os.unlink(tmp)
-            last = (run.stderr.strip().splitlines() or ["no message"])[-1]
-            log.warning("native kernels did not build (%s): the engine attends with torch products", last)
-            return None
-        os.replace(tmp, target)  # atomic: a concurrent build of the same key keeps one whole file
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            objects = [str(Path(work) / f"{path.stem}.o") for path in SOURCES]
+            commands = [[compiler, *FLAGS, "-c", str(path), "-o", obj] for path, obj in zip(SOURCES, objects)]
+            commands.append([compiler, *LINK, *objects, "-o", str(Path(work) / "kernels.so"), "-lm"])
+            for command in commands:
+                run = subprocess.run(command, capture_output=True, text=True)
+                if run.returncode != 0:
+                    last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+                    log.warning("native kernels did not build (%s): the engine attends with torch products", last)
+                    return None
+            os.replace(Path(work) / "kernels.so", target)  # atomic: a concurrent build of one key keeps one file
     os.utime(target)  # its last use, for `orca2 cache`
     lib = ctypes.CDLL(str(target))
-    fn = lib.orca2_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    log.info("native decode attention: %s", target)
+    pointer, size, number, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "orca2_decode_attention": (flag, [pointer] * 7 + [size] * 6 + [number, flag, flag]),
+        "orca2_rms_norm": (None, [pointer] * 3 + [size] * 2 + [number, flag]),
+        "orca2_rope": (None, [pointer] * 3 + [size] * 4 + [flag]),
+        "orca2_silu_mul": (None, [pointer] * 2 + [size] * 2 + [flag]),
+        "orca2_argmax": (None, [pointer] + [size] * 2 + [flag, pointer, flag]),
+    }
+    for name, (returns, takes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = returns, takes
+    log.info("native decode step: %s", target)
     return lib
 
 
@@ -176,3 +192,70 @@ def decode_attention(
             "native decode attention: a row with no keys or more than the buffer holds, or no memory for its scores"
         )
     return out.view(rows, 1, heads, dim).to(query.dtype)
+
+
+def _rows(x: Any, name: str) -> Any:
+    """x as contiguous bf16 rows in CPU memory (its last dimension), or a one-line refusal."""
+    import torch
+
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(f"native {name} takes bf16 tensors in CPU memory (got {x.dtype} on {x.device.type})")
+    return x.contiguous()
+
+
+def rms_norm(lib: Any, x: Any, weight: Any, eps: float) -> Any:
+    """transformers' Llama RMSNorm under bf16: weight * bf16(x / sqrt(mean(x²) + eps)), over x's last dimension."""
+    import torch
+
+    x, weight = _rows(x, "rms_norm"), _rows(weight, "rms_norm")
+    dim = x.shape[-1]
+    if weight.shape != (dim,):
+        raise ValueError(f"native rms_norm: a weight of ({dim},) for rows of {dim}, got {tuple(weight.shape)}")
+    out = torch.empty_like(x)
+    lib.orca2_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps, _threads())
+    return out
+
+
+def rope_(lib: Any, x: Any, cos: Any, sin: Any, heads: int, dim: int) -> Any:
+    """The rotary embedding, in place, on the first `heads` heads of `dim` of each row of x (rows, 1, width): a step's
+    q/k/v product, queries then keys. cos, sin: (rows, 1, dim), as the model's rotary_emb gives them. Returns x."""
+    if not x.is_contiguous() or x.dtype.itemsize != 2 or heads * dim > x.shape[-1] or dim > 512 or dim % 2:
+        raise ValueError("native rope_ works in place on contiguous bf16 rows holding the heads, of dim <= 512")
+    x = _rows(x, "rope_")
+    rows, width = x.numel() // x.shape[-1], x.shape[-1]
+    cos, sin = _rows(cos, "rope_"), _rows(sin, "rope_")
+    if cos.numel() != rows * dim or sin.numel() != rows * dim:
+        raise ValueError(f"native rope_: cos and sin of ({rows}, 1, {dim})")
+    lib.orca2_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, width, heads, dim, _threads())
+    return x
+
+
+def silu_mul(lib: Any, x: Any) -> Any:
+    """bf16(silu(gate) * up) for (gate, up) the two halves of x's last dimension (a joined gate/up product)."""
+    import torch
+
+    x = _rows(x, "silu_mul")
+    width = x.shape[-1] // 2
+    out = torch.empty((*x.shape[:-1], width), dtype=x.dtype)
+    lib.orca2_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], width, _threads())
+    return out
+
+
+def argmax(lib: Any, logits: Any) -> Any:
+    """Each row's argmax (rows, n) → (rows,) int64: the first largest value, or the first NaN (as torch.argmax), for
+    fp32 or bf16 logits, read in place without a copy to fp32."""
+    import torch
+
+    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu" or logits.dim() != 2:
+        raise ValueError("native argmax takes (rows, n) fp32 or bf16 logits in CPU memory")
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    bf16 = int(logits.dtype == torch.bfloat16)
+    lib.orca2_argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], bf16, out.data_ptr(), _threads())
+    return out
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -356,6 +356,57 @@ def test_packed_products_give_the_same_logits_and_follow_the_model(wider, monkey
         model.to(torch.float32)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_native_small_ops_give_the_modules_logits_under_bf16(tmp_path, arch, monkeypatch):
+    """Under bf16 on CPU the step's norms, rotary embedding and gated activation run as orca2.native's ops, and the
+    argmax reads the bf16 logits in place: the logit rows are the ones the model's own modules give, but for a rare
+    row where a norm's fp32 mean of squares rounded differently (then by about one bf16 step), and every token is the
+    same; a model whose activation is not SiLU keeps its modules."""
+    import json
+
+    from conftest import build_tiny_model
+
+    from orca2 import engine as local
+    from orca2 import native
+
+    if native.library() is None:
+        pytest.skip("the native kernels do not build here (no C compiler with OpenMP)")
+    folder = build_tiny_model(tmp_path / "m", hidden=192, layers=3, heads=6, kv_heads=2, seed=11, arch=arch)
+    model, tok = load_local_model(str(folder), "cpu", torch.bfloat16)
+    ids = chat_ids(tok, QUESTIONS)
+    stops = stop_token_ids(tok, model)
+
+    def run():
+        engine = RecordingEngine(model, stops, slots=8)
+        engine.run([Job(str(i), x, 1, 16) for i, x in enumerate(ids)], lambda job: None, pytest.fail)
+        return engine
+
+    with_ops = run()
+    assert with_ops.fused.ops is not None
+    with monkeypatch.context() as m:
+        m.setattr(local._Fused, "use_ops", lambda self, lib: False)
+        m.setattr(native, "argmax", lambda lib, logits: logits.float().argmax(-1))
+        modules = run()
+    assert modules.fused.ops is None
+    assert with_ops.seen.keys() == modules.seen.keys()
+    differing = total = 0
+    for key, rows in with_ops.seen.items():
+        assert len(rows) == len(modules.seen[key]), key
+        for step, (a, b) in enumerate(zip(rows, modules.seen[key])):
+            total += 1
+            differing += not torch.equal(a, b)
+            scale = b.float().abs().max()
+            assert (a.float() - b.float()).abs().max() <= 2 * 2**-7 * scale, f"prompt {key} step {step}"
+            assert a.argmax() == b.argmax(), f"prompt {key} step {step}"
+    assert total > 100 and differing <= total // 20
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    gelu, _ = load_local_model(str(folder), "cpu", torch.bfloat16)
+    engine = Engine(gelu, stops, slots=8)
+    engine.run([Job("0", ids[0], 1, 4)], lambda job: None, pytest.fail)
+    assert engine.fused is not None and engine.fused.ops is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_on_a_gpu(peaky):

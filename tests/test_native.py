@@ -1,6 +1,8 @@
-"""The engine's native decode attention (orca2/csrc/decode_attention.c through orca2.native): the formula, per row
-over its own keys, in fp32 and bf16 buffers; rows independent of their neighbours and of the thread count; the build
-cached, rebuilt when its source changes, safe when two processes build at once, and absent without a compiler."""
+"""The engine's native decode step (orca2/csrc through orca2.native). Its attention: the formula, per row over its own
+keys, in fp32 and bf16 buffers; rows independent of their neighbours and of the thread count. Its small ops: the
+bf16 modules' numbers (the rotary embedding bit for bit, RMSNorm and SiLU-gated within one bf16 step) and
+torch's argmax exactly. The build cached, rebuilt when a source changes, safe when two processes build at once, and
+absent without a compiler."""
 
 import logging
 import math
@@ -142,9 +144,9 @@ def test_the_build_is_cached_and_follows_its_source(lib, tmp_path, monkeypatch):
     assert native.library() is not None
     assert sorted((tmp_path / "cache" / "native").glob("*.so")) == built
     assert built[0].stat().st_ino == inode
-    changed = tmp_path / "decode_attention.c"
-    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
-    monkeypatch.setattr(native, "SOURCE", changed)
+    changed = tmp_path / "decode_ops.c"
+    changed.write_text(native.SOURCES[1].read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], changed))
     native._build.cache_clear()
     assert native.library() is not None
     assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 2  # a new key, built beside the old one
@@ -169,6 +171,22 @@ def test_two_processes_building_at_once_both_load_it(tmp_path):
     assert not list((tmp_path / "cache" / "native").glob("tmp*"))
 
 
+def test_loading_it_leaves_the_processes_floating_point_alone(tmp_path):
+    """Built with -ffast-math, but not linked with it: GCC would add crtfastmath.o, whose constructor turns on
+    flush-to-zero for the whole process, so every torch op after the engine's first run would drop denormals."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    script = (
+        "import torch\nfrom orca2 import native\ntiny = torch.tensor([1e-40])\nassert (tiny * 1.0).item() > 0\n"
+        "assert native.library() is not None\nprint((tiny * 1.0).item(), (tiny / 2).item())\n"
+    )
+    env = {**os.environ, "ORCA2_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kept, halved = map(float, run.stdout.split())
+    assert kept == pytest.approx(1e-40, rel=1e-3) and halved == pytest.approx(5e-41, rel=1e-3)
+
+
 def test_without_a_compiler_or_when_off_there_is_no_library(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("ORCA2_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -190,3 +208,91 @@ def test_without_a_compiler_or_when_off_there_is_no_library(tmp_path, monkeypatc
     monkeypatch.setenv("ORCA2_NATIVE", "0")
     assert native.library() is None
     native._build.cache_clear()
+
+
+def bf16_step(x):
+    """The gap between x and the next bf16 above it (x bf16)."""
+    return (x.float().abs().clamp_min(2**-126) * 2**-7).float()
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 576), (64, 576), (7, 64), (3, 4096)])
+def test_rms_norm_is_the_modules_norm_under_bf16(lib, rows, dim):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(dim + rows)
+    norm = LlamaRMSNorm(dim, eps=1e-5).bfloat16()
+    norm.weight.data = (torch.rand(dim, generator=g) * 3 - 1).bfloat16()
+    for scale in (1e-3, 1.0, 300.0):  # small, plain and large activations
+        x = (torch.randn(rows, 1, dim, generator=g) * scale).bfloat16()
+        got = native.rms_norm(lib, x, norm.weight, norm.variance_epsilon)
+        assert got.shape == x.shape and got.dtype == torch.bfloat16
+        assert torch.equal(got, norm(x)), scale
+        assert torch.equal(native.rms_norm(lib, x[:1], norm.weight, norm.variance_epsilon), got[:1])  # per row
+    with pytest.raises(ValueError, match="bf16 tensors in CPU memory"):
+        native.rms_norm(lib, x.float(), norm.weight, 1e-5)
+    with pytest.raises(ValueError, match=rf"a weight of \({dim},\)"):
+        native.rms_norm(lib, x, norm.weight[:-1], 1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (6, 1, 80)])
+def test_rope_is_the_modules_rotary_embedding_in_the_joined_rows(lib, heads, kv_heads, dim):
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    rows = 11
+    config = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    config.head_dim = dim
+    g = torch.Generator().manual_seed(heads * dim)
+    hidden = torch.randn(rows, 1, heads * dim, generator=g).bfloat16()
+    cos, sin = LlamaRotaryEmbedding(config)(hidden, torch.randint(0, 8192, (rows, 1), generator=g))
+    joined = (torch.randn(rows, 1, (heads + 2 * kv_heads) * dim, generator=g) * 5).bfloat16()
+    q, k, v = joined.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    want_q, want_k = apply_rotary_pos_emb(
+        q.view(rows, 1, heads, dim).transpose(1, 2), k.view(rows, 1, kv_heads, dim).transpose(1, 2), cos, sin
+    )
+    got = native.rope_(lib, joined.clone(), cos, sin, heads + kv_heads, dim)
+    gq, gk, gv = got.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    assert torch.equal(gq, want_q.transpose(1, 2).reshape(rows, 1, -1))
+    assert torch.equal(gk, want_k.transpose(1, 2).reshape(rows, 1, -1))
+    assert torch.equal(gv, v)  # the values are not touched
+    with pytest.raises(ValueError, match="contiguous bf16 rows"):
+        native.rope_(lib, joined[..., ::2], cos, sin, 1, dim)
+    with pytest.raises(ValueError, match="cos and sin of"):
+        native.rope_(lib, joined.clone(), cos[:-1], sin[:-1], 1, dim)
+
+
+def test_silu_mul_is_the_gated_activation_within_one_bf16_step(lib):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    gated = (torch.randn(64, 1, 2 * 1536, generator=g) * 4).bfloat16()
+    gated[0, 0, :4] = torch.tensor([0.0, -90.0, 90.0, -0.0]).bfloat16()  # exp's edges
+    gate, up = gated.chunk(2, -1)
+    want = F.silu(gate) * up
+    got = native.silu_mul(lib, gated)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    gap = (got.float() - want.float()).abs()
+    assert (gap <= bf16_step(want) * 1.01 + 1e-30).all()  # at most one step (two roundings, each maybe one off)
+    assert (got != want).float().mean() < 0.01  # and rarely: the fp32 exp of libm vs torch's
+    assert torch.equal(native.silu_mul(lib, gated[5:6]), got[5:6])  # per row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_argmax_is_torchs_argmax(lib, dtype):
+    g = torch.Generator().manual_seed(6)
+    for n in (1, 7, 512, 513, 49152):  # shorter than, exactly, and across the kernel's blocks of 512
+        logits = torch.randn(9, n, generator=g).to(dtype)
+        if n > 1:
+            logits[1, n // 2] = logits[1, -1] = 50.0  # ties: the first wins
+            logits[2, 0] = logits[2, -1] = 50.0
+            logits[3, n - 1] = float("nan")  # a NaN wins, the first one
+            logits[3, 0] = 1e4
+            logits[4, 1:] = float("nan")
+        logits[5] = float("-inf")
+        logits[6] = float("inf")
+        logits[7, -1] = float("inf")
+        logits[8] = -0.0
+        logits[8, -1] = 0.0  # -0 == +0: the first
+        assert torch.equal(native.argmax(lib, logits), logits.argmax(-1)), n
+        assert torch.equal(native.argmax(lib, logits[:, :]), logits.float().argmax(-1)), n
+    with pytest.raises(ValueError, match="fp32 or bf16 logits"):
+        native.argmax(lib, logits.half())
