@@ -1,3 +1,3 @@
-from orca2.cli import main
+from orca2.cli import entry
 
-main()
+entry()

@@ -2,6 +2,6 @@
 
 import sys
 
-from orca2.cli import main
+from orca2.cli import entry
 
-main(["train", *sys.argv[1:]])
+entry(["train", *sys.argv[1:]])
