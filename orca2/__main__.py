@@ -1,3 +1,3 @@
-from orca2.cli import entry
+from orca2.cli import main
 
-entry()
+main()

@@ -206,36 +206,6 @@ def cache_clear(models_: bool, responses: bool, kernels: bool) -> None:
     click.echo(clear_cache(models_, responses, kernels))
 
 
-def entry(argv: list[str] | None = None) -> None:
-    """The process's entry (`orca2`, `python -m orca2`, each training rank): main, then a quicker exit.
-
-    Python's exit clears every module, collecting garbage again and again as it goes, each time over all of torch's
-    and transformers' objects: about 1 s after a command that loaded a model. Here one full collection finalises
-    the garbage, and the rest of the heap is frozen, out of the exit's collections (≈ 0.3 s in all). A frozen module
-    is not cleared at exit, so a file something left open would not be flushed by it: every open file is flushed
-    here first."""
-    import gc
-
-    try:
-        main(argv)
-    finally:
-        gc.collect()
-        _flush_open_files(gc.get_objects())
-        gc.freeze()
-
-
-def _flush_open_files(objects: list[Any]) -> None:
-    import io
-
-    for obj in objects:
-        if isinstance(obj, io.IOBase):
-            try:
-                if not obj.closed and obj.writable():
-                    obj.flush()
-            except (OSError, ValueError):  # a broken pipe or a detached stream: nothing more to write to it
-                pass
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line and a non-zero exit on errors; the traceback only with --debug."""
     args = sys.argv[1:] if argv is None else argv

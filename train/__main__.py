@@ -2,6 +2,6 @@
 
 import sys
 
-from orca2.cli import entry
+from orca2.cli import main
 
-entry(["train", *sys.argv[1:]])
+main(["train", *sys.argv[1:]])
