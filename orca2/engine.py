@@ -17,14 +17,15 @@ Prefills run the model's own forward; attention is ours, registered under "orca2
 AttentionInterface (a registry, not a patch). Decode steps of a Llama-style model (llama, mistral, qwen2) are run
 by the engine from the layers' own modules (`_Fused`), with q/k/v and gate/up joined into one product each, and
 under bf16 on CPU every product reading weights packed once for oneDNN (the same numbers, a second copy of the
-weights); other models decode through their own forward too. Prefill attention is plain matrix products and an
-fp32 softmax (`attend`), not the CPU flash kernel, which ran 5-12x slower than this in bf16 at decode shapes. Under
-a bf16 model scores, softmax and the weighted sum are computed in fp32 (`cache_dtype`), so scores are not rounded to
-bf16 before the softmax. On CPU a decode step attends with a native kernel (orca2.native, csrc/decode_attention.c):
-each sequence over its own keys only, reading the buffers in the model's dtype (bf16 widened exactly as it is read).
-Without it (no C compiler, ORCA2_NATIVE=0, a GPU) the buffers hold fp32 under a bf16 model and torch's products
-read them in place (its bf16 batched product copies a strided slice first, and ran these small products at half
-the fp32 speed on CPU).
+weights); other models decode through their own forward too. Under a bf16 model scores, softmax and the weighted
+sum are computed in fp32, so scores are not rounded to bf16 before the softmax. On CPU attention is a native kernel
+(orca2.native, csrc/decode_attention.c): a decode step's sequences each over their own keys only, a prefill's
+queries each over their own causal span of the prompt's slot, reading the buffers in the model's dtype (bf16
+widened exactly as it is read); under bf16 the decode step's norms, rotary embedding and gated activation are
+native calls too (csrc/decode_ops.c). Without it (no C compiler, ORCA2_NATIVE=0, a GPU) attention is plain matrix
+products and an fp32 softmax (`attend`, not the CPU flash kernel, which ran 5-12x slower in bf16 at decode shapes),
+and the buffers hold fp32 under a bf16 model (`cache_dtype`), which torch's products read in place (its bf16
+batched product copies a strided slice first, and ran these small products at half the fp32 speed on CPU).
 
 A sequence's numbers do not depend on the batch layout: alone or among 63 others, in any slot count or
 arrival order, its logits are the same bit for bit (fp32, and bf16 on a CPU that computes it natively).
@@ -152,8 +153,16 @@ def slot_attention(
             if seg.slots is not None:
                 keys[seg.slots, :, : k.shape[1]] = k
                 values[seg.slots, :, : v.shape[1]] = v
-            wide = cache_dtype(k.dtype)  # scores in fp32 under a 16-bit model (the buffers may hold its dtype)
-            parts.append(_prefill_attention(seg, q, k.to(wide), v.to(wide), p, scale))
+            if step.native is not None:  # each query over its causal span of the prompt's slot
+                if seg.slots is not None:
+                    parts.append(_native_prefill(step.native, q, keys, values, seg.slots[:1].cpu(), p, scale))
+                else:  # a prefix kept for later prompts (or padding): from a buffer of its own, the same way
+                    own = native.key_buffer(1, k.shape[0], k.shape[1], k.shape[2], k.dtype, k.device)
+                    own[0] = k
+                    parts.append(_native_prefill(step.native, q, own, v[None].contiguous(), torch.zeros(1), p, scale))
+            else:
+                wide = cache_dtype(k.dtype)  # scores in fp32 under a 16-bit model (the buffers may hold its dtype)
+                parts.append(_prefill_attention(seg, q, k.to(wide), v.to(wide), p, scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     else:  # decode: one new token per active slot, written at its own length (rows past `active` are padding)
         active, span = step.active, step.span
@@ -169,6 +178,20 @@ def slot_attention(
         if query.shape[0] > active:
             out = torch.cat([out, out.new_zeros((query.shape[0] - active, *out.shape[1:]))])
     return out, None
+
+
+def _native_prefill(lib: Any, q: Any, keys: Any, values: Any, slot: Any, p: int, scale: float) -> Any:
+    """One prompt's queries (1, H, n, D) at positions p.. by the native kernel, each as a decode row over the first
+    p + i + 1 keys of `slot` (a one-element tensor) of the buffers, where they were written → (1, n, H, D). A
+    row's numbers depend on its own keys only, so no shape is padded for layout's sake."""
+    import torch
+
+    n = q.shape[2]
+    lengths = torch.arange(p + 1, p + n + 1)
+    slots = slot.to(torch.int64).expand(n)
+    return native.decode_attention(lib, q.transpose(0, 2), None, None, keys, values, lengths, scale, slots).transpose(
+        0, 1
+    )
 
 
 def _prefill_attention(seg: _Segment, q: Any, k: Any, v: Any, p: int, scale: float) -> Any:

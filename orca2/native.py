@@ -102,7 +102,7 @@ def _build(root: str, compiler: str | None) -> Any:
     lib = ctypes.CDLL(str(target))
     pointer, size, number, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
-        "orca2_decode_attention": (flag, [pointer] * 7 + [size] * 6 + [number, flag, flag]),
+        "orca2_decode_attention": (flag, [pointer] * 8 + [size] * 6 + [number, flag, flag]),
         "orca2_rms_norm": (None, [pointer] * 3 + [size] * 2 + [number, flag]),
         "orca2_rope": (None, [pointer] * 3 + [size] * 4 + [flag]),
         "orca2_silu_mul": (None, [pointer] * 2 + [size] * 2 + [flag]),
@@ -147,13 +147,22 @@ def builds(root: Path | None = None) -> list[Path]:
 
 
 def decode_attention(
-    lib: Any, query: Any, key: Any, value: Any, keys: Any, values: Any, lengths: Any, scale: float
+    lib: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    keys: Any,
+    values: Any,
+    lengths: Any,
+    scale: float,
+    slots: Any = None,
 ) -> Any:
     """Write each row's new key and value (rows, H_kv, D) at lengths[b] - 1 (None: already there), then attend:
     query (B, H, 1, D) over each row's first lengths[b] keys of its slot → (B, 1, H, D) in the query's dtype.
 
     keys: a key_buffer (its (slots, H_kv, W, D) view); values: (slots, H_kv, W, D), contiguous; both fp32 or bf16
-    in CPU memory; computed in fp32. lib: what library() gave (not None)."""
+    in CPU memory; computed in fp32. Row b reads slot b, or slots[b] where given (a prefill: a prompt's queries, each
+    over its own causal span of the prompt's slot; no new keys then). lib: what library() gave (not None)."""
     import torch
 
     rows, heads, _, dim = query.shape
@@ -162,6 +171,12 @@ def decode_attention(
     pitch = _pitch(keys) if keys.device.type == "cpu" and values.is_contiguous() else None
     if not held or pitch is None or values.shape != keys.shape:
         raise ValueError("native decode attention reads a key_buffer and whole values, fp32 or bf16, in CPU memory")
+    if slots is not None:
+        slots = slots.to(torch.int64).contiguous()
+        if key is not None or slots.shape != (rows,) or not 0 <= int(slots.min()) <= int(slots.max()) < len(keys):
+            raise ValueError(f"native decode attention: one slot of the {len(keys)} per row, and no new keys")
+    elif rows > len(keys):
+        raise ValueError(f"native decode attention: {rows} rows read {rows} slots, but the buffers hold {len(keys)}")
     if key is not None:
         key, value = key.to(keys.dtype).contiguous(), value.to(keys.dtype).contiguous()
         if key.shape != (rows, kv_heads, dim) or value.shape != key.shape:
@@ -176,6 +191,7 @@ def decode_attention(
         keys.data_ptr(),
         values.data_ptr(),
         n.data_ptr(),
+        None if slots is None else slots.data_ptr(),
         out.data_ptr(),
         rows,
         kv_heads,

@@ -95,6 +95,32 @@ def test_decode_attention_is_the_formula_over_each_rows_own_keys(lib, dtype, hea
     assert not torch.equal(written, got)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_prefill_reads_each_prompts_slot_over_each_querys_causal_span(lib, dtype):
+    """slots: row b reads slot slots[b] (a prefill: every query of a prompt reads the prompt's slot, each over its
+    own first p + i + 1 keys); the same numbers as the formula, and as decode rows reading those slots as their own."""
+    keys, values = buffers(5, 5, 3, 200, 64, dtype, seed=7)
+    rows = 12
+    query = torch.randn(rows, 9, 1, 64, generator=torch.Generator().manual_seed(8)).to(dtype)
+    slots = torch.tensor([4, 4, 4, 4, 4, 1, 1, 1, 1, 1, 1, 3])
+    lengths = torch.tensor([37, 38, 39, 40, 41, 1, 2, 3, 4, 5, 6, 200])  # two prompts' causal spans, one full slot
+    got = native.decode_attention(lib, query, None, None, keys, values, lengths, 0.125, slots)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    want = formula(query, keys[slots], values[slots], lengths, 0.125)
+    assert torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance)
+    for b in (0, 7, 11):  # as a decode row of a buffer where that slot is its own
+        own = native.key_buffer(1, 3, 200, 64, dtype, "cpu").copy_(keys[slots[b] : slots[b] + 1])
+        alone = attend(lib, query[b : b + 1], own, values[slots[b] : slots[b] + 1].clone(), lengths[b : b + 1], 0.125)
+        assert torch.equal(alone[0], got[b]), b
+    with pytest.raises(ValueError, match="one slot of the 5 per row, and no new keys"):
+        native.decode_attention(lib, query, None, None, keys, values, lengths, 0.125, slots + 1)
+    with pytest.raises(ValueError, match="one slot of the 5 per row, and no new keys"):
+        new = torch.zeros(rows, 3, 64, dtype=dtype)
+        native.decode_attention(lib, query, new, new, keys, values, lengths, 0.125, slots)
+    with pytest.raises(ValueError, match="12 rows read 12 slots, but the buffers hold 5"):
+        native.decode_attention(lib, query, None, None, keys, values, lengths, 0.125)
+
+
 def test_a_rows_numbers_do_not_depend_on_its_neighbours_the_buffer_or_the_threads(lib):
     rows, kv_heads, heads, width, dim = 12, 3, 9, 96, 64
     keys, values = buffers(rows, rows, kv_heads, width, dim, torch.bfloat16, seed=2)

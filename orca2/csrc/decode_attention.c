@@ -26,6 +26,8 @@
  *   kt           fp32 or bf16 (slots >= rows, kv_heads, dim, pitch) keys, transposed; pitch a multiple of PITCH
  *   v            fp32 or bf16 (slots >= rows, kv_heads, width, dim) values
  *   lengths      int64 (rows,)                                      keys used per row (its position + 1), <= width
+ *   slots        int64 (rows,), or NULL: row b reads slot b         the slot each row reads (a prefill's queries of one
+ *                                                                   prompt all read its slot; then knew is NULL)
  */
 #include <math.h>
 #include <stdint.h>
@@ -178,15 +180,17 @@ INLINE float same(float x) { return x; }
         }                                                                                                           \
     }                                                                                                               \
                                                                                                                     \
-    /* One item, (row, kv head) number `item`: write its new key and value at n - 1 (if given), then its `group`   \
+    /* One item, (row, kv head) number `item`, over the buffers' (slot, kv head) number `held`: write its new key  \
+     * and value at n - 1 (if given), then its `group`                                                              \
      * queries over its n keys, four at a time. The arguments are the whole buffers (as orca2_decode_attention      \
      * takes them); scores: 4 * pitch floats of scratch. */                                                         \
     static void one_##NAME(const float *query, const void *knew_all, const void *vnew_all, void *kt_all,           \
-                           void *v_all, float *out_all, float *scores, int64_t item, int64_t n, int64_t group,      \
+                           void *v_all, float *out_all, float *scores, int64_t item, int64_t held, int64_t n,       \
+                           int64_t group,                                                                           \
                            int64_t width, int64_t pitch, int64_t dim, float scale) {                                \
         const float *q = query + item * group * dim;                                                                \
         float *out = out_all + item * group * dim;                                                                  \
-        T *kt = (T *)kt_all + item * pitch * dim, *v = (T *)v_all + item * width * dim;                             \
+        T *kt = (T *)kt_all + held * pitch * dim, *v = (T *)v_all + held * width * dim;                             \
         if (knew_all != NULL) {                                                                                     \
             const T *knew = (const T *)knew_all + item * dim, *vnew = (const T *)vnew_all + item * dim;             \
             for (int64_t d = 0; d < dim; d++) {                                                                     \
@@ -213,8 +217,9 @@ KERNELS(uint16_t, bf16, widen)
  * memory for its scores.
  * bf16: 1 for bf16 buffers. */
 int orca2_decode_attention(const float *q, const void *knew, const void *vnew, void *kt, void *v,
-                           const int64_t *lengths, float *out, int64_t rows, int64_t kv_heads, int64_t group,
-                           int64_t width, int64_t pitch, int64_t dim, float scale, int bf16, int threads) {
+                           const int64_t *lengths, const int64_t *slots, float *out, int64_t rows, int64_t kv_heads,
+                           int64_t group, int64_t width, int64_t pitch, int64_t dim, float scale, int bf16,
+                           int threads) {
     if (pitch % PITCH != 0 || pitch < width) return 1; /* blocks would be read past the rows */
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -223,12 +228,13 @@ int orca2_decode_attention(const float *q, const void *knew, const void *vnew, v
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < rows * kv_heads; item++) { /* item = row * kv_heads + kv head */
             const int64_t b = item / kv_heads, n = lengths[b];
+            const int64_t held = (slots == NULL ? b : slots[b]) * kv_heads + item % kv_heads;
             if (scores == NULL || n < 1 || n > width)
                 failed = 1;
             else if (bf16)
-                one_bf16(q, knew, vnew, kt, v, out, scores, item, n, group, width, pitch, dim, scale);
+                one_bf16(q, knew, vnew, kt, v, out, scores, item, held, n, group, width, pitch, dim, scale);
             else
-                one_float(q, knew, vnew, kt, v, out, scores, item, n, group, width, pitch, dim, scale);
+                one_float(q, knew, vnew, kt, v, out, scores, item, held, n, group, width, pitch, dim, scale);
         }
         free(scores);
     }
