@@ -13,9 +13,11 @@ template's default one) share its prefill too: the prefix is computed once, kept
 prompt still needs it, and copied into each slot; only the rest of each prompt is prefilled. Waiting
 prompts are admitted in token order, so prompts with one prefix run together.
 
-Prefills run the model's own forward; attention is ours, registered under "orca2_slots" in transformers'
-AttentionInterface (a registry, not a patch). Decode steps of a Llama-style model (llama, mistral, qwen2) are run
-by the engine from the layers' own modules (`_Fused`), with q/k/v and gate/up joined into one product each, and
+Prefills run the model's own forward (but for a Llama-style model under bf16 on CPU, where the decode step's layers
+run them with the native small ops: `_Fused.prefill`); attention is ours, registered under "orca2_slots" in
+transformers' AttentionInterface (a registry, not a patch). Decode steps of a Llama-style model (llama, mistral,
+qwen2) are run by the engine from the layers' own modules (`_Fused`), with q/k/v and gate/up joined into one product
+each, and
 under bf16 on CPU every product reading weights packed once for oneDNN (the same numbers, a second copy of the
 weights); other models decode through their own forward too. Under a bf16 model scores, softmax and the weighted
 sum are computed in fp32, so scores are not rounded to bf16 before the softmax. On CPU attention is a native kernel
@@ -314,10 +316,15 @@ class _Product:
 
     def __call__(self, x: Any) -> Any:
         import torch
-        import torch.nn.functional as F
 
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.plain(x)
+
+    def plain(self, x: Any) -> Any:
+        """Through F.linear, as the model's own forward computes it (a prefill: not the decode step's packing)."""
+        import torch.nn.functional as F
+
         return F.linear(x, self.weight, self.bias)
 
 
@@ -459,33 +466,48 @@ class _Fused:
 
     def decode(self, ids: Any, positions: Any, step: _Step) -> Any:
         """Logits (rows, vocabulary) for one token per row: ids and positions (rows, 1)."""
+        hidden = self._layers(ids, positions, step, packed=True)
+        return self.head(self._norm(self.model.model.norm, hidden))[:, -1]
+
+    def prefill(self, ids: Any, positions: Any, step: _Step, keep: Any) -> Any:
+        """Logits (len(keep), vocabulary) of a packed prefill row's tokens `keep`: ids and positions (1, n). Run
+        where the native small ops are (bf16 on CPU), in place of the model's own forward: the same layers, with
+        the products through F.linear on the joined weights (a bf16 row's numbers do not depend on the columns)."""
+        hidden = self._layers(ids, positions, step, packed=False)
+        return self.head.plain(self._norm(self.model.model.norm, hidden[0, keep]))
+
+    def _norm(self, module: Any, x: Any) -> Any:
+        return module(x) if self.ops is None else native.rms_norm(self.ops, x, module.weight, module.variance_epsilon)
+
+    def _layers(self, ids: Any, positions: Any, step: _Step, packed: bool) -> Any:
+        """The last layer's hidden states (rows, tokens, hidden) for ids and positions (rows, tokens)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        inner, ops = self.model.model, self.ops
+        inner, ops, norm = self.model.model, self.ops, self._norm
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
-        rows = ids.shape[0]
+        rows, tokens = ids.shape
 
-        def norm(module: Any, x: Any) -> Any:
-            return module(x) if ops is None else native.rms_norm(ops, x, module.weight, module.variance_epsilon)
+        def product(p: _Product, x: Any) -> Any:
+            return p(x) if packed else p.plain(x)
 
         for layer, sizes, (qkv, o, gate_up, down) in zip(self.layers, self.sizes, self.products):
             attn, mlp, dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
-            joined = qkv(norm(layer.input_layernorm, hidden))
+            joined = product(qkv, norm(layer.input_layernorm, hidden))
             if ops is not None:  # queries and keys rotated in place, in the joined product's rows
                 native.rope_(ops, joined, cos, sin, (sizes[0] + sizes[1]) // dim, dim)
-            q, k, v = (x.view(rows, 1, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
+            q, k, v = (x.view(rows, tokens, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
             if ops is None:
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
             out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
-            hidden = hidden + o(out.reshape(rows, 1, -1))
-            gated = gate_up(norm(layer.post_attention_layernorm, hidden))
+            hidden = hidden + product(o, out.reshape(rows, tokens, -1))
+            gated = product(gate_up, norm(layer.post_attention_layernorm, hidden))
             if ops is None:
                 gate, up = gated.chunk(2, -1)
-                hidden = hidden + down(mlp.act_fn(gate) * up)
+                hidden = hidden + product(down, mlp.act_fn(gate) * up)
             else:
-                hidden = hidden + down(native.silu_mul(ops, gated))
-        return self.head(norm(inner.norm, hidden))[:, -1]
+                hidden = hidden + product(down, native.silu_mul(ops, gated))
+        return hidden
 
 
 def _join(torch: Any, linears: list[Any]) -> tuple[Any, Any]:
@@ -698,17 +720,16 @@ class Engine:
         if padded_rows(len(ids)) > len(ids):  # a packed row of a few tokens: a padding segment, attended and dropped
             add(ids[-1:] * (padded_rows(len(ids)) - len(ids)), 0)
         step.segments = segments
-        out = self.model(
-            input_ids=torch.tensor([ids], device=device),
-            position_ids=torch.tensor([positions], device=device),
-            orca2_step=step,
-            use_cache=False,
-            logits_to_keep=torch.tensor(last + last[-1:] * (padded_rows(len(last)) - len(last)), device=device),
-        )
+        row, where = torch.tensor([ids], device=device), torch.tensor([positions], device=device)
+        keep = torch.tensor(last + last[-1:] * (padded_rows(len(last)) - len(last)), device=device)
+        if self.fused is not None and self.fused.ops is not None:  # the decode step's layers, with native ops
+            logits = self.fused.prefill(row, where, step, keep)
+        else:
+            out = self.model(input_ids=row, position_ids=where, orca2_step=step, use_cache=False, logits_to_keep=keep)
+            logits = out.logits[0]  # (prompts, V)
         step.segments = []
         for prefix in [p for p, n in self._users.items() if n == 0 and p in step.prefixes]:
             del step.prefixes[prefix]  # no waiting prompt needs it any more
-        logits = out.logits[0]  # (prompts, V)
         index = torch.tensor([seg for seg, (_, take) in enumerate(plan) for _ in range(take)], device=device)
         self._choose(rows[first_row:], logits[index])
 

@@ -358,10 +358,11 @@ def test_packed_products_give_the_same_logits_and_follow_the_model(wider, monkey
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_native_small_ops_give_the_modules_logits_under_bf16(tmp_path, arch, monkeypatch):
-    """Under bf16 on CPU the step's norms, rotary embedding and gated activation run as orca2.native's ops, and the
-    argmax reads the bf16 logits in place: the logit rows are the ones the model's own modules give, but for a rare
-    row where a norm's fp32 mean of squares rounded differently (then by about one bf16 step), and every token is the
-    same; a model whose activation is not SiLU keeps its modules."""
+    """Under bf16 on CPU the norms, rotary embedding and gated activation of prefills and decode steps run as
+    orca2.native's ops, and the argmax reads the bf16 logits in place: every logit row is the modules' (the model's
+    own forward for the prefill, its layers' modules for the step) to about one bf16 step (a norm's fp32 mean of
+    squares or SiLU's exp can round one step apart, and that carries on), most of them bit for bit, and every token
+    is the same; a model whose activation is not SiLU keeps its modules."""
     import json
 
     from conftest import build_tiny_model
@@ -398,7 +399,7 @@ def test_native_small_ops_give_the_modules_logits_under_bf16(tmp_path, arch, mon
             scale = b.float().abs().max()
             assert (a.float() - b.float()).abs().max() <= 2 * 2**-7 * scale, f"prompt {key} step {step}"
             assert a.argmax() == b.argmax(), f"prompt {key} step {step}"
-    assert total > 100 and differing <= total // 20
+    assert total > 100 and differing < total // 2
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     gelu, _ = load_local_model(str(folder), "cpu", torch.bfloat16)
