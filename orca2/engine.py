@@ -17,9 +17,8 @@ Prefills run the model's own forward (but for a Llama-style model under bf16 on 
 run them with the native small ops: `_Fused.prefill`); attention is ours, registered under "orca2_slots" in
 transformers' AttentionInterface (a registry, not a patch). Decode steps of a Llama-style model (llama, mistral,
 qwen2) are run by the engine from the layers' own modules (`_Fused`), with q/k/v and gate/up joined into one product
-each, and
-under bf16 on CPU every product reading weights packed once for oneDNN (the same numbers, a second copy of the
-weights); other models decode through their own forward too. Under a bf16 model scores, softmax and the weighted
+each, and under bf16 on CPU every product reading weights packed once for oneDNN (the same numbers, a second copy
+of the weights); other models decode through their own forward too. Under a bf16 model scores, softmax and the weighted
 sum are computed in fp32, so scores are not rounded to bf16 before the softmax. On CPU attention is a native kernel
 (orca2.native, csrc/decode_attention.c): a decode step's sequences each over their own keys only, a prefill's
 queries each over their own causal span of the prompt's slot, reading the buffers in the model's dtype (bf16
