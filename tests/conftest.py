@@ -50,10 +50,38 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="session")
+def _native_kernels(tmp_path_factory):
+    """The native kernels, built once for the session (a build takes about a second, and every test has a cache of
+    its own): a folder to copy into each test's cache. None where they do not build."""
+    from orca2 import native
+
+    root = tmp_path_factory.mktemp("kernels")
+    if not native.enabled() or native._compiler() is None:
+        return None
+    before = os.environ.get("ORCA2_CACHE_DIR")
+    os.environ["ORCA2_CACHE_DIR"] = str(root)
+    try:
+        built = native.library() is not None
+    finally:
+        if before is None:
+            del os.environ["ORCA2_CACHE_DIR"]
+        else:
+            os.environ["ORCA2_CACHE_DIR"] = before
+    if not built:
+        return None
+    return root / "native"
+
+
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Each test gets its own teacher-response cache (never the user's ~/.cache)."""
+def _private_cache(tmp_path, monkeypatch, _native_kernels):
+    """Each test gets its own teacher-response cache (never the user's ~/.cache), with the session's native
+    kernels already in it (the tests of the build itself build into folders of their own)."""
+    import shutil
+
     monkeypatch.setenv("ORCA2_CACHE_DIR", str(tmp_path / "teacher-cache"))
+    if _native_kernels is not None:
+        shutil.copytree(_native_kernels, tmp_path / "teacher-cache" / "native")
 
 
 CHATML = (
