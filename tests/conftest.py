@@ -53,11 +53,12 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def _native_kernels(tmp_path_factory):
     """The native kernels, built once for the session (a build takes about a second, and every test has a cache of
-    its own): a folder to copy into each test's cache. None where they do not build."""
+    its own): (the folder they were built in, the compiler), or None where they do not build."""
     from orca2 import native
 
     root = tmp_path_factory.mktemp("kernels")
-    if not native.enabled() or native._compiler() is None:
+    compiler = native._compiler()
+    if not native.enabled() or compiler is None:
         return None
     before = os.environ.get("ORCA2_CACHE_DIR")
     os.environ["ORCA2_CACHE_DIR"] = str(root)
@@ -68,20 +69,31 @@ def _native_kernels(tmp_path_factory):
             del os.environ["ORCA2_CACHE_DIR"]
         else:
             os.environ["ORCA2_CACHE_DIR"] = before
-    if not built:
-        return None
-    return root / "native"
+    return (root / "native", compiler) if built else None
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch, _native_kernels):
-    """Each test gets its own teacher-response cache (never the user's ~/.cache), with the session's native
-    kernels already in it (the tests of the build itself build into folders of their own)."""
+    """Each test gets its own teacher-response cache (never the user's ~/.cache). Where a test first loads the
+    native kernels with the session's compiler, the session's build is copied into that cache first (so it is
+    found, not built again); with another compiler (the build's own tests) nothing is copied."""
     import shutil
 
     monkeypatch.setenv("ORCA2_CACHE_DIR", str(tmp_path / "teacher-cache"))
-    if _native_kernels is not None:
-        shutil.copytree(_native_kernels, tmp_path / "teacher-cache" / "native")
+    if _native_kernels is None:
+        return
+    from orca2 import native
+
+    real, (folder, compiler) = native._build, _native_kernels
+
+    def seeded(root: str, cc: str | None):
+        target = Path(root) / "native"
+        if cc == compiler and not target.exists():
+            shutil.copytree(folder, target)
+        return real(root, cc)
+
+    seeded.cache_clear = real.cache_clear
+    monkeypatch.setattr(native, "_build", seeded)
 
 
 CHATML = (
