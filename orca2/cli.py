@@ -196,7 +196,7 @@ def cache(ctx: click.Context) -> None:
 @cache.command("clear")
 @click.option("--models", "models_", is_flag=True, help="Remove the converted models (rebuilt on next use).")
 @click.option("--responses", is_flag=True, help="Remove the cached teacher responses (asked again, and paid, then).")
-@click.option("--kernels", is_flag=True, help="Remove the built native kernels (rebuilt on next use, ≈ 0.2 s).")
+@click.option("--kernels", is_flag=True, help="Remove the built native kernels (rebuilt on next use, ≈ 1 s).")
 def cache_clear(models_: bool, responses: bool, kernels: bool) -> None:
     """Remove converted models, native kernels and/or cached responses."""
     from orca2.cache import clear_cache

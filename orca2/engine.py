@@ -353,7 +353,7 @@ class _Fused:
         self.head = _Product(head.weight, head.bias)
         self.packed_for: Any = None  # the dtype the products are packed for
         self.ops: Any = None  # orca2.native's library where its small ops replace the modules' (bf16 on CPU)
-        self.ops_checked: dict[Any, bool] = {}  # per dtype: whether they compute as the modules do
+        self.ops_agree: bool | None = None  # whether they compute as the bf16 modules do (checked on first use)
 
     @staticmethod
     def fits(model: Any) -> bool:
@@ -412,19 +412,19 @@ class _Fused:
 
     def use_ops(self, lib: Any) -> bool:
         """Run the step's norms, rotary embedding and gated activation with orca2.native's small ops (lib: its
-        library, or None) where the model is bf16 on a CPU and the ops compute as its modules do (checked once per
-        dtype on this model's own first layer); True if they are used."""
+        library, or None) where the model is bf16 on a CPU and the ops compute as its modules do (checked once, on
+        this model's own first layer); True if they are used."""
         import torch
 
         dtype, device = self.head.weight.dtype, self.head.weight.device
         self.ops = None
         if lib is None or dtype != torch.bfloat16 or device.type != "cpu":
             return False
-        if dtype not in self.ops_checked:
-            self.ops_checked[dtype] = self._ops_agree(lib)
-            if not self.ops_checked[dtype]:
+        if self.ops_agree is None:
+            self.ops_agree = self._ops_agree(lib)
+            if not self.ops_agree:
                 log.info("local engine: the native small ops do not compute as this model's modules; not used")
-        self.ops = lib if self.ops_checked[dtype] else None
+        self.ops = lib if self.ops_agree else None
         return self.ops is not None
 
     def _ops_agree(self, lib: Any) -> bool:
@@ -586,7 +586,7 @@ class Engine:
         width = -(-capacity // KEY_ALIGN) * KEY_ALIGN  # positions per slot in the buffers
         kernels = native.library() if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
         held = dtype if kernels is not None else cache_dtype(dtype)  # the kernel widens bf16 as it reads it
-        padded = -(-width // native.PITCH) * native.PITCH if kernels is not None else width  # key rows' pitch
+        padded = native.pitch(width) if kernels is not None else width  # key rows are whole blocks there
         self.slots = min(self.requested_slots, self._slots_that_fit(padded, 2 * held.itemsize, device))
         shape = (self.slots, self.kv_heads, width, self.head_dim)
         if kernels is not None:  # keys laid out as the kernel reads them; nothing past a sequence's length is read

@@ -118,25 +118,29 @@ def _build(root: str, compiler: str | None) -> Any:
 PITCH = 64  # key rows are padded to a multiple of this many keys (the kernel reads its blocks of keys whole)
 
 
+def pitch(width: int) -> int:
+    """Keys a key_buffer holds per row for `width` positions: width rounded up to a multiple of PITCH."""
+    return -(-width // PITCH) * PITCH
+
+
 def key_buffer(slots: int, kv_heads: int, width: int, dim: int, dtype: Any, device: Any) -> Any:
     """A layer's key buffer as decode_attention reads it: (slots, kv_heads, dim, pitch) in memory, the pitch `width`
     rounded up to a multiple of PITCH, handed out as its (slots, kv_heads, width, dim) view, so writes index it like
     the value buffer. Uninitialised: the scores of keys past a sequence's length are thrown away unused."""
     import torch
 
-    pitch = -(-width // PITCH) * PITCH
-    whole = torch.empty((slots, kv_heads, dim, pitch), dtype=dtype, device=device)
+    whole = torch.empty((slots, kv_heads, dim, pitch(width)), dtype=dtype, device=device)
     return whole[..., :width].transpose(-1, -2)
 
 
 def _pitch(keys: Any) -> int | None:
     """The pitch of a whole key_buffer (as key_buffer made it, with its memory behind it), else None."""
     slots, kv_heads, width, dim = keys.shape
-    pitch = keys.stride(3)
-    laid = keys.stride() == (kv_heads * dim * pitch, dim * pitch, 1, pitch) and pitch % PITCH == 0
-    held = (keys.storage_offset() + slots * kv_heads * dim * pitch) * keys.element_size()
-    if laid and pitch >= width and held <= keys.untyped_storage().nbytes():
-        return pitch
+    row = keys.stride(3)
+    laid = keys.stride() == (kv_heads * dim * row, dim * row, 1, row) and row % PITCH == 0
+    held = (keys.storage_offset() + slots * kv_heads * dim * row) * keys.element_size()
+    if laid and row >= width and held <= keys.untyped_storage().nbytes():
+        return row
     return None
 
 
@@ -168,8 +172,8 @@ def decode_attention(
     rows, heads, _, dim = query.shape
     kv_heads, width = keys.shape[1], keys.shape[2]
     held = keys.dtype in (torch.float32, torch.bfloat16) and values.dtype == keys.dtype
-    pitch = _pitch(keys) if keys.device.type == "cpu" and values.is_contiguous() else None
-    if not held or pitch is None or values.shape != keys.shape:
+    row = _pitch(keys) if keys.device.type == "cpu" and values.is_contiguous() else None
+    if not held or row is None or values.shape != keys.shape:
         raise ValueError("native decode attention reads a key_buffer and whole values, fp32 or bf16, in CPU memory")
     if slots is not None:
         slots = slots.to(torch.int64).contiguous()
@@ -197,11 +201,11 @@ def decode_attention(
         kv_heads,
         heads // kv_heads,
         width,
-        pitch,
+        row,
         dim,
         scale,
         int(keys.dtype == torch.bfloat16),
-        torch.get_num_threads(),
+        _threads(),
     )
     if failed:
         raise RuntimeError(
@@ -233,11 +237,12 @@ def rms_norm(lib: Any, x: Any, weight: Any, eps: float) -> Any:
 
 
 def rope_(lib: Any, x: Any, cos: Any, sin: Any, heads: int, dim: int) -> Any:
-    """The rotary embedding, in place, on the first `heads` heads of `dim` of each row of x (rows, 1, width): a step's
-    q/k/v product, queries then keys. cos, sin: (rows, 1, dim), as the model's rotary_emb gives them. Returns x."""
-    if not x.is_contiguous() or x.dtype.itemsize != 2 or heads * dim > x.shape[-1] or dim > 512 or dim % 2:
+    """The rotary embedding, in place, on the first `heads` heads of `dim` of each row (token) of x (..., width): a
+    q/k/v product, queries then keys. cos, sin: one row of dim per token of x, as the model's rotary_emb gives them.
+    Returns x."""
+    _rows(x, "rope_")
+    if not x.is_contiguous() or heads * dim > x.shape[-1] or dim > 512 or dim % 2:
         raise ValueError("native rope_ works in place on contiguous bf16 rows holding the heads, of dim <= 512")
-    x = _rows(x, "rope_")
     rows, width = x.numel() // x.shape[-1], x.shape[-1]
     cos, sin = _rows(cos, "rope_"), _rows(sin, "rope_")
     if cos.numel() != rows * dim or sin.numel() != rows * dim:
@@ -251,6 +256,8 @@ def silu_mul(lib: Any, x: Any) -> Any:
     import torch
 
     x = _rows(x, "silu_mul")
+    if x.shape[-1] % 2:
+        raise ValueError(f"native silu_mul: gate and up halves of an even width, got {x.shape[-1]}")
     width = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], width), dtype=x.dtype)
     lib.orca2_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], width, _threads())
@@ -262,8 +269,9 @@ def argmax(lib: Any, logits: Any) -> Any:
     fp32 or bf16 logits, read in place without a copy to fp32."""
     import torch
 
-    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu" or logits.dim() != 2:
-        raise ValueError("native argmax takes (rows, n) fp32 or bf16 logits in CPU memory")
+    on_cpu = logits.dtype in (torch.float32, torch.bfloat16) and logits.device.type == "cpu"
+    if not on_cpu or logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError("native argmax takes (rows, n >= 1) fp32 or bf16 logits in CPU memory")
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     bf16 = int(logits.dtype == torch.bfloat16)

@@ -262,13 +262,8 @@ class RecordingEngine(Engine):
         super()._choose(seqs, logits)
 
 
-@pytest.fixture(scope="module")
-def wider(tmp_path_factory):
-    """A random model wide enough that its products take the CPU's blocked GEMM paths (hidden 192, head dim 48)."""
-    from conftest import build_tiny_model
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("wider"), hidden=192, layers=3, seed=3)
-    model, tok = load_local_model(str(folder), "cpu", torch.float32)
+def conversations():
+    """QUESTIONS as a user would send them: single-turn, after a shared system prompt, and multi-turn."""
     system = "You are a careful assistant. Think one step at a time, then answer."
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     convs += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS[:5]]
@@ -280,8 +275,17 @@ def wider(tmp_path_factory):
         ]
         for q in QUESTIONS[:2]
     ]
-    ids = chat_ids(tok, convs)
-    return model, tok, ids
+    return convs
+
+
+@pytest.fixture(scope="module")
+def wider(tmp_path_factory):
+    """A random model wide enough that its products take the CPU's blocked GEMM paths (hidden 192, head dim 48)."""
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("wider"), hidden=192, layers=3, seed=3)
+    model, tok = load_local_model(str(folder), "cpu", torch.float32)
+    return model, tok, chat_ids(tok, conversations())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -374,7 +378,7 @@ def test_native_small_ops_give_the_modules_logits_under_bf16(tmp_path, arch, mon
         pytest.skip("the native kernels do not build here (no C compiler with OpenMP)")
     folder = build_tiny_model(tmp_path / "m", hidden=192, layers=3, heads=6, kv_heads=2, seed=11, arch=arch)
     model, tok = load_local_model(str(folder), "cpu", torch.bfloat16)
-    ids = chat_ids(tok, QUESTIONS)
+    ids = chat_ids(tok, conversations())  # the system-prompt ones share a prefix, prefilled once for them
     stops = stop_token_ids(tok, model)
 
     def run():
@@ -383,7 +387,7 @@ def test_native_small_ops_give_the_modules_logits_under_bf16(tmp_path, arch, mon
         return engine
 
     with_ops = run()
-    assert with_ops.fused.ops is not None
+    assert with_ops.fused.ops is not None and with_ops.prefill_tokens_saved > 0  # a shared prefix was kept
     with monkeypatch.context() as m:
         m.setattr(local._Fused, "use_ops", lambda self, lib: False)
         m.setattr(native, "argmax", lambda lib, logits: logits.float().argmax(-1))

@@ -303,6 +303,8 @@ def test_silu_mul_is_the_gated_activation_within_one_bf16_step(lib):
     assert (gap <= bf16_step(want) * 1.01 + 1e-30).all()  # at most one step (two roundings, each maybe one off)
     assert (got != want).float().mean() < 0.01  # and rarely: the fp32 exp of libm vs torch's
     assert torch.equal(native.silu_mul(lib, gated[5:6]), got[5:6])  # per row
+    with pytest.raises(ValueError, match="halves of an even width, got 7"):
+        native.silu_mul(lib, gated[..., :7])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -325,3 +327,5 @@ def test_argmax_is_torchs_argmax(lib, dtype):
         assert torch.equal(native.argmax(lib, logits[:, :]), logits.float().argmax(-1)), n
     with pytest.raises(ValueError, match="fp32 or bf16 logits"):
         native.argmax(lib, logits.half())
+    with pytest.raises(ValueError, match=r"n >= 1"):
+        native.argmax(lib, logits[:, :0])
