@@ -432,7 +432,8 @@ class _Fused:
         norm and the gated activation within one bf16 step (an fp32 sum of squares or exp may round differently from
         torch's)."""
         import torch
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from orca2.llama import apply_rotary
 
         layer, inner, dtype = self.layers[0], self.model.model, self.head.weight.dtype
         norm, attn, mlp = layer.input_layernorm, layer.self_attn, layer.mlp
@@ -450,7 +451,7 @@ class _Fused:
         q, k = (
             x.view(rows, 1, -1, dim).transpose(1, 2) for x in joined[..., : q_size + k_size].split([q_size, k_size], -1)
         )
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary(q, k, cos, sin)
         rotated = native.rope_(lib, joined.clone(), cos, sin, (q_size + k_size) // dim, dim)
         mine_q, mine_k = rotated[..., :q_size], rotated[..., q_size : q_size + k_size]
         gated = (torch.randn(rows, 1, 2 * mlp.gate_proj.weight.shape[0], generator=g) * 4).to(dtype)
@@ -480,7 +481,7 @@ class _Fused:
 
     def _layers(self, ids: Any, positions: Any, step: _Step, packed: bool) -> Any:
         """The last layer's hidden states (rows, tokens, hidden) for ids and positions (rows, tokens)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from orca2.llama import apply_rotary  # as transformers' apply_rotary_pos_emb computes it
 
         inner, ops, norm = self.model.model, self.ops, self._norm
         hidden = inner.embed_tokens(ids)
@@ -497,7 +498,7 @@ class _Fused:
                 native.rope_(ops, joined, cos, sin, (sizes[0] + sizes[1]) // dim, dim)
             q, k, v = (x.view(rows, tokens, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
             if ops is None:
-                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                q, k = apply_rotary(q, k, cos, sin)
             out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
             hidden = hidden + product(o, out.reshape(rows, tokens, -1))
             gated = product(gate_up, norm(layer.post_attention_layernorm, hidden))
@@ -525,7 +526,8 @@ def _join(torch: Any, linears: list[Any]) -> tuple[Any, Any]:
 
 
 class Engine:
-    """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface."""
+    """Continuous batching over a causal LM whose attention goes through transformers' AttentionInterface (or an
+    orca2.llama model, which calls the engine's attention itself)."""
 
     def __init__(
         self,
@@ -536,15 +538,18 @@ class Engine:
         min_prefix: int = 16,
         grammars: Any = None,
     ):
-        from transformers import AttentionInterface
-
         cfg = model.config
         if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "sliding_window_pattern", None):
             raise Orca2Error(
                 f"the local engine does not support {cfg.model_type} attention (softcapping / local layers)"
             )
-        AttentionInterface.register(NAME, slot_attention)
-        model.set_attn_implementation(NAME)
+        if getattr(model, "orca2_engine_model", False):  # orca2.llama's model: no transformers registry to go through
+            model.set_attention(slot_attention)
+        else:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(NAME, slot_attention)
+            model.set_attn_implementation(NAME)
         self.model, self.stop_ids, self.prefill_tokens = model, set(stop_ids), prefill_tokens
         self.requested_slots = self.slots = slots  # slots: this run's, fewer where the KV buffers would not fit
         self.min_prefix = min_prefix  # shorter shared prefixes are prefilled with their prompts (not worth a copy)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from orca2.engine import Engine
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
 DATA_DIR = Path(os.environ.get("ORCA2_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -111,6 +113,60 @@ def chat_ids(tokenizer, questions: list[str] | list[list[dict]]) -> list[list[in
         )["input_ids"]
         for c in convs
     ]
+
+
+QUESTIONS = [
+    "What is 2+2?",
+    "Name a colour.",
+    "hi",
+    "Tell me a long story about a cat, a dog and a parrot.",
+    "x",
+    "Count to ten, slowly and carefully please.",
+    "Why?",
+    "Spell 'orca' backwards.",
+    "ok",
+]
+
+
+class RecordingEngine(Engine):
+    """The engine, keeping every logit row each sequence's next token was chosen from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: dict[str, list] = {}
+
+    def _choose(self, seqs, logits):
+        for seq, row in zip(seqs, logits):
+            self.seen.setdefault(seq.job.key, []).append(row.detach().clone())
+        super()._choose(seqs, logits)
+
+
+def conversations():
+    """QUESTIONS as a user would send them: single-turn, after a shared system prompt, and multi-turn."""
+    system = "You are a careful assistant. Think one step at a time, then answer."
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    convs += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS[:5]]
+    convs += [  # multi-turn: an earlier exchange, then the question
+        [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "Let me see: 4."},
+            {"role": "user", "content": "And why?"},
+        ]
+        for q in QUESTIONS[:2]
+    ]
+    return convs
+
+
+@pytest.fixture(params=["native", "torch"])
+def attention(request, monkeypatch):
+    """Both decode attentions: the native kernel (orca2.native, where it builds) and torch's products."""
+    from orca2 import native
+
+    if request.param == "torch":
+        monkeypatch.setenv("ORCA2_NATIVE", "0")
+    elif native.library() is None:
+        pytest.skip("the native kernel does not build here (no C compiler with OpenMP)")
+    return request.param
 
 
 def build_tiny_model(

@@ -11,31 +11,7 @@ from orca2.engine import Engine, Job, stop_token_ids
 from orca2.models import ClientConfig, Sampling, load_local_model
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import chat_ids  # noqa: E402
-
-QUESTIONS = [
-    "What is 2+2?",
-    "Name a colour.",
-    "hi",
-    "Tell me a long story about a cat, a dog and a parrot.",
-    "x",
-    "Count to ten, slowly and carefully please.",
-    "Why?",
-    "Spell 'orca' backwards.",
-    "ok",
-]
-
-
-@pytest.fixture(params=["native", "torch"])
-def attention(request, monkeypatch):
-    """Both decode attentions: the native kernel (orca2.native, where it builds) and torch's products."""
-    from orca2 import native
-
-    if request.param == "torch":
-        monkeypatch.setenv("ORCA2_NATIVE", "0")
-    elif native.library() is None:
-        pytest.skip("the native kernel does not build here (no C compiler with OpenMP)")
-    return request.param
+from conftest import QUESTIONS, RecordingEngine, chat_ids, conversations  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -247,35 +223,6 @@ def test_slots_shrink_to_the_memory_there_is(peaky, monkeypatch, caplog):
     engine, done = run_engine(model, [Job(str(i), x, 1, 10) for i, x in enumerate(ids[:4])], 8, stops=stops)
     assert engine.slots == 1 and engine.peak_active == 1 and "decoding 1 at a time" in caplog.text
     assert [done[str(i)].outputs[0][0] for i in range(4)] == expected
-
-
-class RecordingEngine(Engine):
-    """The engine, keeping every logit row each sequence's next token was chosen from."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen: dict[str, list[torch.Tensor]] = {}
-
-    def _choose(self, seqs, logits):
-        for seq, row in zip(seqs, logits):
-            self.seen.setdefault(seq.job.key, []).append(row.detach().clone())
-        super()._choose(seqs, logits)
-
-
-def conversations():
-    """QUESTIONS as a user would send them: single-turn, after a shared system prompt, and multi-turn."""
-    system = "You are a careful assistant. Think one step at a time, then answer."
-    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    convs += [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS[:5]]
-    convs += [  # multi-turn: an earlier exchange, then the question
-        [
-            {"role": "user", "content": q},
-            {"role": "assistant", "content": "Let me see: 4."},
-            {"role": "user", "content": "And why?"},
-        ]
-        for q in QUESTIONS[:2]
-    ]
-    return convs
 
 
 @pytest.fixture(scope="module")

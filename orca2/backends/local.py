@@ -23,7 +23,7 @@ class LocalBackend:
         import torch
 
         device = client.device if client.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = load_local_model(target, device, resolve_dtype(client.dtype, device))
+        self.model, self.tokenizer = load_local_model(target, device, resolve_dtype(client.dtype, device), engine=True)
         if not getattr(self.tokenizer, "chat_template", None):
             raise Orca2Error(f"{target}: the tokenizer has no chat template, so it cannot take chat messages")
         self.spec = f"local:{target}"
