@@ -232,7 +232,8 @@ def run_one(name: str, prompts: int, new_tokens: int, slots: int) -> dict:
     if name.endswith("-torch"):
         os.environ["ORCA2_NATIVE"] = "0"
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
-    model, tok = load_local_model("default", "cpu", dtype)
+    static = name.startswith("static")  # model.generate: transformers' model; else the engine's (orca2.llama)
+    model, tok = load_local_model("default", "cpu", dtype, engine=not static)
     if name.startswith("matmul"):
         return {"config": name, "rows": slots, **matmul_limit(model, slots, dtype)}
     if name.startswith("layout"):

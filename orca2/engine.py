@@ -466,48 +466,71 @@ class _Fused:
 
     def decode(self, ids: Any, positions: Any, step: _Step) -> Any:
         """Logits (rows, vocabulary) for one token per row: ids and positions (rows, 1)."""
-        hidden = self._layers(ids, positions, step, packed=True)
-        return self.head(self._norm(self.model.model.norm, hidden))[:, -1]
+        return self.head(self._layers(ids, positions, step, packed=True))[:, -1]
 
     def prefill(self, ids: Any, positions: Any, step: _Step, keep: Any) -> Any:
         """Logits (len(keep), vocabulary) of a packed prefill row's tokens `keep`: ids and positions (1, n). Run
         where the native small ops are (bf16 on CPU), in place of the model's own forward: the same layers, with
         the products through F.linear on the joined weights (a bf16 row's numbers do not depend on the columns)."""
-        hidden = self._layers(ids, positions, step, packed=False)
-        return self.head.plain(self._norm(self.model.model.norm, hidden[0, keep]))
-
-    def _norm(self, module: Any, x: Any) -> Any:
-        return module(x) if self.ops is None else native.rms_norm(self.ops, x, module.weight, module.variance_epsilon)
+        return self.head.plain(self._layers(ids, positions, step, packed=False)[0, keep])
 
     def _layers(self, ids: Any, positions: Any, step: _Step, packed: bool) -> Any:
-        """The last layer's hidden states (rows, tokens, hidden) for ids and positions (rows, tokens)."""
-        from orca2.llama import apply_rotary  # as transformers' apply_rotary_pos_emb computes it
-
-        inner, ops, norm = self.model.model, self.ops, self._norm
+        """The last layer's hidden states after the model's final norm, (rows, tokens, hidden), for ids and positions
+        (rows, tokens)."""
+        inner = self.model.model
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
-        rows, tokens = ids.shape
+        if self.ops is None:
+            return inner.norm(self._module_layers(hidden, cos, sin, step, packed))
+        return self._native_layers(hidden, cos, sin, step, packed)
 
-        def product(p: _Product, x: Any) -> Any:
-            return p(x) if packed else p.plain(x)
+    def _module_layers(self, hidden: Any, cos: Any, sin: Any, step: _Step, packed: bool) -> Any:
+        """The layers with their own modules for the norms, rotary embedding and activation (fp32, or no native
+        library)."""
+        from orca2.llama import apply_rotary  # as transformers' apply_rotary_pos_emb computes it
 
+        rows, tokens = hidden.shape[:2]
         for layer, sizes, (qkv, o, gate_up, down) in zip(self.layers, self.sizes, self.products):
             attn, mlp, dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
-            joined = product(qkv, norm(layer.input_layernorm, hidden))
-            if ops is not None:  # queries and keys rotated in place, in the joined product's rows
-                native.rope_(ops, joined, cos, sin, (sizes[0] + sizes[1]) // dim, dim)
+            joined = (qkv if packed else qkv.plain)(layer.input_layernorm(hidden))
             q, k, v = (x.view(rows, tokens, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
-            if ops is None:
-                q, k = apply_rotary(q, k, cos, sin)
+            q, k = apply_rotary(q, k, cos, sin)
             out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
-            hidden = hidden + product(o, out.reshape(rows, tokens, -1))
-            gated = product(gate_up, norm(layer.post_attention_layernorm, hidden))
-            if ops is None:
-                gate, up = gated.chunk(2, -1)
-                hidden = hidden + product(down, mlp.act_fn(gate) * up)
-            else:
-                hidden = hidden + product(down, native.silu_mul(ops, gated))
+            hidden = hidden + (o if packed else o.plain)(out.reshape(rows, tokens, -1))
+            gate, up = (gate_up if packed else gate_up.plain)(layer.post_attention_layernorm(hidden)).chunk(2, -1)
+            hidden = hidden + (down if packed else down.plain)(mlp.act_fn(gate) * up)
         return hidden
+
+    def _native_layers(self, hidden: Any, cos: Any, sin: Any, step: _Step, packed: bool) -> Any:
+        """The layers under bf16 with orca2.native's ops: each residual add is one call with the norm after it
+        (hidden is added into in place), the rotary embedding works in place on the joined q/k/v product, and a
+        decode step attends straight from that product (decode_attention_joined): no copy or conversion around it."""
+        ops, rows, tokens = self.ops, hidden.shape[0], hidden.shape[1]
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.model.model.norm]
+        lean = step.native is not None and not step.segments  # a decode step on the native kernel
+        lengths = step.positions + 1 if lean else None
+        first = self.layers[0].input_layernorm
+        normed = native.rms_norm(ops, hidden, first.weight, first.variance_epsilon)
+        for layer, sizes, after, (qkv, o, gate_up, down) in zip(self.layers, self.sizes, norms, self.products):
+            attn, dim = layer.self_attn, layer.self_attn.head_dim
+            joined = (qkv if packed else qkv.plain)(normed)
+            native.rope_(ops, joined, cos, sin, (sizes[0] + sizes[1]) // dim, dim)  # queries and keys, in place
+            if lean:
+                index = attn.layer_idx
+                out = native.decode_attention_joined(
+                    step.native, joined, sizes, step.keys[index], step.values[index], lengths, attn.scaling
+                )
+            else:
+                q, k, v = (x.view(rows, tokens, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
+                out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
+                out = out.reshape(rows, tokens, -1)
+            mid = layer.post_attention_layernorm
+            normed = native.add_rms_norm(ops, hidden, (o if packed else o.plain)(out), mid.weight, mid.variance_epsilon)
+            gated = native.silu_mul(ops, (gate_up if packed else gate_up.plain)(normed))
+            normed = native.add_rms_norm(
+                ops, hidden, (down if packed else down.plain)(gated), after.weight, after.variance_epsilon
+            )
+        return normed
 
 
 def _join(torch: Any, linears: list[Any]) -> tuple[Any, Any]:

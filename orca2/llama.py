@@ -198,6 +198,9 @@ class LlamaForEngine(nn.Module):
         orca2_step=) → (output (rows, tokens, heads, dim), None), as transformers calls a registered attention."""
         self.attention = attend
 
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device

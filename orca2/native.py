@@ -103,7 +103,12 @@ def _build(root: str, compiler: str | None) -> Any:
     pointer, size, number, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
         "orca2_decode_attention": (flag, [pointer] * 8 + [size] * 6 + [number, flag, flag]),
+        "orca2_decode_attention_joined": (
+            flag,
+            [pointer, size, size, size] + [pointer] * 4 + [size] * 6 + [number, flag, flag],
+        ),
         "orca2_rms_norm": (None, [pointer] * 3 + [size] * 2 + [number, flag]),
+        "orca2_add_rms_norm": (None, [pointer] * 4 + [size] * 2 + [number, flag]),
         "orca2_rope": (None, [pointer] * 3 + [size] * 4 + [flag]),
         "orca2_silu_mul": (None, [pointer] * 2 + [size] * 2 + [flag]),
         "orca2_argmax": (None, [pointer] + [size] * 2 + [flag, pointer, flag]),
@@ -214,6 +219,50 @@ def decode_attention(
     return out.view(rows, 1, heads, dim).to(query.dtype)
 
 
+def decode_attention_joined(
+    lib: Any, joined: Any, sizes: tuple[int, int, int], keys: Any, values: Any, lengths: Any, scale: float
+) -> Any:
+    """A decode step's attention straight from its joined q/k/v product, joined (B, 1, q + k + v) contiguous in the
+    buffers' dtype (rotary embedding applied; sizes: (q, k, v) widths): the first len(lengths) rows write their new
+    key and value and attend as decode_attention does → (B, 1, q) in that dtype, rows past len(lengths) zero. The
+    same numbers as decode_attention followed by .to(dtype), without the copies and conversions around it."""
+    import torch
+
+    rows, (q_size, k_size, _) = len(lengths), sizes
+    kv_heads, width, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+    pitch = _pitch(keys)
+    if joined.dtype != keys.dtype or values.dtype != keys.dtype or not joined.is_contiguous() or pitch is None:
+        raise ValueError("native decode attention: a contiguous joined product in the buffers' dtype and a key_buffer")
+    if lengths.dtype != torch.int64 or not lengths.is_contiguous():
+        raise ValueError("native decode attention: lengths as contiguous int64")
+    if joined.shape[0] < rows or rows > len(keys) or k_size != kv_heads * dim or sum(sizes) != joined.shape[-1]:
+        raise ValueError(f"native decode attention: {rows} rows of a joined product of {tuple(sizes)} widths")
+    out = torch.empty((joined.shape[0], 1, q_size), dtype=joined.dtype)
+    out[rows:] = 0
+    failed = lib.orca2_decode_attention_joined(
+        joined.data_ptr(),
+        joined.shape[-1],
+        q_size,
+        q_size + k_size,
+        keys.data_ptr(),
+        values.data_ptr(),
+        lengths.data_ptr(),
+        out.data_ptr(),
+        rows,
+        kv_heads,
+        q_size // k_size,
+        width,
+        pitch,
+        dim,
+        scale,
+        int(keys.dtype == torch.bfloat16),
+        _threads(),
+    )
+    if failed:
+        raise RuntimeError("native decode attention: a row with no keys or more than the buffer holds, or no memory")
+    return out
+
+
 def _rows(x: Any, name: str) -> Any:
     """x as contiguous bf16 rows in CPU memory (its last dimension), or a one-line refusal."""
     import torch
@@ -233,6 +282,24 @@ def rms_norm(lib: Any, x: Any, weight: Any, eps: float) -> Any:
         raise ValueError(f"native rms_norm: a weight of ({dim},) for rows of {dim}, got {tuple(weight.shape)}")
     out = torch.empty_like(x)
     lib.orca2_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps, _threads())
+    return out
+
+
+def add_rms_norm(lib: Any, x: Any, delta: Any, weight: Any, eps: float) -> Any:
+    """The residual add then the next norm, under bf16: x += delta in place (rounded to bf16, as torch adds), and
+    rms_norm(x) returned."""
+    import torch
+
+    if not x.is_contiguous():
+        raise ValueError("native add_rms_norm adds in place into contiguous rows")
+    x, delta, weight = _rows(x, "add_rms_norm"), _rows(delta, "add_rms_norm"), _rows(weight, "add_rms_norm")
+    dim = x.shape[-1]
+    if weight.shape != (dim,) or delta.shape != x.shape:
+        raise ValueError(f"native add_rms_norm: rows and deltas of {tuple(x.shape)} and a weight of ({dim},)")
+    out = torch.empty_like(x)
+    lib.orca2_add_rms_norm(
+        x.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps, _threads()
+    )
     return out
 
 

@@ -289,6 +289,66 @@ def test_rope_is_the_modules_rotary_embedding_in_the_joined_rows(lib, heads, kv_
         native.rope_(lib, joined.clone(), cos[:-1], sin[:-1], 1, dim)
 
 
+@pytest.mark.parametrize("rows,dim", [(1, 576), (64, 576), (7, 64)])
+def test_add_rms_norm_is_torchs_add_then_the_native_norm(lib, rows, dim):
+    """x += delta in place, rounded as torch's bf16 add rounds (bit for bit, near-cancelling pairs too), then the
+    norm of the new x as rms_norm gives it."""
+    g = torch.Generator().manual_seed(rows + dim)
+    weight = torch.randn(dim, generator=g).bfloat16()
+    x = (torch.randn(rows, 1, dim, generator=g) * 3).bfloat16()
+    delta = (torch.randn(rows, 1, dim, generator=g) * 3).bfloat16()
+    delta[0, 0, :8] = -x[0, 0, :8]  # exact cancellation
+    delta[-1, 0, 8:16] = (-x[-1, 0, 8:16].float() * 1.001).bfloat16()  # near it
+    want_x = x + delta
+    want = native.rms_norm(lib, want_x, weight, 1e-5)
+    got = native.add_rms_norm(lib, x, delta, weight, 1e-5)
+    assert torch.equal(x, want_x) and torch.equal(got, want)
+    with pytest.raises(ValueError, match="in place into contiguous rows"):
+        native.add_rms_norm(lib, x[..., ::2], delta[..., ::2], weight[::2], 1e-5)
+    with pytest.raises(ValueError, match="rows and deltas"):
+        native.add_rms_norm(lib, x, delta[:, :, :-1], weight, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 128), (6, 1, 80)])
+def test_attention_from_the_joined_product_is_decode_attention_bit_for_bit(lib, dtype, heads, kv_heads, dim):
+    """decode_attention_joined (queries, new keys and values read from the joined q/k/v rows, output in the buffers'
+    dtype) against decode_attention on copies of them followed by .to(dtype): the same buffers after, the same
+    output bit for bit; padding rows past the active ones come back zero."""
+    rows, padded, slots, width = 5, 8, 6, 100
+    keys, values = buffers(rows, slots, kv_heads, width, dim, dtype, seed=dim)
+    g = torch.Generator().manual_seed(heads)
+    sizes = (heads * dim, kv_heads * dim, kv_heads * dim)
+    joined = (torch.randn(padded, 1, sum(sizes), generator=g) * 2).to(dtype)
+    lengths = torch.tensor([1, 37, 100, 64, 65])
+    q, k, v = joined[:rows].split(sizes, -1)
+    want_keys, want_values = native.key_buffer(slots, kv_heads, width, dim, dtype, "cpu"), values.clone()
+    want_keys.copy_(keys)
+    want = native.decode_attention(
+        lib,
+        q.reshape(rows, heads, 1, dim),
+        k.reshape(rows, kv_heads, dim),
+        v.reshape(rows, kv_heads, dim),
+        want_keys,
+        want_values,
+        lengths,
+        dim**-0.5,
+    )
+    got = native.decode_attention_joined(lib, joined, sizes, keys, values, lengths, dim**-0.5)
+    assert got.shape == (padded, 1, heads * dim) and got.dtype == dtype
+    assert torch.equal(got[:rows], want.reshape(rows, 1, heads * dim))
+    assert not got[rows:].any()
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    with pytest.raises(ValueError, match="contiguous joined product"):
+        native.decode_attention_joined(
+            lib, joined.float() if dtype == torch.bfloat16 else joined.bfloat16(), sizes, keys, values, lengths, 1.0
+        )
+    with pytest.raises(ValueError, match="lengths as contiguous int64"):
+        native.decode_attention_joined(lib, joined, sizes, keys, values, lengths.int(), 1.0)
+    with pytest.raises(RuntimeError, match="no keys or more than the buffer holds"):
+        native.decode_attention_joined(lib, joined, sizes, keys, values, torch.tensor([1, 2, 3, 4, width + 1]), 1.0)
+
+
 def test_silu_mul_is_the_gated_activation_within_one_bf16_step(lib):
     import torch.nn.functional as F
 

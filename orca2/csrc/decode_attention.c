@@ -180,19 +180,15 @@ INLINE float same(float x) { return x; }
         }                                                                                                           \
     }                                                                                                               \
                                                                                                                     \
-    /* One item, (row, kv head) number `item`, over the buffers' (slot, kv head) number `held`: write its new key  \
-     * and value at n - 1 (if given), then its `group`                                                              \
-     * queries over its n keys, four at a time. The arguments are the whole buffers (as orca2_decode_attention      \
-     * takes them); scores: 4 * pitch floats of scratch. */                                                         \
-    static void one_##NAME(const float *query, const void *knew_all, const void *vnew_all, void *kt_all,           \
-                           void *v_all, float *out_all, float *scores, int64_t item, int64_t held, int64_t n,       \
-                           int64_t group,                                                                           \
-                           int64_t width, int64_t pitch, int64_t dim, float scale) {                                \
-        const float *q = query + item * group * dim;                                                                \
-        float *out = out_all + item * group * dim;                                                                  \
+    /* One item, a (row, kv head), over the buffers' (slot, kv head) number `held`: write its new key and value   \
+     * (knew, vnew: dim values each, or NULL) at n - 1, then its `group` queries q (group * dim floats) over its n  \
+     * keys, four at a time, into out (group * dim floats). kt_all, v_all: the whole buffers; scores: 4 * pitch     \
+     * floats of scratch. */                                                                                        \
+    static void one_##NAME(const float *q, const T *knew, const T *vnew, void *kt_all, void *v_all, float *out,     \
+                           float *scores, int64_t held, int64_t n, int64_t group, int64_t width, int64_t pitch,     \
+                           int64_t dim, float scale) {                                                              \
         T *kt = (T *)kt_all + held * pitch * dim, *v = (T *)v_all + held * width * dim;                             \
-        if (knew_all != NULL) {                                                                                     \
-            const T *knew = (const T *)knew_all + item * dim, *vnew = (const T *)vnew_all + item * dim;             \
+        if (knew != NULL) {                                                                                         \
             for (int64_t d = 0; d < dim; d++) {                                                                     \
                 kt[d * pitch + n - 1] = knew[d];                                                                    \
                 v[(n - 1) * dim + d] = vnew[d];                                                                     \
@@ -232,9 +228,62 @@ int orca2_decode_attention(const float *q, const void *knew, const void *vnew, v
             if (scores == NULL || n < 1 || n > width)
                 failed = 1;
             else if (bf16)
-                one_bf16(q, knew, vnew, kt, v, out, scores, item, held, n, group, width, pitch, dim, scale);
+                one_bf16(q + item * group * dim, knew == NULL ? NULL : (const uint16_t *)knew + item * dim,
+                         vnew == NULL ? NULL : (const uint16_t *)vnew + item * dim, kt, v, out + item * group * dim,
+                         scores, held, n, group, width, pitch, dim, scale);
             else
-                one_float(q, knew, vnew, kt, v, out, scores, item, held, n, group, width, pitch, dim, scale);
+                one_float(q + item * group * dim, knew == NULL ? NULL : (const float *)knew + item * dim,
+                          vnew == NULL ? NULL : (const float *)vnew + item * dim, kt, v, out + item * group * dim,
+                          scores, held, n, group, width, pitch, dim, scale);
+        }
+        free(scores);
+    }
+    return failed;
+}
+
+static inline uint16_t narrow(float f) { /* to nearest even, as c10::BFloat16 rounds; NaN stays a quiet NaN */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* The decode step's attention read straight from its joined q/k/v product and written in the model's dtype, so no
+ * tensor is copied or converted around the call: what orca2_decode_attention computes, then the output rounded as
+ * torch's .to(bf16) rounds it (to nearest even), the same numbers bit for bit.
+ *   joined  the buffers' dtype, row b at joined + b * stride: queries (kv_heads * group heads of dim) first, this
+ *           step's keys at k_off, values at v_off (the rotary embedding already applied)
+ *   out     the buffers' dtype (rows, kv_heads * group, dim)
+ * Returns what orca2_decode_attention returns. */
+int orca2_decode_attention_joined(const void *joined, int64_t stride, int64_t k_off, int64_t v_off, void *kt, void *v,
+                                  const int64_t *lengths, void *out, int64_t rows, int64_t kv_heads, int64_t group,
+                                  int64_t width, int64_t pitch, int64_t dim, float scale, int bf16, int threads) {
+    if (pitch % PITCH != 0 || pitch < width) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * (4 * pitch + 2 * group * dim)); /* + a group's queries and outputs */
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < rows * kv_heads; item++) {
+            const int64_t b = item / kv_heads, h = item % kv_heads, n = lengths[b], held = b * kv_heads + h;
+            if (scores == NULL || n < 1 || n > width) {
+                failed = 1;
+                continue;
+            }
+            float *q = scores + 4 * pitch, *o = q + group * dim;
+            const int64_t row = b * stride, qs = row + h * group * dim, ks = row + k_off + h * dim;
+            const int64_t os = (b * kv_heads + h) * group * dim;
+            if (bf16) {
+                const uint16_t *x = (const uint16_t *)joined;
+                for (int64_t i = 0; i < group * dim; i++) q[i] = widen(x[qs + i]);
+                one_bf16(q, x + ks, x + row + v_off + h * dim, kt, v, o, scores, held, n, group, width, pitch, dim,
+                         scale);
+                for (int64_t i = 0; i < group * dim; i++) ((uint16_t *)out)[os + i] = narrow(o[i]);
+            } else {
+                const float *x = (const float *)joined;
+                one_float(x + qs, x + ks, x + row + v_off + h * dim, kt, v, (float *)out + os, scores, held, n, group,
+                          width, pitch, dim, scale);
+            }
         }
         free(scores);
     }

@@ -33,16 +33,29 @@ static inline float round_bf16(float f) { return widen(narrow(f)); }
 
 /* out[r] = w * bf16(x[r] * 1 / sqrt(mean(x[r]^2) + eps)): transformers' LlamaRMSNorm under bf16 (x, w, out bf16,
  * rows x dim). */
+static inline void norm_row(const uint16_t *xr, const uint16_t *w, uint16_t *o, int64_t dim, float eps) {
+    float squares = 0.0f;
+    for (int64_t d = 0; d < dim; d++) squares += widen(xr[d]) * widen(xr[d]);
+    const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
+    for (int64_t d = 0; d < dim; d++) o[d] = narrow(widen(w[d]) * round_bf16(widen(xr[d]) * scale));
+}
+
 void orca2_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t dim, float eps,
                     int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * dim, w, out + r * dim, dim, eps);
+}
+
+/* The residual add, then the next norm: x[r] = bf16(x[r] + delta[r]) in place (torch's bf16 add), then out[r] as
+ * orca2_rms_norm gives it for the new x[r]. */
+void orca2_add_rms_norm(uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *out, int64_t rows,
+                        int64_t dim, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * dim;
-        uint16_t *o = out + r * dim;
-        float squares = 0.0f;
-        for (int64_t d = 0; d < dim; d++) squares += widen(xr[d]) * widen(xr[d]);
-        const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
-        for (int64_t d = 0; d < dim; d++) o[d] = narrow(widen(w[d]) * round_bf16(widen(xr[d]) * scale));
+        uint16_t *xr = x + r * dim;
+        const uint16_t *dr = delta + r * dim;
+        for (int64_t d = 0; d < dim; d++) xr[d] = narrow(widen(xr[d]) + widen(dr[d]));
+        norm_row(xr, w, out + r * dim, dim, eps);
     }
 }
 
