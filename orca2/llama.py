@@ -239,11 +239,9 @@ def load(folder: Path, dtype: torch.dtype, device: str = "cpu") -> LlamaForEngin
     from safetensors import safe_open
 
     cfg = read_config(folder)
-    generation = None
+    generation = SimpleNamespace(eos_token_id=cfg.eos_token_id)  # as transformers falls back to the config's
     if (folder / "generation_config.json").is_file():
         generation = SimpleNamespace(**json.loads((folder / "generation_config.json").read_text()))
-    else:
-        generation = SimpleNamespace(eos_token_id=cfg.eos_token_id)
     with torch.device("meta"):
         model = LlamaForEngine(cfg, generation)
     names = {name for name, _ in model.named_parameters()}
