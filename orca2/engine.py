@@ -102,13 +102,95 @@ class _Segment:
 
 
 @dataclass
+class _Packing:
+    """A packed prefill row as the native kernel takes it, the same at every layer: where each token's key and value
+    are written, and over which slot each token's query attends. One kernel call per layer attends every token; each
+    row's numbers are those of the token alone (its keys only), as a decode row's are."""
+
+    slots: Any  # (tokens,) int64: the slot token t attends over (its prompt's; a prefix's first user's)
+    lengths: Any  # (tokens,) int64: keys it attends (its position + 1; padding tokens: 1)
+    source: Any  # (writes,) int64: row t < tokens is token t's key, tokens + i row i of `earlier`'s keys
+    dest_slot: Any  # (writes,) int64: where each written key goes
+    dest_pos: Any  # (writes,) int64
+    earlier: list[tuple[int, ...]]  # prefixes kept by an earlier row that this row's prompts continue
+    stores: list[tuple[tuple[int, ...], int, int]]  # prefixes this row computes and keeps: (prefix, start, end)
+
+
+def _packing(segments: list[_Segment], device: Any) -> _Packing:
+    """Where a packed row's keys go and what each token attends: a prompt's tokens into each of its slots after its
+    prefix; a prefix computed in the row into the slots of the prompts that continue it in the row, its queries
+    over the first of them; a prefix from an earlier row copied into its prompts' slots; padding over one key."""
+    import torch
+
+    here = {seg.store for seg in segments if seg.store is not None}
+    users: dict[tuple[int, ...], list[int]] = {}
+    for seg in segments:
+        if seg.prefix in here and seg.slots is not None:
+            users.setdefault(seg.prefix, []).extend(seg.slots.tolist())
+    tokens = segments[-1].end
+    slots: list[int] = []
+    lengths: list[int] = []
+    source: list[int] = []
+    dest_slot: list[int] = []
+    dest_pos: list[int] = []
+    earlier: dict[tuple[int, ...], int] = {}  # prefix → its first row in `source` numbering
+    stores = []
+    for seg in segments:
+        n, first = seg.end - seg.start, len(seg.prefix) if seg.prefix is not None else 0
+        if seg.store is not None:
+            targets = users[seg.store]  # the prompt after it continues it, so there is one
+            stores.append((seg.store, seg.start, seg.end))
+        else:
+            targets = seg.slots.tolist() if seg.slots is not None else []
+        for slot in targets:
+            source.extend(range(seg.start, seg.end))
+            dest_slot.extend([slot] * n)
+            dest_pos.extend(range(first, first + n))
+        if seg.prefix is not None and seg.prefix not in here:  # its prefix's keys, from the row that computed them
+            at = earlier.setdefault(seg.prefix, tokens + sum(map(len, earlier)))
+            for slot in targets:
+                source.extend(range(at, at + first))
+                dest_slot.extend([slot] * first)
+                dest_pos.extend(range(first))
+        if targets:
+            slots.extend([targets[0]] * n)
+            lengths.extend(range(first + 1, first + n + 1))
+        else:  # padding (dropped): over the first token's slot's first key, which the row writes
+            slots.extend([slots[0]] * n)
+            lengths.extend([1] * n)
+
+    def tensor(values: list[int]) -> Any:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return _Packing(
+        tensor(slots), tensor(lengths), tensor(source), tensor(dest_slot), tensor(dest_pos), list(earlier), stores
+    )
+
+
+def _write_packed(step: Any, layer: int, k: Any, v: Any) -> None:
+    """Write a packed prefill row's keys and values k, v (tokens, kv_heads, head_dim), in the buffers' dtype, where
+    step.packing says, at `layer`; keep the prefixes the row computes for later rows."""
+    import torch
+
+    plan = step.packing
+    for prefix, start, end in plan.stores:
+        step.prefixes[prefix][layer] = (k[start:end].transpose(0, 1).clone(), v[start:end].transpose(0, 1).clone())
+    if plan.earlier:
+        k = torch.cat([k, *(step.prefixes[p][layer][0].transpose(0, 1) for p in plan.earlier)])
+        v = torch.cat([v, *(step.prefixes[p][layer][1].transpose(0, 1) for p in plan.earlier)])
+    native.write_keys(step.keys[layer], plan.dest_slot, plan.dest_pos, k[plan.source])
+    step.values[layer][plan.dest_slot, :, plan.dest_pos] = v[plan.source]
+
+
+@dataclass
 class _Step:
     """What the attention layers need for the forward pass under way."""
 
-    keys: list[Any]  # per layer: (slots, kv_heads, width, head_dim); the model's dtype (native), else cache_dtype's
+    keys: list[Any]  # per layer: (slots, kv_heads, width, head_dim), cache_dtype's; native: a key_buffer, the model's
     values: list[Any]  # the same
     prefixes: dict[tuple[int, ...], list[Any]]  # prefix tokens → per layer (keys, values), each (kv_heads, P, head_dim)
     segments: list[_Segment] = field(default_factory=list)  # prefill: the packed row's prompts
+    packing: _Packing | None = None  # prefill on the native kernel: the row's writes and spans
     active: int = 0  # decode: rows 0..active-1
     rows: Any = None  # decode: arange(active)
     positions: Any = None  # decode: (active,) where each new key goes
@@ -140,7 +222,14 @@ def slot_attention(
     step, layer = orca2_step, module.layer_idx
     keys, values = step.keys[layer], step.values[layer]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if step.segments:  # prefill: one packed row, each segment causal within itself (after its prefix, if any)
+    if step.packing is not None:  # prefill on the native kernel: every token at once, each over its causal span
+        k, v = (x[0].transpose(0, 1).to(keys.dtype) for x in (key, value))  # (tokens, kv_heads, head_dim)
+        _write_packed(step, layer, k, v)
+        plan = step.packing
+        out = native.decode_attention(
+            step.native, query.transpose(0, 2), None, None, keys, values, plan.lengths, scale, plan.slots
+        ).transpose(0, 1)
+    elif step.segments:  # prefill: one packed row, each segment causal within itself (after its prefix, if any)
         parts = []
         for seg in step.segments:  # in order: a prefix is stored (at this layer) before the segments that read it
             k = key[0, :, seg.start : seg.end].to(keys.dtype)
@@ -154,16 +243,8 @@ def slot_attention(
             if seg.slots is not None:
                 keys[seg.slots, :, : k.shape[1]] = k
                 values[seg.slots, :, : v.shape[1]] = v
-            if step.native is not None:  # each query over its causal span of the prompt's slot
-                if seg.slots is not None:
-                    parts.append(_native_prefill(step.native, q, keys, values, seg.slots[:1].cpu(), p, scale))
-                else:  # a prefix kept for later prompts (or padding): from a buffer of its own, the same way
-                    own = native.key_buffer(1, k.shape[0], k.shape[1], k.shape[2], k.dtype, k.device)
-                    own[0] = k
-                    parts.append(_native_prefill(step.native, q, own, v[None].contiguous(), torch.zeros(1), p, scale))
-            else:
-                wide = cache_dtype(k.dtype)  # scores in fp32 under a 16-bit model (the buffers may hold its dtype)
-                parts.append(_prefill_attention(seg, q, k.to(wide), v.to(wide), p, scale))
+            wide = cache_dtype(k.dtype)  # scores in fp32 under a 16-bit model (the buffers may hold its dtype)
+            parts.append(_prefill_attention(seg, q, k.to(wide), v.to(wide), p, scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     else:  # decode: one new token per active slot, written at its own length (rows past `active` are padding)
         active, span = step.active, step.span
@@ -179,20 +260,6 @@ def slot_attention(
         if query.shape[0] > active:
             out = torch.cat([out, out.new_zeros((query.shape[0] - active, *out.shape[1:]))])
     return out, None
-
-
-def _native_prefill(lib: Any, q: Any, keys: Any, values: Any, slot: Any, p: int, scale: float) -> Any:
-    """One prompt's queries (1, H, n, D) at positions p.. by the native kernel, each as a decode row over the first
-    p + i + 1 keys of `slot` (a one-element tensor) of the buffers, where they were written → (1, n, H, D). A
-    row's numbers depend on its own keys only, so no shape is padded for layout's sake."""
-    import torch
-
-    n = q.shape[2]
-    lengths = torch.arange(p + 1, p + n + 1)
-    slots = slot.to(torch.int64).expand(n)
-    return native.decode_attention(lib, q.transpose(0, 2), None, None, keys, values, lengths, scale, slots).transpose(
-        0, 1
-    )
 
 
 def _prefill_attention(seg: _Segment, q: Any, k: Any, v: Any, p: int, scale: float) -> Any:
@@ -515,11 +582,25 @@ class _Fused:
             attn, dim = layer.self_attn, layer.self_attn.head_dim
             joined = (qkv if packed else qkv.plain)(normed)
             native.rope_(ops, joined, cos, sin, (sizes[0] + sizes[1]) // dim, dim)  # queries and keys, in place
+            index = attn.layer_idx
             if lean:
-                index = attn.layer_idx
                 out = native.decode_attention_joined(
                     step.native, joined, sizes, step.keys[index], step.values[index], lengths, attn.scaling
                 )
+            elif step.packing is not None:  # a prefill on the native kernel: every token of the row in one call
+                _, k, v = (x.view(tokens, -1, dim) for x in joined[0].split(sizes, -1))
+                _write_packed(step, index, k, v)
+                plan = step.packing
+                out = native.decode_attention_joined(
+                    step.native,
+                    joined.view(tokens, 1, -1),
+                    sizes,
+                    step.keys[index],
+                    step.values[index],
+                    plan.lengths,
+                    attn.scaling,
+                    plan.slots,
+                ).view(1, tokens, -1)
             else:
                 q, k, v = (x.view(rows, tokens, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
                 out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
@@ -680,8 +761,9 @@ class Engine:
             last = len(rows) - 1
             if i != last:
                 n = int(lengths[last])
+                held = n if step.native is None else native.pitch(n) // native.PITCH  # keys: positions, or blocks
                 for layer in range(self.layers):
-                    step.keys[layer][i, :, :n] = step.keys[layer][last, :, :n]
+                    step.keys[layer][i, :, :held] = step.keys[layer][last, :, :held]
                     step.values[layer][i, :, :n] = step.values[layer][last, :, :n]
                 lengths[i] = lengths[last]
                 rows[i] = rows[last]
@@ -747,6 +829,7 @@ class Engine:
         if padded_rows(len(ids)) > len(ids):  # a packed row of a few tokens: a padding segment, attended and dropped
             add(ids[-1:] * (padded_rows(len(ids)) - len(ids)), 0)
         step.segments = segments
+        step.packing = _packing(segments, device) if step.native is not None else None
         row, where = torch.tensor([ids], device=device), torch.tensor([positions], device=device)
         keep = torch.tensor(last + last[-1:] * (padded_rows(len(last)) - len(last)), device=device)
         if self.fused is not None and self.fused.ops is not None:  # the decode step's layers, with native ops
@@ -754,7 +837,7 @@ class Engine:
         else:
             out = self.model(input_ids=row, position_ids=where, orca2_step=step, use_cache=False, logits_to_keep=keep)
             logits = out.logits[0]  # (prompts, V)
-        step.segments = []
+        step.segments, step.packing = [], None
         for prefix in [p for p, n in self._users.items() if n == 0 and p in step.prefixes]:
             del step.prefixes[prefix]  # no waiting prompt needs it any more
         index = torch.tensor([seg for seg, (_, take) in enumerate(plan) for _ in range(take)], device=device)

@@ -105,7 +105,7 @@ def _build(root: str, compiler: str | None) -> Any:
         "orca2_decode_attention": (flag, [pointer] * 8 + [size] * 6 + [number, flag, flag]),
         "orca2_decode_attention_joined": (
             flag,
-            [pointer, size, size, size] + [pointer] * 4 + [size] * 6 + [number, flag, flag],
+            [pointer, size, size, size] + [pointer] * 5 + [size] * 6 + [number, flag, flag],
         ),
         "orca2_rms_norm": (None, [pointer] * 3 + [size] * 2 + [number, flag]),
         "orca2_add_rms_norm": (None, [pointer] * 4 + [size] * 2 + [number, flag]),
@@ -120,7 +120,7 @@ def _build(root: str, compiler: str | None) -> Any:
     return lib
 
 
-PITCH = 64  # key rows are padded to a multiple of this many keys (the kernel reads its blocks of keys whole)
+PITCH = 64  # keys per block: a slot's keys are whole blocks, each laid out transposed (the kernel reads blocks whole)
 
 
 def pitch(width: int) -> int:
@@ -129,24 +129,45 @@ def pitch(width: int) -> int:
 
 
 def key_buffer(slots: int, kv_heads: int, width: int, dim: int, dtype: Any, device: Any) -> Any:
-    """A layer's key buffer as decode_attention reads it: (slots, kv_heads, dim, pitch) in memory, the pitch `width`
-    rounded up to a multiple of PITCH, handed out as its (slots, kv_heads, width, dim) view, so writes index it like
-    the value buffer. Uninitialised: the scores of keys past a sequence's length are thrown away unused."""
+    """A layer's key buffer as decode_attention reads it: (slots, kv_heads, blocks, dim, PITCH), the keys of
+    positions b * PITCH .. b * PITCH + PITCH - 1 in block b, transposed, so that a block is one run of memory; enough
+    blocks for `width` positions. Uninitialised: the scores of keys past a sequence's length are thrown away unused.
+    Write keys with write_keys; logical_keys reads them back as (slots, kv_heads, width, dim)."""
     import torch
 
-    whole = torch.empty((slots, kv_heads, dim, pitch(width)), dtype=dtype, device=device)
-    return whole[..., :width].transpose(-1, -2)
+    return torch.empty((slots, kv_heads, pitch(width) // PITCH, dim, PITCH), dtype=dtype, device=device)
 
 
-def _pitch(keys: Any) -> int | None:
-    """The pitch of a whole key_buffer (as key_buffer made it, with its memory behind it), else None."""
-    slots, kv_heads, width, dim = keys.shape
-    row = keys.stride(3)
-    laid = keys.stride() == (kv_heads * dim * row, dim * row, 1, row) and row % PITCH == 0
-    held = (keys.storage_offset() + slots * kv_heads * dim * row) * keys.element_size()
-    if laid and row >= width and held <= keys.untyped_storage().nbytes():
-        return row
-    return None
+def write_keys(keys: Any, slots: Any, positions: Any, new: Any) -> None:
+    """keys (a key_buffer) at slots[i], position positions[i] = new[i], for new (writes, kv_heads, dim)."""
+    keys[slots, :, positions // PITCH, :, positions % PITCH] = new
+
+
+def logical_keys(keys: Any, width: int) -> Any:
+    """A key_buffer's keys as (slots, kv_heads, width, dim) (a copy)."""
+    slots, kv_heads, blocks, dim, _ = keys.shape
+    return keys.transpose(-1, -2).reshape(slots, kv_heads, blocks * PITCH, dim)[:, :, :width]
+
+
+def as_key_buffer(logical: Any) -> Any:
+    """A key_buffer holding logical (slots, kv_heads, width, dim) keys, zeros past width."""
+    import torch
+
+    slots, kv_heads, width, dim = logical.shape
+    keys = key_buffer(slots, kv_heads, width, dim, logical.dtype, logical.device)
+    padded = torch.zeros((slots, kv_heads, keys.shape[2] * PITCH, dim), dtype=logical.dtype, device=logical.device)
+    padded[:, :, :width] = logical
+    keys.copy_(padded.view(slots, kv_heads, keys.shape[2], PITCH, dim).transpose(-1, -2))
+    return keys
+
+
+def _pitch(keys: Any, values: Any) -> int | None:
+    """Keys per slot and head of a key_buffer for values (slots, kv_heads, width, dim), else None."""
+    held = keys.dim() == 5 and keys.shape[-1] == PITCH and keys.is_contiguous() and values.dim() == 4
+    if not held or keys.shape[:2] != values.shape[:2] or keys.shape[3] != values.shape[3]:
+        return None
+    row = keys.shape[2] * PITCH
+    return row if row >= values.shape[2] else None
 
 
 def builds(root: Path | None = None) -> list[Path]:
@@ -169,16 +190,16 @@ def decode_attention(
     """Write each row's new key and value (rows, H_kv, D) at lengths[b] - 1 (None: already there), then attend:
     query (B, H, 1, D) over each row's first lengths[b] keys of its slot → (B, 1, H, D) in the query's dtype.
 
-    keys: a key_buffer (its (slots, H_kv, W, D) view); values: (slots, H_kv, W, D), contiguous; both fp32 or bf16
+    keys: a key_buffer for W positions; values: (slots, H_kv, W, D), contiguous; both fp32 or bf16
     in CPU memory; computed in fp32. Row b reads slot b, or slots[b] where given (a prefill: a prompt's queries, each
     over its own causal span of the prompt's slot; no new keys then). lib: what library() gave (not None)."""
     import torch
 
     rows, heads, _, dim = query.shape
-    kv_heads, width = keys.shape[1], keys.shape[2]
+    kv_heads, width = values.shape[1], values.shape[2]
     held = keys.dtype in (torch.float32, torch.bfloat16) and values.dtype == keys.dtype
-    row = _pitch(keys) if keys.device.type == "cpu" and values.is_contiguous() else None
-    if not held or row is None or values.shape != keys.shape:
+    row = _pitch(keys, values) if keys.device.type == "cpu" and values.is_contiguous() else None
+    if not held or row is None:
         raise ValueError("native decode attention reads a key_buffer and whole values, fp32 or bf16, in CPU memory")
     if slots is not None:
         slots = slots.to(torch.int64).contiguous()
@@ -220,22 +241,38 @@ def decode_attention(
 
 
 def decode_attention_joined(
-    lib: Any, joined: Any, sizes: tuple[int, int, int], keys: Any, values: Any, lengths: Any, scale: float
+    lib: Any,
+    joined: Any,
+    sizes: tuple[int, int, int],
+    keys: Any,
+    values: Any,
+    lengths: Any,
+    scale: float,
+    slots: Any = None,
 ) -> Any:
     """A decode step's attention straight from its joined q/k/v product, joined (B, 1, q + k + v) contiguous in the
     buffers' dtype (rotary embedding applied; sizes: (q, k, v) widths): the first len(lengths) rows write their new
     key and value and attend as decode_attention does → (B, 1, q) in that dtype, rows past len(lengths) zero. The
-    same numbers as decode_attention followed by .to(dtype), without the copies and conversions around it."""
+    same numbers as decode_attention followed by .to(dtype), without the copies and conversions around it.
+
+    slots (int64, one per row of lengths): row b attends over slot slots[b] instead, whose keys are already written
+    (a packed prefill, every token at once); its own keys and values are not written."""
     import torch
 
     rows, (q_size, k_size, _) = len(lengths), sizes
-    kv_heads, width, dim = keys.shape[1], keys.shape[2], keys.shape[3]
-    pitch = _pitch(keys)
+    kv_heads, width, dim = values.shape[1], values.shape[2], values.shape[3]
+    pitch = _pitch(keys, values) if values.is_contiguous() else None
     if joined.dtype != keys.dtype or values.dtype != keys.dtype or not joined.is_contiguous() or pitch is None:
         raise ValueError("native decode attention: a contiguous joined product in the buffers' dtype and a key_buffer")
     if lengths.dtype != torch.int64 or not lengths.is_contiguous():
         raise ValueError("native decode attention: lengths as contiguous int64")
-    if joined.shape[0] < rows or rows > len(keys) or k_size != kv_heads * dim or sum(sizes) != joined.shape[-1]:
+    if slots is not None:
+        held = slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (rows,)
+        if not held or (rows and not 0 <= int(slots.min()) <= int(slots.max()) < len(keys)):
+            raise ValueError(f"native decode attention: one int64 slot of the {len(keys)} per row")
+    elif rows > len(keys):
+        raise ValueError(f"native decode attention: {rows} rows read {rows} slots, but the buffers hold {len(keys)}")
+    if joined.shape[0] < rows or k_size != kv_heads * dim or sum(sizes) != joined.shape[-1]:
         raise ValueError(f"native decode attention: {rows} rows of a joined product of {tuple(sizes)} widths")
     out = torch.empty((joined.shape[0], 1, q_size), dtype=joined.dtype)
     out[rows:] = 0
@@ -247,6 +284,7 @@ def decode_attention_joined(
         keys.data_ptr(),
         values.data_ptr(),
         lengths.data_ptr(),
+        None if slots is None else slots.data_ptr(),
         out.data_ptr(),
         rows,
         kv_heads,

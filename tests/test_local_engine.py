@@ -274,6 +274,73 @@ def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype, attention
         model.to(torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_prefill_rows_of_every_shape_give_each_prompt_its_own_logits(wider, dtype, monkeypatch):
+    """The native kernel prefills a packed row in one call per layer. Rows of every shape: a prefix computed for
+    prompts of the same row (one of them with n = 2, in two slots) and kept for later rows; prompts continuing an
+    earlier row's prefix by one or two tokens (a row padded to 12 tokens); two prefixes in one row. Every logit row
+    is the prompt's own, bit for bit, as when it runs alone."""
+    from orca2 import engine as local
+    from orca2 import native
+    from orca2.models import resolve_dtype
+
+    if native.library() is None:
+        pytest.skip("the native kernels do not build here (no C compiler with OpenMP)")
+    if dtype == torch.bfloat16 and resolve_dtype("auto", "cpu") != torch.bfloat16:
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16): its emulated bf16 is not held to it")
+    model, tok, ids = wider
+    first, second = ids[10], ids[0]  # a system-prompt conversation and a plain one, both longer than min_prefix
+    prompts = {
+        "a": first + [7],
+        "b": first + [8, 9],
+        "c": first + [10],
+        "d": second + [11],
+        "e": second + [12, 13],
+        "f": first[:20] + [14, 15, 16],
+    }
+    samples = {"b": 2}
+    shapes = []
+    build = local._packing
+
+    def packing(segments, device):
+        plan = build(segments, device)
+        shapes.append(
+            {
+                "padding": any(seg.slots is None and seg.store is None for seg in segments),
+                "earlier": bool(plan.earlier),
+                "stores": len(plan.stores),
+            }
+        )
+        return plan
+
+    monkeypatch.setattr(local, "_packing", packing)
+    model = model.to(dtype)
+    try:
+        stops = stop_token_ids(tok, model)
+
+        def run(keys, slots, prefill_tokens):
+            jobs = [Job(k, prompts[k], samples.get(k, 1), 6) for k in keys]
+            engine = RecordingEngine(model, stops, slots=slots, prefill_tokens=prefill_tokens)
+            engine.run(jobs, lambda job: None, lambda job, reason: pytest.fail(reason))
+            return engine.seen
+
+        alone = {}
+        for key in prompts:
+            alone.update(run([key], 2, 2048))
+        shapes.clear()
+        layouts = {"one row": run(list(prompts), 16, 2048), "a row per prompt": run(list(prompts), 16, 1)}
+        assert any(shape["stores"] == 2 for shape in shapes)  # two prefixes computed in one row
+        assert any(shape["earlier"] and shape["padding"] for shape in shapes)  # a prefix + 1 token, padded
+        for name, seen in layouts.items():
+            assert seen.keys() == alone.keys()
+            for key, rows in seen.items():
+                assert len(rows) == len(alone[key]), (name, key)
+                for step, (row, expected) in enumerate(zip(rows, alone[key])):
+                    assert torch.equal(row, expected), f"{name}: prompt {key} step {step}"
+    finally:
+        model.to(torch.float32)
+
+
 def test_packed_products_give_the_same_logits_and_follow_the_model(wider, monkeypatch):
     """Under bf16 the step's products read weights packed for oneDNN: every logit row is the same bit for bit as
     with plain products; and an engine whose model was converted since (model.to) joins and packs it anew."""

@@ -29,10 +29,16 @@ def lib():
 def buffers(rows, slots, kv_heads, width, dim, dtype, seed=0):
     """Random keys (in a key_buffer, as the engine holds them) and values, (slots, kv_heads, width, dim) each."""
     g = torch.Generator().manual_seed(seed)
-    keys = native.key_buffer(slots, kv_heads, width, dim, dtype, "cpu")
-    keys.copy_(torch.randn(slots, kv_heads, width, dim, generator=g))
+    keys = native.as_key_buffer(torch.randn(slots, kv_heads, width, dim, generator=g).to(dtype))
     values = torch.randn(slots, kv_heads, width, dim, generator=g).to(dtype)
     return keys, values
+
+
+def spoil_past(keys, slot, n):
+    """NaN in a key_buffer's slot at positions n and after (to the end of its last block)."""
+    positions = torch.arange(n, keys.shape[2] * native.PITCH)
+    nan = torch.full((len(positions), keys.shape[1], keys.shape[3]), float("nan"), dtype=keys.dtype)
+    native.write_keys(keys, torch.full_like(positions, slot), positions, nan)
 
 
 def attend(lib, query, keys, values, lengths, scale, key=None, value=None):
@@ -40,7 +46,10 @@ def attend(lib, query, keys, values, lengths, scale, key=None, value=None):
 
 
 def formula(query, keys, values, lengths, scale):
-    """softmax(q k^T * scale) v per row over its own keys, in float64, from the definition."""
+    """softmax(q k^T * scale) v per row over its own keys (a key_buffer, or (rows, kv_heads, width, dim)), in float64,
+    from the definition."""
+    if keys.dim() == 5:
+        keys = native.logical_keys(keys, values.shape[2])
     rows, heads, _, dim = query.shape
     group = heads // keys.shape[1]
     out = torch.empty(rows, 1, heads, dim, dtype=torch.float64)
@@ -76,9 +85,9 @@ def test_decode_attention_is_the_formula_over_each_rows_own_keys(lib, dtype, hea
     want = formula(query, keys, values, lengths, scale)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
     assert torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance)
-    stale_keys, stale_values = native.key_buffer(*keys.shape, dtype, "cpu").copy_(keys), values.clone()
+    stale_keys, stale_values = keys.clone(), values.clone()
     for b, n in enumerate(lengths.tolist()):  # what lies past a row's length (stale or unwritten) is never read
-        stale_keys[b, :, n:] = float("nan")
+        spoil_past(stale_keys, b, n)
         stale_values[b, :, n:] = float("nan")
     stale_keys[rows:] = float("nan")  # nor slots past the rows
     assert torch.equal(attend(lib, query, stale_keys, stale_values, lengths, scale), got)
@@ -87,7 +96,7 @@ def test_decode_attention_is_the_formula_over_each_rows_own_keys(lib, dtype, hea
     new_value = torch.randn(rows, 2 * kv_heads, dim, generator=torch.Generator().manual_seed(3)).to(dtype)[:, ::2]
     written = attend(lib, query, stale_keys, stale_values, lengths, scale, new_key, new_value)
     last = lengths - 1
-    assert torch.equal(stale_keys[torch.arange(rows), :, last], new_key)
+    assert torch.equal(native.logical_keys(stale_keys, width)[torch.arange(rows), :, last], new_key)
     assert torch.equal(stale_values[torch.arange(rows), :, last], new_value)
     assert torch.allclose(
         written.double(), formula(query, stale_keys, stale_values, lengths, scale), rtol=tolerance, atol=tolerance
@@ -109,7 +118,7 @@ def test_a_prefill_reads_each_prompts_slot_over_each_querys_causal_span(lib, dty
     want = formula(query, keys[slots], values[slots], lengths, 0.125)
     assert torch.allclose(got.double(), want, rtol=tolerance, atol=tolerance)
     for b in (0, 7, 11):  # as a decode row of a buffer where that slot is its own
-        own = native.key_buffer(1, 3, 200, 64, dtype, "cpu").copy_(keys[slots[b] : slots[b] + 1])
+        own = keys[slots[b] : slots[b] + 1].clone()
         alone = attend(lib, query[b : b + 1], own, values[slots[b] : slots[b] + 1].clone(), lengths[b : b + 1], 0.125)
         assert torch.equal(alone[0], got[b]), b
     with pytest.raises(ValueError, match="one slot of the 5 per row, and no new keys"):
@@ -136,26 +145,45 @@ def test_a_rows_numbers_do_not_depend_on_its_neighbours_the_buffer_or_the_thread
     assert torch.equal(single, together)
     for b in (0, 5, 11):  # alone, in a one-slot buffer of another width
         n = int(lengths[b])
-        k = native.key_buffer(1, kv_heads, n + 16, dim, torch.bfloat16, "cpu")
-        v = torch.zeros(k.shape, dtype=torch.bfloat16)
-        k[0, :, :n], v[0, :, :n] = keys[b, :, :n], values[b, :, :n]
+        k, v = torch.zeros((2, 1, kv_heads, n + 16, dim), dtype=torch.bfloat16)
+        k[0, :, :n], v[0, :, :n] = native.logical_keys(keys, width)[b, :, :n], values[b, :, :n]
+        k = native.as_key_buffer(k)
         alone = attend(lib, query[b : b + 1], k, v, lengths[b : b + 1], 0.125)
         assert torch.equal(alone[0], together[b]), b
+
+
+def test_a_key_buffer_holds_keys_in_transposed_blocks_of_64_positions():
+    """Position p of a slot and head is column p % 64 of block p // 64, whose (dim, 64) keys are one run of memory;
+    write_keys puts keys there, logical_keys and as_key_buffer read and build the (slots, kv_heads, width, dim) view."""
+    logical = torch.randn(3, 2, 130, 8)
+    keys = native.as_key_buffer(logical)
+    assert keys.shape == (3, 2, 3, 8, native.PITCH) and keys.is_contiguous()
+    assert torch.equal(native.logical_keys(keys, 130), logical)
+    assert torch.equal(keys[1, 0, 2, :, 1], logical[1, 0, 129]) and not keys[1, 0, 2, :, 2:].any()
+    new = torch.randn(3, 2, 8)
+    native.write_keys(keys, torch.tensor([0, 2, 2]), torch.tensor([0, 64, 127]), new)
+    logical[0, :, 0], logical[2, :, 64], logical[2, :, 127] = new
+    assert torch.equal(native.logical_keys(keys, 130), logical)
+    assert torch.equal(keys[2, :, 1, :, 0], new[1]) and torch.equal(keys[2, :, 1, :, 63], new[2])
 
 
 def test_what_it_does_not_read_is_refused_in_one_line(lib):
     keys, values = buffers(2, 2, 1, 16, 8, torch.float32)
     query = torch.randn(2, 1, 1, 8)
     with pytest.raises(ValueError, match="a key_buffer and whole values"):
-        attend(lib, query, keys[:, :, :8], values[:, :, :8], torch.tensor([3, 4]), 1.0)
+        attend(lib, query, keys, values[:, :, :8], torch.tensor([3, 4]), 1.0)  # values not whole
+    with pytest.raises(ValueError, match="a key_buffer and whole values"):
+        attend(lib, query, keys.transpose(-1, -2).contiguous().transpose(-1, -2), values, torch.tensor([3, 4]), 1.0)
     with pytest.raises(ValueError, match="a key_buffer and whole values"):
         attend(lib, query, values, values, torch.tensor([3, 4]), 1.0)  # keys not laid out as a key_buffer
     with pytest.raises(ValueError, match="a key_buffer and whole values"):
         attend(lib, query, keys.half(), values.half(), torch.tensor([3, 4]), 1.0)
     with pytest.raises(ValueError, match=r"new keys and values must be \(2, 1, 8\)"):
         attend(lib, query, keys, values, torch.tensor([3, 4]), 1.0, torch.zeros(2, 8), torch.zeros(2, 8))
-    with pytest.raises(ValueError, match="a key_buffer and whole values"):  # rows of 16 keys: blocks are 64
-        attend(lib, query, torch.zeros(2, 1, 8, 16).transpose(-1, -2), values, torch.tensor([3, 4]), 1.0)
+    with pytest.raises(ValueError, match="a key_buffer and whole values"):  # blocks of 16 keys: they are 64
+        attend(lib, query, torch.zeros(2, 1, 1, 8, 16), values, torch.tensor([3, 4]), 1.0)
+    with pytest.raises(ValueError, match="a key_buffer and whole values"):  # one block for 65 positions
+        attend(lib, query, keys, torch.zeros(2, 1, 65, 8), torch.tensor([3, 4]), 1.0)
     with pytest.raises(RuntimeError, match="no keys"):
         attend(lib, query, keys, values, torch.tensor([0, 4]), 1.0)
     with pytest.raises(RuntimeError, match="more than the buffer holds"):
@@ -187,7 +215,7 @@ def test_two_processes_building_at_once_both_load_it(tmp_path):
         pytest.skip("no C compiler here")
     script = (
         "import torch\nfrom orca2 import native\nlib = native.library()\nassert lib is not None\ntorch.manual_seed(0)\n"
-        "k = native.key_buffer(1, 1, 4, 8, torch.float32, 'cpu').copy_(torch.randn(1, 1, 4, 8))\n"
+        "k = native.as_key_buffer(torch.randn(1, 1, 4, 8))\n"
         "q, v = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 4, 8)\n"
         "print(native.decode_attention(lib, q, None, None, k, v, torch.tensor([4]), 1.0).sum().item())\n"
     )
@@ -322,8 +350,7 @@ def test_attention_from_the_joined_product_is_decode_attention_bit_for_bit(lib, 
     joined = (torch.randn(padded, 1, sum(sizes), generator=g) * 2).to(dtype)
     lengths = torch.tensor([1, 37, 100, 64, 65])
     q, k, v = joined[:rows].split(sizes, -1)
-    want_keys, want_values = native.key_buffer(slots, kv_heads, width, dim, dtype, "cpu"), values.clone()
-    want_keys.copy_(keys)
+    want_keys, want_values = keys.clone(), values.clone()
     want = native.decode_attention(
         lib,
         q.reshape(rows, heads, 1, dim),
@@ -347,6 +374,30 @@ def test_attention_from_the_joined_product_is_decode_attention_bit_for_bit(lib, 
         native.decode_attention_joined(lib, joined, sizes, keys, values, lengths.int(), 1.0)
     with pytest.raises(RuntimeError, match="no keys or more than the buffer holds"):
         native.decode_attention_joined(lib, joined, sizes, keys, values, torch.tensor([1, 2, 3, 4, width + 1]), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_from_the_joined_product_over_given_slots_writes_nothing(lib, dtype):
+    """With slots (a packed prefill: every token over its causal span of its prompt's slot), each row attends over
+    its slot as decode_attention with the same slots does, bit for bit after .to(dtype); the row's own keys and
+    values are not written, and bad slots are refused in one line."""
+    heads, kv_heads, dim, slots, width = 9, 3, 64, 4, 130
+    keys, values = buffers(0, slots, kv_heads, width, dim, dtype, seed=3)
+    before_keys, before_values = keys.clone(), values.clone()
+    g = torch.Generator().manual_seed(4)
+    sizes = (heads * dim, kv_heads * dim, kv_heads * dim)
+    rows = 7
+    joined = torch.randn(rows, 1, sum(sizes), generator=g).to(dtype)
+    which = torch.tensor([2, 2, 2, 0, 3, 3, 1])  # several rows over one slot, at different lengths
+    lengths = torch.tensor([1, 2, 3, 129, 64, 65, 130])
+    q = joined[:, :, : sizes[0]].reshape(rows, heads, 1, dim)
+    want = native.decode_attention(lib, q, None, None, keys, values, lengths, 0.125, which)
+    got = native.decode_attention_joined(lib, joined, sizes, keys, values, lengths, 0.125, which)
+    assert torch.equal(got, want.reshape(rows, 1, heads * dim).to(dtype))
+    assert torch.equal(keys, before_keys) and torch.equal(values, before_values)
+    for bad in (which.int(), torch.tensor([0, 1, 2, 3, 4, 0, 0]), which[:3]):
+        with pytest.raises(ValueError, match="one int64 slot"):
+            native.decode_attention_joined(lib, joined, sizes, keys, values, lengths, 0.125, bad)
 
 
 def test_silu_mul_is_the_gated_activation_within_one_bf16_step(lib):

@@ -6,10 +6,11 @@
  *
  * Written with the compiler's vector extensions (GCC >= 9, Clang): VEC floats a register, which -march=native maps
  * to AVX-512, or AVX2 / SSE in halves. Accumulators stay in registers:
- *   scores  keys are held transposed, (dim, pitch) per slot and head, so 16 keys are scored at once along dim with
- *           no sum across lanes; a block of 128 (or 64) keys is 8 (or 4) independent accumulators. Key rows are
- *           padded to a multiple of PITCH keys (orca2.native.key_buffer), so blocks are read whole: the scores of
- *           keys past a row's length are computed from whatever memory lies there and thrown away unused.
+ *   scores  keys are held in blocks of PITCH (64) positions, each block transposed, (dim, PITCH), so 16 keys are
+ *           scored at once along dim with no sum across lanes (a block is 4 independent accumulators per query),
+ *           and a block is one run of memory (8 KB in bf16 at dim 64), read front to back while the next one is
+ *           fetched ahead. Blocks are read whole (orca2.native.key_buffer): the scores of keys past a row's length
+ *           are computed from whatever memory lies there and thrown away unused.
  *   values  (width, dim) per slot and head; a head of dim <= 128 (a multiple of 16) sums its weighted values in
  *           registers, two keys at a time into two sets of accumulators; other heads take a plain loop.
  *
@@ -23,7 +24,7 @@
  * Layouts:
  *   q, out       fp32 (rows, kv_heads * group, dim)                 query head h * group + g reads kv head h
  *   knew, vnew   the buffers' dtype (rows, kv_heads, dim)           this step's keys and values (NULL: none to write)
- *   kt           fp32 or bf16 (slots >= rows, kv_heads, dim, pitch) keys, transposed; pitch a multiple of PITCH
+ *   kt           fp32 or bf16 (slots >= rows, kv_heads, pitch / PITCH, dim, PITCH) keys, in transposed blocks
  *   v            fp32 or bf16 (slots >= rows, kv_heads, width, dim) values
  *   lengths      int64 (rows,)                                      keys used per row (its position + 1), <= width
  *   slots        int64 (rows,), or NULL: row b reads slot b         the slot each row reads (a prefill's queries of one
@@ -35,7 +36,7 @@
 #include <string.h>
 
 #define LANES 16    /* floats in a VEC */
-#define PITCH 64    /* key rows are padded to a multiple of this many keys (4 VECs) */
+#define PITCH 64    /* keys per block (4 VECs); a slot's keys are whole blocks */
 #define DIM_MAX 256 /* value dims a plain-loop head sums at once (longer heads go in chunks of this many) */
 
 typedef float VEC __attribute__((vector_size(LANES * sizeof(float))));
@@ -102,13 +103,20 @@ INLINE float same(float x) { return x; }
 /* Per dtype T (float, bf16 as uint16_t), NAME its load2/store2 and LOAD its scalar load. `c` queries of a head
  * group go together (up to 4), so each key and value is loaded once for all of them: */
 #define KERNELS(T, NAME, LOAD)                                                                                      \
-    /* scores of PITCH keys: scores[i * stride + j] = scale * sum over d of q[i * dim + d] * kt[d * pitch + j] */    \
-    INLINE void score_##NAME(const float *q, const T *kt, int64_t pitch, int64_t dim, float scale, float *scores,   \
-                             int64_t stride, const int c) {                                                         \
+    /* scores of a block of keys: scores[i * stride + j] = scale * sum over d of q[i * dim + d] * kt[d * PITCH + j];  \
+     * the block at `next` (or none: NULL) is fetched into the cache meanwhile, a row of it per row read */         \
+    INLINE void score_##NAME(const float *q, const T *kt, int64_t dim, float scale, float *scores, int64_t stride,  \
+                             const int c, const T *next) {                                                          \
         VEC acc[4][4] = {0}, k[4];                                                                                \
         for (int64_t d = 0; d < dim; d++) {                                                                         \
-            load2_##NAME(kt + d * pitch, &k[0], &k[1]);                                                             \
-            load2_##NAME(kt + d * pitch + 2 * LANES, &k[2], &k[3]);                                                 \
+            if (next != NULL) {                                                                                     \
+                __builtin_prefetch(next + d * PITCH);                                                               \
+                if (PITCH * sizeof(T) > 64) __builtin_prefetch((const char *)(next + d * PITCH) + 64);              \
+                if (PITCH * sizeof(T) > 128) __builtin_prefetch((const char *)(next + d * PITCH) + 128);            \
+                if (PITCH * sizeof(T) > 192) __builtin_prefetch((const char *)(next + d * PITCH) + 192);            \
+            }                                                                                                       \
+            load2_##NAME(kt + d * PITCH, &k[0], &k[1]);                                                             \
+            load2_##NAME(kt + d * PITCH + 2 * LANES, &k[2], &k[3]);                                                 \
             for (int i = 0; i < c; i++) {                                                                           \
                 const VEC qd = (VEC){0} + q[i * dim + d];                                                           \
                 for (int m = 0; m < 4; m++) acc[i][m] += qd * k[m];                                                 \
@@ -155,8 +163,10 @@ INLINE float same(float x) { return x; }
     /* c queries (1..4) at q, over the n keys and values of one slot and head; scores: c * pitch floats */         \
     INLINE void queries_##NAME(const float *q, const T *kt, const T *v, float *out, float *scores, int64_t n,       \
                                int64_t pitch, int64_t dim, float scale, const int c) {                              \
-        for (int64_t j0 = 0; j0 < n; j0 += PITCH) /* whole blocks: up to PITCH - 1 keys past n, unused */          \
-            score_##NAME(q, kt + j0, pitch, dim, scale, scores + j0, pitch, c);                                     \
+        for (int64_t j0 = 0; j0 < n; j0 += PITCH) { /* whole blocks: up to PITCH - 1 keys past n, unused */        \
+            const T *next = j0 + PITCH < n ? kt + (j0 + PITCH) * dim : NULL;                                        \
+            score_##NAME(q, kt + j0 * dim, dim, scale, scores + j0, pitch, c, next);                                \
+        }                                                                                                           \
         float totals[4];                                                                                            \
         for (int i = 0; i < c; i++) {                                                                               \
             float *s = scores + i * pitch, top = -INFINITY, total = 0.0f;                                           \
@@ -190,7 +200,7 @@ INLINE float same(float x) { return x; }
         T *kt = (T *)kt_all + held * pitch * dim, *v = (T *)v_all + held * width * dim;                             \
         if (knew != NULL) {                                                                                         \
             for (int64_t d = 0; d < dim; d++) {                                                                     \
-                kt[d * pitch + n - 1] = knew[d];                                                                    \
+                kt[((n - 1) / PITCH * dim + d) * PITCH + (n - 1) % PITCH] = knew[d];                                \
                 v[(n - 1) * dim + d] = vnew[d];                                                                     \
             }                                                                                                       \
         }                                                                                                           \
@@ -209,6 +219,18 @@ INLINE float same(float x) { return x; }
 KERNELS(float, float, same)
 KERNELS(uint16_t, bf16, widen)
 
+/* The first 1 KB of the keys and values of slot and head `held` + 1, the next item of a decode step, fetched into
+ * the cache while this one is computed: a run of memory the hardware prefetcher has not met yet. */
+static inline void fetch_next(const void *kt, const void *v, int64_t held, int64_t pitch, int64_t width, int64_t dim,
+                              int64_t size) {
+    const char *k = (const char *)kt + (held + 1) * pitch * dim * size;
+    const char *x = (const char *)v + (held + 1) * width * dim * size;
+    for (int i = 0; i < 16; i++) {
+        __builtin_prefetch(k + 64 * i);
+        __builtin_prefetch(x + 64 * i);
+    }
+}
+
 /* Returns 0, or 1 where a row had no keys (or more than width), the pitch is not whole blocks, or a thread had no
  * memory for its scores.
  * bf16: 1 for bf16 buffers. */
@@ -225,6 +247,8 @@ int orca2_decode_attention(const float *q, const void *knew, const void *vnew, v
         for (int64_t item = 0; item < rows * kv_heads; item++) { /* item = row * kv_heads + kv head */
             const int64_t b = item / kv_heads, n = lengths[b];
             const int64_t held = (slots == NULL ? b : slots[b]) * kv_heads + item % kv_heads;
+            if (slots == NULL && item + 1 < rows * kv_heads) /* a decode step: the next item is the next slot */
+                fetch_next(kt, v, held, pitch, width, dim, bf16 ? 2 : 4);
             if (scores == NULL || n < 1 || n > width)
                 failed = 1;
             else if (bf16)
@@ -253,11 +277,15 @@ static inline uint16_t narrow(float f) { /* to nearest even, as c10::BFloat16 ro
  * torch's .to(bf16) rounds it (to nearest even), the same numbers bit for bit.
  *   joined  the buffers' dtype, row b at joined + b * stride: queries (kv_heads * group heads of dim) first, this
  *           step's keys at k_off, values at v_off (the rotary embedding already applied)
+ *   slots   NULL: row b writes its new key and value into slot b, then attends over it (a decode step); else row b
+ *           attends over slots[b], where its keys were written before (a prefill: every token of a packed row,
+ *           each over its causal span of its prompt's slot), and the row's keys and values are not read
  *   out     the buffers' dtype (rows, kv_heads * group, dim)
  * Returns what orca2_decode_attention returns. */
 int orca2_decode_attention_joined(const void *joined, int64_t stride, int64_t k_off, int64_t v_off, void *kt, void *v,
-                                  const int64_t *lengths, void *out, int64_t rows, int64_t kv_heads, int64_t group,
-                                  int64_t width, int64_t pitch, int64_t dim, float scale, int bf16, int threads) {
+                                  const int64_t *lengths, const int64_t *slots, void *out, int64_t rows,
+                                  int64_t kv_heads, int64_t group, int64_t width, int64_t pitch, int64_t dim,
+                                  float scale, int bf16, int threads) {
     if (pitch % PITCH != 0 || pitch < width) return 1;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -265,7 +293,10 @@ int orca2_decode_attention_joined(const void *joined, int64_t stride, int64_t k_
         float *scores = malloc(sizeof(float) * (4 * pitch + 2 * group * dim)); /* + a group's queries and outputs */
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < rows * kv_heads; item++) {
-            const int64_t b = item / kv_heads, h = item % kv_heads, n = lengths[b], held = b * kv_heads + h;
+            const int64_t b = item / kv_heads, h = item % kv_heads, n = lengths[b];
+            const int64_t held = (slots == NULL ? b : slots[b]) * kv_heads + h;
+            if (slots == NULL && item + 1 < rows * kv_heads) /* a decode step: the next item is the next slot */
+                fetch_next(kt, v, held, pitch, width, dim, bf16 ? 2 : 4);
             if (scores == NULL || n < 1 || n > width) {
                 failed = 1;
                 continue;
@@ -276,13 +307,13 @@ int orca2_decode_attention_joined(const void *joined, int64_t stride, int64_t k_
             if (bf16) {
                 const uint16_t *x = (const uint16_t *)joined;
                 for (int64_t i = 0; i < group * dim; i++) q[i] = widen(x[qs + i]);
-                one_bf16(q, x + ks, x + row + v_off + h * dim, kt, v, o, scores, held, n, group, width, pitch, dim,
-                         scale);
+                const uint16_t *knew = slots == NULL ? x + ks : NULL, *vnew = x + row + v_off + h * dim;
+                one_bf16(q, knew, vnew, kt, v, o, scores, held, n, group, width, pitch, dim, scale);
                 for (int64_t i = 0; i < group * dim; i++) ((uint16_t *)out)[os + i] = narrow(o[i]);
             } else {
                 const float *x = (const float *)joined;
-                one_float(x + qs, x + ks, x + row + v_off + h * dim, kt, v, (float *)out + os, scores, held, n, group,
-                          width, pitch, dim, scale);
+                const float *knew = slots == NULL ? x + ks : NULL, *vnew = x + row + v_off + h * dim;
+                one_float(x + qs, knew, vnew, kt, v, (float *)out + os, scores, held, n, group, width, pitch, dim, scale);
             }
         }
         free(scores);
