@@ -137,12 +137,19 @@ def test_a_rows_numbers_do_not_depend_on_its_neighbours_the_buffer_or_the_thread
     lengths = torch.randint(1, width + 1, (rows,), generator=torch.Generator().manual_seed(4))
     together = attend(lib, query, keys, values, lengths, 0.125)
     threads = torch.get_num_threads()
-    try:
+    shares = {}
+    try:  # one thread; more threads than rows (some with no share); rows shared by their lengths, skewed
+        for count in (1, 3, 16):
+            torch.set_num_threads(count)
+            shares[count] = attend(lib, query, keys, values, lengths, 0.125)
+        skewed = torch.tensor([width] * 2 + [1] * (rows - 2))
         torch.set_num_threads(1)
-        single = attend(lib, query, keys, values, lengths, 0.125)
+        alone = attend(lib, query, keys, values, skewed, 0.125)
+        torch.set_num_threads(3)
+        assert torch.equal(attend(lib, query, keys, values, skewed, 0.125), alone)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(single, together)
+    assert all(torch.equal(single, together) for single in shares.values())
     for b in (0, 5, 11):  # alone, in a one-slot buffer of another width
         n = int(lengths[b])
         k, v = torch.zeros((2, 1, kv_heads, n + 16, dim), dtype=torch.bfloat16)

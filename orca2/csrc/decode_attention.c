@@ -31,6 +31,7 @@
  *                                                                   prompt all read its slot; then knew is NULL)
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -231,6 +232,19 @@ static inline void fetch_next(const void *kt, const void *v, int64_t held, int64
     }
 }
 
+/* The rows [*from, *to) thread t of `threads` computes: consecutive rows of about equal work (a row's keys and
+ * values read, plus a block's worth for its fixed costs), so that no thread waits on a longer share at the end. Which
+ * thread computes a row does not change its numbers. */
+static void share(const int64_t *lengths, int64_t rows, int t, int threads, int64_t *from, int64_t *to) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < rows; b++) total += (lengths[b] > 0 ? lengths[b] : 0) + PITCH;
+    int64_t done = 0, b = 0;
+    for (; b < rows && done * threads < total * t; b++) done += (lengths[b] > 0 ? lengths[b] : 0) + PITCH;
+    *from = b;
+    for (; b < rows && done * threads < total * (t + 1); b++) done += (lengths[b] > 0 ? lengths[b] : 0) + PITCH;
+    *to = t == threads - 1 ? rows : b;
+}
+
 /* Returns 0, or 1 where a row had no keys (or more than width), the pitch is not whole blocks, or a thread had no
  * memory for its scores.
  * bf16: 1 for bf16 buffers. */
@@ -242,9 +256,10 @@ int orca2_decode_attention(const float *q, const void *knew, const void *vnew, v
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *scores = malloc(sizeof(float) * 4 * pitch); /* every thread meets the loop, even without it */
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < rows * kv_heads; item++) { /* item = row * kv_heads + kv head */
+        float *scores = malloc(sizeof(float) * 4 * pitch);
+        int64_t from, to;
+        share(lengths, rows, omp_get_thread_num(), omp_get_num_threads(), &from, &to);
+        for (int64_t item = from * kv_heads; item < to * kv_heads; item++) { /* item = row * kv_heads + kv head */
             const int64_t b = item / kv_heads, n = lengths[b];
             const int64_t held = (slots == NULL ? b : slots[b]) * kv_heads + item % kv_heads;
             if (slots == NULL && item + 1 < rows * kv_heads) /* a decode step: the next item is the next slot */
@@ -291,8 +306,9 @@ int orca2_decode_attention_joined(const void *joined, int64_t stride, int64_t k_
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *scores = malloc(sizeof(float) * (4 * pitch + 2 * group * dim)); /* + a group's queries and outputs */
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < rows * kv_heads; item++) {
+        int64_t from, to;
+        share(lengths, rows, omp_get_thread_num(), omp_get_num_threads(), &from, &to);
+        for (int64_t item = from * kv_heads; item < to * kv_heads; item++) {
             const int64_t b = item / kv_heads, h = item % kv_heads, n = lengths[b];
             const int64_t held = (slots == NULL ? b : slots[b]) * kv_heads + h;
             if (slots == NULL && item + 1 < rows * kv_heads) /* a decode step: the next item is the next slot */
