@@ -225,6 +225,15 @@ def test_slots_shrink_to_the_memory_there_is(peaky, monkeypatch, caplog):
     assert [done[str(i)].outputs[0][0] for i in range(4)] == expected
 
 
+def assert_same_rows(layouts, reference):
+    """Every prompt's logit rows under each layout (name → RecordingEngine.seen) equal the reference's bit for bit."""
+    for name, seen in layouts.items():
+        for key, rows in seen.items():
+            assert len(rows) == len(reference[key]), (name, key)
+            for step, (row, expected) in enumerate(zip(rows, reference[key])):
+                assert torch.equal(row, expected), f"{name}: prompt {key} step {step}"
+
+
 @pytest.fixture(scope="module")
 def wider(tmp_path_factory):
     """A random model wide enough that its products take the CPU's blocked GEMM paths (hidden 192, head dim 48)."""
@@ -265,11 +274,7 @@ def test_greedy_logits_do_not_depend_on_the_batch_layout(wider, dtype, attention
         for i in (0, 3, 10, 15):  # alone: no shared prefix, a packed row of one prompt, one decode row
             layouts[f"prompt {i} alone"] = run([i], 1, lambda n: range(n))
         assert any(len(rows) == 24 for rows in reference.values())  # some ran their full length, past the stops
-        for name, seen in layouts.items():
-            for key, rows in seen.items():
-                assert len(rows) == len(reference[key]), (name, key)
-                for step, (row, expected) in enumerate(zip(rows, reference[key])):
-                    assert torch.equal(row, expected), f"{name}: prompt {key} step {step}"
+        assert_same_rows(layouts, reference)
     finally:
         model.to(torch.float32)
 
@@ -331,12 +336,8 @@ def test_packed_prefill_rows_of_every_shape_give_each_prompt_its_own_logits(wide
         layouts = {"one row": run(list(prompts), 16, 2048), "a row per prompt": run(list(prompts), 16, 1)}
         assert any(shape["stores"] == 2 for shape in shapes)  # two prefixes computed in one row
         assert any(shape["earlier"] and shape["padding"] for shape in shapes)  # a prefix + 1 token, padded
-        for name, seen in layouts.items():
-            assert seen.keys() == alone.keys()
-            for key, rows in seen.items():
-                assert len(rows) == len(alone[key]), (name, key)
-                for step, (row, expected) in enumerate(zip(rows, alone[key])):
-                    assert torch.equal(row, expected), f"{name}: prompt {key} step {step}"
+        assert all(seen.keys() == alone.keys() for seen in layouts.values())
+        assert_same_rows(layouts, alone)
     finally:
         model.to(torch.float32)
 
