@@ -167,7 +167,7 @@ def _packing(segments: list[_Segment], device: Any) -> _Packing:
     )
 
 
-def _write_packed(step: Any, layer: int, k: Any, v: Any) -> None:
+def _write_packed(step: _Step, layer: int, k: Any, v: Any) -> None:
     """Write a packed prefill row's keys and values k, v (tokens, kv_heads, head_dim), in the buffers' dtype, where
     step.packing says, at `layer`; keep the prefixes the row computes for later rows."""
     import torch
@@ -557,15 +557,16 @@ class _Fused:
         from orca2.llama import apply_rotary  # as transformers' apply_rotary_pos_emb computes it
 
         rows, tokens = hidden.shape[:2]
-        for layer, sizes, (qkv, o, gate_up, down) in zip(self.layers, self.sizes, self.products):
+        for layer, sizes, products in zip(self.layers, self.sizes, self.products):
+            qkv, o, gate_up, down = (p if packed else p.plain for p in products)
             attn, mlp, dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
-            joined = (qkv if packed else qkv.plain)(layer.input_layernorm(hidden))
+            joined = qkv(layer.input_layernorm(hidden))
             q, k, v = (x.view(rows, tokens, -1, dim).transpose(1, 2) for x in joined.split(sizes, -1))
             q, k = apply_rotary(q, k, cos, sin)
             out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
-            hidden = hidden + (o if packed else o.plain)(out.reshape(rows, tokens, -1))
-            gate, up = (gate_up if packed else gate_up.plain)(layer.post_attention_layernorm(hidden)).chunk(2, -1)
-            hidden = hidden + (down if packed else down.plain)(mlp.act_fn(gate) * up)
+            hidden = hidden + o(out.reshape(rows, tokens, -1))
+            gate, up = gate_up(layer.post_attention_layernorm(hidden)).chunk(2, -1)
+            hidden = hidden + down(mlp.act_fn(gate) * up)
         return hidden
 
     def _native_layers(self, hidden: Any, cos: Any, sin: Any, step: _Step, packed: bool) -> Any:
@@ -578,9 +579,10 @@ class _Fused:
         lengths = step.positions + 1 if lean else None
         first = self.layers[0].input_layernorm
         normed = native.rms_norm(ops, hidden, first.weight, first.variance_epsilon)
-        for layer, sizes, after, (qkv, o, gate_up, down) in zip(self.layers, self.sizes, norms, self.products):
+        for layer, sizes, after, products in zip(self.layers, self.sizes, norms, self.products):
+            qkv, o, gate_up, down = (p if packed else p.plain for p in products)
             attn, dim = layer.self_attn, layer.self_attn.head_dim
-            joined = (qkv if packed else qkv.plain)(normed)
+            joined = qkv(normed)
             native.rope_(ops, joined, cos, sin, (sizes[0] + sizes[1]) // dim, dim)  # queries and keys, in place
             index = attn.layer_idx
             if lean:
@@ -606,11 +608,9 @@ class _Fused:
                 out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, orca2_step=step)
                 out = out.reshape(rows, tokens, -1)
             mid = layer.post_attention_layernorm
-            normed = native.add_rms_norm(ops, hidden, (o if packed else o.plain)(out), mid.weight, mid.variance_epsilon)
-            gated = native.silu_mul(ops, (gate_up if packed else gate_up.plain)(normed))
-            normed = native.add_rms_norm(
-                ops, hidden, (down if packed else down.plain)(gated), after.weight, after.variance_epsilon
-            )
+            normed = native.add_rms_norm(ops, hidden, o(out), mid.weight, mid.variance_epsilon)
+            gated = native.silu_mul(ops, gate_up(normed))
+            normed = native.add_rms_norm(ops, hidden, down(gated), after.weight, after.variance_epsilon)
         return normed
 
 

@@ -1,5 +1,6 @@
 """Native kernels, compiled on first use: C sources in orca2/csrc built with the system's C compiler into the cache
-(<cache root>/native/, keyed by the source, the flags, the compiler and the CPU), loaded with ctypes.
+(<cache root>/native/, keyed by the sources and their shared header, the flags, the compiler and the CPU), loaded
+with ctypes.
 
 The engine's decode step lives here: its attention (csrc/decode_attention.c) and its small operations
 (csrc/decode_ops.c: RMSNorm, rotary embedding, SiLU-gated product under bf16; the greedy argmax), all sources built
@@ -29,7 +30,9 @@ from typing import Any
 from orca2.weights import cache_root
 
 log = logging.getLogger(__name__)
-SOURCES = (Path(__file__).with_name("csrc") / "decode_attention.c", Path(__file__).with_name("csrc") / "decode_ops.c")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "decode_attention.c", CSRC / "decode_ops.c")
+HEADERS = (CSRC / "bf16.h",)  # what the sources include: part of the build's key, found through -I
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]  # each source compiled alone
 # ... then linked without -ffast-math: linked with it, GCC adds crtfastmath.o, whose constructor turns on flush-to-zero
 # for the whole process once the library loads (every torch op after it would drop denormals).
@@ -76,7 +79,7 @@ def _build(root: str, compiler: str | None) -> Any:
             "no C compiler" if compiler is None else platform.system(),
         )
         return None
-    sources = [path.read_bytes() for path in SOURCES]
+    sources = [path.read_bytes() for path in SOURCES + HEADERS]
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
@@ -89,7 +92,10 @@ def _build(root: str, compiler: str | None) -> Any:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
             objects = [str(Path(work) / f"{path.stem}.o") for path in SOURCES]
-            commands = [[compiler, *FLAGS, "-c", str(path), "-o", obj] for path, obj in zip(SOURCES, objects)]
+            includes = [f"-I{folder}" for folder in dict.fromkeys(path.parent for path in HEADERS)]
+            commands = [
+                [compiler, *FLAGS, *includes, "-c", str(path), "-o", obj] for path, obj in zip(SOURCES, objects)
+            ]
             commands.append([compiler, *LINK, *objects, "-o", str(Path(work) / "kernels.so"), "-lm"])
             for command in commands:
                 run = subprocess.run(command, capture_output=True, text=True)
@@ -176,6 +182,20 @@ def builds(root: Path | None = None) -> list[Path]:
     return sorted(folder.glob("*.so")) if folder.is_dir() else []
 
 
+def _check_slots(slots: Any, rows: int, held: int) -> None:
+    """Refuse, in one line, slots that are not one int64 slot of the `held` per row; without slots (row b reads slot
+    b), more rows than slots."""
+    import torch
+
+    if slots is None:
+        if rows > held:
+            raise ValueError(f"native decode attention: {rows} rows read {rows} slots, but the buffers hold {held}")
+        return
+    laid = slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (rows,)
+    if not laid or (rows and not 0 <= int(slots.min()) <= int(slots.max()) < held):
+        raise ValueError(f"native decode attention: one int64 slot of the {held} per row")
+
+
 def decode_attention(
     lib: Any,
     query: Any,
@@ -203,10 +223,9 @@ def decode_attention(
         raise ValueError("native decode attention reads a key_buffer and whole values, fp32 or bf16, in CPU memory")
     if slots is not None:
         slots = slots.to(torch.int64).contiguous()
-        if key is not None or slots.shape != (rows,) or not 0 <= int(slots.min()) <= int(slots.max()) < len(keys):
-            raise ValueError(f"native decode attention: one slot of the {len(keys)} per row, and no new keys")
-    elif rows > len(keys):
-        raise ValueError(f"native decode attention: {rows} rows read {rows} slots, but the buffers hold {len(keys)}")
+        if key is not None:
+            raise ValueError("native decode attention: rows that read given slots write no new keys")
+    _check_slots(slots, rows, len(keys))
     if key is not None:
         key, value = key.to(keys.dtype).contiguous(), value.to(keys.dtype).contiguous()
         if key.shape != (rows, kv_heads, dim) or value.shape != key.shape:
@@ -266,12 +285,7 @@ def decode_attention_joined(
         raise ValueError("native decode attention: a contiguous joined product in the buffers' dtype and a key_buffer")
     if lengths.dtype != torch.int64 or not lengths.is_contiguous():
         raise ValueError("native decode attention: lengths as contiguous int64")
-    if slots is not None:
-        held = slots.dtype == torch.int64 and slots.is_contiguous() and slots.shape == (rows,)
-        if not held or (rows and not 0 <= int(slots.min()) <= int(slots.max()) < len(keys)):
-            raise ValueError(f"native decode attention: one int64 slot of the {len(keys)} per row")
-    elif rows > len(keys):
-        raise ValueError(f"native decode attention: {rows} rows read {rows} slots, but the buffers hold {len(keys)}")
+    _check_slots(slots, rows, len(keys))
     if joined.shape[0] < rows or k_size != kv_heads * dim or sum(sizes) != joined.shape[-1]:
         raise ValueError(f"native decode attention: {rows} rows of a joined product of {tuple(sizes)} widths")
     out = torch.empty((joined.shape[0], 1, q_size), dtype=joined.dtype)

@@ -294,7 +294,7 @@ def test_packed_prefill_rows_of_every_shape_give_each_prompt_its_own_logits(wide
     if dtype == torch.bfloat16 and resolve_dtype("auto", "cpu") != torch.bfloat16:
         pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16): its emulated bf16 is not held to it")
     model, tok, ids = wider
-    first, second = ids[10], ids[0]  # a system-prompt conversation and a plain one, both longer than min_prefix
+    first, second = ids[10], ids[-1]  # a system-prompt conversation and a multi-turn one, longer than min_prefix
     prompts = {
         "a": first + [7],
         "b": first + [8, 9],

@@ -121,9 +121,11 @@ def test_a_prefill_reads_each_prompts_slot_over_each_querys_causal_span(lib, dty
         own = keys[slots[b] : slots[b] + 1].clone()
         alone = attend(lib, query[b : b + 1], own, values[slots[b] : slots[b] + 1].clone(), lengths[b : b + 1], 0.125)
         assert torch.equal(alone[0], got[b]), b
-    with pytest.raises(ValueError, match="one slot of the 5 per row, and no new keys"):
+    with pytest.raises(ValueError, match="one int64 slot of the 5 per row"):
         native.decode_attention(lib, query, None, None, keys, values, lengths, 0.125, slots + 1)
-    with pytest.raises(ValueError, match="one slot of the 5 per row, and no new keys"):
+    with pytest.raises(ValueError, match="one int64 slot of the 5 per row"):
+        native.decode_attention(lib, query, None, None, keys, values, lengths, 0.125, slots[:-1])
+    with pytest.raises(ValueError, match="rows that read given slots write no new keys"):
         new = torch.zeros(rows, 3, 64, dtype=dtype)
         native.decode_attention(lib, query, new, new, keys, values, lengths, 0.125, slots)
     with pytest.raises(ValueError, match="12 rows read 12 slots, but the buffers hold 5"):
@@ -214,6 +216,17 @@ def test_the_build_is_cached_and_follows_its_source(tmp_path, monkeypatch):
     native._build.cache_clear()
     assert native.library() is not None
     assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 2  # a new key, built beside the old one
+    header = tmp_path / "include" / "bf16.h"  # the shared header changed: a new key too, built from the new one
+    header.parent.mkdir()
+    header.write_text(native.HEADERS[0].read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "HEADERS", (header,))
+    native._build.cache_clear()
+    assert native.library() is not None
+    assert len(list((tmp_path / "cache" / "native").glob("*.so"))) == 3
+    header.write_text("#error not this header\n")  # and the build reads it from there (it fails, so no library)
+    monkeypatch.setattr(native, "HEADERS", (header,))
+    native._build.cache_clear()
+    assert native.library() is None
     native._build.cache_clear()
 
 

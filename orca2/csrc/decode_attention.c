@@ -36,6 +36,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define LANES 16    /* floats in a VEC */
 #define PITCH 64    /* keys per block (4 VECs); a slot's keys are whole blocks */
 #define DIM_MAX 256 /* value dims a plain-loop head sums at once (longer heads go in chunks of this many) */
@@ -90,13 +92,6 @@ INLINE void load2_bf16(const uint16_t *p, VEC *even, VEC *odd) {
 INLINE void store2_bf16(float *p, VEC even, VEC odd) {
     store(p, ZIP_LO(even, odd));
     store(p + LANES, ZIP_HI(even, odd));
-}
-
-INLINE float widen(uint16_t x) {
-    const uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
 }
 
 INLINE float same(float x) { return x; }
@@ -278,13 +273,6 @@ int orca2_decode_attention(const float *q, const void *knew, const void *vnew, v
         free(scores);
     }
     return failed;
-}
-
-static inline uint16_t narrow(float f) { /* to nearest even, as c10::BFloat16 rounds; NaN stays a quiet NaN */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 /* The decode step's attention read straight from its joined q/k/v product and written in the model's dtype, so no

@@ -15,21 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float widen(uint16_t x) {
-    const uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t narrow(float f) { /* to nearest even, as c10::BFloat16 rounds; NaN stays a quiet NaN */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-static inline float round_bf16(float f) { return widen(narrow(f)); }
+#include "bf16.h"
 
 /* out[r] = w * bf16(x[r] * 1 / sqrt(mean(x[r]^2) + eps)): transformers' LlamaRMSNorm under bf16 (x, w, out bf16,
  * rows x dim). */
